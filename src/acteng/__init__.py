@@ -1,0 +1,72 @@
+"""acteng: activation engineering for transformers models.
+
+Make steering vectors from contrastive examples, steer generation with them, and measure
+what they do. The public names are loaded lazily so ``import acteng`` (and ``acteng
+--help``) stays fast; torch and transformers load on first use.
+
+>>> import acteng
+>>> model = acteng.load_model()
+>>> vector = acteng.extract(model, "sentiment", layers=[12])
+>>> with acteng.steer(model, vector, coefficient=6.0):
+...     print(acteng.generate(model, "Describe your morning."))
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+# public name -> module that defines it
+_EXPORTS = {
+    "ActengError": "acteng.errors",
+    "Activations": "acteng.activations",
+    "ContrastivePair": "acteng.pairs",
+    "Layout": "acteng.layouts",
+    "METHODS": "acteng.methods",
+    "MODES": "acteng.steering",
+    "Model": "acteng.models",
+    "ModelRecipe": "acteng.models",
+    "Pairs": "acteng.pairs",
+    "ReadItem": "acteng.activations",
+    "SteeringSpec": "acteng.steering",
+    "SteeringVector": "acteng.vectors",
+    "apply_steering": "acteng.steering",
+    "bake": "acteng.bake",
+    "extract": "acteng.extraction",
+    "generate": "acteng.generation",
+    "list_datasets": "acteng.pairs",
+    "load_model": "acteng.models",
+    "load_pairs": "acteng.pairs",
+    "record_activations": "acteng.activations",
+    "steer": "acteng.steering",
+}
+
+__all__ = sorted(_EXPORTS) + ["__version__"]
+
+if TYPE_CHECKING:
+    from acteng.activations import Activations, ReadItem, record_activations
+    from acteng.bake import bake
+    from acteng.errors import ActengError
+    from acteng.extraction import extract
+    from acteng.generation import generate
+    from acteng.layouts import Layout
+    from acteng.methods import METHODS
+    from acteng.models import Model, ModelRecipe, load_model
+    from acteng.pairs import ContrastivePair, Pairs, list_datasets, load_pairs
+    from acteng.steering import MODES, SteeringSpec, apply_steering, steer
+    from acteng.vectors import SteeringVector
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'acteng' has no attribute {name!r}")
+    value = getattr(import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

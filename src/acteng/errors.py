@@ -1,0 +1,79 @@
+"""Every error acteng raises on purpose.
+
+Each message names the problem, the value seen and the fix. Every class derives from
+`ActengError` and from the builtin it refines, so `except ValueError` keeps working::
+
+    ActengError
+    ├── ConfigError            (ValueError)   a bad argument: layer, coefficient, mode, position
+    ├── DataError              (ValueError)   a malformed or empty dataset, with file and line
+    ├── InputTooLongError      (ValueError)   a text longer than the model's context
+    ├── VectorFileError        (ValueError)   a vector file that is truncated, foreign or invalid
+    ├── IncompatibleVectorError(ValueError)   a vector made for a model of another shape
+    ├── ModelLoadError         (OSError)      a model source that cannot be found or read
+    ├── LayoutError            (LookupError)  a model whose blocks / norm / unembedding are not found
+    ├── UnsupportedError       (NotImplementedError)  a valid request this model family cannot do
+    └── MissingExtraError      (ImportError)  an optional dependency that is not installed
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "ActengError",
+    "ConfigError",
+    "DataError",
+    "IncompatibleVectorError",
+    "InputTooLongError",
+    "LayoutError",
+    "MissingExtraError",
+    "ModelLoadError",
+    "UnsupportedError",
+    "VectorFileError",
+]
+
+
+class ActengError(Exception):
+    """Root of every error acteng raises deliberately."""
+
+
+class ConfigError(ActengError, ValueError):
+    """An argument value is invalid (unknown layer, NaN coefficient, unknown mode...)."""
+
+
+class DataError(ActengError, ValueError):
+    """A dataset is malformed or empty; the message names the file and line."""
+
+
+class InputTooLongError(ActengError, ValueError):
+    """A text has more tokens than the model's context window."""
+
+
+class VectorFileError(ActengError, ValueError):
+    """A vector file cannot be read: truncated, foreign format, bad tensors or metadata."""
+
+
+class IncompatibleVectorError(ActengError, ValueError):
+    """A vector does not fit the model (width or layer count differ)."""
+
+
+class ModelLoadError(ActengError, OSError):
+    """A model source cannot be found or loaded."""
+
+
+class LayoutError(ActengError, LookupError):
+    """The blocks, final norm or unembedding of a model could not be located."""
+
+
+class UnsupportedError(ActengError, NotImplementedError):
+    """The request is valid but not possible for this model family."""
+
+
+class MissingExtraError(ActengError, ImportError):
+    """An optional dependency is missing; the message gives the exact install line."""
+
+
+def missing_extra(package: str, extra: str, *, purpose: str) -> MissingExtraError:
+    """Build the error for a missing optional dependency, naming the install line."""
+    return MissingExtraError(
+        f"{purpose} needs the package {package!r}, which is not installed; "
+        f"install it with: pip install 'acteng[{extra}]'"
+    )

@@ -1,0 +1,79 @@
+"""`extract`: contrastive pairs in, a `SteeringVector` with provenance out.
+
+Positive and negative texts go through one `record_activations` call, so every requested
+layer comes from a single pass over the data; the registered method then reduces each
+layer in float64.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acteng.activations import pair_items, parse_layers, record_activations
+from acteng.errors import ConfigError
+from acteng.methods import METHODS
+from acteng.models import Model
+from acteng.pairs import Pairs, load_pairs
+from acteng.vectors import SteeringVector
+
+__all__ = ["extract"]
+
+
+def extract(
+    model: Model,
+    pairs: Pairs | str | Path | Sequence[Any],
+    method: str = "mean_diff",
+    layers: int | str | Sequence[int] | None = None,
+    position: str = "last",
+    *,
+    normalize: str | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> SteeringVector:
+    """Build a steering vector from contrastive pairs.
+
+    `method` is one of ``actadd``, ``mean_diff``, ``pca``, ``probe`` (see
+    `acteng.methods`); `position` is ``last``, ``mean`` or ``answer``; `normalize` is None
+    (keep the method's scale) or ``"unit"``.
+
+    >>> pairs = acteng.load_pairs("sentiment", split="train")
+    >>> vector = acteng.extract(model, pairs, method="mean_diff", layers=[12])
+    >>> vector.layers
+    (12,)
+    """
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; use one of {', '.join(sorted(METHODS))}")
+    if normalize not in (None, "unit"):
+        raise ConfigError(f"unknown normalize {normalize!r}; use None or 'unit'")
+    dataset = load_pairs(pairs)
+    chosen = parse_layers(model, layers)
+    if method == "actadd" and len(dataset) != 1:
+        raise ConfigError(
+            f"actadd takes exactly one pair, got {len(dataset)}; use method 'mean_diff' for "
+            "several pairs"
+        )
+    positives, negatives = pair_items(model, dataset)
+    acts = record_activations(model, positives + negatives, chosen, position,
+                              batch_size=batch_size, progress=progress)
+    n = len(dataset)
+    directions: dict[int, torch.Tensor] = {}
+    for layer in chosen:
+        rows = acts.rows[layer].to(torch.float64)
+        direction = METHODS[method](rows[:n], rows[n:])
+        if normalize == "unit":
+            direction = direction / direction.norm().clamp_min(1e-12)
+        directions[layer] = direction.to(torch.float32)
+    metadata = {
+        "model": model.identity(),
+        "method": method,
+        "read_position": position,
+        "normalize": normalize,
+        "dataset": dataset.provenance(),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    return SteeringVector(directions, metadata)

@@ -1,0 +1,209 @@
+"""The only module in acteng that registers torch hooks.
+
+`attach` registers, inside ``try``, forward hooks on decoder blocks (and optionally on any
+other module), keeps every handle and returns a `HookHandle` whose ``remove()`` takes
+them all off; `hooked` is the context-manager form that removes them in ``finally``, so no
+hook survives an exception. A leaked hook would silently steer every later call.
+
+Block functions see the block's output hidden states ``[batch, q, d_model]`` and a
+`ForwardContext` telling, per token, its index in its row (left padding excluded) and the
+row's prompt length. The context is computed by a pre-hook on the top-level model from
+``attention_mask`` and the KV-cache length, so it is right for prefill, cached decoding
+steps and left-padded batches alike.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+__all__ = [
+    "BlockFn",
+    "ForwardContext",
+    "HookHandle",
+    "ModuleFn",
+    "StopForward",
+    "attach",
+    "hooked",
+    "run_until",
+]
+
+
+class StopForward(Exception):
+    """Raised inside a hook to end a forward pass early (nothing later is needed)."""
+
+
+@dataclass
+class ForwardContext:
+    """Where the tokens of the current forward call sit in their sequences.
+
+    token_index: [batch, q] index of each token in its row, -1 for padding.
+    prompt_len:  [batch] real prompt tokens per row, fixed at the prefill call.
+    """
+
+    token_index: torch.Tensor | None = None
+    prompt_len: torch.Tensor | None = None
+
+
+# fn(layer, hidden [batch, q, d_model], context) -> replacement hidden, or None to keep it.
+BlockFn = Callable[[int, torch.Tensor, ForwardContext], "torch.Tensor | None"]
+# fn(module output) -> replacement output, or None to keep it.
+ModuleFn = Callable[[Any], Any]
+
+
+@dataclass
+class HookHandle:
+    """Every hook registered by one `attach` call; ``remove()`` takes them all off."""
+
+    handles: list[RemovableHandle] = field(default_factory=list)
+    context: ForwardContext = field(default_factory=ForwardContext)
+
+    def remove(self) -> None:
+        while self.handles:
+            self.handles.pop().remove()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.handles)
+
+
+def _past_length(kwargs: Mapping[str, Any], q: int) -> int:
+    cache_position = kwargs.get("cache_position")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
+        return int(cache_position.reshape(-1)[0])
+    past = kwargs.get("past_key_values")
+    if past is not None and hasattr(past, "get_seq_length"):
+        return int(past.get_seq_length())
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+        return int(mask.shape[1]) - q
+    return 0
+
+
+def _update_context(context: ForwardContext, args: tuple[Any, ...], kwargs: dict[str, Any]
+                    ) -> None:
+    tokens = kwargs.get("input_ids")
+    if tokens is None and args and isinstance(args[0], torch.Tensor):
+        tokens = args[0]
+    if tokens is None:
+        tokens = kwargs.get("inputs_embeds")
+    if not isinstance(tokens, torch.Tensor):
+        return
+    batch, q = int(tokens.shape[0]), int(tokens.shape[1])
+    past = _past_length(kwargs, q)
+    mask = kwargs.get("attention_mask")
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= q:
+        mask = mask.to(torch.long)
+        index = mask.cumsum(dim=1) - 1  # [batch, past + q]
+        index = index.masked_fill(mask == 0, -1)[:, -q:]
+        real_lengths = mask.sum(dim=1)
+    else:
+        index = torch.arange(past, past + q, device=tokens.device).expand(batch, q)
+        real_lengths = torch.full((batch,), past + q, device=tokens.device)
+    if past == 0 or context.prompt_len is None or context.prompt_len.shape[0] != batch:
+        context.prompt_len = real_lengths
+    context.token_index = index
+
+
+def _make_block_hook(layer: int, fns: Sequence[BlockFn], context: ForwardContext
+                     ) -> Callable[..., Any]:
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        # Blocks return a tensor in recent transformers, a tuple in older ones.
+        hidden = output[0] if isinstance(output, tuple) else output
+        changed = False
+        for fn in fns:
+            new = fn(layer, hidden, context)
+            if new is not None:
+                hidden, changed = new, True
+        if not changed:
+            return None
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return hook
+
+
+def _make_module_hook(fn: ModuleFn) -> Callable[..., Any]:
+    def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
+        return fn(output)
+
+    return hook
+
+
+def attach(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    block_fns: Mapping[int, Sequence[BlockFn]],
+    *,
+    module_fns: Sequence[tuple[nn.Module, ModuleFn]] = (),
+    track_positions: bool = False,
+) -> HookHandle:
+    """Register hooks and return their handle; on any failure nothing stays registered.
+
+    `block_fns[i]` run, in order, on the output of ``blocks[i]``. With `track_positions`,
+    a pre-hook on `model` keeps the handle's `ForwardContext` current for every call.
+    """
+    handle = HookHandle()
+    try:
+        if track_positions:
+            def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                _update_context(handle.context, args, kwargs)
+
+            handle.handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        for layer, fns in sorted(block_fns.items()):
+            if fns:
+                hook = _make_block_hook(layer, list(fns), handle.context)
+                handle.handles.append(blocks[layer].register_forward_hook(hook))
+        for module, fn in module_fns:
+            handle.handles.append(module.register_forward_hook(_make_module_hook(fn)))
+    except BaseException:
+        handle.remove()
+        raise
+    return handle
+
+
+@contextmanager
+def hooked(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    block_fns: Mapping[int, Sequence[BlockFn]],
+    *,
+    module_fns: Sequence[tuple[nn.Module, ModuleFn]] = (),
+    track_positions: bool = False,
+) -> Iterator[HookHandle]:
+    """`attach` as a context manager: every hook is removed on exit, error or not."""
+    handle = attach(model, blocks, block_fns, module_fns=module_fns,
+                    track_positions=track_positions)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def run_until(
+    model: nn.Module,
+    blocks: Sequence[nn.Module],
+    last_layer: int,
+    block_fns: Mapping[int, Sequence[BlockFn]],
+    **inputs: Any,
+) -> None:
+    """Run a forward pass with `block_fns` and stop right after block `last_layer`.
+
+    Stopping skips the remaining blocks and the unembedding, which readers never need.
+    """
+
+    def stop(_layer: int, _hidden: torch.Tensor, _ctx: ForwardContext) -> None:
+        raise StopForward
+
+    fns = {layer: list(f) for layer, f in block_fns.items()}
+    fns.setdefault(last_layer, []).append(stop)
+    with hooked(model, blocks, fns):
+        try:
+            model(**inputs, use_cache=False)
+        except StopForward:
+            pass

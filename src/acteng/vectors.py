@@ -1,0 +1,278 @@
+"""`SteeringVector`: one direction per layer plus provenance, saved as safetensors.
+
+File format (the SPEC's contract): one float32 tensor per layer named ``layers.{i}``, shape
+``[hidden_size]``; safetensors metadata holds JSON strings for ``acteng.version``, ``model``,
+``method``, ``read_position``, ``layers``, ``normalize``, ``dataset`` and ``created``. Files
+are written to a temporary name and renamed, so a crash never leaves half a file. Nothing
+is pickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from acteng.errors import ConfigError, IncompatibleVectorError, VectorFileError
+
+if TYPE_CHECKING:
+    from acteng.models import Model
+
+__all__ = ["SteeringVector", "atomic_write_bytes"]
+
+_TENSOR_NAME = re.compile(r"layers\.(\d+)")
+_REQUIRED_KEYS = ("acteng.version", "model", "method", "read_position", "layers", "normalize",
+                  "dataset", "created")
+
+
+def _version() -> str:
+    from acteng import __version__
+
+    return __version__
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` through a temporary file and a rename (never half-written)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _check_finite(directions: Mapping[int, torch.Tensor]) -> None:
+    bad = [layer for layer, t in directions.items() if not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ConfigError(
+            f"vector has NaN or inf values at layer(s) {sorted(bad)}; rebuild it from finite "
+            "activations (check the model dtype and the data)"
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class SteeringVector:
+    """A direction per layer (``{layer: [hidden_size]}``) plus provenance metadata.
+
+    Supports ``2 * v``, ``v / 2``, ``-v``, ``v + w``, ``v - w`` (layers missing on one
+    side count as zero), ``.normalized()``, ``.to()``, ``.save()`` and ``.load()``.
+
+    >>> v = acteng.extract(model, pairs, layers=[12])
+    >>> (2 * v).save("v.safetensors")
+    >>> w = acteng.SteeringVector.load("v.safetensors", model=model)
+    """
+
+    directions: Mapping[int, torch.Tensor]
+    metadata: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.directions:
+            raise ConfigError("a steering vector needs at least one layer")
+        widths = {int(t.shape[-1]) for t in self.directions.values()}
+        shapes_ok = all(t.dim() == 1 for t in self.directions.values())
+        if len(widths) != 1 or not shapes_ok:
+            raise ConfigError(
+                "every layer of a vector must be a 1-D tensor of the same width; got shapes "
+                + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in sorted(self.directions.items()))
+            )
+        _check_finite(self.directions)
+        frozen = {int(k): v.detach() for k, v in sorted(self.directions.items())}
+        object.__setattr__(self, "directions", MappingProxyType(frozen))
+        object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
+
+    # --- shape -------------------------------------------------------------------------
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.directions)
+
+    @property
+    def hidden_size(self) -> int:
+        return int(next(iter(self.directions.values())).shape[0])
+
+    def __getitem__(self, layer: int) -> torch.Tensor:
+        try:
+            return self.directions[layer]
+        except KeyError:
+            raise ConfigError(
+                f"vector has no layer {layer}; its layers are {list(self.layers)}"
+            ) from None
+
+    def __repr__(self) -> str:
+        norms = ", ".join(f"{k}: {float(v.norm()):.3g}" for k, v in self.directions.items())
+        method = self.metadata.get("method", "?")
+        return f"SteeringVector(method={method!r}, hidden_size={self.hidden_size}, norms={{{norms}}})"
+
+    def norms(self) -> dict[int, float]:
+        return {k: float(v.norm()) for k, v in self.directions.items()}
+
+    # --- algebra -----------------------------------------------------------------------
+    def _with(self, directions: Mapping[int, torch.Tensor], **meta: Any) -> SteeringVector:
+        return SteeringVector(directions, {**self.metadata, **meta})
+
+    def __mul__(self, scale: float) -> SteeringVector:
+        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+            return NotImplemented
+        if not math.isfinite(scale):
+            raise ConfigError(f"cannot scale a vector by {scale}; use a finite number")
+        return self._with({k: v * scale for k, v in self.directions.items()})
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, scale: float) -> SteeringVector:
+        if scale == 0:
+            raise ConfigError("cannot divide a vector by 0")
+        return self * (1.0 / scale)
+
+    def __neg__(self) -> SteeringVector:
+        return self * -1.0
+
+    def __add__(self, other: SteeringVector) -> SteeringVector:
+        if not isinstance(other, SteeringVector):
+            return NotImplemented
+        if other.hidden_size != self.hidden_size:
+            raise IncompatibleVectorError(
+                f"cannot combine vectors of widths {self.hidden_size} and {other.hidden_size}"
+            )
+        merged = dict(self.directions)
+        for k, v in other.directions.items():
+            merged[k] = merged[k] + v.to(merged[k]) if k in merged else v.clone()
+        return self._with(merged, method="combination")
+
+    def __sub__(self, other: SteeringVector) -> SteeringVector:
+        return self + (-other)
+
+    def normalized(self) -> SteeringVector:
+        """Each layer scaled to unit norm (recorded as ``normalize: "unit"``)."""
+        zero = [k for k, v in self.directions.items() if float(v.norm()) == 0.0]
+        if zero:
+            raise ConfigError(f"cannot normalise layer(s) {zero}: the direction is zero")
+        return self._with({k: v / v.norm() for k, v in self.directions.items()},
+                          normalize="unit")
+
+    def select(self, layers: list[int] | tuple[int, ...]) -> SteeringVector:
+        """The same vector restricted to `layers`."""
+        missing = [x for x in layers if x not in self.directions]
+        if missing:
+            raise ConfigError(
+                f"vector has no layer(s) {missing}; its layers are {list(self.layers)}"
+            )
+        return self._with({k: self.directions[k] for k in layers})
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+           ) -> SteeringVector:
+        return self._with({k: v.to(device=device, dtype=dtype) for k, v in
+                           self.directions.items()})
+
+    # --- compatibility -----------------------------------------------------------------
+    def check_compatible(self, model: Model) -> None:
+        """Raise IncompatibleVectorError if the vector cannot steer `model`."""
+        problems = []
+        if self.hidden_size != model.hidden_size:
+            problems.append(f"vector width {self.hidden_size} != model width {model.hidden_size}")
+        made_for = self.metadata.get("model")
+        if isinstance(made_for, Mapping) and made_for.get("num_layers") not in (
+                None, model.num_layers):
+            problems.append(
+                f"vector made for a model with {made_for.get('num_layers')} layers, "
+                f"this model has {model.num_layers}"
+            )
+        beyond = [x for x in self.layers if x >= model.num_layers]
+        if beyond:
+            problems.append(f"layer(s) {beyond} do not exist (model has {model.num_layers})")
+        if problems:
+            name = made_for.get("name") if isinstance(made_for, Mapping) else "another model"
+            raise IncompatibleVectorError(
+                "; ".join(problems) + f". This vector was made for {name}; load or extract a "
+                f"vector made for {model.name}"
+            )
+
+    # --- files -------------------------------------------------------------------------
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write the SPEC's safetensors format atomically; returns the path."""
+        from safetensors.torch import save
+
+        target = Path(path)
+        tensors = {f"layers.{k}": v.detach().to("cpu", torch.float32).contiguous()
+                   for k, v in self.directions.items()}
+        meta = dict(self.metadata)
+        meta.setdefault("method", None)
+        meta.setdefault("read_position", None)
+        meta.setdefault("normalize", None)
+        meta.setdefault("dataset", None)
+        meta.setdefault("model", None)
+        meta.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+        meta["layers"] = list(self.layers)
+        meta["acteng.version"] = _version()
+        header = {key: json.dumps(value) for key, value in meta.items()}
+        atomic_write_bytes(target, save(tensors, metadata=header))
+        return target
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str], *, model: Model | None = None) -> SteeringVector:
+        """Read a vector file; with `model`, also check it fits that model."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        source = Path(path)
+        if not source.is_file():
+            raise VectorFileError(f"no vector file at {source}; check the path")
+        data = source.read_bytes()
+        try:
+            tensors = load(data)
+            header = _read_metadata(data)
+        except (SafetensorError, ValueError, json.JSONDecodeError) as exc:
+            raise VectorFileError(
+                f"{source} is not a valid acteng vector file ({exc}); it may be truncated or "
+                "another format: re-create it with `acteng extract` (GGUF control vectors "
+                "need `acteng import`)"
+            ) from exc
+        directions: dict[int, torch.Tensor] = {}
+        foreign = []
+        for name, tensor in tensors.items():
+            match = _TENSOR_NAME.fullmatch(name)
+            if match is None or tensor.dim() != 1:
+                foreign.append(f"{name} {tuple(tensor.shape)}")
+            else:
+                directions[int(match.group(1))] = tensor.to(torch.float32)
+        if foreign or not directions:
+            raise VectorFileError(
+                f"{source} holds tensors that are not per-layer directions "
+                f"(expected 1-D 'layers.{{i}}'): {', '.join(foreign) or 'none at all'}"
+            )
+        metadata = {}
+        for key, raw in header.items():
+            try:
+                metadata[key] = json.loads(raw)
+            except json.JSONDecodeError:
+                metadata[key] = raw
+        try:
+            vector = cls(directions, metadata)
+        except ConfigError as exc:
+            raise VectorFileError(f"{source}: {exc}") from exc
+        if model is not None:
+            vector.check_compatible(model)
+        return vector
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise ValueError("file shorter than a safetensors header")
+    size = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8: 8 + size])
+    meta = header.get("__metadata__", {}) or {}
+    return {str(k): str(v) for k, v in meta.items()}
