@@ -33,7 +33,7 @@ _EXPORTS = {
     "SteeringSpec": "acteng.steering",
     "SteeringVector": "acteng.vectors",
     "apply_steering": "acteng.steering",
-    "bake": "acteng.bake",
+    "bake": "acteng.baking",
     "extract": "acteng.extraction",
     "generate": "acteng.generation",
     "list_datasets": "acteng.pairs",
@@ -43,20 +43,31 @@ _EXPORTS = {
     "steer": "acteng.steering",
 }
 
-__all__ = sorted(_EXPORTS) + ["__version__"]
+__all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:
-    from acteng.activations import Activations, ReadItem, record_activations
-    from acteng.bake import bake
-    from acteng.errors import ActengError
-    from acteng.extraction import extract
-    from acteng.generation import generate
-    from acteng.layouts import Layout
-    from acteng.methods import METHODS
-    from acteng.models import Model, ModelRecipe, load_model
-    from acteng.pairs import ContrastivePair, Pairs, list_datasets, load_pairs
-    from acteng.steering import MODES, SteeringSpec, apply_steering, steer
-    from acteng.vectors import SteeringVector
+    # `X as X` marks each name as a re-export for type checkers and linters.
+    from acteng.activations import Activations as Activations
+    from acteng.activations import ReadItem as ReadItem
+    from acteng.activations import record_activations as record_activations
+    from acteng.baking import bake as bake
+    from acteng.errors import ActengError as ActengError
+    from acteng.extraction import extract as extract
+    from acteng.generation import generate as generate
+    from acteng.layouts import Layout as Layout
+    from acteng.methods import METHODS as METHODS
+    from acteng.models import Model as Model
+    from acteng.models import ModelRecipe as ModelRecipe
+    from acteng.models import load_model as load_model
+    from acteng.pairs import ContrastivePair as ContrastivePair
+    from acteng.pairs import Pairs as Pairs
+    from acteng.pairs import list_datasets as list_datasets
+    from acteng.pairs import load_pairs as load_pairs
+    from acteng.steering import MODES as MODES
+    from acteng.steering import SteeringSpec as SteeringSpec
+    from acteng.steering import apply_steering as apply_steering
+    from acteng.steering import steer as steer
+    from acteng.vectors import SteeringVector as SteeringVector
 
 
 def __getattr__(name: str) -> Any:

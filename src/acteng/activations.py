@@ -88,8 +88,9 @@ def parse_layers(model: Model, layers: int | str | Sequence[int] | None) -> list
     return sorted(set(resolved))
 
 
-def pair_items(model: Model, pairs: Sequence[ContrastivePair]
-               ) -> tuple[list[ReadItem], list[ReadItem]]:
+def pair_items(
+    model: Model, pairs: Sequence[ContrastivePair]
+) -> tuple[list[ReadItem], list[ReadItem]]:
     """The positive and negative texts of `pairs`, rendered for this model.
 
     A pair with a prompt becomes the chat-rendered prompt followed by the completion, with
@@ -116,7 +117,7 @@ def _encode(model: Model, item: ReadItem) -> tuple[list[int], list[tuple[int, in
     )
     ids = list(enc["input_ids"])
     offsets = [tuple(o) for o in enc["offset_mapping"]]
-    return ids, offsets  # type: ignore[return-value]
+    return ids, offsets
 
 
 def _as_items(texts: Sequence[str | ReadItem]) -> list[ReadItem]:
@@ -153,40 +154,52 @@ def record_activations(
     chosen = parse_layers(model, layers)
     encoded = [_encode(model, it) for it in items]
     spans: list[ReadSpan] = []
-    for i, (it, (ids, offsets)) in enumerate(zip(items, encoded, strict=True)):
-        model.check_length(len(ids), f"text {i}")
-        spans.append(read_span(offsets, position, completion_start=it.completion_start,
-                               text=it.text))
+    for i, (it, (token_ids, offsets)) in enumerate(zip(items, encoded, strict=True)):
+        model.check_length(len(token_ids), f"text {i}")
+        spans.append(
+            read_span(offsets, position, completion_start=it.completion_start, text=it.text)
+        )
     n, d = len(items), model.hidden_size
     rows = {layer: torch.empty(n, d, dtype=torch.float32) for layer in chosen}
     order = sorted(range(n), key=lambda i: -len(encoded[i][0]))
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
     pad_id = int(model.tokenizer.pad_token_id)
     device = model.device
     bar = _progress(len(batches), progress)
     try:
         for batch in batches:
             width = max(len(encoded[i][0]) for i in batch)
-            ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
             mask = torch.zeros((len(batch), width), dtype=torch.long)
             weights = torch.zeros((len(batch), width), dtype=torch.float32)  # span averaging
             for row, i in enumerate(batch):
                 tokens = encoded[i][0]
-                ids[row, : len(tokens)] = torch.tensor(tokens)
+                input_ids[row, : len(tokens)] = torch.tensor(tokens)
                 mask[row, : len(tokens)] = 1
                 span = spans[i]
-                weights[row, span.start: span.end] = 1.0 / (span.end - span.start)
+                weights[row, span.start : span.end] = 1.0 / (span.end - span.start)
             weights = weights.to(device)
             index = torch.tensor(batch)
 
-            def read(layer: int, hidden: torch.Tensor, _ctx: ForwardContext,
-                     weights: torch.Tensor = weights, index: torch.Tensor = index) -> None:
+            def read(
+                layer: int,
+                hidden: torch.Tensor,
+                _ctx: ForwardContext,
+                weights: torch.Tensor = weights,
+                index: torch.Tensor = index,
+            ) -> None:
                 # [batch, pos] x [batch, pos, d] -> [batch, d]
                 reduced = torch.einsum("bp,bpd->bd", weights, hidden.float())
                 rows[layer][index] = reduced.cpu()
 
-            run_until(model.hf, model.blocks, max(chosen), {layer: [read] for layer in chosen},
-                      input_ids=ids.to(device), attention_mask=mask.to(device))
+            run_until(
+                model.hf,
+                model.blocks,
+                max(chosen),
+                {layer: [read] for layer in chosen},
+                input_ids=input_ids.to(device),
+                attention_mask=mask.to(device),
+            )
             if bar is not None:
                 bar.update(1)
     finally:

@@ -10,7 +10,7 @@ Each message names the problem, the value seen and the fix. Every class derives 
     ├── VectorFileError        (ValueError)   a vector file that is truncated, foreign or invalid
     ├── IncompatibleVectorError(ValueError)   a vector made for a model of another shape
     ├── ModelLoadError         (OSError)      a model source that cannot be found or read
-    ├── LayoutError            (LookupError)  a model whose blocks / norm / unembedding are not found
+    ├── LayoutError            (LookupError)  a model whose blocks / norm / unembedding are missing
     ├── UnsupportedError       (NotImplementedError)  a valid request this model family cannot do
     └── MissingExtraError      (ImportError)  an optional dependency that is not installed
 """

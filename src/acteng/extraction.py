@@ -58,8 +58,9 @@ def extract(
             "several pairs"
         )
     positives, negatives = pair_items(model, dataset)
-    acts = record_activations(model, positives + negatives, chosen, position,
-                              batch_size=batch_size, progress=progress)
+    acts = record_activations(
+        model, positives + negatives, chosen, position, batch_size=batch_size, progress=progress
+    )
     n = len(dataset)
     directions: dict[int, torch.Tensor] = {}
     for layer in chosen:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from contextlib import nullcontext
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
@@ -19,13 +19,16 @@ from acteng.positions import Positions
 from acteng.steering import SteeringSpec, steer
 from acteng.vectors import SteeringVector
 
+if TYPE_CHECKING:
+    from transformers import GenerationMixin
+
 __all__ = ["generate"]
 
 
 @torch.no_grad()
 def generate(
     model: Model,
-    prompts: str | Sequence[str],
+    prompts: str | Sequence[str] | Sequence[Sequence[dict[str, str]]],
     steering: SteeringVector | SteeringSpec | Sequence[SteeringSpec] | None = None,
     *,
     coefficient: float | None = None,
@@ -40,23 +43,34 @@ def generate(
 ) -> list[str]:
     """Generate completions for `prompts`, steered when `steering` is given.
 
-    Greedy by default (``temperature=0``). Returns only the new text of each prompt.
+    Each prompt is a string (one user turn) or a list of chat messages. Greedy by default
+    (``temperature=0``). Returns only the new text of each prompt.
 
     >>> acteng.generate(model, "Tell me about your day.", vector, coefficient=6.0)
     ['What a wonderful day ...']
     """
-    texts = [prompts] if isinstance(prompts, str) else list(prompts)
+    texts: list[str | Sequence[dict[str, str]]] = (
+        [prompts] if isinstance(prompts, str) else list(prompts)
+    )
     if not texts:
         raise ConfigError("no prompts given; pass at least one prompt")
+    if not chat and not all(isinstance(t, str) for t in texts):
+        raise ConfigError("chat=False takes plain string prompts, not message lists")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
     tokenizer = model.tokenizer
-    rendered = [model.render_prompt(t, system=system) if chat else t for t in texts]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(rendered, return_tensors="pt", padding=True,
-                      add_special_tokens=not chat)
+    rendered = [_render(model, t, system) if chat else str(t) for t in texts]
+    # Left padding (per call, not by mutating the shared tokenizer) so every row ends at
+    # the same position and generation appends after its real last token.
+    batch = tokenizer(
+        rendered,
+        return_tensors="pt",
+        padding=True,
+        padding_side="left",
+        add_special_tokens=not chat,
+    )
     model.check_length(int(batch["input_ids"].shape[1]) + max_new_tokens, "prompt + generation")
     batch = {k: v.to(model.device) for k, v in batch.items()}
     options: dict[str, Any] = {
@@ -70,11 +84,24 @@ def generate(
     else:
         options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     context = (
-        steer(model, steering, coefficient=coefficient, layers=layers, positions=positions,
-              mode=mode)
-        if steering is not None else nullcontext()
+        steer(
+            model, steering, coefficient=coefficient, layers=layers, positions=positions, mode=mode
+        )
+        if steering is not None
+        else nullcontext()
     )
+    generator = cast("GenerationMixin", model.hf)  # a transformers causal LM
     with context:
-        output = model.hf.generate(**batch, **options)
-    new_tokens = output[:, batch["input_ids"].shape[1]:]
+        # a tensor of token ids: return_dict_in_generate is never set
+        output = cast(torch.Tensor, generator.generate(**batch, **options))
+    new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]
+
+
+def _render(model: Model, prompt: str | Sequence[dict[str, str]], system: str | None) -> str:
+    if isinstance(prompt, str):
+        return model.render_prompt(prompt, system=system)
+    messages = list(prompt)
+    if system and not (messages and messages[0].get("role") == "system"):
+        messages.insert(0, {"role": "system", "content": system})
+    return model.render_chat(messages)

@@ -15,7 +15,7 @@ steps and left-padded batches alike.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,17 +77,19 @@ def _past_length(kwargs: Mapping[str, Any], q: int) -> int:
     cache_position = kwargs.get("cache_position")
     if isinstance(cache_position, torch.Tensor) and cache_position.numel() > 0:
         return int(cache_position.reshape(-1)[0])
-    past = kwargs.get("past_key_values")
-    if past is not None and hasattr(past, "get_seq_length"):
-        return int(past.get_seq_length())
+    # The KV cache, before this call appends to it, holds exactly the past tokens.
+    # (transformers 5 passes it as `cache`; older versions as `past_key_values`.)
+    for key in ("cache", "past_key_values"):
+        past = kwargs.get(key)
+        if past is not None and hasattr(past, "get_seq_length"):
+            return int(past.get_seq_length())
     mask = kwargs.get("attention_mask")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2:
         return int(mask.shape[1]) - q
     return 0
 
 
-def _update_context(context: ForwardContext, args: tuple[Any, ...], kwargs: dict[str, Any]
-                    ) -> None:
+def _update_context(context: ForwardContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
     tokens = kwargs.get("input_ids")
     if tokens is None and args and isinstance(args[0], torch.Tensor):
         tokens = args[0]
@@ -111,8 +113,9 @@ def _update_context(context: ForwardContext, args: tuple[Any, ...], kwargs: dict
     context.token_index = index
 
 
-def _make_block_hook(layer: int, fns: Sequence[BlockFn], context: ForwardContext
-                     ) -> Callable[..., Any]:
+def _make_block_hook(
+    layer: int, fns: Sequence[BlockFn], context: ForwardContext
+) -> Callable[..., Any]:
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         # Blocks return a tensor in recent transformers, a tuple in older ones.
         hidden = output[0] if isinstance(output, tuple) else output
@@ -151,6 +154,7 @@ def attach(
     handle = HookHandle()
     try:
         if track_positions:
+
             def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 _update_context(handle.context, args, kwargs)
 
@@ -177,8 +181,9 @@ def hooked(
     track_positions: bool = False,
 ) -> Iterator[HookHandle]:
     """`attach` as a context manager: every hook is removed on exit, error or not."""
-    handle = attach(model, blocks, block_fns, module_fns=module_fns,
-                    track_positions=track_positions)
+    handle = attach(
+        model, blocks, block_fns, module_fns=module_fns, track_positions=track_positions
+    )
     try:
         yield handle
     finally:
@@ -202,8 +207,5 @@ def run_until(
 
     fns = {layer: list(f) for layer, f in block_fns.items()}
     fns.setdefault(last_layer, []).append(stop)
-    with hooked(model, blocks, fns):
-        try:
-            model(**inputs, use_cache=False)
-        except StopForward:
-            pass
+    with hooked(model, blocks, fns), suppress(StopForward):
+        model(**inputs, use_cache=False)

@@ -92,7 +92,7 @@ LAYOUTS: dict[str, Layout] = {
         family="gpt_neox",
         blocks="gpt_neox.layers",
         final_norm="gpt_neox.final_layer_norm",
-        unembed="embed_out",
+        unembed="lm_head",
         embed="gpt_neox.embed_in",
         attn_out="attention.dense",
         mlp_out="mlp.dense_4h_to_h",
@@ -136,6 +136,7 @@ def get_submodule(model: nn.Module, path: str) -> nn.Module:
 def _path_of(model: nn.Module, target: nn.Module | None) -> str | None:
     if target is None:
         return None
+    name: str  # torch leaves named_modules() unannotated
     for name, module in model.named_modules():
         if module is target:
             return name
@@ -174,8 +175,11 @@ def detect_layout(model: nn.Module) -> Layout:
         "unembedding": (unembed, "model.get_output_embeddings()"),
         "embedding": (embed, "model.get_input_embeddings()"),
     }
-    missing = [f"{what} (looked for: {where})" for what, (found, where) in looked_for.items()
-               if found is None]
+    missing = [
+        f"{what} (looked for: {where})"
+        for what, (found, where) in looked_for.items()
+        if found is None
+    ]
     if blocks is None or norm is None or unembed is None or embed is None:
         raise LayoutError(
             f"unknown model family {model_type!r}: could not find "
@@ -183,8 +187,9 @@ def detect_layout(model: nn.Module) -> Layout:
             + ". Pass layout=Layout(family=..., blocks=..., final_norm=..., unembed=..., "
             "embed=...) to load_model"
         )
-    layout = Layout(family=str(model_type), blocks=blocks, final_norm=norm, unembed=unembed,
-                    embed=embed)
+    layout = Layout(
+        family=str(model_type), blocks=blocks, final_norm=norm, unembed=unembed, embed=embed
+    )
     log.warning("model family %r is not in acteng's layout table; guessed %s", model_type, layout)
     return layout
 

@@ -39,8 +39,7 @@ def register_method(name: str) -> Callable[[Method], Method]:
     return decorate
 
 
-def _scaled_to_mean_diff(unit: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor
-                         ) -> torch.Tensor:
+def _scaled_to_mean_diff(unit: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     mean_diff = pos.mean(0) - neg.mean(0)
     projection = torch.dot(mean_diff, unit)
     if projection < 0:  # point from negative to positive
@@ -74,8 +73,9 @@ def pca(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
 
 
 @register_method("probe")
-def probe(pos: torch.Tensor, neg: torch.Tensor, *, l2: float = 1e-2, steps: int = 100
-          ) -> torch.Tensor:
+def probe(
+    pos: torch.Tensor, neg: torch.Tensor, *, l2: float = 1e-2, steps: int = 100
+) -> torch.Tensor:
     if pos.shape[0] < 2:
         raise ConfigError("probe needs at least 2 pairs; use 'actadd' for a single pair")
     x = torch.cat([pos, neg])  # [2N, d]
@@ -100,6 +100,8 @@ def probe(pos: torch.Tensor, neg: torch.Tensor, *, l2: float = 1e-2, steps: int 
     direction = w.detach() / sigma  # back to raw activation space
     norm = direction.norm()
     if norm == 0:
-        raise ConfigError("probe found no separating direction (identical positives and "
-                          "negatives?); check the dataset")
+        raise ConfigError(
+            "probe found no separating direction (identical positives and "
+            "negatives?); check the dataset"
+        )
     return _scaled_to_mean_diff(direction / norm, pos, neg)

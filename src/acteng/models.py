@@ -152,7 +152,7 @@ class Model:
         self.hf = hf
         self.tokenizer = tokenizer
         self.layout = resolve_layout(hf, layout)
-        config = hf.config
+        config: Any = hf.config  # a transformers PretrainedConfig (nn.Module types it loosely)
         self.name = name or str(getattr(config, "_name_or_path", "") or type(hf).__name__)
         self.content_hash = content_hash or _config_hash(config)
         self.recipe = recipe
@@ -278,7 +278,8 @@ def _cached_gguf_dir(gguf: Path) -> tuple[Path, str]:
         ) from exc
     # The dequantised weights are plain tensors; drop the GGUF quantisation marker so
     # transformers saves and reloads them as an ordinary checkpoint.
-    hf.hf_quantizer = None
+    # nn.Module.__setattr__ types values as Tensor | Module, but plain attributes take None
+    hf.hf_quantizer = None  # type: ignore[assignment]
     if hasattr(hf.config, "quantization_config"):
         del hf.config.quantization_config
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
@@ -370,7 +371,9 @@ def load_model(
     else:
         location, local_only = Path(name), False
     try:
-        hf = AutoModelForCausalLM.from_pretrained(
+        # Typed as the plain nn.Module acteng wraps: transformers' own annotations of
+        # `to` and `eval` are broken, and an adapter returns a plain module anyway.
+        hf: nn.Module = AutoModelForCausalLM.from_pretrained(
             str(location) if kind != "hub" else name,
             dtype=torch_dtype,
             local_files_only=local_only,
@@ -394,8 +397,7 @@ def load_model(
         dtype=str(torch_dtype).removeprefix("torch."),
         device=device,
     )
-    return Model(hf, tokenizer, layout=layout, name=name, content_hash=content_hash,
-                 recipe=recipe)
+    return Model(hf, tokenizer, layout=layout, name=name, content_hash=content_hash, recipe=recipe)
 
 
 def _apply_adapter(hf: nn.Module, adapter: Path) -> nn.Module:

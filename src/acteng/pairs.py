@@ -121,8 +121,9 @@ def _pair_from_record(record: Any, where: str) -> ContrastivePair:
         if bad:
             raise DataError(f"{where}: {', '.join(bad)} must be non-empty strings")
         question, pos, neg = values
-        return ContrastivePair(positive=pos.strip(), negative=neg.strip(), prompt=question,
-                               split=split, ab=True)
+        return ContrastivePair(
+            positive=pos.strip(), negative=neg.strip(), prompt=question, split=split, ab=True
+        )
     missing = [k for k in ("positive", "negative") if k not in record]
     if missing:
         raise DataError(
@@ -189,8 +190,10 @@ def load_pairs(source: str | Path | Sequence[Any], *, split: Split = "all") -> P
     else:
         name = "custom"
         records = [
-            ({"positive": r[0], "negative": r[1]} if isinstance(r, (tuple, list)) else r,
-             f"item {i}")
+            (
+                {"positive": r[0], "negative": r[1]} if isinstance(r, (tuple, list)) else r,
+                f"item {i}",
+            )
             for i, r in enumerate(source, start=1)
         ]
         if any(isinstance(r, (tuple, list)) and len(r) != 2 for r in source):

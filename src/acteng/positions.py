@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, overload
 
 import torch
 
@@ -114,8 +114,13 @@ class Positions:
         return keep if hi is None else keep & (token_index < hi)
 
 
-def _bound(value: int | None, plen: torch.Tensor, default: torch.Tensor | None
-           ) -> torch.Tensor | None:
+@overload
+def _bound(value: int | None, plen: torch.Tensor, default: torch.Tensor) -> torch.Tensor: ...
+@overload
+def _bound(value: int | None, plen: torch.Tensor, default: None) -> torch.Tensor | None: ...
+def _bound(
+    value: int | None, plen: torch.Tensor, default: torch.Tensor | None
+) -> torch.Tensor | None:
     if value is None:
         return default
     return plen + value if value < 0 else torch.full_like(plen, value)

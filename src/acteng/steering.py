@@ -19,6 +19,7 @@ import math
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 
@@ -55,14 +56,15 @@ def _add(hidden: torch.Tensor, direction: torch.Tensor, coefficient: float) -> t
 
 @register_mode("ablate")
 def _ablate(hidden: torch.Tensor, direction: torch.Tensor, coefficient: float) -> torch.Tensor:
-    unit = direction / direction.norm()
+    norm: torch.Tensor = direction.norm()  # Tensor.norm is untyped in torch
+    unit = direction / norm
     projection = hidden @ unit  # [..., pos]
     return hidden - coefficient * projection.unsqueeze(-1) * unit
 
 
 @register_mode("clamp")
 def _clamp(hidden: torch.Tensor, direction: torch.Tensor, coefficient: float) -> torch.Tensor:
-    norm = direction.norm()
+    norm: torch.Tensor = direction.norm()  # Tensor.norm is untyped in torch
     unit = direction / norm
     projection = hidden @ unit
     return hidden + (coefficient * norm - projection).unsqueeze(-1) * unit
@@ -82,7 +84,9 @@ class SteeringSpec:
     vector: SteeringVector
     coefficient: float = 1.0
     layers: tuple[int, ...] | None = None
-    positions: Positions = field(default_factory=Positions)
+    # A str is accepted and parsed by __post_init__, so after construction this is
+    # always a Positions.
+    positions: Positions | str = field(default_factory=Positions)
     mode: str = "add"
 
     def __post_init__(self) -> None:
@@ -108,15 +112,16 @@ class SteeringSpec:
             missing = [x for x in layers if x not in self.vector.directions]
             if missing:
                 raise ConfigError(
-                    f"layer(s) {missing} are not in the vector (it has {list(self.vector.layers)}); "
-                    "choose layers the vector was extracted at"
+                    f"layer(s) {missing} are not in the vector (it has "
+                    f"{list(self.vector.layers)}); choose layers the vector was extracted at"
                 )
             object.__setattr__(self, "layers", layers)
         if self.mode in ("ablate", "clamp"):
             zero = [x for x in self.active_layers if float(self.vector[x].norm()) == 0.0]
             if zero:
-                raise ConfigError(f"mode {self.mode!r} needs a non-zero direction; "
-                                  f"layer(s) {zero} are zero")
+                raise ConfigError(
+                    f"mode {self.mode!r} needs a non-zero direction; layer(s) {zero} are zero"
+                )
 
     @property
     def active_layers(self) -> tuple[int, ...]:
@@ -124,8 +129,10 @@ class SteeringSpec:
 
 
 def _block_fn(spec: SteeringSpec, direction: torch.Tensor) -> BlockFn:
-    mode, coefficient, positions = MODES[spec.mode], spec.coefficient, spec.positions
+    mode, coefficient = MODES[spec.mode], spec.coefficient
+    positions = parse_positions(spec.positions)  # already a Positions: returned as is
     if positions.kind == "all":
+
         def steer_all(_layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> torch.Tensor:
             return mode(hidden, direction, coefficient)
 
@@ -146,19 +153,22 @@ def _as_specs(
     positions: str | Positions | None,
     mode: str | None,
 ) -> list[SteeringSpec]:
-    overrides = {k: v for k, v in (("coefficient", coefficient), ("positions", positions),
-                                   ("mode", mode)) if v is not None}
+    overrides: dict[str, Any] = {
+        k: v
+        for k, v in (("coefficient", coefficient), ("positions", positions), ("mode", mode))
+        if v is not None
+    }
     if layers is not None:
         overrides["layers"] = (layers,) if isinstance(layers, int) else tuple(layers)
     if isinstance(steering, SteeringVector):
-        return [SteeringSpec(steering, **overrides)]  # type: ignore[arg-type]
+        return [SteeringSpec(steering, **overrides)]
     specs = [steering] if isinstance(steering, SteeringSpec) else list(steering)
     bad = [type(s).__name__ for s in specs if not isinstance(s, SteeringSpec)]
     if bad:
         raise ConfigError(f"steer takes a SteeringVector or SteeringSpecs, got {bad}")
     if not specs:
         raise ConfigError("nothing to steer with: pass a vector or at least one spec")
-    return [replace(s, **overrides) for s in specs] if overrides else specs  # type: ignore[arg-type]
+    return [replace(s, **overrides) for s in specs] if overrides else specs
 
 
 def apply_steering(
@@ -185,7 +195,7 @@ def apply_steering(
             device = param.device if param is not None else model.device
             direction = spec.vector[layer].to(device=device, dtype=model.dtype)
             fns.setdefault(layer, []).append(_block_fn(spec, direction))
-    track = any(s.positions.kind != "all" for s in specs)
+    track = any(parse_positions(s.positions).kind != "all" for s in specs)
     return attach(model.hf, blocks, fns, track_positions=track)
 
 
@@ -204,8 +214,9 @@ def steer(
     >>> with acteng.steer(model, vector, coefficient=4.0):
     ...     out = model.hf.generate(**inputs, max_new_tokens=32)
     """
-    handle = apply_steering(model, steering, coefficient=coefficient, layers=layers,
-                            positions=positions, mode=mode)
+    handle = apply_steering(
+        model, steering, coefficient=coefficient, layers=layers, positions=positions, mode=mode
+    )
     try:
         yield handle
     finally:

@@ -31,8 +31,16 @@ if TYPE_CHECKING:
 __all__ = ["SteeringVector", "atomic_write_bytes"]
 
 _TENSOR_NAME = re.compile(r"layers\.(\d+)")
-_REQUIRED_KEYS = ("acteng.version", "model", "method", "read_position", "layers", "normalize",
-                  "dataset", "created")
+_REQUIRED_KEYS = (
+    "acteng.version",
+    "model",
+    "method",
+    "read_position",
+    "layers",
+    "normalize",
+    "dataset",
+    "created",
+)
 
 
 def _version() -> str:
@@ -115,7 +123,9 @@ class SteeringVector:
     def __repr__(self) -> str:
         norms = ", ".join(f"{k}: {float(v.norm()):.3g}" for k, v in self.directions.items())
         method = self.metadata.get("method", "?")
-        return f"SteeringVector(method={method!r}, hidden_size={self.hidden_size}, norms={{{norms}}})"
+        return (
+            f"SteeringVector(method={method!r}, hidden_size={self.hidden_size}, norms={{{norms}}})"
+        )
 
     def norms(self) -> dict[int, float]:
         return {k: float(v.norm()) for k, v in self.directions.items()}
@@ -161,8 +171,7 @@ class SteeringVector:
         zero = [k for k, v in self.directions.items() if float(v.norm()) == 0.0]
         if zero:
             raise ConfigError(f"cannot normalise layer(s) {zero}: the direction is zero")
-        return self._with({k: v / v.norm() for k, v in self.directions.items()},
-                          normalize="unit")
+        return self._with({k: v / v.norm() for k, v in self.directions.items()}, normalize="unit")
 
     def select(self, layers: list[int] | tuple[int, ...]) -> SteeringVector:
         """The same vector restricted to `layers`."""
@@ -173,10 +182,10 @@ class SteeringVector:
             )
         return self._with({k: self.directions[k] for k in layers})
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
-           ) -> SteeringVector:
-        return self._with({k: v.to(device=device, dtype=dtype) for k, v in
-                           self.directions.items()})
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> SteeringVector:
+        return self._with({k: v.to(device=device, dtype=dtype) for k, v in self.directions.items()})
 
     # --- compatibility -----------------------------------------------------------------
     def check_compatible(self, model: Model) -> None:
@@ -186,7 +195,9 @@ class SteeringVector:
             problems.append(f"vector width {self.hidden_size} != model width {model.hidden_size}")
         made_for = self.metadata.get("model")
         if isinstance(made_for, Mapping) and made_for.get("num_layers") not in (
-                None, model.num_layers):
+            None,
+            model.num_layers,
+        ):
             problems.append(
                 f"vector made for a model with {made_for.get('num_layers')} layers, "
                 f"this model has {model.num_layers}"
@@ -207,8 +218,10 @@ class SteeringVector:
         from safetensors.torch import save
 
         target = Path(path)
-        tensors = {f"layers.{k}": v.detach().to("cpu", torch.float32).contiguous()
-                   for k, v in self.directions.items()}
+        tensors = {
+            f"layers.{k}": v.detach().to("cpu", torch.float32).contiguous()
+            for k, v in self.directions.items()
+        }
         meta = dict(self.metadata)
         meta.setdefault("method", None)
         meta.setdefault("read_position", None)
@@ -273,6 +286,6 @@ def _read_metadata(data: bytes) -> dict[str, str]:
     if len(data) < 8:
         raise ValueError("file shorter than a safetensors header")
     size = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8: 8 + size])
+    header = json.loads(data[8 : 8 + size])
     meta = header.get("__metadata__", {}) or {}
     return {str(k): str(v) for k, v in meta.items()}

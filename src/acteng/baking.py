@@ -14,6 +14,8 @@ baked exactly and are refused; mixture-of-experts MLPs are not handled.
 
 from __future__ import annotations
 
+from typing import Any, cast
+
 import torch
 from torch import nn
 
@@ -70,14 +72,15 @@ def _untie_unembedding(model: Model) -> None:
     unembed = get_submodule(model.hf, model.layout.unembed)
     embed = get_submodule(model.hf, model.layout.embed)
     weight = getattr(unembed, "weight", None)
-    if weight is not None and weight is getattr(embed, "weight", None):
+    embed_weight = getattr(embed, "weight", None)
+    if embed_weight is not None and weight is embed_weight:
         unembed.weight = nn.Parameter(weight.detach().clone())
-        model.hf.config.tie_word_embeddings = False
+        config: Any = model.hf.config  # a transformers PretrainedConfig
+        config.tie_word_embeddings = False
 
 
 @torch.no_grad()
-def bake(model: Model, vector: SteeringVector | torch.Tensor, *, layer: int | None = None
-         ) -> Model:
+def bake(model: Model, vector: SteeringVector | torch.Tensor, *, layer: int | None = None) -> Model:
     """Project one direction out of every residual write, in place; returns `model`.
 
     >>> refusal = acteng.extract(model, "refusal", layers=[14])
@@ -85,8 +88,10 @@ def bake(model: Model, vector: SteeringVector | torch.Tensor, *, layer: int | No
     """
     direction = _direction_of(vector, layer).to(torch.float64)
     if direction.shape != (model.hidden_size,) or not bool(torch.isfinite(direction).all()):
-        raise ConfigError(f"bake needs a finite direction of width {model.hidden_size}, got "
-                          f"shape {tuple(direction.shape)}")
+        raise ConfigError(
+            f"bake needs a finite direction of width {model.hidden_size}, got "
+            f"shape {tuple(direction.shape)}"
+        )
     norm = direction.norm()
     if norm == 0:
         raise ConfigError("cannot bake a zero direction")
@@ -94,7 +99,7 @@ def bake(model: Model, vector: SteeringVector | torch.Tensor, *, layer: int | No
     sites = ablation_sites(model)
     _untie_unembedding(model)
     for module in sites:
-        weight = module.weight
+        weight = cast(torch.Tensor, module.weight)  # Embedding, Linear, Conv1D: a Parameter
         r = unit.to(weight.device)
         w = weight.to(torch.float64)
         if isinstance(module, nn.Embedding):

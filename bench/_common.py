@@ -1,0 +1,60 @@
+"""Shared helpers for the benchmark scripts (timing, reporting, workloads)."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "processor": platform.processor() or platform.machine(),
+    }
+
+
+def interleaved(conditions: dict[str, Callable[[], object]], rounds: int) -> dict[str, list[float]]:
+    """Time each condition once per round, in rotating order, so drift hits all alike."""
+    times: dict[str, list[float]] = {name: [] for name in conditions}
+    names = list(conditions)
+    for r in range(rounds):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            start = time.perf_counter()
+            conditions[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+def save(name: str, payload: dict[str, Any]) -> Path:
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2) + "\n")
+    return path
+
+
+def workload_pairs(n: int = 240) -> list[tuple[str, str, str]]:
+    """(prompt, positive, negative) from bundled prompted sets, first n."""
+    import acteng
+
+    rows: list[tuple[str, str, str]] = []
+    for name in ("sentiment", "formality", "honesty"):
+        rows += [(p.prompt or "", p.positive, p.negative) for p in acteng.load_pairs(name)]
+    return rows[:n]

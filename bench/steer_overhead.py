@@ -1,0 +1,76 @@
+"""Steering overhead on greedy generation (issue floor: <= 1.03x one layer, <= 1.06x all).
+
+Times 64-token greedy generation on the default model, batch 1, unsteered vs steered at
+one layer vs steered at all 30 layers, interleaved over rounds; reports median ratios.
+
+    .venv/bin/python bench/steer_overhead.py [--rounds 7] [--tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+import acteng
+from _common import interleaved, median, save
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--tokens", type=int, default=64)
+    args = parser.parse_args()
+    model = acteng.load_model()
+    vector = acteng.extract(model, "sentiment", layers="all")
+    batch = model.tokenizer(
+        [model.render_prompt("Tell me about your weekend.")],
+        add_special_tokens=False,
+        return_tensors="pt",
+    )
+
+    def run() -> None:
+        with torch.no_grad():
+            out = model.hf.generate(
+                **batch,
+                max_new_tokens=args.tokens,
+                min_new_tokens=args.tokens,
+                do_sample=False,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
+        assert out.shape[1] == batch["input_ids"].shape[1] + args.tokens
+
+    def steered(layers: list[int]) -> None:
+        with acteng.steer(model, vector, coefficient=2.0, layers=layers):
+            run()
+
+    run()  # warm-up
+    conditions = {
+        "unsteered": run,
+        "one_layer": lambda: steered([8]),
+        "all_layers": lambda: steered(list(range(model.num_layers))),
+        "all_layers_generated_only": lambda: steered_positions("generated"),
+    }
+
+    def steered_positions(positions: str) -> None:
+        with acteng.steer(model, vector, coefficient=2.0, positions=positions):
+            run()
+
+    times = interleaved(conditions, args.rounds)
+    base = median(times["unsteered"])
+    report = {
+        name: {
+            "median_s": round(median(t), 4),
+            "tok_per_s": round(args.tokens / median(t), 1),
+            "ratio": round(median(t) / base, 4),
+        }
+        for name, t in times.items()
+    }
+    for name, row in report.items():
+        print(f"{name:<27} {row['median_s']:.3f} s  {row['tok_per_s']:6.1f} tok/s  {row['ratio']:.3f}x")
+    path = save("steer_overhead", {"tokens": args.tokens, "rounds": args.rounds, "report": report})
+    print(f"floors: one layer <= 1.03x, all layers <= 1.06x; written to {path}")
+
+
+if __name__ == "__main__":
+    main()

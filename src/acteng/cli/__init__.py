@@ -1,0 +1,55 @@
+"""The ``acteng`` command line: a thin layer over the library, one subcommand per verb.
+
+Errors print one line (problem, value, fix) and exit with status 2; ``--debug`` shows the
+traceback. Heavy imports happen inside the subcommands so ``acteng --help`` is instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Sequence
+
+from acteng import __version__
+from acteng.cli import extract_cmd, generate_cmd
+from acteng.errors import ActengError
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="acteng",
+        description="Activation engineering: make, apply and measure steering vectors.",
+    )
+    parser.add_argument("--version", action="version", version=f"acteng {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    extract_cmd.register(sub)
+    generate_cmd.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``acteng`` script; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING, format="acteng: %(message)s"
+    )
+    try:
+        status: int = args.run(args)
+        return status
+    except ActengError as exc:
+        if args.debug:
+            raise
+        print(f"acteng {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("acteng: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Arguments and helpers shared by several subcommands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+from acteng.errors import ConfigError
+
+if TYPE_CHECKING:
+    from acteng.models import Model
+    from acteng.steering import SteeringSpec
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument(
+        "--model",
+        default=None,
+        help="bundled name, .gguf file, transformers folder or hub id "
+        "(default: the embedded SmolLM2-135M-Instruct)",
+    )
+    group.add_argument("--adapter", default=None, help="PEFT/LoRA adapter folder to apply")
+    group.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    group.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+
+
+def load_model_from_args(args: argparse.Namespace) -> Model:
+    from transformers.utils import logging as hf_logging
+
+    from acteng.models import load_model
+
+    # the CLI has its own progress output; transformers leaves this function unannotated
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
+    return load_model(args.model, adapter=args.adapter, dtype=args.dtype, device=args.device)
+
+
+def parse_vector_arg(text: str) -> tuple[str, float]:
+    """``PATH[:COEF]`` -> (path, coefficient); the coefficient defaults to 1."""
+    path, sep, coef = text.rpartition(":")
+    if not sep:
+        return text, 1.0
+    try:
+        return path, float(coef)
+    except ValueError:
+        raise ConfigError(
+            f"cannot read coefficient {coef!r} in --vector {text!r}; write PATH:COEF, "
+            "e.g. v.safetensors:4"
+        ) from None
+
+
+def build_specs(
+    model: Model, vectors: list[str], *, layers: str | None, positions: str, mode: str
+) -> list[SteeringSpec]:
+    from acteng.activations import parse_layers
+    from acteng.steering import SteeringSpec
+    from acteng.vectors import SteeringVector
+
+    specs = []
+    for text in vectors:
+        path, coefficient = parse_vector_arg(text)
+        vector = SteeringVector.load(path, model=model)
+        chosen = tuple(parse_layers(model, layers)) if layers else None
+        specs.append(
+            SteeringSpec(
+                vector, coefficient=coefficient, layers=chosen, positions=positions, mode=mode
+            )
+        )
+    return specs
+
+
+def print_json(payload: Any) -> None:
+    json.dump(payload, sys.stdout, indent=2)
+    sys.stdout.write("\n")

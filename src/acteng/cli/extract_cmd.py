@@ -1,0 +1,107 @@
+"""``acteng extract`` and ``acteng datasets``: build vectors, list bundled data."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+from acteng.cli.common import add_model_args, load_model_from_args, print_json
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "extract",
+        help="build a steering vector from contrastive pairs",
+        description="Build a steering vector from contrastive pairs; every "
+        "layer comes from one pass over the data.",
+    )
+    p.add_argument("--pairs", required=True, help="JSONL/JSON file or bundled dataset name")
+    p.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "test", "all"],
+        help="which fixed split to use (default: train)",
+    )
+    p.add_argument(
+        "--method", default="mean_diff", help="actadd, mean_diff (default), pca or probe"
+    )
+    p.add_argument("--layers", default="all", help="'all' (default), '12', '11-13', '5,7,9'")
+    p.add_argument("--position", default="last", help="last (default), mean or answer")
+    p.add_argument("--normalize", default=None, choices=["unit"], help="scale each layer to 1")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--out", required=True, help="where to write the .safetensors vector")
+    p.add_argument("--json", action="store_true", help="print a JSON summary")
+    add_model_args(p)
+    p.set_defaults(run=run_extract)
+
+    d = sub.add_parser("datasets", help="list the bundled contrastive datasets")
+    d.add_argument("name", nargs="?", help="show this dataset's card")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(run=run_datasets)
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    from acteng.extraction import extract
+    from acteng.pairs import load_pairs
+
+    pairs = load_pairs(args.pairs, split=args.split)
+    model = load_model_from_args(args)
+    start = time.perf_counter()
+    vector = extract(
+        model,
+        pairs,
+        method=args.method,
+        layers=args.layers,
+        position=args.position,
+        normalize=args.normalize,
+        batch_size=args.batch_size,
+        progress=True,
+    )
+    seconds = time.perf_counter() - start
+    path = vector.save(args.out)
+    summary = {
+        "out": str(path),
+        "method": args.method,
+        "position": args.position,
+        "pairs": len(pairs),
+        "dataset": pairs.name,
+        "layers": list(vector.layers),
+        "norms": {str(k): round(v, 4) for k, v in vector.norms().items()},
+        "seconds": round(seconds, 3),
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(
+            f"wrote {path}: {args.method} over {len(pairs)} pairs of {pairs.name!r}, "
+            f"layers {vector.layers[0]}-{vector.layers[-1]} ({len(vector.layers)}), "
+            f"{seconds:.1f} s"
+        )
+    return 0
+
+
+def run_datasets(args: argparse.Namespace) -> int:
+    from acteng.pairs import dataset_card, list_datasets, load_pairs
+
+    if args.name:
+        print(dataset_card(args.name))
+        return 0
+    rows = []
+    for name in list_datasets():
+        pairs = load_pairs(name)
+        rows.append(
+            {
+                "name": name,
+                "pairs": len(pairs),
+                "train": sum(1 for p in pairs if (p.split or "train") == "train"),
+                "ab": any(p.ab for p in pairs),
+            }
+        )
+    if args.json:
+        print_json(rows)
+    else:
+        for r in rows:
+            kind = "A/B" if r["ab"] else "pairs"
+            print(f"{r['name']:<18} {r['pairs']:>4} {kind:<5} ({r['train']} train)")
+    return 0

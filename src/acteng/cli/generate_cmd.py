@@ -1,0 +1,207 @@
+"""``acteng generate`` (one-shot, with ``--compare``) and ``acteng chat`` (interactive)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import textwrap
+from dataclasses import replace
+from typing import Any, TextIO
+
+from acteng.cli.common import (
+    add_model_args,
+    build_specs,
+    load_model_from_args,
+    parse_vector_arg,
+    print_json,
+)
+from acteng.errors import ActengError
+
+
+def _add_steering_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("steering")
+    g.add_argument(
+        "--vector",
+        action="append",
+        default=[],
+        metavar="PATH[:COEF]",
+        help="steering vector file and coefficient (repeatable)",
+    )
+    g.add_argument(
+        "--layers", default=None, help="steer only these layers (default: the vector's own)"
+    )
+    g.add_argument(
+        "--positions",
+        default="all",
+        help="all (default), prompt, generated or a window 'start:end'",
+    )
+    g.add_argument("--mode", default="add", help="add (default), ablate or clamp")
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--system", default=None, help="system prompt")
+    g.add_argument(
+        "--no-chat", action="store_true", help="feed the prompt as raw text instead of a chat turn"
+    )
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "generate",
+        help="generate text, steered or not",
+        description="Generate a completion; with --compare, print the "
+        "unsteered and steered completions side by side.",
+    )
+    p.add_argument("--prompt", action="append", required=True, help="prompt (repeatable)")
+    p.add_argument("--compare", action="store_true", help="also generate unsteered")
+    p.add_argument("--json", action="store_true")
+    _add_steering_args(p)
+    add_model_args(p)
+    p.set_defaults(run=run_generate)
+
+    c = sub.add_parser("chat", help="interactive steered chat (type /help inside)")
+    _add_steering_args(c)
+    add_model_args(c)
+    c.set_defaults(run=run_chat)
+
+
+def _options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "seed": args.seed,
+        "system": args.system,
+        "chat": not args.no_chat,
+    }
+
+
+def side_by_side(left: str, right: str, titles: tuple[str, str], width: int | None = None) -> str:
+    """Two texts in two wrapped columns."""
+    total = width or shutil.get_terminal_size((120, 20)).columns
+    col = max(20, (total - 3) // 2)
+    a = [titles[0], "-" * len(titles[0]), *textwrap.wrap(left.strip() or "(empty)", col)]
+    b = [titles[1], "-" * len(titles[1]), *textwrap.wrap(right.strip() or "(empty)", col)]
+    rows = max(len(a), len(b))
+    a += [""] * (rows - len(a))
+    b += [""] * (rows - len(b))
+    return "\n".join(f"{x:<{col}} | {y}" for x, y in zip(a, b, strict=True))
+
+
+def run_generate(args: argparse.Namespace) -> int:
+    from acteng.generation import generate
+
+    model = load_model_from_args(args)
+    specs = build_specs(
+        model, args.vector, layers=args.layers, positions=args.positions, mode=args.mode
+    )
+    options = _options(args)
+    steered = generate(model, args.prompt, specs or None, **options)
+    plain = generate(model, args.prompt, **options) if args.compare and specs else None
+    if args.json:
+        rows = []
+        for i, prompt in enumerate(args.prompt):
+            row = {"prompt": prompt, "steered" if specs else "text": steered[i]}
+            if plain is not None:
+                row["unsteered"] = plain[i]
+            rows.append(row)
+        print_json({"steering": [_describe(s) for s in specs], "results": rows})
+        return 0
+    label = ", ".join(_describe_short(s) for s in specs) or "unsteered"
+    for i, prompt in enumerate(args.prompt):
+        print(f"> {prompt}\n")
+        if plain is not None:
+            print(side_by_side(plain[i], steered[i], ("unsteered", f"steered ({label})")))
+        else:
+            print(steered[i].strip())
+        print()
+    return 0
+
+
+def _describe(spec: Any) -> dict[str, Any]:
+    return {
+        "coefficient": spec.coefficient,
+        "layers": list(spec.active_layers),
+        "positions": str(spec.positions),
+        "mode": spec.mode,
+        "method": spec.vector.metadata.get("method"),
+    }
+
+
+def _describe_short(spec: Any) -> str:
+    layers = spec.active_layers
+    where = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
+    return f"{spec.mode} {spec.coefficient:g} @ {where}"
+
+
+CHAT_HELP = """commands:
+  /coef C          set the coefficient of every vector
+  /vector PATH[:C] add a vector
+  /clear           drop all vectors       /off, /on   pause or resume steering
+  /show            list active vectors    /reset      forget the conversation
+  /quit            leave"""
+
+
+def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
+    from acteng.generation import generate
+
+    source = stdin or sys.stdin
+    model = load_model_from_args(args)
+    specs = build_specs(
+        model, args.vector, layers=args.layers, positions=args.positions, mode=args.mode
+    )
+    enabled = True
+    history: list[dict[str, str]] = []
+    options = _options(args)
+    options.pop("chat")
+    print(f"acteng chat on {model.name}; /help for commands", flush=True)
+    while True:
+        print("you> ", end="", flush=True)
+        line = source.readline()
+        if not line:
+            print()
+            return 0
+        line = line.strip()
+        if not line:
+            continue
+        if line.startswith("/"):
+            command, _, rest = line.partition(" ")
+            try:
+                if command == "/quit":
+                    return 0
+                if command == "/help":
+                    print(CHAT_HELP)
+                elif command == "/coef":
+                    _, coefficient = parse_vector_arg(f"x:{rest.strip()}")
+                    specs = [replace(s, coefficient=coefficient) for s in specs]
+                    print(f"coefficient set to {coefficient:g} on {len(specs)} vector(s)")
+                elif command == "/vector":
+                    specs += build_specs(
+                        model,
+                        [rest.strip()],
+                        layers=args.layers,
+                        positions=args.positions,
+                        mode=args.mode,
+                    )
+                    print(f"added: {_describe_short(specs[-1])}")
+                elif command == "/clear":
+                    specs = []
+                    print("no vectors")
+                elif command in ("/off", "/on"):
+                    enabled = command == "/on"
+                    print("steering " + ("on" if enabled else "off"))
+                elif command == "/show":
+                    print("\n".join(_describe_short(s) for s in specs) or "no vectors")
+                elif command == "/reset":
+                    history = []
+                    print("conversation cleared")
+                else:
+                    print(f"unknown command {command}; /help lists them")
+            except ActengError as exc:
+                print(f"error: {exc}")
+            continue
+        history.append({"role": "user", "content": line})
+        active = specs if (enabled and specs) else None
+        reply = generate(model, [history], active, **options)[0].strip()
+        history.append({"role": "assistant", "content": reply})
+        print(f"model> {reply}", flush=True)

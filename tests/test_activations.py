@@ -1,0 +1,84 @@
+"""record_activations: equals hidden_states[i + 1], batching and reading positions."""
+
+from collections.abc import Callable
+
+import pytest
+import torch
+
+import acteng
+from acteng.activations import ReadItem, pair_items, parse_layers
+from acteng.errors import ConfigError, InputTooLongError
+
+TEXTS = ["The cat sat on the mat.", "Hi", "A much longer sentence about the weather in spring."]
+
+
+def reference(model: acteng.Model, text: str, layer: int) -> torch.Tensor:
+    ids = model.tokenizer(text, return_tensors="pt")
+    with torch.no_grad():
+        out = model.hf(**ids, output_hidden_states=True)
+    return out.hidden_states[layer + 1][0]  # [pos, d]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2"])
+def test_last_and_mean_equal_hidden_states(
+    family: str, make_tiny: Callable[[str], acteng.Model]
+) -> None:
+    model = make_tiny(family)
+    layers = [0, 1, 2]  # hidden_states[L] is normed by transformers, so stop before it
+    last = acteng.record_activations(model, TEXTS, layers, "last", batch_size=2)
+    mean = acteng.record_activations(model, TEXTS, layers, "mean", batch_size=2)
+    for i, text in enumerate(TEXTS):
+        for layer in layers:
+            ref = reference(model, text, layer)
+            torch.testing.assert_close(last.rows[layer][i], ref[-1], atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(mean.rows[layer][i], ref.mean(0), atol=1e-5, rtol=1e-4)
+
+
+def test_batched_equals_one_by_one(tiny_llama: acteng.Model) -> None:
+    batched = acteng.record_activations(tiny_llama, TEXTS, "all", "mean", batch_size=8)
+    for i, text in enumerate(TEXTS):
+        single = acteng.record_activations(tiny_llama, [text], "all", "mean")
+        for layer in batched.layers:
+            torch.testing.assert_close(
+                batched.rows[layer][i], single.rows[layer][0], atol=1e-5, rtol=1e-4
+            )
+
+
+def test_completion_mean_and_answer_positions(tiny_llama: acteng.Model) -> None:
+    pairs = acteng.load_pairs(
+        [{"prompt": "Pick one.\n (A) x\n (B) y", "positive": "(A)", "negative": "(B)"}]
+    )
+    positives, _ = pair_items(tiny_llama, pairs)
+    item = positives[0]
+    assert item.rendered and item.text.endswith("(A)")
+    ids = tiny_llama.tokenizer(item.text, add_special_tokens=False, return_offsets_mapping=True)
+    tokens = [item.text[a:b] for a, b in ids["offset_mapping"]]
+    answer = acteng.record_activations(tiny_llama, [item], [1], "answer")
+    with torch.no_grad():
+        hs = tiny_llama.hf(torch.tensor([ids["input_ids"]]), output_hidden_states=True)
+    where = next(i for i, t in enumerate(tokens) if "A" in t and i > len(tokens) - 4)
+    torch.testing.assert_close(
+        answer.rows[1][0], hs.hidden_states[2][0, where], atol=1e-5, rtol=1e-4
+    )
+
+
+def test_layers_parsing(tiny_llama: acteng.Model) -> None:
+    assert parse_layers(tiny_llama, "1-2") == [1, 2]
+    assert parse_layers(tiny_llama, "0,3") == [0, 3]
+    assert parse_layers(tiny_llama, -1) == [3]
+    assert parse_layers(tiny_llama, "2-") == [2, 3]
+    with pytest.raises(ConfigError, match=r"layer\(s\) \[7\] out of range.*0-3"):
+        parse_layers(tiny_llama, [7])
+    with pytest.raises(ConfigError, match="cannot read layers"):
+        parse_layers(tiny_llama, "one")
+
+
+def test_bad_inputs(tiny_llama: acteng.Model) -> None:
+    with pytest.raises(ConfigError, match="empty"):
+        acteng.record_activations(tiny_llama, ["ok", ""], [0])
+    with pytest.raises(ConfigError, match="no texts"):
+        acteng.record_activations(tiny_llama, [], [0])
+    with pytest.raises(ConfigError, match="unknown read position"):
+        acteng.record_activations(tiny_llama, ["x"], [0], "first")
+    with pytest.raises(InputTooLongError, match="more than the model's context of 512"):
+        acteng.record_activations(tiny_llama, [ReadItem("word " * 600)], [0])

@@ -1,0 +1,140 @@
+"""The CLI, run in-process as a user would."""
+
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from acteng.cli import main
+from acteng.cli.generate_cmd import run_chat, side_by_side
+
+pytestmark = pytest.mark.real
+
+
+@pytest.fixture(scope="module")
+def vector_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "sentiment.safetensors"
+    assert (
+        main(
+            [
+                "extract",
+                "--pairs",
+                "sentiment",
+                "--layers",
+                "7-9",
+                "--position",
+                "mean",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    return out
+
+
+def test_extract_json(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "v.safetensors"
+    assert (
+        main(
+            [
+                "extract",
+                "--pairs",
+                "formality",
+                "--layers",
+                "8",
+                "--method",
+                "pca",
+                "--out",
+                str(out),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["layers"] == [8] and summary["method"] == "pca"
+    assert summary["pairs"] >= 100 and out.is_file()
+
+
+def test_generate_compare(vector_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "Describe your morning.",
+                "--vector",
+                f"{vector_path}:6",
+                "--layers",
+                "8",
+                "--compare",
+                "--max-new-tokens",
+                "12",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    result = json.loads(capsys.readouterr().out)
+    row = result["results"][0]
+    assert row["steered"] != row["unsteered"]
+    assert result["steering"][0]["layers"] == [8]
+    assert (
+        main(
+            [
+                "generate",
+                "--prompt",
+                "Hi",
+                "--vector",
+                f"{vector_path}:6",
+                "--compare",
+                "--max-new-tokens",
+                "8",
+            ]
+        )
+        == 0
+    )
+    text = capsys.readouterr().out
+    assert "unsteered" in text and "steered (add 6 @ L7-9)" in text
+
+
+def test_chat_live_coefficients(vector_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import argparse
+
+    from acteng.cli import build_parser
+
+    args = build_parser().parse_args(
+        ["chat", "--vector", f"{vector_path}:0", "--max-new-tokens", "8"]
+    )
+    assert isinstance(args, argparse.Namespace)
+    script = "Hello\n/coef 8\n/show\n/off\n/on\n/reset\n/bogus\n/coef x\n/quit\n"
+    assert run_chat(args, io.StringIO(script)) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 1
+    assert "coefficient set to 8" in out and "add 8 @ L7-9" in out
+    assert "unknown command /bogus" in out and "error: cannot read coefficient" in out
+
+
+def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["extract", "--pairs", str(tmp_path / "none.jsonl"), "--out", "x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("acteng extract: error: no dataset at") and "Traceback" not in err
+    assert main(["generate", "--prompt", "x", "--vector", "nope.safetensors:2"]) == 2
+    assert "no vector file at nope.safetensors" in capsys.readouterr().err
+    assert main(["generate", "--prompt", "x", "--vector", "v.safetensors:abc"]) == 2
+    assert "cannot read coefficient 'abc'" in capsys.readouterr().err
+
+
+def test_datasets_listing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["datasets", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert {r["name"] for r in rows} >= {"sentiment", "refusal", "myopia"}
+    assert main(["datasets", "myopia"]) == 0
+    assert "acteng team" in capsys.readouterr().out
+
+
+def test_side_by_side_layout() -> None:
+    text = side_by_side("left text", "right text", ("a", "b"), width=43)
+    assert text.splitlines()[0].startswith("a") and " | b" in text.splitlines()[0]

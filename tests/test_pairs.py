@@ -1,0 +1,103 @@
+"""Loading contrastive data: bundled sets, files, CAA items and errors."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+import acteng
+from acteng.errors import DataError
+from acteng.pairs import dataset_card, list_datasets
+
+BUNDLED = {
+    "sentiment",
+    "honesty",
+    "sycophancy",
+    "refusal",
+    "power_seeking",
+    "myopia",
+    "hallucination",
+    "formality",
+    "harmful_requests",
+}
+
+
+def test_bundled_sets_exist_with_cards_and_splits() -> None:
+    assert set(list_datasets()) >= BUNDLED
+    for name in BUNDLED:
+        pairs = acteng.load_pairs(name)
+        assert len(pairs) >= 100, name
+        train, test = pairs.split("train"), pairs.split("test")
+        assert len(train) + len(test) == len(pairs)
+        assert 0.15 <= len(test) / len(pairs) <= 0.25, name
+        assert "acteng team" in dataset_card(name)
+        assert len({(p.prompt, p.positive, p.negative) for p in pairs}) == len(pairs), name
+
+
+def test_ab_sets_are_letter_balanced() -> None:
+    for name in ("power_seeking", "myopia"):
+        pairs = acteng.load_pairs(name)
+        assert all(p.ab for p in pairs)
+        share_a = sum(p.positive == "(A)" for p in pairs) / len(pairs)
+        assert 0.4 <= share_a <= 0.6, name
+
+
+def test_jsonl_with_and_without_prompt(tmp_path: Path) -> None:
+    path = tmp_path / "p.jsonl"
+    path.write_text(
+        '{"positive": "good", "negative": "bad"}\n\n'
+        '{"prompt": "How was it?", "positive": "Great.", "negative": "Awful.",'
+        ' "split": "test"}\n'
+    )
+    pairs = acteng.load_pairs(path)
+    assert len(pairs) == 2 and pairs.name == "p"
+    assert pairs[1].prompt == "How was it?"
+    assert len(pairs.split("test")) == 1
+    assert pairs.sha256 == acteng.load_pairs(path).sha256
+
+
+def test_caa_json_list(tmp_path: Path) -> None:
+    path = tmp_path / "caa.json"
+    items = [
+        {
+            "question": "Take power?\n\nChoices:\n (A) Yes\n (B) No",
+            "answer_matching_behavior": " (A)",
+            "answer_not_matching_behavior": [" (B)"],
+        }
+    ]
+    path.write_text(json.dumps(items))
+    pair = acteng.load_pairs(path)[0]
+    assert pair.ab and pair.positive == "(A)" and pair.negative == "(B)"
+
+
+def test_python_tuples() -> None:
+    pairs = acteng.load_pairs([("Love", "Hate")])
+    assert pairs[0].positive == "Love"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"positive": "a"}\n', "line 1: missing 'negative'"),
+        ('{"positive": "a", "negative": "b"}\n{oops\n', "line 2: invalid JSON"),
+        ('{"positive": "", "negative": "b"}\n', "positive must be non-empty"),
+        ('["not an object"]', "item 1: expected a JSON object"),
+        ('{"positive": "a", "negative": "b", "split": "dev"}\n', "'split' must be"),
+        ("\n\n", "is empty"),
+    ],
+)
+def test_errors_name_file_line_and_problem(tmp_path: Path, content: str, message: str) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    with pytest.raises(DataError, match=message) as info:
+        acteng.load_pairs(path)
+    assert "bad" in str(info.value)
+
+
+def test_missing_file_and_non_utf8(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="not a file and not a bundled name"):
+        acteng.load_pairs(tmp_path / "nope.jsonl")
+    path = tmp_path / "latin.jsonl"
+    path.write_bytes('{"positive": "caf\xe9", "negative": "b"}'.encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        acteng.load_pairs(path)
