@@ -73,10 +73,14 @@ def main() -> None:
         "acteng_extract_s": round(median(extract_s), 3),
         "extract_over_forward": round(median(extract_s) / median(forward_s), 3),
     }
-    print(f"{len(pairs)} pairs x {len(layers)} layers ({len(texts)} texts, batch {args.batch_size})")
+    print(
+        f"{len(pairs)} pairs x {len(layers)} layers ({len(texts)} texts, batch {args.batch_size})"
+    )
     print(f"plain batched forward    {median(forward_s):7.2f} s")
-    print(f"acteng extract           {median(extract_s):7.2f} s   "
-          f"{report['extract_over_forward']}x the forward (floor <= 1.3x)")
+    print(
+        f"acteng extract           {median(extract_s):7.2f} s   "
+        f"{report['extract_over_forward']}x the forward (floor <= 1.3x)"
+    )
 
     if importlib.util.find_spec("steering_vectors") is None:
         print("steering-vectors not installed here: run with .venv-bench/bin/python to compare")
@@ -89,8 +93,13 @@ def main() -> None:
         for bs in [int(b) for b in args.peer_batch_sizes.split(",")]:
             start = time.perf_counter()
             peer_vector = train_steering_vector(
-                model.hf, model.tokenizer, samples, layers=layers, read_token_index=-1,
-                batch_size=bs, show_progress=False,
+                model.hf,
+                model.tokenizer,
+                samples,
+                layers=layers,
+                read_token_index=-1,
+                batch_size=bs,
+                show_progress=False,
             )
             peer[str(bs)] = round(time.perf_counter() - start, 3)
             print(f"steering-vectors bs={bs:<3}  {peer[str(bs)]:7.2f} s")
@@ -108,10 +117,14 @@ def main() -> None:
             parity_min_cosine=round(min(cosines), 6),
             parity_max_abs_diff=max_abs,
         )
-        print(f"acteng is {report['speedup_vs_best_peer']}x faster than steering-vectors at "
-              f"its best batch size (goal >= 3x)")
-        print(f"same vectors: min cosine {min(cosines):.6f} over {len(layers)} layers, "
-              f"max |diff| {max_abs:.2e}")
+        print(
+            f"acteng is {report['speedup_vs_best_peer']}x faster than steering-vectors at "
+            f"its best batch size (goal >= 3x)"
+        )
+        print(
+            f"same vectors: min cosine {min(cosines):.6f} over {len(layers)} layers, "
+            f"max |diff| {max_abs:.2e}"
+        )
     path = save("extract_speed", report)
     print(f"written to {path}")
 

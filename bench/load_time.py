@@ -26,8 +26,9 @@ def main() -> None:
         env = {**os.environ, "ACTENG_CACHE": cache, "HF_HUB_OFFLINE": "1"}
         times = []
         for label in ("first load (dequantise + write cache)", "second load (from cache)"):
-            out = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True,
-                                 text=True, check=True)
+            out = subprocess.run(
+                [sys.executable, "-c", CODE], env=env, capture_output=True, text=True, check=True
+            )
             seconds = float(out.stdout.strip().splitlines()[-1])
             times.append(seconds)
             print(f"{label:<40} {seconds:6.2f} s (including import acteng + torch)")

@@ -67,7 +67,10 @@ def main() -> None:
         for name, t in times.items()
     }
     for name, row in report.items():
-        print(f"{name:<27} {row['median_s']:.3f} s  {row['tok_per_s']:6.1f} tok/s  {row['ratio']:.3f}x")
+        print(
+            f"{name:<27} {row['median_s']:.3f} s  "
+            f"{row['tok_per_s']:6.1f} tok/s  {row['ratio']:.3f}x"
+        )
     path = save("steer_overhead", {"tokens": args.tokens, "rounds": args.rounds, "report": report})
     print(f"floors: one layer <= 1.03x, all layers <= 1.06x; written to {path}")
 

@@ -82,3 +82,20 @@ def test_bad_inputs(tiny_llama: acteng.Model) -> None:
         acteng.record_activations(tiny_llama, ["x"], [0], "first")
     with pytest.raises(InputTooLongError, match="more than the model's context of 512"):
         acteng.record_activations(tiny_llama, [ReadItem("word " * 600)], [0])
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "gpt2", "qwen3"])
+@pytest.mark.parametrize("position", ["last", "mean", "answer"])
+def test_prefix_sharing_is_exact(
+    family: str, position: str, make_tiny: Callable[[str], acteng.Model]
+) -> None:
+    model = make_tiny(family)
+    pairs = [*acteng.load_pairs("sentiment")[:5], *acteng.load_pairs("myopia")[:3]]
+    positives, negatives = pair_items(model, pairs)
+    texts = positives + negatives
+    shared = acteng.record_activations(model, texts, "all", position, batch_size=5)
+    plain = acteng.record_activations(
+        model, texts, "all", position, batch_size=5, share_prefix=False
+    )
+    for layer in shared.layers:
+        torch.testing.assert_close(shared.rows[layer], plain.rows[layer], atol=1e-5, rtol=1e-4)

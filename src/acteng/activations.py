@@ -9,11 +9,14 @@ or the mean over a token span), so memory is ``[N, d_model]`` per layer, never
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
+from acteng.batching import BatchPlan, plan_batches
 from acteng.errors import ConfigError
 from acteng.hooks import ForwardContext, run_until
 from acteng.models import Model
@@ -137,8 +140,12 @@ def record_activations(
     *,
     batch_size: int = 32,
     progress: bool = False,
+    share_prefix: bool = True,
 ) -> Activations:
     """Activations of `texts` at `layers`, reduced at `position`, from one pass per batch.
+
+    With `share_prefix` (the default) tokens that several texts share and that are not
+    read (the chat template, a pair's prompt) are computed once (see `acteng.batching`).
 
     >>> acts = acteng.record_activations(model, ["I love it", "I hate it"], layers=[12])
     >>> acts.rows[12].shape
@@ -154,58 +161,139 @@ def record_activations(
     chosen = parse_layers(model, layers)
     encoded = [_encode(model, it) for it in items]
     spans: list[ReadSpan] = []
-    for i, (it, (token_ids, offsets)) in enumerate(zip(items, encoded, strict=True)):
-        model.check_length(len(token_ids), f"text {i}")
+    for i, (it, (ids, offsets)) in enumerate(zip(items, encoded, strict=True)):
+        model.check_length(len(ids), f"text {i}")
         spans.append(
             read_span(offsets, position, completion_start=it.completion_start, text=it.text)
         )
     n, d = len(items), model.hidden_size
     rows = {layer: torch.empty(n, d, dtype=torch.float32) for layer in chosen}
-    order = sorted(range(n), key=lambda i: -len(encoded[i][0]))
-    batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-    pad_id = int(model.tokenizer.pad_token_id)
-    device = model.device
-    bar = _progress(len(batches), progress)
+    token_ids = [ids for ids, _ in encoded]
+    shareable = [
+        _prompt_tokens(offsets, it.completion_start) if share_prefix else 0
+        for it, (_, offsets) in zip(items, encoded, strict=True)
+    ]
+    window = getattr(model.hf.config, "sliding_window", None)
+    if window is not None and max(map(len, token_ids)) > window:
+        shareable = [0] * n  # keep sliding-window caches out of it: plain batches
+    global_ids, plans = plan_batches(
+        token_ids,
+        shareable,
+        [span.start for span in spans] if share_prefix else [0] * n,
+        batch_size,
+    )
+    bar = _progress(len(plans), progress)
     try:
-        for batch in batches:
-            width = max(len(encoded[i][0]) for i in batch)
-            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            weights = torch.zeros((len(batch), width), dtype=torch.float32)  # span averaging
-            for row, i in enumerate(batch):
-                tokens = encoded[i][0]
-                input_ids[row, : len(tokens)] = torch.tensor(tokens)
-                mask[row, : len(tokens)] = 1
-                span = spans[i]
-                weights[row, span.start : span.end] = 1.0 / (span.end - span.start)
-            weights = weights.to(device)
-            index = torch.tensor(batch)
-
-            def read(
-                layer: int,
-                hidden: torch.Tensor,
-                _ctx: ForwardContext,
-                weights: torch.Tensor = weights,
-                index: torch.Tensor = index,
-            ) -> None:
-                # [batch, pos] x [batch, pos, d] -> [batch, d]
-                reduced = torch.einsum("bp,bpd->bd", weights, hidden.float())
-                rows[layer][index] = reduced.cpu()
-
-            run_until(
-                model.hf,
-                model.blocks,
-                max(chosen),
-                {layer: [read] for layer in chosen},
-                input_ids=input_ids.to(device),
-                attention_mask=mask.to(device),
-            )
+        for plan in plans:
+            _run_plan(model, plan, global_ids, spans, chosen, rows)
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
     return Activations(rows=rows, position=position)
+
+
+def _prompt_tokens(offsets: list[tuple[int, int]], completion_start: int) -> int:
+    """How many leading tokens lie wholly before the completion (0 without a prompt)."""
+    if completion_start <= 0:
+        return 0
+    return next((i for i, (_, end) in enumerate(offsets) if end > completion_start), len(offsets))
+
+
+def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad token lists: ids [n, width] and mask [n, width]."""
+    width = max(map(len, sequences))
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(sequences), width), dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+        mask[row, : len(seq)] = 1
+    return ids, mask
+
+
+def _cache_argument(hf: torch.nn.Module) -> str:
+    # transformers 5.x renamed `past_key_values` to `cache` (5.24 warns on the old name).
+    return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
+
+
+def _run_plan(
+    model: Model,
+    plan: BatchPlan,
+    global_ids: list[int],
+    spans: list[ReadSpan],
+    chosen: list[int],
+    rows: dict[int, torch.Tensor],
+) -> None:
+    """Run one batch in up to three stages over one KV cache (see acteng.batching)."""
+    from transformers import DynamicCache
+
+    device, last = model.device, max(chosen)
+    pad_id = int(model.tokenizer.pad_token_id)
+    n_groups = len(plan.keys)
+    has_keys = any(plan.keys)
+    cache: Any = None  # a transformers DynamicCache when anything is shared
+    cached: dict[str, Any] = {}
+    if global_ids or has_keys:
+        config: Any = model.hf.config
+        cache = DynamicCache(config=config)
+        cached = {_cache_argument(model.hf): cache, "use_cache": True}
+    past_mask = torch.ones((1, len(global_ids)), dtype=torch.long)
+    if global_ids:  # stage 1: the prefix every text shares, once
+        run_until(
+            model.hf,
+            model.blocks,
+            last,
+            {},
+            input_ids=torch.tensor([global_ids], device=device),
+            attention_mask=past_mask.to(device),
+            **cached,
+        )
+        cache.reorder_cache(torch.zeros(n_groups, dtype=torch.long, device=device))
+    past_mask = past_mask.expand(n_groups, -1)
+    if has_keys:  # stage 2: each group's shared prompt, once per group
+        key_ids, key_mask = _padded(plan.keys, pad_id)
+        positions = len(global_ids) + torch.arange(key_ids.shape[1]).expand(n_groups, -1)
+        past_mask = torch.cat([past_mask, key_mask], dim=1)
+        run_until(
+            model.hf,
+            model.blocks,
+            last,
+            {},
+            input_ids=key_ids.to(device),
+            attention_mask=past_mask.to(device),
+            position_ids=positions.to(device),
+            **cached,
+        )
+    group = torch.tensor(plan.group_of_row, dtype=torch.long)
+    if cache is not None:
+        cache.reorder_cache(group.to(device))
+    past_mask = past_mask[group]
+    # stage 3: every text's own tokens, where all reading happens
+    ids, mask = _padded(plan.suffixes, pad_id)
+    positions = past_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1])
+    weights = torch.zeros(ids.shape, dtype=torch.float32)  # span averaging over suffix tokens
+    for row, (text, offset) in enumerate(zip(plan.texts, plan.offsets, strict=True)):
+        span = spans[text]
+        weights[row, span.start - offset : span.end - offset] = 1.0 / (span.end - span.start)
+    weights = weights.to(device)
+    index = torch.tensor(plan.texts)
+
+    def read(layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
+        # [batch, pos] x [batch, pos, d] -> [batch, d]
+        reduced = torch.einsum("bp,bpd->bd", weights, hidden.float())
+        rows[layer][index] = reduced.cpu()
+
+    run_until(
+        model.hf,
+        model.blocks,
+        last,
+        {layer: [read] for layer in chosen},
+        input_ids=ids.to(device),
+        attention_mask=torch.cat([past_mask, mask], 1).to(device),
+        position_ids=positions.to(device),
+        **cached,
+    )
 
 
 def _progress(total: int, enabled: bool):  # type: ignore[no-untyped-def]

@@ -200,6 +200,7 @@ def run_until(
     """Run a forward pass with `block_fns` and stop right after block `last_layer`.
 
     Stopping skips the remaining blocks and the unembedding, which readers never need.
+    A KV cache passed in `inputs` keeps what the blocks up to `last_layer` wrote.
     """
 
     def stop(_layer: int, _hidden: torch.Tensor, _ctx: ForwardContext) -> None:
@@ -208,4 +209,4 @@ def run_until(
     fns = {layer: list(f) for layer, f in block_fns.items()}
     fns.setdefault(last_layer, []).append(stop)
     with hooked(model, blocks, fns), suppress(StopForward):
-        model(**inputs, use_cache=False)
+        model(**{"use_cache": False, **inputs})

@@ -28,10 +28,11 @@ from acteng.errors import ConfigError, IncompatibleVectorError, VectorFileError
 if TYPE_CHECKING:
     from acteng.models import Model
 
-__all__ = ["SteeringVector", "atomic_write_bytes"]
+__all__ = ["METADATA_KEYS", "SteeringVector", "atomic_write_bytes"]
 
 _TENSOR_NAME = re.compile(r"layers\.(\d+)")
-_REQUIRED_KEYS = (
+# The SPEC's metadata contract: every saved vector carries these keys.
+METADATA_KEYS = (
     "acteng.version",
     "model",
     "method",
@@ -223,12 +224,9 @@ class SteeringVector:
             for k, v in self.directions.items()
         }
         meta = dict(self.metadata)
-        meta.setdefault("method", None)
-        meta.setdefault("read_position", None)
-        meta.setdefault("normalize", None)
-        meta.setdefault("dataset", None)
-        meta.setdefault("model", None)
-        meta.setdefault("created", datetime.now(UTC).isoformat(timespec="seconds"))
+        for key in METADATA_KEYS:
+            meta.setdefault(key, None)
+        meta["created"] = meta["created"] or datetime.now(UTC).isoformat(timespec="seconds")
         meta["layers"] = list(self.layers)
         meta["acteng.version"] = _version()
         header = {key: json.dumps(value) for key, value in meta.items()}
