@@ -51,3 +51,21 @@ def test_baked_equals_hooked_ablation(
 def test_post_norm_families_are_refused(tiny_gemma3: acteng.Model) -> None:
     with pytest.raises(UnsupportedError, match="mode='ablate'"):
         acteng.bake(tiny_gemma3, random_vector(tiny_gemma3, [1]))
+
+
+def test_bake_changes_identity_and_refuses_adapters(
+    make_tiny: Callable[[str], acteng.Model],
+) -> None:
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    original = make_tiny("llama")
+    model = acteng.Model(copy.deepcopy(original.hf), original.tokenizer)
+    before = model.content_hash
+    acteng.bake(model, random_vector(model, [1]))
+    assert model.content_hash.startswith(before + "+baked:")
+    lora = get_peft_model(copy.deepcopy(original.hf), LoraConfig(r=2, target_modules=["o_proj"]))
+    adapted = acteng.Model(lora.get_base_model(), original.tokenizer)
+    with pytest.raises(UnsupportedError, match="merge_and_unload"):
+        acteng.bake(adapted, random_vector(adapted, [1]))

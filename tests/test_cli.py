@@ -138,3 +138,24 @@ def test_datasets_listing(capsys: pytest.CaptureFixture[str]) -> None:
 def test_side_by_side_layout() -> None:
     text = side_by_side("left text", "right text", ("a", "b"), width=43)
     assert text.splitlines()[0].startswith("a") and " | b" in text.splitlines()[0]
+
+
+def test_unwritable_output_is_one_line(
+    vector_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert (
+        main(
+            [
+                "extract",
+                "--pairs",
+                "sentiment",
+                "--layers",
+                "8",
+                "--out",
+                "/proc/acteng/v.safetensors",
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert err.startswith("acteng extract: error:") and "Traceback" not in err

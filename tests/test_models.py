@@ -89,3 +89,13 @@ def test_bad_sources(tmp_path: Path) -> None:
         acteng.load_model(dtype="float8")
     with pytest.raises(ModelLoadError, match=r"adapter_config\.json"):
         acteng.load_model(adapter=tmp_path)
+
+
+def test_bad_folders_are_load_errors(tmp_path: Path) -> None:
+    with pytest.raises(ModelLoadError, match="no model at"):
+        acteng.load_model("./missing")
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"model_type": "nonexistent_arch"}')
+    with pytest.raises(ModelLoadError, match="could not load model 'odd'"):
+        acteng.load_model(odd)

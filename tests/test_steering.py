@@ -177,3 +177,71 @@ def test_spec_validation(tiny_llama: acteng.Model, smollm2: acteng.Model) -> Non
     ):
         pass
     assert hook_count(smollm2) == baseline
+
+
+def test_layers_validation_and_number_types(tiny_llama: acteng.Model) -> None:
+    import numpy as np
+
+    vector = random_vector(tiny_llama, [1, 2])
+    with pytest.raises(ConfigError, match="repeat a layer"):
+        acteng.SteeringSpec(vector, 2.0, layers=(1, 1))
+    with pytest.raises(ConfigError, match="non-empty list"):
+        acteng.SteeringSpec(vector, 2.0, layers=())
+    assert acteng.SteeringSpec(vector, 2.0, layers=1).layers == (1,)  # type: ignore[arg-type]
+    assert acteng.SteeringSpec(vector, np.float32(2.0)).coefficient == 2.0  # type: ignore[arg-type]
+
+
+def test_chunked_prompt_and_cache_reuse_count_as_prompt(tiny_llama: acteng.Model) -> None:
+    """Multi-token calls on a warm cache extend the prompt; single tokens are generated."""
+    from transformers import DynamicCache
+
+    vector = random_vector(tiny_llama, [1], scale=2.0)
+    ids = tiny_llama.tokenizer(
+        "one two three four five six seven eight nine ten", return_tensors="pt"
+    )["input_ids"]
+    n = ids.shape[1]
+    hook = block_output_hook(vector[1], 3.0, keep=lambda p: p < n - 1)
+    handle = tiny_llama.blocks[1].register_forward_hook(hook)
+    try:
+        with torch.no_grad():
+            expected = tiny_llama.hf(ids).logits[0, -1]
+    finally:
+        handle.remove()
+    cache = DynamicCache(config=tiny_llama.hf.config)
+    with acteng.steer(tiny_llama, vector, coefficient=3.0, positions="prompt"), torch.no_grad():
+        tiny_llama.hf(ids[:, :4], cache=cache, use_cache=True)  # first chunk
+        tiny_llama.hf(ids[:, 4 : n - 1], cache=cache, use_cache=True)  # second chunk
+        got = tiny_llama.hf(ids[:, n - 1 :], cache=cache, use_cache=True).logits[0, -1]
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
+
+
+def test_positions_need_the_top_level_model(tiny_llama: acteng.Model) -> None:
+    vector = random_vector(tiny_llama, [1])
+    ids = tiny_llama.tokenizer("hello there", return_tensors="pt")
+    with (
+        pytest.raises(ConfigError, match=r"through model\.hf"),
+        acteng.steer(tiny_llama, vector, positions="prompt"),
+        torch.no_grad(),
+    ):
+        tiny_llama.hf.model(**ids)
+
+
+def test_static_cache_left_padding_windows(tiny_llama: acteng.Model) -> None:
+    """With a static cache the model sees a 4-D mask; positions come from position ids."""
+    vector = random_vector(tiny_llama, [1], scale=2.0)
+    prompts = ["hello world how are you doing today my friend", "hi"]
+    tok = tiny_llama.tokenizer
+
+    def run(texts: list[str]) -> list[list[int]]:
+        batch = tok(texts, return_tensors="pt", padding=True, padding_side="left")
+        with acteng.steer(tiny_llama, vector, coefficient=4.0, positions="0:2"):
+            out = tiny_llama.hf.generate(
+                **batch,
+                max_new_tokens=4,
+                do_sample=False,
+                cache_implementation="static",
+                pad_token_id=tok.pad_token_id,
+            )
+        return out[:, batch["input_ids"].shape[1] :].tolist()
+
+    assert run(prompts) == run(prompts[:1]) + run(prompts[1:])

@@ -124,3 +124,37 @@ def test_failed_save_keeps_old_file(
         random_vector(tiny_llama, [1], seed=2).save(path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
+
+
+def test_bad_directions_and_copies() -> None:
+    with pytest.raises(ConfigError, match=r"layer numbers \(>= 0\)"):
+        acteng.SteeringVector({-1: torch.ones(4)})
+    with pytest.raises(ConfigError, match="1-D tensors"):
+        acteng.SteeringVector({0: torch.tensor(1.0)})
+    with pytest.raises(ConfigError, match="list"):
+        acteng.SteeringVector({0: [1.0, 2.0]})  # type: ignore[dict-item]
+    source = torch.ones(4)
+    v = acteng.SteeringVector({0: source})
+    source.fill_(float("nan"))
+    assert torch.isfinite(v[0]).all()
+
+
+def test_provenance_follows_algebra(tiny_llama: acteng.Model) -> None:
+    v = acteng.extract(tiny_llama, [("good", "bad"), ("nice", "mean")], layers=[1])
+    unit = v.normalized()
+    tripled = 3 * unit
+    assert tripled.metadata["normalize"] is None and tripled.metadata["scale"] == 3.0
+    assert unit.normalized().metadata["scale"] is None
+    total = v + random_vector(tiny_llama, [1])
+    assert total.metadata["method"] == "combination"
+    assert [s.get("method") for s in total.metadata["sources"]] == ["mean_diff", "random"]
+    assert "dataset" not in total.metadata
+
+
+def test_saved_file_has_normal_permissions(tiny_llama: acteng.Model, tmp_path: Path) -> None:
+    import os
+
+    path = random_vector(tiny_llama, [1]).save(tmp_path / "v.safetensors")
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask

@@ -97,6 +97,13 @@ def bake(model: Model, vector: SteeringVector | torch.Tensor, *, layer: int | No
         raise ConfigError("cannot bake a zero direction")
     unit = direction / norm
     sites = ablation_sites(model)
+    adapted = [type(m).__name__ for m in sites if hasattr(m, "base_layer")]
+    if adapted:
+        raise UnsupportedError(
+            f"bake cannot orthogonalise layers wrapped by an adapter ({adapted[0]}): the "
+            "adapter would keep writing the direction; merge the adapter into the weights "
+            "first (PEFT's merge_and_unload) or steer with mode='ablate'"
+        )
     _untie_unembedding(model)
     for module in sites:
         weight = cast(torch.Tensor, module.weight)  # Embedding, Linear, Conv1D: a Parameter
@@ -113,4 +120,12 @@ def bake(model: Model, vector: SteeringVector | torch.Tensor, *, layer: int | No
         if bias is not None:
             b = bias.to(torch.float64)
             bias.copy_((b - (b @ r) * r).to(bias.dtype))
+    # The weights changed: vectors made from this model must not claim the original.
+    model.content_hash = f"{model.content_hash}+baked:{_fingerprint(unit)}"
     return model
+
+
+def _fingerprint(unit: torch.Tensor) -> str:
+    import hashlib
+
+    return hashlib.sha256(unit.to(torch.float32).cpu().numpy().tobytes()).hexdigest()[:16]

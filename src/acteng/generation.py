@@ -78,8 +78,6 @@ def generate(
         "pad_token_id": tokenizer.pad_token_id,
     }
     if temperature > 0:
-        if seed is not None:
-            torch.manual_seed(seed)
         options.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
     else:
         options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
@@ -91,7 +89,10 @@ def generate(
         else nullcontext()
     )
     generator = cast("GenerationMixin", model.hf)  # a transformers causal LM
-    with context:
+    # Sampling draws from torch's global generator: fork it so a seed stays local.
+    with context, torch.random.fork_rng(devices=[] if model.device.type == "cpu" else None):
+        if seed is not None:
+            torch.manual_seed(seed)
         # a tensor of token ids: return_dict_in_generate is never set
         output = cast(torch.Tensor, generator.generate(**batch, **options))
     new_tokens = output[:, batch["input_ids"].shape[1] :]

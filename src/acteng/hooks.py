@@ -90,25 +90,39 @@ def _past_length(kwargs: Mapping[str, Any], q: int) -> int:
 
 
 def _update_context(context: ForwardContext, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """Set `context` for the forward call about to run.
+
+    Token indices come from the 2-D attention mask (left padding -> -1); when the model
+    gets a prepared 4-D mask instead (static caches), from the position ids that
+    `generate` derived from the 2-D mask; otherwise from the cache length. Any call with
+    more than one new token (prefill, a prefill chunk, a new chat turn on a reused cache)
+    extends the prompt; single-token calls after it are generated tokens.
+    """
     tokens = kwargs.get("input_ids")
     if tokens is None and args and isinstance(args[0], torch.Tensor):
         tokens = args[0]
     if tokens is None:
         tokens = kwargs.get("inputs_embeds")
     if not isinstance(tokens, torch.Tensor):
+        context.token_index = context.prompt_len = None
         return
     batch, q = int(tokens.shape[0]), int(tokens.shape[1])
     past = _past_length(kwargs, q)
     mask = kwargs.get("attention_mask")
+    positions = kwargs.get("position_ids")
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= q:
         mask = mask.to(torch.long)
         index = mask.cumsum(dim=1) - 1  # [batch, past + q]
         index = index.masked_fill(mask == 0, -1)[:, -q:]
         real_lengths = mask.sum(dim=1)
+    elif isinstance(positions, torch.Tensor) and positions.dim() == 2:
+        index = positions.to(torch.long).expand(batch, q)
+        real_lengths = index[:, -1] + 1
     else:
         index = torch.arange(past, past + q, device=tokens.device).expand(batch, q)
         real_lengths = torch.full((batch,), past + q, device=tokens.device)
-    if past == 0 or context.prompt_len is None or context.prompt_len.shape[0] != batch:
+    stale = context.prompt_len is None or context.prompt_len.shape[0] != batch
+    if past == 0 or q > 1 or stale:
         context.prompt_len = real_lengths
     context.token_index = index
 

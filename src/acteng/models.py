@@ -286,6 +286,7 @@ def _cached_gguf_dir(gguf: Path) -> tuple[Path, str]:
     try:
         hf.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
+        tmp.chmod(0o755)  # mkdtemp makes 0700; the cache may be shared by other users
         (tmp / "acteng-source.json").write_text(
             json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n"
         )
@@ -329,8 +330,11 @@ def _resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, Path | 
                 "transformers model folder or to a .gguf file"
             )
         return "dir", path, path.name
-    looks_like_path = text.startswith((".", "/", "~")) or text.endswith(".gguf") or os.sep in text
-    if looks_like_path and text.count("/") != 1:
+    # Hub ids are exactly "owner/name"; anything else that is not on disk is a bad path.
+    looks_like_path = (
+        text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1
+    )
+    if looks_like_path:
         raise ModelLoadError(
             f"no model at {text!r}: not a file, a folder, a hub id (owner/name) or one of the "
             f"bundled names {', '.join(BUNDLED_MODELS)}"
@@ -381,8 +385,11 @@ def load_model(
         tokenizer = AutoTokenizer.from_pretrained(
             str(location) if kind != "hub" else name, local_files_only=local_only
         )
-    except OSError as exc:
-        raise ModelLoadError(f"could not load model {name!r}: {exc}") from exc
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"could not load model {name!r}: {exc}; check that it is a causal language model "
+            "of a family this transformers version supports"
+        ) from exc
     if adapter is not None:
         hf = _apply_adapter(hf, Path(adapter))
         content_hash = f"{content_hash or _config_hash(hf.config)}+adapter:{Path(adapter).name}"
@@ -414,6 +421,12 @@ def _apply_adapter(hf: nn.Module, adapter: Path) -> nn.Module:
         )
     from peft import PeftModel
 
-    peft_model = PeftModel.from_pretrained(hf, str(adapter))
+    try:
+        peft_model = PeftModel.from_pretrained(hf, str(adapter))
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(
+            f"could not apply the adapter {adapter}: {exc}; check that it was trained for "
+            "this base model"
+        ) from exc
     base: nn.Module = peft_model.get_base_model()
     return base

@@ -189,6 +189,9 @@ def load_pairs(source: str | Path | Sequence[Any], *, split: Split = "all") -> P
         records = _read_records(path)
     else:
         name = "custom"
+        short = [i for i, r in enumerate(source, 1) if isinstance(r, (tuple, list)) and len(r) != 2]
+        if short:
+            raise DataError(f"item(s) {short} are not (positive, negative) pairs")
         records = [
             (
                 {"positive": r[0], "negative": r[1]} if isinstance(r, (tuple, list)) else r,
@@ -196,8 +199,6 @@ def load_pairs(source: str | Path | Sequence[Any], *, split: Split = "all") -> P
             )
             for i, r in enumerate(source, start=1)
         ]
-        if any(isinstance(r, (tuple, list)) and len(r) != 2 for r in source):
-            raise DataError("tuple items must be (positive, negative)")
     items = tuple(_pair_from_record(r, where) for r, where in records)
     if not items:
         raise DataError(f"dataset {name!r} is empty; it needs at least one pair")

@@ -16,6 +16,7 @@ shared layer they apply in the order given.
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -96,7 +97,7 @@ class SteeringSpec:
                 "load one with acteng.SteeringVector.load(path)"
             )
         coefficient = self.coefficient
-        if isinstance(coefficient, bool) or not isinstance(coefficient, (int, float)):
+        if isinstance(coefficient, bool) or not isinstance(coefficient, numbers.Real):
             raise ConfigError(f"coefficient must be a number, got {coefficient!r}")
         if not math.isfinite(coefficient) or abs(coefficient) > MAX_ABS_COEFFICIENT:
             raise ConfigError(
@@ -108,7 +109,15 @@ class SteeringSpec:
             raise ConfigError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         object.__setattr__(self, "positions", parse_positions(self.positions))
         if self.layers is not None:
-            layers = tuple(int(x) for x in self.layers)
+            raw = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+            if not raw or not all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+                raise ConfigError(
+                    f"layers must be a non-empty list of layer numbers, got {self.layers!r}; "
+                    "leave it out to steer every layer of the vector"
+                )
+            layers = tuple(int(x) for x in raw)
+            if len(set(layers)) != len(layers):
+                raise ConfigError(f"layers {list(layers)} repeat a layer; list each layer once")
             missing = [x for x in layers if x not in self.vector.directions]
             if missing:
                 raise ConfigError(
@@ -139,8 +148,14 @@ def _block_fn(spec: SteeringSpec, direction: torch.Tensor) -> BlockFn:
         return steer_all
 
     def steer_some(_layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-        assert ctx.token_index is not None and ctx.prompt_len is not None
-        keep = positions.mask(ctx.token_index, ctx.prompt_len).unsqueeze(-1)  # [batch, q, 1]
+        index = ctx.token_index
+        if index is None or ctx.prompt_len is None or index.shape != hidden.shape[:2]:
+            raise ConfigError(
+                f"positions {positions} need to know where each token sits, which acteng "
+                "reads when the forward pass goes through model.hf; call model.hf (or "
+                "model.hf.generate), not one of its submodules, or steer with positions 'all'"
+            )
+        keep = positions.mask(index, ctx.prompt_len).unsqueeze(-1)  # [batch, q, 1]
         return torch.where(keep, mode(hidden, direction, coefficient), hidden)
 
     return steer_some

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 import os
 import re
 import tempfile
@@ -50,6 +51,12 @@ def _version() -> str:
     return __version__
 
 
+def _umask() -> int:
+    current = os.umask(0)
+    os.umask(current)
+    return current
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename (never half-written)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -59,6 +66,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual file mode
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -92,6 +100,19 @@ class SteeringVector:
     def __post_init__(self) -> None:
         if not self.directions:
             raise ConfigError("a steering vector needs at least one layer")
+        bad = [
+            f"{k!r}: {type(v).__name__}{tuple(v.shape) if isinstance(v, torch.Tensor) else ''}"
+            for k, v in self.directions.items()
+            if isinstance(k, bool)
+            or not isinstance(k, int)
+            or k < 0
+            or not isinstance(v, torch.Tensor)
+            or v.dim() != 1
+        ]
+        if bad:
+            raise ConfigError(
+                "a steering vector maps layer numbers (>= 0) to 1-D tensors; got " + ", ".join(bad)
+            )
         widths = {int(t.shape[-1]) for t in self.directions.values()}
         shapes_ok = all(t.dim() == 1 for t in self.directions.values())
         if len(widths) != 1 or not shapes_ok:
@@ -100,7 +121,8 @@ class SteeringVector:
                 + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in sorted(self.directions.items()))
             )
         _check_finite(self.directions)
-        frozen = {int(k): v.detach() for k, v in sorted(self.directions.items())}
+        # Copies, so changing the caller's tensors later cannot change a frozen vector.
+        frozen = {int(k): v.detach().clone() for k, v in sorted(self.directions.items())}
         object.__setattr__(self, "directions", MappingProxyType(frozen))
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
 
@@ -136,11 +158,16 @@ class SteeringVector:
         return SteeringVector(directions, {**self.metadata, **meta})
 
     def __mul__(self, scale: float) -> SteeringVector:
-        if not isinstance(scale, (int, float)) or isinstance(scale, bool):
+        if not isinstance(scale, numbers.Real) or isinstance(scale, bool):
             return NotImplemented
         if not math.isfinite(scale):
             raise ConfigError(f"cannot scale a vector by {scale}; use a finite number")
-        return self._with({k: v * scale for k, v in self.directions.items()})
+        factor = float(scale)
+        # A scaled unit vector is no longer unit: record the scale instead.
+        meta: dict[str, Any] = {"scale": float(self.metadata.get("scale") or 1.0) * factor}
+        if factor != 1.0 and self.metadata.get("normalize") is not None:
+            meta["normalize"] = None
+        return self._with({k: v * factor for k, v in self.directions.items()}, **meta)
 
     __rmul__ = __mul__
 
@@ -162,7 +189,16 @@ class SteeringVector:
         merged = dict(self.directions)
         for k, v in other.directions.items():
             merged[k] = merged[k] + v.to(merged[k]) if k in merged else v.clone()
-        return self._with(merged, method="combination")
+        # The sum no longer comes from one dataset or read position; keep both sources.
+        return SteeringVector(
+            merged,
+            {
+                "model": self.metadata.get("model"),
+                "method": "combination",
+                "normalize": None,
+                "sources": [_provenance(self), _provenance(other)],
+            },
+        )
 
     def __sub__(self, other: SteeringVector) -> SteeringVector:
         return self + (-other)
@@ -172,7 +208,8 @@ class SteeringVector:
         zero = [k for k, v in self.directions.items() if float(v.norm()) == 0.0]
         if zero:
             raise ConfigError(f"cannot normalise layer(s) {zero}: the direction is zero")
-        return self._with({k: v / v.norm() for k, v in self.directions.items()}, normalize="unit")
+        unit = {k: v / v.norm() for k, v in self.directions.items()}
+        return self._with(unit, normalize="unit", scale=None)
 
     def select(self, layers: list[int] | tuple[int, ...]) -> SteeringVector:
         """The same vector restricted to `layers`."""
@@ -203,7 +240,7 @@ class SteeringVector:
                 f"vector made for a model with {made_for.get('num_layers')} layers, "
                 f"this model has {model.num_layers}"
             )
-        beyond = [x for x in self.layers if x >= model.num_layers]
+        beyond = [x for x in self.layers if not 0 <= x < model.num_layers]
         if beyond:
             problems.append(f"layer(s) {beyond} do not exist (model has {model.num_layers})")
         if problems:
@@ -278,6 +315,11 @@ class SteeringVector:
         if model is not None:
             vector.check_compatible(model)
         return vector
+
+
+def _provenance(vector: SteeringVector) -> dict[str, Any]:
+    keys = ("method", "read_position", "dataset", "normalize", "scale", "sources")
+    return {k: vector.metadata[k] for k in keys if vector.metadata.get(k) is not None}
 
 
 def _read_metadata(data: bytes) -> dict[str, str]:

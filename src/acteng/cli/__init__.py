@@ -46,6 +46,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"acteng {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # a path the user gave cannot be read or written
+        if args.debug:
+            raise
+        print(f"acteng {args.command}: error: {exc}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("acteng: interrupted", file=sys.stderr)
         return 130

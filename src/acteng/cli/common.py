@@ -71,6 +71,24 @@ def build_specs(
     return specs
 
 
+def check_writable(path: str) -> None:
+    """Fail before any long work when an output file cannot be written."""
+    import os
+    from pathlib import Path
+
+    folder = Path(path).expanduser().resolve().parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot create the folder for {path!r} ({exc}); choose another path"
+        ) from exc
+    if not os.access(folder, os.W_OK) or Path(path).is_dir():
+        raise ConfigError(
+            f"cannot write {path!r} (folder not writable or path is a folder); choose another path"
+        )
+
+
 def print_json(payload: Any) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")

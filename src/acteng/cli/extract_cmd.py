@@ -6,7 +6,7 @@ import argparse
 import time
 from typing import Any
 
-from acteng.cli.common import add_model_args, load_model_from_args, print_json
+from acteng.cli.common import add_model_args, check_writable, load_model_from_args, print_json
 
 
 def register(sub: Any) -> None:
@@ -45,6 +45,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from acteng.extraction import extract
     from acteng.pairs import load_pairs
 
+    check_writable(args.out)
     pairs = load_pairs(args.pairs, split=args.split)
     model = load_model_from_args(args)
     start = time.perf_counter()
