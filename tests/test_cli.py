@@ -140,9 +140,7 @@ def test_side_by_side_layout() -> None:
     assert text.splitlines()[0].startswith("a") and " | b" in text.splitlines()[0]
 
 
-def test_unwritable_output_is_one_line(
-    vector_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_unwritable_output_is_one_line(capsys: pytest.CaptureFixture[str]) -> None:
     assert (
         main(
             [
