@@ -157,3 +157,38 @@ def test_unwritable_output_is_one_line(capsys: pytest.CaptureFixture[str]) -> No
     )
     err = capsys.readouterr().err
     assert err.startswith("acteng extract: error:") and "Traceback" not in err
+
+
+def test_vectors_library_and_gguf_commands(
+    vector_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("ACTENG_HOME", str(tmp_path / "home"))
+    assert main(["vectors", "add", "happy", str(vector_path), "--tag", "sentiment"]) == 0
+    assert main(["vectors", "list", "--json"]) == 0
+    listed = json.loads(capsys.readouterr().out.split("\n", 1)[1])
+    assert [e["name"] for e in listed] == ["happy"] and listed[0]["layers"] == [7, 8, 9]
+    assert main(["vectors", "show", "happy", "--json"]) == 0
+    shown = json.loads(capsys.readouterr().out)
+    assert shown["metadata"]["method"] == "mean_diff"
+    # commands resolve library names
+    assert (
+        main(
+            ["generate", "--prompt", "Hi", "--vector", "happy:4", "--max-new-tokens", "4", "--json"]
+        )
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out)["steering"][0]["layers"] == [7, 8, 9]
+    gguf = tmp_path / "happy.gguf"
+    assert main(["export", "happy", str(gguf)]) == 0
+    back = tmp_path / "back.safetensors"
+    assert main(["import", str(gguf), str(back), "--check-model"]) == 0
+    assert main(["vectors", "rename", "happy", "joy"]) == 0
+    assert main(["vectors", "rm", "joy"]) == 0
+    capsys.readouterr()
+    assert main(["vectors", "show", "joy"]) == 2
+    assert "no vector named 'joy'" in capsys.readouterr().err
+    assert main(["vectors", "add", "../x", str(vector_path)]) == 2
+    assert "invalid vector name" in capsys.readouterr().err

@@ -27,6 +27,9 @@ _EXPORTS = {
     "METHODS": "acteng.methods",
     "MODES": "acteng.steering",
     "Model": "acteng.models",
+    "VectorLibrary": "acteng.library",
+    "export_gguf": "acteng.gguf_vectors",
+    "import_gguf": "acteng.gguf_vectors",
     "ModelRecipe": "acteng.models",
     "Pairs": "acteng.pairs",
     "ReadItem": "acteng.activations",
@@ -54,7 +57,10 @@ if TYPE_CHECKING:
     from acteng.errors import ActengError as ActengError
     from acteng.extraction import extract as extract
     from acteng.generation import generate as generate
+    from acteng.gguf_vectors import export_gguf as export_gguf
+    from acteng.gguf_vectors import import_gguf as import_gguf
     from acteng.layouts import Layout as Layout
+    from acteng.library import VectorLibrary as VectorLibrary
     from acteng.methods import METHODS as METHODS
     from acteng.models import Model as Model
     from acteng.models import ModelRecipe as ModelRecipe

@@ -9,6 +9,7 @@ is pickled.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import numbers
@@ -149,6 +150,18 @@ class SteeringVector:
         return (
             f"SteeringVector(method={method!r}, hidden_size={self.hidden_size}, norms={{{norms}}})"
         )
+
+    def content_hash(self) -> str:
+        """SHA-256 of the directions (float32) and the metadata (sorted JSON).
+
+        Stable across saves, unlike the file bytes (safetensors does not order metadata).
+        """
+        digest = hashlib.sha256()
+        for layer, tensor in self.directions.items():
+            digest.update(f"layers.{layer}:".encode())
+            digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        digest.update(json.dumps(dict(self.metadata), sort_keys=True, default=str).encode())
+        return digest.hexdigest()
 
     def norms(self) -> dict[int, float]:
         return {k: float(v.norm()) for k, v in self.directions.items()}

@@ -51,17 +51,29 @@ def parse_vector_arg(text: str) -> tuple[str, float]:
         ) from None
 
 
+def resolve_vector(text: str, model: Model | None = None) -> Any:
+    """A vector from a file path or, when no such file exists, a library name."""
+    from pathlib import Path
+
+    from acteng.library import VectorLibrary, validate_name
+    from acteng.vectors import SteeringVector
+
+    if Path(text).exists() or "/" in text or text.endswith(".safetensors"):
+        return SteeringVector.load(text, model=model)
+    validate_name(text)
+    return VectorLibrary().load(text, model=model)
+
+
 def build_specs(
     model: Model, vectors: list[str], *, layers: str | None, positions: str, mode: str
 ) -> list[SteeringSpec]:
     from acteng.activations import parse_layers
     from acteng.steering import SteeringSpec
-    from acteng.vectors import SteeringVector
 
     specs = []
     for text in vectors:
         path, coefficient = parse_vector_arg(text)
-        vector = SteeringVector.load(path, model=model)
+        vector = resolve_vector(path, model)
         chosen = tuple(parse_layers(model, layers)) if layers else None
         specs.append(
             SteeringSpec(

@@ -1,0 +1,321 @@
+"""The vector library: named vectors with provenance under ``$ACTENG_HOME``.
+
+Layout: ``$ACTENG_HOME/vectors/<sha256>.safetensors`` (content-addressed, so a rename
+moves nothing and identical vectors are stored once) and ``$ACTENG_HOME/library.sqlite``,
+an index of name, content hash, model identity, method, layers, dataset hash, created,
+tags and an optional evaluation card. ``$ACTENG_HOME`` defaults to the platform's user
+data folder (``~/.local/share/acteng`` on Linux).
+
+Safety: the file is written atomically before its row is committed, and every change runs
+in one SQLite ``IMMEDIATE`` transaction, so two processes adding at once serialise and a
+crash leaves at worst an unreferenced file, never a row without its file. An entry whose
+file was deleted or changed behind the library's back is reported as broken by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sqlite3
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import closing, contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from acteng.errors import ActengError, ConfigError, VectorFileError
+from acteng.vectors import SteeringVector, atomic_write_bytes
+
+if TYPE_CHECKING:
+    from acteng.models import Model
+
+__all__ = ["LibraryEntry", "LibraryError", "VectorLibrary", "default_home", "validate_name"]
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vectors (
+    name TEXT PRIMARY KEY,
+    sha256 TEXT NOT NULL,
+    model TEXT,
+    model_hash TEXT,
+    hidden_size INTEGER NOT NULL,
+    method TEXT,
+    layers TEXT NOT NULL,
+    dataset_hash TEXT,
+    created TEXT,
+    added TEXT NOT NULL DEFAULT (strftime('%Y-%m-%dT%H:%M:%SZ', 'now')),
+    tags TEXT NOT NULL DEFAULT '[]',
+    card TEXT
+)
+"""
+
+
+class LibraryError(ActengError, LookupError):
+    """A library entry is missing, already exists, or is broken."""
+
+
+def default_home() -> Path:
+    """``$ACTENG_HOME``, else the platform's user data folder for acteng."""
+    env = os.environ.get("ACTENG_HOME")
+    if env:
+        return Path(env).expanduser()
+    if sys.platform == "win32":
+        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
+    elif sys.platform == "darwin":
+        base = Path.home() / "Library" / "Application Support"
+    else:
+        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return base / "acteng"
+
+
+def validate_name(name: str) -> str:
+    """A library name: 1-64 of letters, digits, '.', '_', '-', starting alphanumeric."""
+    if not isinstance(name, str) or _NAME.fullmatch(name) is None or name in (".", ".."):
+        raise ConfigError(
+            f"invalid vector name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit (no paths or spaces)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class LibraryEntry:
+    """One row of the index."""
+
+    name: str
+    sha256: str
+    model: str | None
+    model_hash: str | None
+    hidden_size: int
+    method: str | None
+    layers: list[int]
+    dataset_hash: str | None
+    created: str | None
+    added: str
+    tags: list[str]
+    card: dict[str, Any] | None
+    path: Path
+    problem: str | None = None  # why the entry is broken, if it is
+
+    def to_json(self) -> dict[str, Any]:
+        out = {k: v for k, v in self.__dict__.items() if k != "path"}
+        out["path"] = str(self.path)
+        return out
+
+
+class VectorLibrary:
+    """Named steering vectors on disk.
+
+    >>> lib = acteng.VectorLibrary()
+    >>> lib.add("happy", vector, tags=["sentiment"])
+    >>> vector = lib.load("happy", model=model)
+    """
+
+    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+        self.home = Path(home).expanduser() if home is not None else default_home()
+        self.files = self.home / "vectors"
+        self.index = self.home / "library.sqlite"
+
+    def __repr__(self) -> str:
+        return f"VectorLibrary({str(self.home)!r})"
+
+    # --- storage -------------------------------------------------------------------------
+    @contextmanager
+    def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
+        self.files.mkdir(parents=True, exist_ok=True)
+        try:
+            conn = sqlite3.connect(self.index, timeout=30, isolation_level=None)
+        except sqlite3.Error as exc:
+            raise LibraryError(f"cannot open the library index {self.index}: {exc}") from exc
+        with closing(conn):
+            try:
+                conn.execute(_SCHEMA)
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                yield conn
+                conn.execute("COMMIT")
+            except sqlite3.DatabaseError as exc:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise LibraryError(
+                    f"the library index {self.index} is unreadable ({exc}); move it aside and "
+                    "re-add the vectors from their files"
+                ) from exc
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+
+    def _row_to_entry(self, row: sqlite3.Row | tuple[Any, ...]) -> LibraryEntry:
+        (
+            name,
+            sha,
+            model,
+            model_hash,
+            hidden,
+            method,
+            layers,
+            dataset,
+            created,
+            added,
+            tags,
+            card,
+        ) = row
+        path = self.files / f"{sha}.safetensors"
+        problem = None
+        if not path.is_file():
+            problem = f"its file {path.name} is missing"
+        return LibraryEntry(
+            name=name,
+            sha256=sha,
+            model=model,
+            model_hash=model_hash,
+            hidden_size=hidden,
+            method=method,
+            layers=json.loads(layers),
+            dataset_hash=dataset,
+            created=created,
+            added=added,
+            tags=json.loads(tags),
+            card=json.loads(card) if card else None,
+            path=path,
+            problem=problem,
+        )
+
+    # --- queries ---------------------------------------------------------------------------
+    def list(self, *, tag: str | None = None) -> list[LibraryEntry]:
+        """All entries (broken ones included, with `problem` set), by name."""
+        with self._db() as db:
+            rows = db.execute("SELECT * FROM vectors ORDER BY name").fetchall()
+        entries = [self._row_to_entry(r) for r in rows]
+        return [e for e in entries if tag is None or tag in e.tags]
+
+    def get(self, name: str) -> LibraryEntry:
+        validate_name(name)
+        with self._db() as db:
+            row = db.execute("SELECT * FROM vectors WHERE name = ?", (name,)).fetchone()
+        if row is None:
+            known = ", ".join(e.name for e in self.list()[:20]) or "none yet"
+            raise LibraryError(
+                f"no vector named {name!r} in the library at {self.home} (known: {known}); "
+                "add one with `acteng vectors add NAME FILE`"
+            )
+        return self._row_to_entry(row)
+
+    def __contains__(self, name: object) -> bool:
+        if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+            return False
+        with self._db() as db:
+            return (
+                db.execute("SELECT 1 FROM vectors WHERE name = ?", (name,)).fetchone() is not None
+            )
+
+    def load(self, name: str, *, model: Model | None = None) -> SteeringVector:
+        """The vector stored under `name`, checked against its recorded hash."""
+        entry = self.get(name)
+        if entry.problem is not None:
+            raise LibraryError(
+                f"library entry {name!r} is broken: {entry.problem}; "
+                f"remove it with `acteng vectors rm {name}` and add it again"
+            )
+        try:
+            vector = SteeringVector.load(entry.path)
+        except VectorFileError as exc:
+            raise LibraryError(f"library entry {name!r} is broken: {exc}") from exc
+        if vector.content_hash() != entry.sha256:
+            raise LibraryError(
+                f"library entry {name!r} is broken: its file {entry.path.name} was changed "
+                f"since it was added; remove it with `acteng vectors rm {name}` and add it again"
+            )
+        if model is not None:
+            vector.check_compatible(model)
+        return vector
+
+    # --- changes ---------------------------------------------------------------------------
+    def add(
+        self,
+        name: str,
+        vector: SteeringVector | str | os.PathLike[str],
+        *,
+        tags: Sequence[str] = (),
+        card: dict[str, Any] | None = None,
+        overwrite: bool = False,
+    ) -> LibraryEntry:
+        """Store a vector (or a vector file) under `name`."""
+        validate_name(name)
+        if not isinstance(vector, SteeringVector):
+            vector = SteeringVector.load(vector)
+        tmp_dir = self.home / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        staged = vector.save(tmp_dir / f"{name}.{os.getpid()}.safetensors")
+        try:
+            data = staged.read_bytes()
+            # Hash what a later load will see (saving adds version and defaults).
+            sha = SteeringVector.load(staged).content_hash()
+        finally:
+            staged.unlink(missing_ok=True)
+        path = self.files / f"{sha}.safetensors"
+        meta = vector.metadata
+        model: dict[str, Any] = meta.get("model") or {}
+        dataset: dict[str, Any] = meta.get("dataset") or {}
+        if not isinstance(model, dict) or not isinstance(dataset, dict):
+            model, dataset = {}, {}
+        row = (
+            name,
+            sha,
+            model.get("name"),
+            model.get("hash"),
+            vector.hidden_size,
+            meta.get("method"),
+            json.dumps(list(vector.layers)),
+            dataset.get("sha256"),
+            meta.get("created"),
+            json.dumps(sorted(set(tags))),
+            json.dumps(card) if card is not None else None,
+        )
+        with self._db(write=True) as db:
+            exists = db.execute("SELECT 1 FROM vectors WHERE name = ?", (name,)).fetchone()
+            if exists and not overwrite:
+                raise LibraryError(
+                    f"a vector named {name!r} already exists; choose another name, remove it "
+                    "first, or pass overwrite=True (--force)"
+                )
+            # Under the write lock, so a concurrent remove() cannot delete the file between
+            # this check and the commit; the file lands before the row that points at it.
+            if not path.is_file():
+                atomic_write_bytes(path, data)
+            db.execute("DELETE FROM vectors WHERE name = ?", (name,))
+            db.execute(
+                "INSERT INTO vectors (name, sha256, model, model_hash, hidden_size, method, "
+                "layers, dataset_hash, created, tags, card) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                row,
+            )
+        return self.get(name)
+
+    def set_card(self, name: str, card: dict[str, Any]) -> LibraryEntry:
+        """Attach an evaluation card (written by tune/eval) to an entry."""
+        self.get(name)
+        with self._db(write=True) as db:
+            db.execute("UPDATE vectors SET card = ? WHERE name = ?", (json.dumps(card), name))
+        return self.get(name)
+
+    def rename(self, old: str, new: str) -> LibraryEntry:
+        validate_name(new)
+        self.get(old)
+        with self._db(write=True) as db:
+            if db.execute("SELECT 1 FROM vectors WHERE name = ?", (new,)).fetchone():
+                raise LibraryError(f"cannot rename {old!r}: a vector named {new!r} exists")
+            db.execute("UPDATE vectors SET name = ? WHERE name = ?", (new, old))
+        return self.get(new)
+
+    def remove(self, name: str) -> None:
+        """Delete an entry; its file goes too unless another entry shares it."""
+        entry = self.get(name)
+        with self._db(write=True) as db:
+            db.execute("DELETE FROM vectors WHERE name = ?", (name,))
+            shared = db.execute(
+                "SELECT 1 FROM vectors WHERE sha256 = ?", (entry.sha256,)
+            ).fetchone()
+            if not shared:
+                entry.path.unlink(missing_ok=True)
