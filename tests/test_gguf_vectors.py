@@ -94,6 +94,13 @@ def test_bad_files(tmp_path: Path, tiny_llama: acteng.Model, smollm2: acteng.Mod
     )
     with pytest.raises(VectorFileError, match="same width"):
         acteng.import_gguf(mixed)
+    twice = write_gguf(
+        tmp_path / "d.gguf",
+        "controlvector",
+        {"direction.1": np.ones(8, np.float32), "direction.01": np.ones(8, np.float32)},
+    )
+    with pytest.raises(VectorFileError, match="duplicate layer 1"):
+        acteng.import_gguf(twice)
     odd = write_gguf(tmp_path / "o.gguf", "controlvector", {"weights": np.ones(8, np.float32)})
     with pytest.raises(VectorFileError, match="unexpected tensor 'weights'"):
         acteng.import_gguf(odd)
