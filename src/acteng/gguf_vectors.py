@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from acteng.errors import ConfigError, VectorFileError
-from acteng.vectors import SteeringVector
+from acteng.vectors import SteeringVector, atomic_write_bytes, vector_from_file
 
 if TYPE_CHECKING:
     from acteng.models import Model
@@ -65,11 +65,9 @@ def export_gguf(
     made_for = vector.metadata.get("model")
     hint = model_hint or (made_for.get("family") if isinstance(made_for, dict) else None) or ""
     target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    try:
-        writer = GGUFWriter(tmp, ARCHITECTURE)
+    with tempfile.TemporaryDirectory() as scratch:
+        staged = Path(scratch) / "vector.gguf"
+        writer = GGUFWriter(str(staged), ARCHITECTURE)
         writer.add_string(f"{ARCHITECTURE}.model_hint", str(hint))
         writer.add_int32(f"{ARCHITECTURE}.layer_count", len(layers))
         writer.add_string("acteng.metadata", json.dumps(dict(vector.metadata), default=str))
@@ -79,11 +77,7 @@ def export_gguf(
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        atomic_write_bytes(target, staged.read_bytes())  # never half a file at `target`
     return target
 
 
@@ -146,10 +140,4 @@ def import_gguf(path: str | os.PathLike[str], *, model: Model | None = None) -> 
         "model_hint": _field_value(reader, f"{ARCHITECTURE}.model_hint"),
         "layer_count": _field_value(reader, f"{ARCHITECTURE}.layer_count"),
     }
-    try:
-        vector = SteeringVector(directions, metadata)
-    except ConfigError as exc:
-        raise VectorFileError(f"{source}: {exc}") from exc
-    if model is not None:
-        vector.check_compatible(model)
-    return vector
+    return vector_from_file(source, directions, metadata, model)

@@ -30,7 +30,7 @@ from acteng.errors import ConfigError, IncompatibleVectorError, VectorFileError
 if TYPE_CHECKING:
     from acteng.models import Model
 
-__all__ = ["METADATA_KEYS", "SteeringVector", "atomic_write_bytes"]
+__all__ = ["METADATA_KEYS", "SteeringVector", "atomic_write_bytes", "vector_from_file"]
 
 _TENSOR_NAME = re.compile(r"layers\.(\d+)")
 # The SPEC's metadata contract: every saved vector carries these keys.
@@ -321,13 +321,23 @@ class SteeringVector:
                 metadata[key] = json.loads(raw)
             except json.JSONDecodeError:
                 metadata[key] = raw
-        try:
-            vector = cls(directions, metadata)
-        except ConfigError as exc:
-            raise VectorFileError(f"{source}: {exc}") from exc
-        if model is not None:
-            vector.check_compatible(model)
-        return vector
+        return vector_from_file(source, directions, metadata, model)
+
+
+def vector_from_file(
+    source: Path,
+    directions: dict[int, torch.Tensor],
+    metadata: dict[str, Any],
+    model: Model | None,
+) -> SteeringVector:
+    """Build a vector read from `source`; invalid content is a VectorFileError naming it."""
+    try:
+        vector = SteeringVector(directions, metadata)
+    except ConfigError as exc:
+        raise VectorFileError(f"{source}: {exc}") from exc
+    if model is not None:
+        vector.check_compatible(model)
+    return vector
 
 
 def _provenance(vector: SteeringVector) -> dict[str, Any]:
