@@ -192,3 +192,38 @@ def test_vectors_library_and_gguf_commands(
     assert "no vector named 'joy'" in capsys.readouterr().err
     assert main(["vectors", "add", "../x", str(vector_path)]) == 2
     assert "invalid vector name" in capsys.readouterr().err
+
+
+def test_monitor_heatmap_and_html(
+    vector_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = tmp_path / "m.html"
+    assert (
+        main(
+            [
+                "monitor",
+                "--vector",
+                str(vector_path),
+                "--prompt",
+                "What a lovely day",
+                "--layers",
+                "8",
+                "--generate",
+                "6",
+                "--html",
+                str(page),
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "\x1b[48;2;" in out and "lovely" in out
+    text = page.read_text()
+    assert text.startswith("<!doctype html>") and "lovely" in text and "<script" not in text
+    assert main(["monitor", "--vector", str(vector_path), "--prompt", "Sad news", "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert len(result["tokens"]) == len(result["aggregate"]) and set(result["per_layer"]) == {
+        "7",
+        "8",
+        "9",
+    }

@@ -34,7 +34,9 @@ def test_all_is_pinned() -> None:
         "list_datasets",
         "load_model",
         "load_pairs",
+        "monitor",
         "record_activations",
+        "score_tokens",
         "steer",
     ]
     for name in acteng.__all__:

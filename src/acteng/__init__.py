@@ -42,7 +42,9 @@ _EXPORTS = {
     "list_datasets": "acteng.pairs",
     "load_model": "acteng.models",
     "load_pairs": "acteng.pairs",
+    "monitor": "acteng.monitoring",
     "record_activations": "acteng.activations",
+    "score_tokens": "acteng.monitoring",
     "steer": "acteng.steering",
 }
 
@@ -65,6 +67,8 @@ if TYPE_CHECKING:
     from acteng.models import Model as Model
     from acteng.models import ModelRecipe as ModelRecipe
     from acteng.models import load_model as load_model
+    from acteng.monitoring import monitor as monitor
+    from acteng.monitoring import score_tokens as score_tokens
     from acteng.pairs import ContrastivePair as ContrastivePair
     from acteng.pairs import Pairs as Pairs
     from acteng.pairs import list_datasets as list_datasets

@@ -1,0 +1,208 @@
+"""Reading concepts token by token: how strongly activations align with a vector.
+
+For each token and chosen layer the score is the ``projection`` of the residual stream on
+the unit direction (``h . v̂``) or its ``cosine`` with it; the aggregate is the mean over
+the chosen layers. `score_tokens` scores given texts in one forward pass each batch;
+`monitor` records scores during any forward calls (``model.hf.generate`` included) for
+prompt and generated tokens alike, reading positions from the same `ForwardContext` that
+steering uses, so left padding and the KV cache are handled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from acteng.activations import parse_layers
+from acteng.errors import ConfigError
+from acteng.hooks import BlockFn, ForwardContext, hooked, run_until
+from acteng.models import Model
+from acteng.vectors import SteeringVector
+
+__all__ = ["Monitor", "TokenScores", "monitor", "score_tokens"]
+
+Metric = Literal["projection", "cosine"]
+METRICS = ("projection", "cosine")
+
+
+@dataclass(frozen=True)
+class TokenScores:
+    """Per-token concept scores of one text."""
+
+    token_ids: list[int]
+    tokens: list[str]
+    per_layer: dict[int, list[float]]  # layer -> one score per token
+    metric: str
+
+    @property
+    def aggregate(self) -> list[float]:
+        """Mean over layers, one value per token."""
+        layers = list(self.per_layer.values())
+        return [sum(col) / len(layers) for col in zip(*layers, strict=True)]
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "tokens": self.tokens,
+            "token_ids": self.token_ids,
+            "metric": self.metric,
+            "per_layer": {str(k): v for k, v in self.per_layer.items()},
+            "aggregate": self.aggregate,
+        }
+
+
+def _units(model: Model, vector: SteeringVector, layers: list[int]) -> dict[int, torch.Tensor]:
+    vector.check_compatible(model)
+    missing = [x for x in layers if x not in vector.directions]
+    if missing:
+        raise ConfigError(
+            f"the vector has no layer(s) {missing} (it has {list(vector.layers)}); monitor "
+            "layers the vector was made for"
+        )
+    zero = [x for x in layers if float(vector[x].norm()) == 0.0]
+    if zero:
+        raise ConfigError(f"cannot score along a zero direction at layer(s) {zero}")
+    return {x: (vector[x] / vector[x].norm()).to(model.device, model.dtype) for x in layers}
+
+
+def _check_metric(metric: str) -> None:
+    if metric not in METRICS:
+        raise ConfigError(f"unknown metric {metric!r}; use 'projection' or 'cosine'")
+
+
+def _score(hidden: torch.Tensor, unit: torch.Tensor, metric: str) -> torch.Tensor:
+    """[batch, q, d] -> [batch, q] scores (float32)."""
+    projection = hidden @ unit
+    if metric == "cosine":
+        projection = projection / hidden.norm(dim=-1).clamp_min(1e-12)
+    return projection.float()
+
+
+@torch.no_grad()
+def score_tokens(
+    model: Model,
+    texts: str | Sequence[str],
+    vector: SteeringVector,
+    *,
+    layers: int | str | Sequence[int] | None = None,
+    metric: str = "projection",
+    chat: bool = False,
+    batch_size: int = 16,
+) -> list[TokenScores]:
+    """Score every token of `texts` along `vector` (chat=True renders each as a user turn).
+
+    >>> [scores] = acteng.score_tokens(model, "I am so happy today", vector, layers=[8])
+    >>> list(zip(scores.tokens, scores.aggregate))
+    """
+    _check_metric(metric)
+    items = [texts] if isinstance(texts, str) else list(texts)
+    if not items or any(not t for t in items):
+        raise ConfigError("score_tokens needs non-empty texts")
+    chosen = parse_layers(model, layers if layers is not None else list(vector.layers))
+    units = _units(model, vector, chosen)
+    rendered = [model.render_prompt(t) if chat else t for t in items]
+    encoded = [model.tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in rendered]
+    for i, ids in enumerate(encoded):
+        model.check_length(len(ids), f"text {i}")
+    pad = int(model.tokenizer.pad_token_id)
+    results: list[TokenScores | None] = [None] * len(items)
+    for start in range(0, len(items), batch_size):
+        rows = list(range(start, min(start + batch_size, len(items))))
+        width = max(len(encoded[i]) for i in rows)
+        ids = torch.full((len(rows), width), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for r, i in enumerate(rows):
+            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
+            mask[r, : len(encoded[i])] = 1
+        scores: dict[int, torch.Tensor] = {}
+
+        def read(
+            layer: int,
+            hidden: torch.Tensor,
+            _ctx: ForwardContext,
+            scores: dict[int, torch.Tensor] = scores,
+        ) -> None:
+            scores[layer] = _score(hidden, units[layer], metric).cpu()
+
+        run_until(
+            model.hf,
+            model.blocks,
+            max(chosen),
+            {x: [read] for x in chosen},
+            input_ids=ids.to(model.device),
+            attention_mask=mask.to(model.device),
+        )
+        for r, i in enumerate(rows):
+            n = len(encoded[i])
+            results[i] = TokenScores(
+                token_ids=list(encoded[i]),
+                tokens=[model.tokenizer.decode([t]) for t in encoded[i]],
+                per_layer={x: scores[x][r, :n].tolist() for x in chosen},
+                metric=metric,
+            )
+    return [r for r in results if r is not None]
+
+
+@dataclass
+class Monitor:
+    """Scores recorded by `monitor`: per batch row, per layer, one value per real token."""
+
+    layers: list[int]
+    metric: str
+    rows: list[dict[int, list[float]]] = field(default_factory=list)
+
+    def scores(self, row: int = 0) -> dict[int, list[float]]:
+        return self.rows[row]
+
+    def aggregate(self, row: int = 0) -> list[float]:
+        per_layer = list(self.rows[row].values())
+        return [sum(col) / len(per_layer) for col in zip(*per_layer, strict=True)]
+
+
+@contextmanager
+def monitor(
+    model: Model,
+    vector: SteeringVector,
+    *,
+    layers: int | str | Sequence[int] | None = None,
+    metric: str = "projection",
+) -> Iterator[Monitor]:
+    """Record per-token scores of every forward call inside the block (prompt + generated).
+
+    Scores of successive calls are appended per row, so one block covers one batch (one
+    ``generate`` call); padding tokens are skipped.
+
+    >>> with acteng.monitor(model, honesty, layers=[12]) as mon:
+    ...     model.hf.generate(**inputs, max_new_tokens=32)
+    >>> mon.aggregate(0)   # one score per prompt and generated token of row 0
+    """
+    _check_metric(metric)
+    chosen = parse_layers(model, layers if layers is not None else list(vector.layers))
+    units = _units(model, vector, chosen)
+    record = Monitor(layers=chosen, metric=metric)
+
+    def read(layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> None:
+        index = ctx.token_index
+        if index is None or index.shape != hidden.shape[:2]:
+            raise ConfigError(
+                "monitoring needs the forward pass to go through model.hf (or "
+                "model.hf.generate), not one of its submodules"
+            )
+        if not record.rows:
+            record.rows = [{x: [] for x in chosen} for _ in range(index.shape[0])]
+        elif len(record.rows) != index.shape[0]:
+            raise ConfigError(
+                f"the batch changed from {len(record.rows)} to {index.shape[0]} rows inside one "
+                "monitor block; use one `with monitor(...)` per batch"
+            )
+        values = _score(hidden, units[layer], metric).cpu()
+        real = (index >= 0).cpu()
+        for row in range(values.shape[0]):
+            record.rows[row][layer].extend(values[row][real[row]].tolist())
+
+    fns: dict[int, list[BlockFn]] = {x: [read] for x in chosen}
+    with hooked(model.hf, model.blocks, fns, track_positions=True):
+        yield record
