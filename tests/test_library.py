@@ -42,7 +42,7 @@ def test_add_list_show_load_rename_remove(lib: VectorLibrary, tiny_llama: acteng
 
 def test_names_and_conflicts(lib: VectorLibrary, tiny_llama: acteng.Model, tmp_path: Path) -> None:
     v = random_vector(tiny_llama, [1])
-    for bad in ("../evil", "a/b", "", " x", ".hidden", "x" * 65, "a\\b"):
+    for bad in ("../evil", "a/b", "", " x", ".hidden", "x" * 65, "a\\b", "v.safetensors"):
         with pytest.raises(ConfigError, match="invalid vector name"):
             lib.add(bad, v)
     lib.add("x", v)
@@ -105,5 +105,73 @@ def test_two_processes_adding_at_once(tmp_path: Path) -> None:
     assert lib.load("b3")[1][0] == 3.5
     with sqlite3.connect(lib.index) as db:
         assert db.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
-    assert not list((Path(home) / "tmp").iterdir())
+    files = list(lib.files.iterdir())
+    assert len(files) == 50 and not [f for f in files if f.name.startswith(".")]
     assert json.loads(json.dumps([e.to_json() for e in lib.list()]))
+
+
+def test_crash_safe_removal_and_repairs(lib: VectorLibrary, tiny_llama: acteng.Model) -> None:
+    v, w = random_vector(tiny_llama, [1], seed=1), random_vector(tiny_llama, [1], seed=2)
+    lib.add("a", v)
+    lib.add("b", v)  # shares a's file
+    shared = lib.get("a").path
+    shared.write_bytes(b"garbage")
+    assert {e.name: bool(e.problem) for e in lib.list()} == {"a": True, "b": True}
+    lib.remove("a")
+    lib.add("a", v)  # re-adding rewrites the shared file: both entries are whole again
+    assert all(e.problem is None for e in lib.list())
+    lib.add("a", w, overwrite=True)  # b still uses the old file, so it stays
+    assert len(list(lib.files.iterdir())) == 2
+    lib.add("b", w, overwrite=True)  # now nothing uses it: swept
+    assert len(list(lib.files.iterdir())) == 1
+    orphan = lib.files / ("0" * 64 + ".safetensors")  # as left by a crash after the commit
+    orphan.write_bytes(b"x")
+    lib.remove("b")
+    assert not orphan.exists()
+
+
+def test_missing_names_and_self_rename(lib: VectorLibrary, tiny_llama: acteng.Model) -> None:
+    lib.add("x", random_vector(tiny_llama, [1]))
+    assert lib.rename("x", "x").name == "x"
+    for action in (
+        lambda: lib.remove("nope"),
+        lambda: lib.rename("nope", "z"),
+        lambda: lib.set_card("nope", {}),
+    ):
+        with pytest.raises(LibraryError, match="no vector named 'nope'"):
+            action()
+
+
+def test_busy_library_says_retry(lib: VectorLibrary, tiny_llama: acteng.Model) -> None:
+    lib.add("x", random_vector(tiny_llama, [1]))
+    quick = VectorLibrary(lib.home, timeout=0.1)
+    holder = sqlite3.connect(lib.index, isolation_level=None)
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(LibraryError, match=r"busy.*retry"):
+            quick.add("y", random_vector(tiny_llama, [1]))
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert "y" not in lib
+
+
+def test_threads_adding_the_same_name(lib: VectorLibrary, tiny_llama: acteng.Model) -> None:
+    import threading
+
+    errors: list[BaseException] = []
+
+    def add(seed: int) -> None:
+        try:
+            lib.add("same", random_vector(tiny_llama, [1], seed=seed), overwrite=True)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=add, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert [e.name for e in lib.list()] == ["same"] and lib.list()[0].problem is None
+    assert len(list(lib.files.iterdir())) == 1

@@ -47,7 +47,7 @@ def gguf_layer(index: int, *, to: Literal["gguf", "acteng"]) -> int:
         raise ConfigError(
             f"{where} {index} cannot be used: llama.cpp control vectors start at block 1 "
             "(direction.{n} is added to the output of block n and block 0 has no slot); "
-            "drop layer 0, e.g. vector.select([...])"
+            "drop layer 0 first (in Python: vector.select([...]))"
         )
     return index
 
@@ -121,7 +121,10 @@ def import_gguf(path: str | os.PathLike[str], *, model: Model | None = None) -> 
         if tensor.tensor_type.name != "F32" or data.ndim != 1:
             problems.append(f"{tensor.name} is {tensor.tensor_type.name} {data.shape}, not F32 1-D")
             continue
-        layer = gguf_layer(int(match.group(1)), to="acteng")
+        try:
+            layer = gguf_layer(int(match.group(1)), to="acteng")
+        except ConfigError as exc:
+            raise VectorFileError(f"{source}: {exc}") from exc
         if layer in directions:
             problems.append(f"duplicate layer {layer}")
             continue
@@ -134,7 +137,9 @@ def import_gguf(path: str | os.PathLike[str], *, model: Model | None = None) -> 
     if isinstance(extra, str):
         # A foreign writer's malformed extra key: keep the plain import metadata.
         with contextlib.suppress(json.JSONDecodeError):
-            metadata.update(json.loads(extra))
+            parsed = json.loads(extra)
+            if isinstance(parsed, dict):
+                metadata.update(parsed)
     metadata["gguf"] = {
         "file": source.name,
         "model_hint": _field_value(reader, f"{ARCHITECTURE}.model_hint"),

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 __all__ = ["LibraryEntry", "LibraryError", "VectorLibrary", "default_home", "validate_name"]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA = re.compile(r"[0-9a-f]{64}")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vectors (
     name TEXT PRIMARY KEY,
@@ -56,6 +57,35 @@ class LibraryError(ActengError, LookupError):
     """A library entry is missing, already exists, or is broken."""
 
 
+def _file_problem(path: Path, sha: str) -> str | None:
+    """Why the file of an entry cannot be trusted, or None."""
+    if not path.is_file():
+        return f"its file {path.name} is missing"
+    try:
+        vector = SteeringVector.from_bytes(path.read_bytes(), source=path)
+    except VectorFileError as exc:
+        return f"its file {path.name} is unreadable ({exc})"
+    if vector.content_hash() != sha:
+        return f"its file {path.name} was changed since it was added"
+    return None
+
+
+def _index_error(index: Path, exc: sqlite3.DatabaseError) -> LibraryError:
+    """Say what went wrong with the index; only real corruption earns the move-aside advice."""
+    code = getattr(exc, "sqlite_errorname", "")
+    if code in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+        return LibraryError(
+            f"the library at {index.parent} is busy (another acteng process is writing to it); "
+            "retry in a moment"
+        )
+    if code in ("SQLITE_CORRUPT", "SQLITE_NOTADB"):
+        return LibraryError(
+            f"the library index {index} is unreadable ({exc}); move it aside and re-add the "
+            "vectors from their files"
+        )
+    return LibraryError(f"the library index {index} cannot be used: {exc} ({code or 'error'})")
+
+
 def default_home() -> Path:
     """``$ACTENG_HOME``, else the platform's user data folder for acteng."""
     env = os.environ.get("ACTENG_HOME")
@@ -76,6 +106,11 @@ def validate_name(name: str) -> str:
         raise ConfigError(
             f"invalid vector name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
             "starting with a letter or digit (no paths or spaces)"
+        )
+    if name.lower().endswith((".safetensors", ".gguf")):
+        # Commands take a file path or a name in the same place: keep them apart.
+        raise ConfigError(
+            f"invalid vector name {name!r}: it looks like a file name; drop the extension"
         )
     return name
 
@@ -113,8 +148,11 @@ class VectorLibrary:
     >>> vector = lib.load("happy", model=model)
     """
 
-    def __init__(self, home: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, home: str | os.PathLike[str] | None = None, *, timeout: float = 30.0
+    ) -> None:
         self.home = Path(home).expanduser() if home is not None else default_home()
+        self.timeout = timeout  # seconds to wait for another process's write to finish
         self.files = self.home / "vectors"
         self.index = self.home / "library.sqlite"
 
@@ -126,7 +164,7 @@ class VectorLibrary:
     def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
         self.files.mkdir(parents=True, exist_ok=True)
         try:
-            conn = sqlite3.connect(self.index, timeout=30, isolation_level=None)
+            conn = sqlite3.connect(self.index, timeout=self.timeout, isolation_level=None)
         except sqlite3.Error as exc:
             raise LibraryError(f"cannot open the library index {self.index}: {exc}") from exc
         with closing(conn):
@@ -138,10 +176,7 @@ class VectorLibrary:
             except sqlite3.DatabaseError as exc:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
-                raise LibraryError(
-                    f"the library index {self.index} is unreadable ({exc}); move it aside and "
-                    "re-add the vectors from their files"
-                ) from exc
+                raise _index_error(self.index, exc) from exc
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
@@ -162,10 +197,13 @@ class VectorLibrary:
             tags,
             card,
         ) = row
-        path = self.files / f"{sha}.safetensors"
         problem = None
-        if not path.is_file():
-            problem = f"its file {path.name} is missing"
+        if _SHA.fullmatch(sha) is None:  # never build a path from a hand-edited index value
+            problem = f"its recorded hash {sha!r} is not a SHA-256"
+            sha = "invalid"
+        path = self.files / f"{sha}.safetensors"
+        if problem is None:
+            problem = _file_problem(path, sha)
         return LibraryEntry(
             name=name,
             sha256=sha,
@@ -216,18 +254,10 @@ class VectorLibrary:
         entry = self.get(name)
         if entry.problem is not None:
             raise LibraryError(
-                f"library entry {name!r} is broken: {entry.problem}; "
-                f"remove it with `acteng vectors rm {name}` and add it again"
+                f"library entry {name!r} is broken: {entry.problem}; remove it with "
+                f"`acteng vectors rm {name}` and add it again from the original file"
             )
-        try:
-            vector = SteeringVector.load(entry.path)
-        except VectorFileError as exc:
-            raise LibraryError(f"library entry {name!r} is broken: {exc}") from exc
-        if vector.content_hash() != entry.sha256:
-            raise LibraryError(
-                f"library entry {name!r} is broken: its file {entry.path.name} was changed "
-                f"since it was added; remove it with `acteng vectors rm {name}` and add it again"
-            )
+        vector = SteeringVector.load(entry.path)
         if model is not None:
             vector.check_compatible(model)
         return vector
@@ -246,17 +276,11 @@ class VectorLibrary:
         validate_name(name)
         if not isinstance(vector, SteeringVector):
             vector = SteeringVector.load(vector)
-        tmp_dir = self.home / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        staged = vector.save(tmp_dir / f"{name}.{os.getpid()}.safetensors")
-        try:
-            data = staged.read_bytes()
-            # Hash what a later load will see (saving adds version and defaults).
-            sha = SteeringVector.load(staged).content_hash()
-        finally:
-            staged.unlink(missing_ok=True)
+        data = vector.to_bytes()
+        stored = SteeringVector.from_bytes(data)  # what a later load will see
+        sha = stored.content_hash()
         path = self.files / f"{sha}.safetensors"
-        meta = vector.metadata
+        meta = stored.metadata
         model: dict[str, Any] = meta.get("model") or {}
         dataset: dict[str, Any] = meta.get("dataset") or {}
         if not isinstance(model, dict) or not isinstance(dataset, dict):
@@ -266,9 +290,9 @@ class VectorLibrary:
             sha,
             model.get("name"),
             model.get("hash"),
-            vector.hidden_size,
+            stored.hidden_size,
             meta.get("method"),
-            json.dumps(list(vector.layers)),
+            json.dumps(list(stored.layers)),
             dataset.get("sha256"),
             meta.get("created"),
             json.dumps(sorted(set(tags))),
@@ -281,41 +305,60 @@ class VectorLibrary:
                     f"a vector named {name!r} already exists; choose another name, remove it "
                     "first, or pass overwrite=True (--force)"
                 )
-            # Under the write lock, so a concurrent remove() cannot delete the file between
-            # this check and the commit; the file lands before the row that points at it.
-            if not path.is_file():
-                atomic_write_bytes(path, data)
+            # Under the write lock, so a concurrent clean-up cannot delete the file before
+            # the commit; always rewritten, which also repairs a damaged shared file.
+            atomic_write_bytes(path, data)
             db.execute("DELETE FROM vectors WHERE name = ?", (name,))
             db.execute(
                 "INSERT INTO vectors (name, sha256, model, model_hash, hidden_size, method, "
                 "layers, dataset_hash, created, tags, card) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 row,
             )
+        if exists:
+            self._sweep()  # the replaced vector's file may now be unused
         return self.get(name)
+
+    def _change(self, name: str, sql: str, params: tuple[Any, ...]) -> None:
+        """Run one UPDATE/DELETE on `name` under the write lock; it must hit exactly one row."""
+        validate_name(name)
+        with self._db(write=True) as db:
+            if db.execute(sql, params).rowcount != 1:
+                raise LibraryError(
+                    f"no vector named {name!r} in the library at {self.home}; "
+                    "`acteng vectors list` shows what is there"
+                )
 
     def set_card(self, name: str, card: dict[str, Any]) -> LibraryEntry:
         """Attach an evaluation card (written by tune/eval) to an entry."""
-        self.get(name)
-        with self._db(write=True) as db:
-            db.execute("UPDATE vectors SET card = ? WHERE name = ?", (json.dumps(card), name))
+        self._change(name, "UPDATE vectors SET card = ? WHERE name = ?", (json.dumps(card), name))
         return self.get(name)
 
     def rename(self, old: str, new: str) -> LibraryEntry:
+        validate_name(old)
         validate_name(new)
-        self.get(old)
-        with self._db(write=True) as db:
-            if db.execute("SELECT 1 FROM vectors WHERE name = ?", (new,)).fetchone():
-                raise LibraryError(f"cannot rename {old!r}: a vector named {new!r} exists")
-            db.execute("UPDATE vectors SET name = ? WHERE name = ?", (new, old))
+        if old == new:
+            return self.get(old)
+        try:
+            self._change(old, "UPDATE vectors SET name = ? WHERE name = ?", (new, old))
+        except LibraryError as exc:
+            if isinstance(exc.__cause__, sqlite3.IntegrityError):
+                raise LibraryError(f"cannot rename {old!r}: a vector named {new!r} exists") from exc
+            raise
         return self.get(new)
 
     def remove(self, name: str) -> None:
-        """Delete an entry; its file goes too unless another entry shares it."""
-        entry = self.get(name)
+        """Delete an entry; its file goes too unless another entry shares it.
+
+        The row goes first (committed), then unreferenced files are swept, so a crash in
+        between leaves only an orphan file, never a row without its file.
+        """
+        self._change(name, "DELETE FROM vectors WHERE name = ?", (name,))
+        self._sweep()
+
+    def _sweep(self) -> None:
+        """Delete files no entry refers to (under the write lock, so no add races it)."""
         with self._db(write=True) as db:
-            db.execute("DELETE FROM vectors WHERE name = ?", (name,))
-            shared = db.execute(
-                "SELECT 1 FROM vectors WHERE sha256 = ?", (entry.sha256,)
-            ).fetchone()
-            if not shared:
-                entry.path.unlink(missing_ok=True)
+            used = {row[0] for row in db.execute("SELECT sha256 FROM vectors")}
+            for path in self.files.glob("*.safetensors"):
+                if path.stem not in used:
+                    path.unlink(missing_ok=True)

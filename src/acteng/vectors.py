@@ -266,9 +266,14 @@ class SteeringVector:
     # --- files -------------------------------------------------------------------------
     def save(self, path: str | os.PathLike[str]) -> Path:
         """Write the SPEC's safetensors format atomically; returns the path."""
+        target = Path(path)
+        atomic_write_bytes(target, self.to_bytes())
+        return target
+
+    def to_bytes(self) -> bytes:
+        """The file content `save` writes (safetensors with JSON metadata)."""
         from safetensors.torch import save
 
-        target = Path(path)
         tensors = {
             f"layers.{k}": v.detach().to("cpu", torch.float32).contiguous()
             for k, v in self.directions.items()
@@ -280,19 +285,26 @@ class SteeringVector:
         meta["layers"] = list(self.layers)
         meta["acteng.version"] = _version()
         header = {key: json.dumps(value) for key, value in meta.items()}
-        atomic_write_bytes(target, save(tensors, metadata=header))
-        return target
+        data: bytes = save(tensors, metadata=header)
+        return data
 
     @classmethod
     def load(cls, path: str | os.PathLike[str], *, model: Model | None = None) -> SteeringVector:
         """Read a vector file; with `model`, also check it fits that model."""
-        from safetensors import SafetensorError
-        from safetensors.torch import load
-
         source = Path(path)
         if not source.is_file():
             raise VectorFileError(f"no vector file at {source}; check the path")
-        data = source.read_bytes()
+        return cls.from_bytes(source.read_bytes(), source=source, model=model)
+
+    @classmethod
+    def from_bytes(
+        cls, data: bytes, *, source: Path | str = "<bytes>", model: Model | None = None
+    ) -> SteeringVector:
+        """Parse the content of a vector file (`source` names it in errors)."""
+        from safetensors import SafetensorError
+        from safetensors.torch import load
+
+        source = Path(source)
         try:
             tensors = load(data)
             header = _read_metadata(data)

@@ -58,10 +58,19 @@ def resolve_vector(text: str, model: Model | None = None) -> Any:
     from acteng.library import VectorLibrary, validate_name
     from acteng.vectors import SteeringVector
 
-    if Path(text).exists() or "/" in text or text.endswith(".safetensors"):
+    if Path(text).is_file():
         return SteeringVector.load(text, model=model)
-    validate_name(text)
-    return VectorLibrary().load(text, model=model)
+    library = VectorLibrary()
+    try:
+        validate_name(text)
+    except ConfigError:
+        return SteeringVector.load(text, model=model)  # not a name: report the missing file
+    if text in library:
+        return library.load(text, model=model)
+    raise ConfigError(
+        f"no vector file at {text!r} and no library vector named {text!r} in {library.home}; "
+        "give a .safetensors path or a name from `acteng vectors list`"
+    )
 
 
 def build_specs(
