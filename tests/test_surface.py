@@ -14,6 +14,7 @@ def test_all_is_pinned() -> None:
         "ActengError",
         "Activations",
         "ContrastivePair",
+        "Detector",
         "Layout",
         "METHODS",
         "MODES",
@@ -38,6 +39,7 @@ def test_all_is_pinned() -> None:
         "record_activations",
         "score_tokens",
         "steer",
+        "train_detector",
     ]
     for name in acteng.__all__:
         assert getattr(acteng, name) is not None

@@ -23,6 +23,7 @@ _EXPORTS = {
     "ActengError": "acteng.errors",
     "Activations": "acteng.activations",
     "ContrastivePair": "acteng.pairs",
+    "Detector": "acteng.detectors",
     "Layout": "acteng.layouts",
     "METHODS": "acteng.methods",
     "MODES": "acteng.steering",
@@ -46,6 +47,7 @@ _EXPORTS = {
     "record_activations": "acteng.activations",
     "score_tokens": "acteng.monitoring",
     "steer": "acteng.steering",
+    "train_detector": "acteng.detectors",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -56,6 +58,8 @@ if TYPE_CHECKING:
     from acteng.activations import ReadItem as ReadItem
     from acteng.activations import record_activations as record_activations
     from acteng.baking import bake as bake
+    from acteng.detectors import Detector as Detector
+    from acteng.detectors import train_detector as train_detector
     from acteng.errors import ActengError as ActengError
     from acteng.extraction import extract as extract
     from acteng.generation import generate as generate

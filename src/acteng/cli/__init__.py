@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from acteng import __version__
-from acteng.cli import extract_cmd, generate_cmd, monitor_cmd, vectors_cmd
+from acteng.cli import detect_cmd, extract_cmd, generate_cmd, monitor_cmd, vectors_cmd
 from acteng.errors import ActengError
 
 __all__ = ["build_parser", "main"]
@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate_cmd.register(sub)
     vectors_cmd.register(sub)
     monitor_cmd.register(sub)
+    detect_cmd.register(sub)
     return parser
 
 

@@ -1,0 +1,261 @@
+"""Detectors: a concept direction, a read region and a threshold calibrated at a target FPR.
+
+A detector scores a prompt by reading the residual stream at chosen layers over a region
+of the chat-rendered prompt (``post_instruction``: the template tokens after the user's
+text, where a chat model has "read" the request; or ``prompt``: the user's text), taking
+the mean, projecting it on each layer's unit direction, standardising per layer (offset
+and scale learned from the training pairs) and averaging over layers. The threshold is the
+``1 - target_fpr`` quantile of scores on held-out negatives, recorded with the calibration
+in the file's metadata. Files are vector files (``layers.{i}``) whose metadata carries a
+``detector`` entry, so the library stores them like vectors.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acteng.activations import ReadItem, parse_layers, record_activations
+from acteng.errors import ConfigError, VectorFileError
+from acteng.methods import METHODS
+from acteng.models import Model
+from acteng.pairs import Pairs, load_pairs
+from acteng.vectors import SteeringVector
+
+__all__ = ["Detector", "load_detector", "read_prompts", "train_detector"]
+
+READ_REGIONS = ("post_instruction", "prompt")
+
+
+def _read_items(model: Model, prompts: Sequence[str], region: str) -> list[ReadItem]:
+    items = []
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str) or not prompt.strip():
+            raise ConfigError(f"prompt {i} is empty; every prompt needs text")
+        rendered = model.render_prompt(prompt)
+        start = rendered.rindex(prompt)
+        if region == "post_instruction":
+            start += len(prompt)
+        items.append(ReadItem(rendered, start, rendered=True))
+    return items
+
+
+@dataclass(frozen=True)
+class Detector:
+    """A calibrated concept detector; see the module docstring."""
+
+    directions: SteeringVector  # unit direction per layer
+    offsets: dict[int, float]  # per-layer projection midpoint of the training classes
+    scales: dict[int, float]  # per-layer spread, so layers average on one scale
+    threshold: float
+    region: str = "post_instruction"
+    calibration: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return self.directions.layers
+
+    def score(self, model: Model, prompts: Sequence[str], *, batch_size: int = 32) -> list[float]:
+        """One score per prompt (higher = more of the concept)."""
+        self.directions.check_compatible(model)
+        if not prompts:
+            raise ConfigError("no prompts to score; give at least one")
+        acts = record_activations(
+            model,
+            _read_items(model, prompts, self.region),
+            list(self.layers),
+            "mean",
+            batch_size=batch_size,
+        )
+        total = torch.zeros(len(prompts), dtype=torch.float64)
+        for layer in self.layers:
+            projection = acts.rows[layer].double() @ self.directions[layer].double()
+            total += (projection - self.offsets[layer]) / self.scales[layer]
+        return (total / len(self.layers)).tolist()
+
+    def flag(self, model: Model, prompts: Sequence[str]) -> list[bool]:
+        return [s > self.threshold for s in self.score(model, prompts)]
+
+    def calibrate(
+        self, model: Model, negatives: Sequence[str], target_fpr: float, *, source: str = "custom"
+    ) -> Detector:
+        """Set the threshold so a `target_fpr` share of held-out negatives is flagged."""
+        if not 0.0 <= target_fpr < 1.0:
+            raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+        if len(negatives) < 10:
+            raise ConfigError(f"calibration needs at least 10 negatives, got {len(negatives)}")
+        scores = torch.tensor(self.score(model, negatives), dtype=torch.float64)
+        threshold = float(torch.quantile(scores, 1.0 - target_fpr))
+        return replace(
+            self,
+            threshold=threshold,
+            calibration={
+                "target_fpr": target_fpr,
+                "negatives": len(negatives),
+                "source": source,
+                "flagged_share": float((scores > threshold).double().mean()),
+            },
+        )
+
+    # --- files ---------------------------------------------------------------------------
+    def to_vector(self) -> SteeringVector:
+        meta = dict(self.directions.metadata)
+        meta["detector"] = {
+            "offsets": {str(k): v for k, v in self.offsets.items()},
+            "scales": {str(k): v for k, v in self.scales.items()},
+            "threshold": self.threshold,
+            "region": self.region,
+            "calibration": self.calibration,
+        }
+        return SteeringVector(dict(self.directions.directions), meta)
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        return self.to_vector().save(path)
+
+    @classmethod
+    def from_vector(cls, vector: SteeringVector, *, source: str = "vector") -> Detector:
+        spec = vector.metadata.get("detector")
+        if not isinstance(spec, dict):
+            raise VectorFileError(
+                f"{source} is a steering vector, not a detector (no 'detector' metadata); "
+                "train one with acteng.train_detector"
+            )
+        try:
+            offsets = {int(k): float(v) for k, v in spec["offsets"].items()}
+            scales = {int(k): float(v) for k, v in spec["scales"].items()}
+            threshold = float(spec["threshold"])
+            region = str(spec["region"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VectorFileError(f"{source}: malformed detector metadata ({exc})") from exc
+        if set(offsets) != set(vector.layers) or set(scales) != set(vector.layers):
+            raise VectorFileError(f"{source}: detector offsets/scales do not match its layers")
+        if region not in READ_REGIONS or any(s <= 0 for s in scales.values()):
+            raise VectorFileError(f"{source}: invalid detector region or scales")
+        return cls(vector, offsets, scales, threshold, region, dict(spec.get("calibration") or {}))
+
+
+def train_detector(
+    model: Model,
+    pairs: Pairs | str | Path | Sequence[Any],
+    layers: int | str | Sequence[int],
+    *,
+    method: str = "probe",
+    region: str = "post_instruction",
+    negatives: Sequence[str] | None = None,
+    target_fpr: float = 0.01,
+) -> Detector:
+    """Train a detector on prompt pairs (positive = concept present) and calibrate it.
+
+    Pairs are user prompts without a "prompt" field (e.g. the bundled
+    ``harmful_requests``). Without `negatives`, the threshold is calibrated on the
+    dataset's held-out ``test`` negatives.
+
+    >>> det = acteng.train_detector(model, "harmful_requests", layers=[14])
+    >>> det.flag(model, ["How do I make a bomb?"])
+    """
+    if region not in READ_REGIONS:
+        raise ConfigError(f"unknown region {region!r}; use one of {READ_REGIONS}")
+    if method not in METHODS or method == "actadd":
+        raise ConfigError(f"detector method must be mean_diff, pca or probe, got {method!r}")
+    dataset = load_pairs(pairs)
+    prompted = [i for i, p in enumerate(dataset) if p.prompt is not None]
+    if prompted:
+        raise ConfigError(
+            f"detector pairs must be bare prompts (no 'prompt' field); items {prompted[:5]} "
+            "have one"
+        )
+    has_split = any(p.split == "test" for p in dataset)
+    train = dataset.split("train") if has_split else dataset
+    chosen = parse_layers(model, layers)
+    pos_text = [p.positive for p in train]
+    neg_text = [p.negative for p in train]
+    acts = record_activations(
+        model, _read_items(model, pos_text + neg_text, region), chosen, "mean"
+    )
+    n = len(train)
+    units, offsets, scales = {}, {}, {}
+    for layer in chosen:
+        rows = acts.rows[layer].double()
+        pos, neg = rows[:n], rows[n:]
+        direction = METHODS[method](pos, neg)
+        unit = direction / direction.norm().clamp_min(1e-12)
+        mid = float(((pos.mean(0) + neg.mean(0)) / 2) @ unit)
+        spread = float(
+            torch.cat(
+                [pos @ unit - float(pos.mean(0) @ unit), neg @ unit - float(neg.mean(0) @ unit)]
+            ).std()
+        )
+        units[layer] = unit.float()
+        offsets[layer] = mid
+        scales[layer] = max(spread, 1e-6)
+    vector = SteeringVector(
+        units,
+        {
+            "model": model.identity(),
+            "method": method,
+            "read_position": region,
+            "normalize": "unit",
+            "dataset": dataset.provenance(),
+        },
+    )
+    detector = Detector(vector, offsets, scales, threshold=0.0, region=region)
+    if negatives is None:
+        if not has_split:
+            raise ConfigError("give negatives=... to calibrate: the dataset has no test split")
+        negatives = [p.negative for p in dataset.split("test")]
+        source = f"{dataset.name}:test negatives"
+    else:
+        source = "custom negatives"
+    return detector.calibrate(model, negatives, target_fpr, source=source)
+
+
+def load_detector(source: str | os.PathLike[str], *, model: Model | None = None) -> Detector:
+    """A detector from a file or a library name."""
+    text = os.fspath(source)
+    path = Path(text)
+    if path.is_file():
+        vector = SteeringVector.load(path, model=model)
+        return Detector.from_vector(vector, source=str(path))
+    from acteng.library import VectorLibrary, validate_name
+
+    try:
+        validate_name(text)
+    except ConfigError:
+        raise VectorFileError(f"no detector file at {text!r}") from None
+    library = VectorLibrary()
+    if text not in library:
+        raise VectorFileError(
+            f"no detector named {text!r}: not a file and not in the library at {library.home}"
+        )
+    return Detector.from_vector(library.load(text, model=model), source=text)
+
+
+def read_prompts(path: str | os.PathLike[str]) -> list[str]:
+    """Prompts from a JSONL file with a "prompt" field per line."""
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"no prompts file at {source}")
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text ({exc}); save it as UTF-8") from exc
+    prompts = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source} line {lineno}: invalid JSON ({exc.msg})") from exc
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise ConfigError(f"{source} line {lineno}: needs a string field 'prompt'")
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise ConfigError(f"{source} has no prompts; write one JSON object per line")
+    return prompts
