@@ -29,6 +29,11 @@ Metric = Literal["projection", "cosine"]
 METRICS = ("projection", "cosine")
 
 
+def _mean_over_layers(per_layer: dict[int, list[float]]) -> list[float]:
+    columns = list(per_layer.values())
+    return [sum(col) / len(columns) for col in zip(*columns, strict=True)]
+
+
 @dataclass(frozen=True)
 class TokenScores:
     """Per-token concept scores of one text."""
@@ -41,8 +46,7 @@ class TokenScores:
     @property
     def aggregate(self) -> list[float]:
         """Mean over layers, one value per token."""
-        layers = list(self.per_layer.values())
-        return [sum(col) / len(layers) for col in zip(*layers, strict=True)]
+        return _mean_over_layers(self.per_layer)
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -158,8 +162,8 @@ class Monitor:
         return self.rows[row]
 
     def aggregate(self, row: int = 0) -> list[float]:
-        per_layer = list(self.rows[row].values())
-        return [sum(col) / len(per_layer) for col in zip(*per_layer, strict=True)]
+        """Mean over layers, one value per token of `row`."""
+        return _mean_over_layers(self.rows[row])
 
 
 @contextmanager
