@@ -99,3 +99,26 @@ def test_prefix_sharing_is_exact(
     )
     for layer in shared.layers:
         torch.testing.assert_close(shared.rows[layer], plain.rows[layer], atol=1e-5, rtol=1e-4)
+
+
+def test_long_texts_on_sliding_window_models_share_nothing(
+    tiny_gemma3: acteng.Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Past the sliding window every text runs in full: no cached prefix of any kind."""
+    import acteng.activations as activations
+
+    seen: list[list[int]] = []
+    real_plan = activations.plan_batches
+
+    def spy(token_ids, shareable, read_starts, batch_size):  # type: ignore[no-untyped-def]
+        global_ids, plans = real_plan(token_ids, shareable, read_starts, batch_size)
+        seen.append(global_ids)
+        return global_ids, plans
+
+    monkeypatch.setattr(activations, "plan_batches", spy)
+    shared = "word " * 20  # 40 tokens: past the tiny model's window of 16
+    texts = [shared + "one", shared + "two"]
+    acts = acteng.record_activations(tiny_gemma3, texts, [1], "last")
+    assert seen == [[]]
+    plain = acteng.record_activations(tiny_gemma3, texts, [1], "last", share_prefix=False)
+    torch.testing.assert_close(acts.rows[1], plain.rows[1])

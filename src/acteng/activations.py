@@ -169,19 +169,18 @@ def record_activations(
     n, d = len(items), model.hidden_size
     rows = {layer: torch.empty(n, d, dtype=torch.float32) for layer in chosen}
     token_ids = [ids for ids, _ in encoded]
-    shareable = [
-        _prompt_tokens(offsets, it.completion_start) if share_prefix else 0
-        for it, (_, offsets) in zip(items, encoded, strict=True)
-    ]
     window = getattr(model.hf.config, "sliding_window", None)
-    if window is not None and max(map(len, token_ids)) > window:
-        shareable = [0] * n  # keep sliding-window caches out of it: plain batches
-    global_ids, plans = plan_batches(
-        token_ids,
-        shareable,
-        [span.start for span in spans] if share_prefix else [0] * n,
-        batch_size,
-    )
+    # Sliding-window caches drop old tokens, so long texts on such models run plain.
+    share = share_prefix and (window is None or max(map(len, token_ids)) <= window)
+    if share:
+        shareable = [
+            _prompt_tokens(offsets, it.completion_start)
+            for it, (_, offsets) in zip(items, encoded, strict=True)
+        ]
+        read_starts = [span.start for span in spans]
+    else:  # nothing may come from a cache: no global prefix, no group keys
+        shareable = read_starts = [0] * n
+    global_ids, plans = plan_batches(token_ids, shareable, read_starts, batch_size)
     bar = _progress(len(plans), progress)
     try:
         for plan in plans:
