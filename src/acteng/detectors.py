@@ -217,23 +217,10 @@ def train_detector(
 
 def load_detector(source: str | os.PathLike[str], *, model: Model | None = None) -> Detector:
     """A detector from a file or a library name."""
-    text = os.fspath(source)
-    path = Path(text)
-    if path.is_file():
-        vector = SteeringVector.load(path, model=model)
-        return Detector.from_vector(vector, source=str(path))
-    from acteng.library import VectorLibrary, validate_name
+    from acteng.library import resolve_vector
 
-    try:
-        validate_name(text)
-    except ConfigError:
-        raise VectorFileError(f"no detector file at {text!r}") from None
-    library = VectorLibrary()
-    if text not in library:
-        raise VectorFileError(
-            f"no detector named {text!r}: not a file and not in the library at {library.home}"
-        )
-    return Detector.from_vector(library.load(text, model=model), source=text)
+    vector = resolve_vector(source, model=model, what="detector")
+    return Detector.from_vector(vector, source=os.fspath(source))
 
 
 def read_prompts(path: str | os.PathLike[str]) -> list[str]:

@@ -31,7 +31,14 @@ from acteng.vectors import SteeringVector, atomic_write_bytes
 if TYPE_CHECKING:
     from acteng.models import Model
 
-__all__ = ["LibraryEntry", "LibraryError", "VectorLibrary", "default_home", "validate_name"]
+__all__ = [
+    "LibraryEntry",
+    "LibraryError",
+    "VectorLibrary",
+    "default_home",
+    "resolve_vector",
+    "validate_name",
+]
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA = re.compile(r"[0-9a-f]{64}")
@@ -57,17 +64,17 @@ class LibraryError(ActengError, LookupError):
     """A library entry is missing, already exists, or is broken."""
 
 
-def _file_problem(path: Path, sha: str) -> str | None:
-    """Why the file of an entry cannot be trusted, or None."""
+def _read_checked(path: Path, sha: str) -> tuple[SteeringVector | None, str | None]:
+    """The vector in an entry's file and None, or None and why the file cannot be trusted."""
     if not path.is_file():
-        return f"its file {path.name} is missing"
+        return None, f"its file {path.name} is missing"
     try:
         vector = SteeringVector.from_bytes(path.read_bytes(), source=path)
     except VectorFileError as exc:
-        return f"its file {path.name} is unreadable ({exc})"
+        return None, f"its file {path.name} is unreadable ({exc})"
     if vector.content_hash() != sha:
-        return f"its file {path.name} was changed since it was added"
-    return None
+        return None, f"its file {path.name} was changed since it was added"
+    return vector, None
 
 
 def _index_error(index: Path, exc: sqlite3.DatabaseError) -> LibraryError:
@@ -183,6 +190,12 @@ class VectorLibrary:
                 raise
 
     def _row_to_entry(self, row: sqlite3.Row | tuple[Any, ...]) -> LibraryEntry:
+        return self._read_entry(row)[0]
+
+    def _read_entry(
+        self, row: sqlite3.Row | tuple[Any, ...]
+    ) -> tuple[LibraryEntry, SteeringVector | None]:
+        """The entry of an index row and, when its file is sound, the vector (read once)."""
         (
             name,
             sha,
@@ -202,9 +215,10 @@ class VectorLibrary:
             problem = f"its recorded hash {sha!r} is not a SHA-256"
             sha = "invalid"
         path = self.files / f"{sha}.safetensors"
+        vector = None
         if problem is None:
-            problem = _file_problem(path, sha)
-        return LibraryEntry(
+            vector, problem = _read_checked(path, sha)
+        entry = LibraryEntry(
             name=name,
             sha256=sha,
             model=model,
@@ -220,6 +234,7 @@ class VectorLibrary:
             path=path,
             problem=problem,
         )
+        return entry, vector
 
     # --- queries ---------------------------------------------------------------------------
     def list(self, *, tag: str | None = None) -> list[LibraryEntry]:
@@ -229,17 +244,22 @@ class VectorLibrary:
         entries = [self._row_to_entry(r) for r in rows]
         return [e for e in entries if tag is None or tag in e.tags]
 
-    def get(self, name: str) -> LibraryEntry:
+    def _row(self, name: str) -> tuple[Any, ...]:
         validate_name(name)
         with self._db() as db:
             row = db.execute("SELECT * FROM vectors WHERE name = ?", (name,)).fetchone()
+            if row is None:
+                names = db.execute("SELECT name FROM vectors ORDER BY name LIMIT 20").fetchall()
         if row is None:
-            known = ", ".join(e.name for e in self.list()[:20]) or "none yet"
+            known = ", ".join(n for (n,) in names) or "none yet"
             raise LibraryError(
                 f"no vector named {name!r} in the library at {self.home} (known: {known}); "
                 "add one with `acteng vectors add NAME FILE`"
             )
-        return self._row_to_entry(row)
+        return tuple(row)
+
+    def get(self, name: str) -> LibraryEntry:
+        return self._row_to_entry(self._row(name))
 
     def __contains__(self, name: object) -> bool:
         if not isinstance(name, str) or _NAME.fullmatch(name) is None:
@@ -251,13 +271,12 @@ class VectorLibrary:
 
     def load(self, name: str, *, model: Model | None = None) -> SteeringVector:
         """The vector stored under `name`, checked against its recorded hash."""
-        entry = self.get(name)
-        if entry.problem is not None:
+        entry, vector = self._read_entry(self._row(name))
+        if vector is None:
             raise LibraryError(
                 f"library entry {name!r} is broken: {entry.problem}; remove it with "
                 f"`acteng vectors rm {name}` and add it again from the original file"
             )
-        vector = SteeringVector.load(entry.path)
         if model is not None:
             vector.check_compatible(model)
         return vector
@@ -362,3 +381,28 @@ class VectorLibrary:
             for path in self.files.glob("*.safetensors"):
                 if path.stem not in used:
                     path.unlink(missing_ok=True)
+
+
+def resolve_vector(
+    text: str | os.PathLike[str], *, model: Model | None = None, what: str = "vector"
+) -> SteeringVector:
+    """A vector from a file path or, when no such file exists, a library name.
+
+    >>> resolve_vector("happy")              # the library entry
+    >>> resolve_vector("out/v.safetensors")  # a file
+    """
+    path = Path(text)
+    if path.is_file():
+        return SteeringVector.load(path, model=model)
+    name = os.fspath(text)
+    try:
+        validate_name(name)
+    except ConfigError:
+        return SteeringVector.load(path, model=model)  # not a name: report the missing file
+    library = VectorLibrary()
+    if name not in library:
+        raise VectorFileError(
+            f"no {what} named {name!r}: not a file and not in the library at {library.home}; "
+            "give a .safetensors path or a name from `acteng vectors list`"
+        )
+    return library.load(name, model=model)

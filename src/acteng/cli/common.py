@@ -51,38 +51,17 @@ def parse_vector_arg(text: str) -> tuple[str, float]:
         ) from None
 
 
-def resolve_vector(text: str, model: Model | None = None) -> Any:
-    """A vector from a file path or, when no such file exists, a library name."""
-    from pathlib import Path
-
-    from acteng.library import VectorLibrary, validate_name
-    from acteng.vectors import SteeringVector
-
-    if Path(text).is_file():
-        return SteeringVector.load(text, model=model)
-    library = VectorLibrary()
-    try:
-        validate_name(text)
-    except ConfigError:
-        return SteeringVector.load(text, model=model)  # not a name: report the missing file
-    if text in library:
-        return library.load(text, model=model)
-    raise ConfigError(
-        f"no vector file at {text!r} and no library vector named {text!r} in {library.home}; "
-        "give a .safetensors path or a name from `acteng vectors list`"
-    )
-
-
 def build_specs(
     model: Model, vectors: list[str], *, layers: str | None, positions: str, mode: str
 ) -> list[SteeringSpec]:
     from acteng.activations import parse_layers
+    from acteng.library import resolve_vector
     from acteng.steering import SteeringSpec
 
     specs = []
     for text in vectors:
         path, coefficient = parse_vector_arg(text)
-        vector = resolve_vector(path, model)
+        vector = resolve_vector(path, model=model)
         chosen = tuple(parse_layers(model, layers)) if layers else None
         specs.append(
             SteeringSpec(

@@ -105,8 +105,8 @@ def run_vectors(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from acteng.cli.common import resolve_vector
     from acteng.gguf_vectors import export_gguf
+    from acteng.library import resolve_vector
 
     check_writable(args.out)
     vector = resolve_vector(args.vector)
