@@ -23,7 +23,14 @@ from acteng.models import Model
 from acteng.pairs import ContrastivePair
 from acteng.positions import READ_POSITIONS, ReadSpan, read_span
 
-__all__ = ["Activations", "ReadItem", "pair_items", "parse_layers", "record_activations"]
+__all__ = [
+    "Activations",
+    "ReadItem",
+    "pair_items",
+    "parse_layers",
+    "record_activations",
+    "right_padded",
+]
 
 
 @dataclass(frozen=True)
@@ -200,7 +207,7 @@ def _prompt_tokens(offsets: list[tuple[int, int]], completion_start: int) -> int
     return next((i for i, (_, end) in enumerate(offsets) if end > completion_start), len(offsets))
 
 
-def _padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def right_padded(sequences: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad token lists: ids [n, width] and mask [n, width]."""
     width = max(map(len, sequences))
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
@@ -251,7 +258,7 @@ def _run_plan(
         cache.reorder_cache(torch.zeros(n_groups, dtype=torch.long, device=device))
     past_mask = past_mask.expand(n_groups, -1)
     if has_keys:  # stage 2: each group's shared prompt, once per group
-        key_ids, key_mask = _padded(plan.keys, pad_id)
+        key_ids, key_mask = right_padded(plan.keys, pad_id)
         positions = len(global_ids) + torch.arange(key_ids.shape[1]).expand(n_groups, -1)
         past_mask = torch.cat([past_mask, key_mask], dim=1)
         run_until(
@@ -269,7 +276,7 @@ def _run_plan(
         cache.reorder_cache(group.to(device))
     past_mask = past_mask[group]
     # stage 3: every text's own tokens, where all reading happens
-    ids, mask = _padded(plan.suffixes, pad_id)
+    ids, mask = right_padded(plan.suffixes, pad_id)
     positions = past_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1])
     weights = torch.zeros(ids.shape, dtype=torch.float32)  # span averaging over suffix tokens
     for row, (text, offset) in enumerate(zip(plan.texts, plan.offsets, strict=True)):

@@ -17,7 +17,7 @@ from typing import Literal
 
 import torch
 
-from acteng.activations import parse_layers
+from acteng.activations import parse_layers, right_padded
 from acteng.errors import ConfigError
 from acteng.hooks import BlockFn, ForwardContext, hooked, run_until
 from acteng.models import Model
@@ -115,12 +115,7 @@ def score_tokens(
     results: list[TokenScores | None] = [None] * len(items)
     for start in range(0, len(items), batch_size):
         rows = list(range(start, min(start + batch_size, len(items))))
-        width = max(len(encoded[i]) for i in rows)
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for r, i in enumerate(rows):
-            ids[r, : len(encoded[i])] = torch.tensor(encoded[i])
-            mask[r, : len(encoded[i])] = 1
+        ids, mask = right_padded([encoded[i] for i in rows], pad)
         scores: dict[int, torch.Tensor] = {}
 
         def read(
