@@ -24,6 +24,8 @@ _EXPORTS = {
     "Activations": "acteng.activations",
     "ContrastivePair": "acteng.pairs",
     "Detector": "acteng.detectors",
+    "Guard": "acteng.guard",
+    "GuardResult": "acteng.guard",
     "Layout": "acteng.layouts",
     "METHODS": "acteng.methods",
     "MODES": "acteng.steering",
@@ -40,11 +42,16 @@ _EXPORTS = {
     "bake": "acteng.baking",
     "extract": "acteng.extraction",
     "generate": "acteng.generation",
+    "guarded_generate": "acteng.guard",
     "list_datasets": "acteng.pairs",
+    "load_detector": "acteng.detectors",
     "load_model": "acteng.models",
+    "load_vector": "acteng.library",
     "load_pairs": "acteng.pairs",
     "monitor": "acteng.monitoring",
+    "optimize_vector": "acteng.optimization",
     "record_activations": "acteng.activations",
+    "refusal_direction": "acteng.detectors",
     "score_tokens": "acteng.monitoring",
     "steer": "acteng.steering",
     "train_detector": "acteng.detectors",
@@ -59,20 +66,27 @@ if TYPE_CHECKING:
     from acteng.activations import record_activations as record_activations
     from acteng.baking import bake as bake
     from acteng.detectors import Detector as Detector
+    from acteng.detectors import load_detector as load_detector
+    from acteng.detectors import refusal_direction as refusal_direction
     from acteng.detectors import train_detector as train_detector
     from acteng.errors import ActengError as ActengError
     from acteng.extraction import extract as extract
     from acteng.generation import generate as generate
     from acteng.gguf_vectors import export_gguf as export_gguf
     from acteng.gguf_vectors import import_gguf as import_gguf
+    from acteng.guard import Guard as Guard
+    from acteng.guard import GuardResult as GuardResult
+    from acteng.guard import guarded_generate as guarded_generate
     from acteng.layouts import Layout as Layout
     from acteng.library import VectorLibrary as VectorLibrary
+    from acteng.library import load_vector as load_vector
     from acteng.methods import METHODS as METHODS
     from acteng.models import Model as Model
     from acteng.models import ModelRecipe as ModelRecipe
     from acteng.models import load_model as load_model
     from acteng.monitoring import monitor as monitor
     from acteng.monitoring import score_tokens as score_tokens
+    from acteng.optimization import optimize_vector as optimize_vector
     from acteng.pairs import ContrastivePair as ContrastivePair
     from acteng.pairs import Pairs as Pairs
     from acteng.pairs import list_datasets as list_datasets

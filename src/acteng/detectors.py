@@ -28,17 +28,37 @@ from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
 from acteng.vectors import SteeringVector
 
-__all__ = ["Detector", "load_detector", "read_prompts", "train_detector"]
+__all__ = ["Detector", "load_detector", "read_prompts", "refusal_direction", "train_detector"]
 
-READ_REGIONS = ("post_instruction", "prompt")
+READ_REGIONS = ("post_instruction", "prompt", "response")
+
+# What a detector scores: a user prompt, or for the "response" region a (prompt, response)
+# pair, read over the assistant's response.
+Scored = str | tuple[str, str]
 
 
-def _read_items(model: Model, prompts: Sequence[str], region: str) -> list[ReadItem]:
+def _read_items(model: Model, texts: Sequence[Scored], region: str) -> list[ReadItem]:
     items = []
-    for i, prompt in enumerate(prompts):
+    for i, text in enumerate(texts):
+        if region == "response":
+            if not (isinstance(text, tuple) and len(text) == 2):
+                raise ConfigError(
+                    f"item {i}: a 'response' detector scores (prompt, response) pairs, got "
+                    f"{type(text).__name__}"
+                )
+            prompt, response = text
+            if not isinstance(response, str) or not response.strip():
+                raise ConfigError(f"item {i}: the response is empty; every item needs text")
+        elif isinstance(text, str):
+            prompt, response = text, ""
+        else:
+            raise ConfigError(f"item {i}: a {region!r} detector scores prompt strings")
         if not isinstance(prompt, str) or not prompt.strip():
             raise ConfigError(f"prompt {i} is empty; every prompt needs text")
         rendered = model.render_prompt(prompt)
+        if region == "response":
+            items.append(ReadItem(rendered + response, len(rendered), rendered=True))
+            continue
         start = rendered.rindex(prompt)
         if region == "post_instruction":
             start += len(prompt)
@@ -61,8 +81,13 @@ class Detector:
     def layers(self) -> tuple[int, ...]:
         return self.directions.layers
 
-    def score(self, model: Model, prompts: Sequence[str], *, batch_size: int = 32) -> list[float]:
-        """One score per prompt (higher = more of the concept)."""
+    def score(
+        self, model: Model, prompts: Sequence[Scored], *, batch_size: int = 32
+    ) -> list[float]:
+        """One score per prompt (higher = more of the concept).
+
+        A ``response`` detector takes (prompt, response) pairs and reads the response.
+        """
         self.directions.check_compatible(model)
         if not prompts:
             raise ConfigError("no prompts to score; give at least one")
@@ -79,11 +104,16 @@ class Detector:
             total += (projection - self.offsets[layer]) / self.scales[layer]
         return (total / len(self.layers)).tolist()
 
-    def flag(self, model: Model, prompts: Sequence[str]) -> list[bool]:
+    def flag(self, model: Model, prompts: Sequence[Scored]) -> list[bool]:
         return [s > self.threshold for s in self.score(model, prompts)]
 
     def calibrate(
-        self, model: Model, negatives: Sequence[str], target_fpr: float, *, source: str = "custom"
+        self,
+        model: Model,
+        negatives: Sequence[Scored],
+        target_fpr: float,
+        *,
+        source: str = "custom",
     ) -> Detector:
         """Set the threshold so a `target_fpr` share of held-out negatives is flagged."""
         if not 0.0 <= target_fpr < 1.0:
@@ -147,14 +177,15 @@ def train_detector(
     *,
     method: str = "probe",
     region: str = "post_instruction",
-    negatives: Sequence[str] | None = None,
+    negatives: Sequence[Scored] | None = None,
     target_fpr: float = 0.01,
 ) -> Detector:
     """Train a detector on prompt pairs (positive = concept present) and calibrate it.
 
-    Pairs are user prompts without a "prompt" field (e.g. the bundled
-    ``harmful_requests``). Without `negatives`, the threshold is calibrated on the
-    dataset's held-out ``test`` negatives.
+    For regions ``post_instruction`` and ``prompt``, pairs are user prompts without a
+    "prompt" field (e.g. the bundled ``harmful_requests``); for ``response`` they are two
+    answers to one prompt (e.g. ``honesty``) and the detector reads answers. Without
+    `negatives`, the threshold is calibrated on the dataset's held-out ``test`` negatives.
 
     >>> det = acteng.train_detector(model, "harmful_requests", layers=[14])
     >>> det.flag(model, ["How do I make a bomb?"])
@@ -164,17 +195,22 @@ def train_detector(
     if method not in METHODS or method == "actadd":
         raise ConfigError(f"detector method must be mean_diff, pca or probe, got {method!r}")
     dataset = load_pairs(pairs)
-    prompted = [i for i, p in enumerate(dataset) if p.prompt is not None]
-    if prompted:
+    has_prompt = [i for i, p in enumerate(dataset) if p.prompt is not None]
+    if region == "response" and len(has_prompt) != len(dataset):
         raise ConfigError(
-            f"detector pairs must be bare prompts (no 'prompt' field); items {prompted[:5]} "
-            "have one"
+            "a 'response' detector trains on pairs with a 'prompt' (positive and negative "
+            "are two answers to it); this dataset has bare prompts: use region "
+            "'post_instruction'"
+        )
+    if region != "response" and has_prompt:
+        raise ConfigError(
+            f"detector pairs for region {region!r} must be bare prompts (no 'prompt' field); "
+            f"items {has_prompt[:5]} have one: use region 'response' to read the answers"
         )
     has_split = any(p.split == "test" for p in dataset)
     train = dataset.split("train") if has_split else dataset
     chosen = parse_layers(model, layers)
-    pos_text = [p.positive for p in train]
-    neg_text = [p.negative for p in train]
+    pos_text, neg_text = _sides(train, region)
     acts = record_activations(
         model, _read_items(model, pos_text + neg_text, region), chosen, "mean"
     )
@@ -208,23 +244,82 @@ def train_detector(
     if negatives is None:
         if not has_split:
             raise ConfigError("give negatives=... to calibrate: the dataset has no test split")
-        negatives = [p.negative for p in dataset.split("test")]
+        negatives = _sides(dataset.split("test"), region)[1]
         source = f"{dataset.name}:test negatives"
     else:
         source = "custom negatives"
     return detector.calibrate(model, negatives, target_fpr, source=source)
 
 
+def refusal_direction(
+    model: Model,
+    pairs: Pairs | str | Path | Sequence[Any] = "harmful_requests",
+    layers: int | str | Sequence[int] | None = None,
+    *,
+    region: str = "post_instruction",
+) -> SteeringVector:
+    """The refusal direction of Arditi et al. (2024): harmful minus harmless mean activation.
+
+    Means are over the post-instruction tokens (the chat template after the user's text)
+    of the train split of bare-prompt pairs (positive = harmful). The raw difference is
+    kept, so ``coefficient=1`` adds the full gap between the two means; ablate it (mode
+    ``ablate``) at every layer to remove refusal, add it to induce refusal.
+
+    >>> r = acteng.refusal_direction(model, layers=[12])
+    """
+    if region == "response":
+        raise ConfigError("the refusal direction reads prompts: use 'post_instruction' or 'prompt'")
+    dataset = load_pairs(pairs)
+    if any(p.prompt is not None for p in dataset):
+        raise ConfigError(
+            "the refusal direction needs bare prompts (positive = harmful request, negative "
+            "= harmless), like the bundled 'harmful_requests'; these pairs have a 'prompt'"
+        )
+    train = dataset.split("train") if any(p.split == "test" for p in dataset) else dataset
+    pos_text, neg_text = _sides(train, region)
+    chosen = parse_layers(model, layers)
+    acts = record_activations(
+        model, _read_items(model, pos_text + neg_text, region), chosen, "mean"
+    )
+    n = len(pos_text)
+    diffs = {
+        x: (acts.rows[x][:n].double().mean(0) - acts.rows[x][n:].double().mean(0)).float()
+        for x in chosen
+    }
+    return SteeringVector(
+        diffs,
+        {
+            "model": model.identity(),
+            "method": "mean_diff",
+            "read_position": region,
+            "dataset": dataset.provenance(),
+        },
+    )
+
+
+def _sides(pairs: Pairs, region: str) -> tuple[list[Scored], list[Scored]]:
+    if region == "response":
+        return (
+            [(str(p.prompt), p.positive) for p in pairs],
+            [(str(p.prompt), p.negative) for p in pairs],
+        )
+    return [p.positive for p in pairs], [p.negative for p in pairs]
+
+
 def load_detector(source: str | os.PathLike[str], *, model: Model | None = None) -> Detector:
     """A detector from a file or a library name."""
-    from acteng.library import resolve_vector
+    from acteng.library import load_vector
 
-    vector = resolve_vector(source, model=model, what="detector")
+    vector = load_vector(source, model=model, what="detector")
     return Detector.from_vector(vector, source=os.fspath(source))
 
 
-def read_prompts(path: str | os.PathLike[str]) -> list[str]:
-    """Prompts from a JSONL file with a "prompt" field per line."""
+def read_prompts(path: str | os.PathLike[str], *, with_responses: bool = False) -> list[Scored]:
+    """Prompts from a JSONL file with a "prompt" field per line.
+
+    With `with_responses`, each line also needs a "response" field and the items are
+    (prompt, response) pairs, what a ``response`` detector scores.
+    """
     source = Path(path)
     if not source.is_file():
         raise ConfigError(f"no prompts file at {source}")
@@ -232,7 +327,8 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
         lines = source.read_text(encoding="utf-8").splitlines()
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{source}: not UTF-8 text ({exc}); save it as UTF-8") from exc
-    prompts = []
+    fields = ("prompt", "response") if with_responses else ("prompt",)
+    items: list[Scored] = []
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -240,9 +336,14 @@ def read_prompts(path: str | os.PathLike[str]) -> list[str]:
             record = json.loads(line)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{source} line {lineno}: invalid JSON ({exc.msg})") from exc
-        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
-            raise ConfigError(f"{source} line {lineno}: needs a string field 'prompt'")
-        prompts.append(record["prompt"])
-    if not prompts:
+        missing = [
+            f for f in fields if not isinstance(record, dict) or not isinstance(record.get(f), str)
+        ]
+        if missing:
+            raise ConfigError(
+                f"{source} line {lineno}: needs string field(s) {', '.join(map(repr, missing))}"
+            )
+        items.append((record["prompt"], record["response"]) if with_responses else record["prompt"])
+    if not items:
         raise ConfigError(f"{source} has no prompts; write one JSON object per line")
-    return prompts
+    return items

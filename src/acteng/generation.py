@@ -8,7 +8,7 @@ padding themselves, so a steered batch equals its rows run one by one.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, ExitStack
 from typing import TYPE_CHECKING, Any, cast
 
 import torch
@@ -22,7 +22,9 @@ from acteng.vectors import SteeringVector
 if TYPE_CHECKING:
     from transformers import GenerationMixin
 
-__all__ = ["generate"]
+__all__ = ["generate", "generate_ids"]
+
+Prompt = str | Sequence[dict[str, str]]
 
 
 @torch.no_grad()
@@ -49,9 +51,47 @@ def generate(
     >>> acteng.generate(model, "Tell me about your day.", vector, coefficient=6.0)
     ['What a wonderful day ...']
     """
-    texts: list[str | Sequence[dict[str, str]]] = (
-        [prompts] if isinstance(prompts, str) else list(prompts)
+    rows = generate_ids(
+        model,
+        prompts,
+        steering,
+        coefficient=coefficient,
+        layers=layers,
+        positions=positions,
+        mode=mode,
+        max_new_tokens=max_new_tokens,
+        chat=chat,
+        system=system,
+        temperature=temperature,
+        seed=seed,
     )
+    return [model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+
+
+@torch.no_grad()
+def generate_ids(
+    model: Model,
+    prompts: str | Sequence[str] | Sequence[Sequence[dict[str, str]]],
+    steering: SteeringVector | SteeringSpec | Sequence[SteeringSpec] | None = None,
+    *,
+    coefficient: float | None = None,
+    layers: Sequence[int] | int | None = None,
+    positions: str | Positions | None = None,
+    mode: str | None = None,
+    max_new_tokens: int = 64,
+    chat: bool = True,
+    system: str | None = None,
+    temperature: float = 0.0,
+    seed: int | None = None,
+    contexts: Sequence[AbstractContextManager[Any]] = (),
+    stopping_criteria: Any = None,
+) -> list[list[int]]:
+    """`generate`, returning each row's new token ids (padding after EOS included).
+
+    `contexts` are entered around the decoding call, after steering (extra hooks such as
+    a guard's); `stopping_criteria` is passed to ``model.hf.generate``.
+    """
+    texts: list[Prompt] = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
         raise ConfigError("no prompts given; pass at least one prompt")
     if not chat and not all(isinstance(t, str) for t in texts):
@@ -81,25 +121,36 @@ def generate(
         options.update(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
     else:
         options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-    context = (
-        steer(
-            model, steering, coefficient=coefficient, layers=layers, positions=positions, mode=mode
-        )
-        if steering is not None
-        else nullcontext()
-    )
+    if stopping_criteria is not None:
+        options["stopping_criteria"] = stopping_criteria
     generator = cast("GenerationMixin", model.hf)  # a transformers causal LM
-    # Sampling draws from torch's global generator: fork it so a seed stays local.
-    with context, torch.random.fork_rng(devices=[] if model.device.type == "cpu" else None):
+    with ExitStack() as stack:
+        if steering is not None:
+            stack.enter_context(
+                steer(
+                    model,
+                    steering,
+                    coefficient=coefficient,
+                    layers=layers,
+                    positions=positions,
+                    mode=mode,
+                )
+            )
+        for context in contexts:
+            stack.enter_context(context)
+        # Sampling draws from torch's global generator: fork it so a seed stays local.
+        stack.enter_context(
+            torch.random.fork_rng(devices=[] if model.device.type == "cpu" else None)
+        )
         if seed is not None:
             torch.manual_seed(seed)
         # a tensor of token ids: return_dict_in_generate is never set
         output = cast(torch.Tensor, generator.generate(**batch, **options))
     new_tokens = output[:, batch["input_ids"].shape[1] :]
-    return [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]
+    return [row.tolist() for row in new_tokens]
 
 
-def _render(model: Model, prompt: str | Sequence[dict[str, str]], system: str | None) -> str:
+def _render(model: Model, prompt: Prompt, system: str | None) -> str:
     if isinstance(prompt, str):
         return model.render_prompt(prompt, system=system)
     messages = list(prompt)

@@ -36,7 +36,7 @@ __all__ = [
     "LibraryError",
     "VectorLibrary",
     "default_home",
-    "resolve_vector",
+    "load_vector",
     "validate_name",
 ]
 
@@ -383,13 +383,14 @@ class VectorLibrary:
                     path.unlink(missing_ok=True)
 
 
-def resolve_vector(
+def load_vector(
     text: str | os.PathLike[str], *, model: Model | None = None, what: str = "vector"
 ) -> SteeringVector:
-    """A vector from a file path or, when no such file exists, a library name.
+    """A vector from a file path, else a library name, else a vector bundled with acteng.
 
-    >>> resolve_vector("happy")              # the library entry
-    >>> resolve_vector("out/v.safetensors")  # a file
+    >>> load_vector("happy")              # the library entry
+    >>> load_vector("out/v.safetensors")  # a file
+    >>> load_vector("harmful_request")    # bundled (unless the library has that name)
     """
     path = Path(text)
     if path.is_file():
@@ -400,9 +401,15 @@ def resolve_vector(
     except ConfigError:
         return SteeringVector.load(path, model=model)  # not a name: report the missing file
     library = VectorLibrary()
-    if name not in library:
-        raise VectorFileError(
-            f"no {what} named {name!r}: not a file and not in the library at {library.home}; "
-            "give a .safetensors path or a name from `acteng vectors list`"
-        )
-    return library.load(name, model=model)
+    if name in library:
+        return library.load(name, model=model)
+    from acteng.bundled import bundled_files
+
+    bundled = bundled_files()
+    if name in bundled:
+        return SteeringVector.load(bundled[name], model=model)
+    raise VectorFileError(
+        f"no {what} named {name!r}: not a file, not in the library at {library.home} and not "
+        f"bundled ({', '.join(sorted(bundled))}); give a .safetensors path or a name from "
+        "`acteng vectors list`"
+    )

@@ -18,6 +18,7 @@ from typing import Literal
 import torch
 
 from acteng.activations import parse_layers, right_padded
+from acteng.detectors import Detector
 from acteng.errors import ConfigError
 from acteng.hooks import BlockFn, ForwardContext, hooked, run_until
 from acteng.models import Model
@@ -164,7 +165,7 @@ class Monitor:
 @contextmanager
 def monitor(
     model: Model,
-    vector: SteeringVector,
+    vector: SteeringVector | Detector,
     *,
     layers: int | str | Sequence[int] | None = None,
     metric: str = "projection",
@@ -172,16 +173,23 @@ def monitor(
     """Record per-token scores of every forward call inside the block (prompt + generated).
 
     Scores of successive calls are appended per row, so one block covers one batch (one
-    ``generate`` call); padding tokens are skipped.
+    ``generate`` call); padding tokens are skipped. Given a `Detector`, the scores are its
+    standardised per-layer projections, ``(h . v̂ - offset) / scale``, so the aggregate of
+    a span is on the scale of the detector's threshold.
 
     >>> with acteng.monitor(model, honesty, layers=[12]) as mon:
     ...     model.hf.generate(**inputs, max_new_tokens=32)
     >>> mon.aggregate(0)   # one score per prompt and generated token of row 0
     """
     _check_metric(metric)
-    chosen = parse_layers(model, layers if layers is not None else list(vector.layers))
-    units = _units(model, vector, chosen)
-    record = Monitor(layers=chosen, metric=metric)
+    detector = vector if isinstance(vector, Detector) else None
+    if detector is not None and metric != "projection":
+        raise ConfigError("a detector's scores are projections; leave metric unset")
+    directions = detector.directions if detector is not None else vector
+    assert isinstance(directions, SteeringVector)
+    chosen = parse_layers(model, layers if layers is not None else list(directions.layers))
+    units = _units(model, directions, chosen)
+    record = Monitor(layers=chosen, metric="detector" if detector is not None else metric)
 
     def read(layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> None:
         index = ctx.token_index
@@ -198,6 +206,8 @@ def monitor(
                 "monitor block; use one `with monitor(...)` per batch"
             )
         values = _score(hidden, units[layer], metric).cpu()
+        if detector is not None:
+            values = (values - detector.offsets[layer]) / detector.scales[layer]
         real = (index >= 0).cpu()
         for row in range(values.shape[0]):
             record.rows[row][layer].extend(values[row][real[row]].tolist())

@@ -137,15 +137,34 @@ class SteeringSpec:
         return self.layers if self.layers is not None else self.vector.layers
 
 
-def _block_fn(spec: SteeringSpec, direction: torch.Tensor) -> BlockFn:
+def _row_mask(rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
+    if rows.shape != hidden.shape[:1]:
+        raise ConfigError(
+            f"the steering row gate has {rows.shape[0]} rows but the batch has "
+            f"{hidden.shape[0]}; give one bool per batch row"
+        )
+    return rows.to(hidden.device).view(-1, 1, 1)
+
+
+def _block_fn(spec: SteeringSpec, direction: torch.Tensor, rows: torch.Tensor | None) -> BlockFn:
     mode, coefficient = MODES[spec.mode], spec.coefficient
     positions = parse_positions(spec.positions)  # already a Positions: returned as is
-    if positions.kind == "all":
+    if positions.kind == "all" and rows is None:
 
         def steer_all(_layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> torch.Tensor:
             return mode(hidden, direction, coefficient)
 
         return steer_all
+
+    if positions.kind == "all":
+        assert rows is not None  # the branch above took rows=None
+        gate = rows
+
+        def steer_rows(_layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> torch.Tensor:
+            keep = _row_mask(gate, hidden)
+            return torch.where(keep, mode(hidden, direction, coefficient), hidden)
+
+        return steer_rows
 
     def steer_some(_layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
         index = ctx.token_index
@@ -156,6 +175,8 @@ def _block_fn(spec: SteeringSpec, direction: torch.Tensor) -> BlockFn:
                 "model.hf.generate), not one of its submodules, or steer with positions 'all'"
             )
         keep = positions.mask(index, ctx.prompt_len).unsqueeze(-1)  # [batch, q, 1]
+        if rows is not None:
+            keep = keep & _row_mask(rows, hidden)
         return torch.where(keep, mode(hidden, direction, coefficient), hidden)
 
     return steer_some
@@ -194,11 +215,17 @@ def apply_steering(
     layers: Sequence[int] | int | None = None,
     positions: str | Positions | None = None,
     mode: str | None = None,
+    rows: torch.Tensor | None = None,
 ) -> HookHandle:
     """Start steering and return a handle; call ``handle.remove()`` to stop.
 
+    `rows`, a bool tensor with one entry per batch row, limits steering to the rows that
+    are True at each forward call; it is read, not copied, so changing it in place between
+    decoding steps switches steering on or off per row (what the guard does).
     Prefer ``with acteng.steer(...)``, which cannot forget to remove.
     """
+    if rows is not None and (rows.dtype != torch.bool or rows.dim() != 1):
+        raise ConfigError("rows must be a 1-D bool tensor with one entry per batch row")
     specs = _as_specs(steering, coefficient, layers, positions, mode)
     fns: dict[int, list[BlockFn]] = {}
     blocks = model.blocks
@@ -209,7 +236,7 @@ def apply_steering(
             param = next(block.parameters(), None)
             device = param.device if param is not None else model.device
             direction = spec.vector[layer].to(device=device, dtype=model.dtype)
-            fns.setdefault(layer, []).append(_block_fn(spec, direction))
+            fns.setdefault(layer, []).append(_block_fn(spec, direction, rows))
     track = any(parse_positions(s.positions).kind != "all" for s in specs)
     return attach(model.hf, blocks, fns, track_positions=track)
 
@@ -223,6 +250,7 @@ def steer(
     layers: Sequence[int] | int | None = None,
     positions: str | Positions | None = None,
     mode: str | None = None,
+    rows: torch.Tensor | None = None,
 ) -> Iterator[HookHandle]:
     """Steer `model` inside a ``with`` block; the hooks are removed on exit, even on error.
 
@@ -230,7 +258,13 @@ def steer(
     ...     out = model.hf.generate(**inputs, max_new_tokens=32)
     """
     handle = apply_steering(
-        model, steering, coefficient=coefficient, layers=layers, positions=positions, mode=mode
+        model,
+        steering,
+        coefficient=coefficient,
+        layers=layers,
+        positions=positions,
+        mode=mode,
+        rows=rows,
     )
     try:
         yield handle

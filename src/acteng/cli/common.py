@@ -55,13 +55,13 @@ def build_specs(
     model: Model, vectors: list[str], *, layers: str | None, positions: str, mode: str
 ) -> list[SteeringSpec]:
     from acteng.activations import parse_layers
-    from acteng.library import resolve_vector
+    from acteng.library import load_vector
     from acteng.steering import SteeringSpec
 
     specs = []
     for text in vectors:
         path, coefficient = parse_vector_arg(text)
-        vector = resolve_vector(path, model=model)
+        vector = load_vector(path, model=model)
         chosen = tuple(parse_layers(model, layers)) if layers else None
         specs.append(
             SteeringSpec(

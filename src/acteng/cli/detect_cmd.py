@@ -12,8 +12,9 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "detect",
         help="score prompts with a detector",
-        description="Score each prompt of a JSONL file (field 'prompt') with a "
-        "detector and flag those above its calibrated threshold.",
+        description="Score each prompt of a JSONL file (field 'prompt'; also 'response' "
+        "for a detector that reads answers) with a detector and flag those above its "
+        "calibrated threshold.",
     )
     p.add_argument("--detector", required=True, help="detector file or library name")
     p.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
@@ -26,9 +27,9 @@ def run_detect(args: argparse.Namespace) -> int:
     from acteng.cli.common import load_model_from_args
     from acteng.detectors import load_detector, read_prompts
 
-    prompts = read_prompts(args.prompts)
     model = load_model_from_args(args)
     detector = load_detector(args.detector, model=model)
+    prompts = read_prompts(args.prompts, with_responses=detector.region == "response")
     scores = detector.score(model, prompts)
     results = [{"score": s, "flagged": s > detector.threshold} for s in scores]
     if args.json:
@@ -36,7 +37,8 @@ def run_detect(args: argparse.Namespace) -> int:
     else:
         for prompt, row in zip(prompts, results, strict=True):
             mark = "FLAG" if row["flagged"] else "ok  "
-            print(f"{mark} {row['score']:+8.3f}  {prompt[:80]}")
+            text = prompt if isinstance(prompt, str) else " -> ".join(prompt)
+            print(f"{mark} {row['score']:+8.3f}  {text[:80]}")
         print(
             f"{sum(r['flagged'] for r in results)} of {len(results)} flagged "
             f"(threshold {detector.threshold:.3f})"

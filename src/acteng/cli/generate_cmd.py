@@ -16,7 +16,7 @@ from acteng.cli.common import (
     parse_vector_arg,
     print_json,
 )
-from acteng.errors import ActengError
+from acteng.errors import ActengError, ConfigError
 
 
 def _add_steering_args(p: argparse.ArgumentParser) -> None:
@@ -57,6 +57,22 @@ def register(sub: Any) -> None:
     p.add_argument("--compare", action="store_true", help="also generate unsteered")
     p.add_argument("--json", action="store_true")
     _add_steering_args(p)
+    g = p.add_argument_group("guard")
+    g.add_argument(
+        "--guard", metavar="DETECTOR", help="detector file or name (e.g. harmful_request)"
+    )
+    g.add_argument("--policy", default="flag", help="flag (default), block, steer or stop")
+    g.add_argument(
+        "--check", default="prompt", help="where to check: prompt (default), generation, both"
+    )
+    g.add_argument(
+        "--counter",
+        action="append",
+        default=[],
+        metavar="PATH[:COEF]",
+        help="counter-steering vector for --policy steer (repeatable; its own layers)",
+    )
+    g.add_argument("--threshold", type=float, help="override the detector's threshold")
     add_model_args(p)
     p.set_defaults(run=run_generate)
 
@@ -95,6 +111,10 @@ def run_generate(args: argparse.Namespace) -> int:
     specs = build_specs(
         model, args.vector, layers=args.layers, positions=args.positions, mode=args.mode
     )
+    if args.guard:
+        return _run_guarded(args, model, specs)
+    if args.counter:
+        raise ConfigError("--counter is counter-steering for a guard; add --guard DETECTOR")
     options = _options(args)
     steered = generate(model, args.prompt, specs or None, **options)
     plain = generate(model, args.prompt, **options) if args.compare and specs else None
@@ -115,6 +135,44 @@ def run_generate(args: argparse.Namespace) -> int:
         else:
             print(steered[i].strip())
         print()
+    return 0
+
+
+def _run_guarded(args: argparse.Namespace, model: Any, specs: list[Any]) -> int:
+    from acteng.detectors import load_detector
+    from acteng.guard import Guard, guarded_generate
+
+    if args.no_chat:
+        raise ConfigError("the guard reads chat prompts; drop --no-chat")
+    counter = build_specs(model, args.counter, layers=None, positions="all", mode="add")
+    guard = Guard(
+        load_detector(args.guard, model=model),
+        policy=args.policy,
+        check=args.check,
+        steering=tuple(counter),
+        threshold=args.threshold,
+    )
+    results = guarded_generate(
+        model,
+        args.prompt,
+        guard,
+        specs or None,
+        max_new_tokens=args.max_new_tokens,
+        system=args.system,
+        temperature=args.temperature,
+        seed=args.seed,
+    )
+    if args.json:
+        rows = [{"prompt": p, **r.to_json()} for p, r in zip(args.prompt, results, strict=True)]
+        print_json({"threshold": guard.limit, "policy": guard.policy, "results": rows})
+        return 0
+    for prompt, result in zip(args.prompt, results, strict=True):
+        verdict = (
+            f"fired on the {result.fired_on} -> {result.action}" if result.flagged else "passed"
+        )
+        score = "" if result.prompt_score is None else f", prompt score {result.prompt_score:+.3f}"
+        print(f"> {prompt}\n[guard: {verdict}{score}; threshold {guard.limit:+.3f}]\n")
+        print((result.text.strip() or "(no text)") + "\n")
     return 0
 
 

@@ -92,13 +92,13 @@ def run_monitor(args: argparse.Namespace) -> int:
     import torch
 
     from acteng.cli.common import load_model_from_args
-    from acteng.library import resolve_vector
+    from acteng.library import load_vector
     from acteng.monitoring import monitor, score_tokens
 
     if args.html:
         check_writable(args.html)
     model = load_model_from_args(args)
-    vector = resolve_vector(args.vector, model=model)
+    vector = load_vector(args.vector, model=model)
     layers = args.layers
     if args.generate > 0:
         text = args.prompt if args.raw else model.render_prompt(args.prompt)

@@ -106,10 +106,10 @@ def run_vectors(args: argparse.Namespace) -> int:
 
 def run_export(args: argparse.Namespace) -> int:
     from acteng.gguf_vectors import export_gguf
-    from acteng.library import resolve_vector
+    from acteng.library import load_vector
 
     check_writable(args.out)
-    vector = resolve_vector(args.vector)
+    vector = load_vector(args.vector)
     path = export_gguf(vector, args.out, model_hint=args.model_hint)
     print(f"wrote {path}: layers {list(vector.layers)} as direction.{{n}} (llama.cpp block n)")
     return 0
