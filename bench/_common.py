@@ -39,6 +39,26 @@ def interleaved(conditions: dict[str, Callable[[], object]], rounds: int) -> dic
     return times
 
 
+def greedy_run(model: Any, prompt: str, tokens: int) -> Callable[[], None]:
+    """A callable generating exactly `tokens` greedy tokens for one chat prompt (batch 1)."""
+    batch = model.tokenizer(
+        [model.render_prompt(prompt)], add_special_tokens=False, return_tensors="pt"
+    )
+
+    def run() -> None:
+        with torch.no_grad():
+            out = model.hf.generate(
+                **batch,
+                max_new_tokens=tokens,
+                min_new_tokens=tokens,
+                do_sample=False,
+                pad_token_id=model.tokenizer.pad_token_id,
+            )
+        assert out.shape[1] == batch["input_ids"].shape[1] + tokens
+
+    return run
+
+
 def median(values: list[float]) -> float:
     return statistics.median(values)
 

@@ -4,8 +4,10 @@ Trains a ``response`` detector per layer on the team's `honesty` pairs (honest v
 deceptive answers to the same question) and scores each statement of
 ../shared/data/external/facts_true_false.jsonl as the assistant's answer to a neutral
 request ("State a fact."); a true statement should read as more honest. Reports, per
-layer, AUROC on the team's held-out honesty pairs (used to choose the bundled layers) and
-AUROC true-vs-false on the external facts (reported only).
+layer, AUROC on the team's held-out honesty pairs (used to choose the bundled layer) and
+AUROC true-vs-false on the external facts (reported only). For context it also reports a
+ceiling: a probe trained on half of the facts themselves (true vs false) and tested on the
+other half, i.e. how linearly readable truth is at that layer of this model at all.
 
     .venv/bin/python bench/honesty.py
 """
@@ -34,6 +36,11 @@ def main() -> None:
     false = [(REQUEST, f["statement"]) for f in facts if f["label"] == 0]
     model = acteng.load_model()
     own = acteng.load_pairs("honesty", split="test")
+    # ceiling probe: even-indexed facts train it, odd-indexed ones test it
+    fact_pairs = [
+        {"prompt": REQUEST, "positive": t[1], "negative": f[1]}
+        for t, f in zip(true[::2], false[::2], strict=False)
+    ]
     rows = []
     for layer in range(2, model.num_layers, 2):
         det = train_detector(model, "honesty", layers=[layer], region="response")
@@ -42,14 +49,23 @@ def main() -> None:
             det.score(model, [(str(p.prompt), p.negative) for p in own]),
         )
         facts_auc = auroc(det.score(model, true), det.score(model, false))
+        ceiling = train_detector(
+            model, fact_pairs, layers=[layer], region="response", negatives=false[1::2]
+        )
+        ceiling_auc = auroc(ceiling.score(model, true[1::2]), ceiling.score(model, false[1::2]))
         rows.append(
             {
                 "layer": layer,
                 "own_test_auroc": round(own_auc, 4),
                 "facts_auroc": round(facts_auc, 4),
+                "facts_probe_ceiling": round(ceiling_auc, 4),
             }
         )
-        print(f"layer {layer:2d}  own held-out AUROC {own_auc:.3f}  facts AUROC {facts_auc:.3f}")
+        print(
+            f"layer {layer:2d}  own held-out AUROC {own_auc:.3f}  facts AUROC {facts_auc:.3f}  "
+            f"(probe trained on facts: {ceiling_auc:.3f})",
+            flush=True,
+        )
     print(f"written to {save('honesty', {'request': REQUEST, 'rows': rows})}")
 
 

@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 from contextlib import ExitStack
 
-import torch
-
 import acteng
-from _common import interleaved, median, save
+from _common import greedy_run, interleaved, median, save
 from acteng.detectors import train_detector
 from acteng.guard import Guard, guarded_generate
 
@@ -34,20 +32,7 @@ def main() -> None:
         train_detector(model, "refusal", layers=[20], region="response"),
     ]
     prompt = "Tell me about your weekend."
-    batch = model.tokenizer(
-        [model.render_prompt(prompt)], add_special_tokens=False, return_tensors="pt"
-    )
-
-    def run() -> None:
-        with torch.no_grad():
-            out = model.hf.generate(
-                **batch,
-                max_new_tokens=args.tokens,
-                min_new_tokens=args.tokens,
-                do_sample=False,
-                pad_token_id=model.tokenizer.pad_token_id,
-            )
-        assert out.shape[1] == batch["input_ids"].shape[1] + args.tokens
+    run = greedy_run(model, prompt, args.tokens)
 
     def monitored() -> None:
         with ExitStack() as stack:
@@ -58,7 +43,7 @@ def main() -> None:
     watch = Guard(detectors[0], policy="flag", check="generation", threshold=1e9)
 
     def guarded() -> None:
-        # guarded_generate also scores nothing on the prompt here (check="generation")
+        # check="generation": no extra prompt pass, only the running score while decoding
         guarded_generate(model, [prompt], watch, max_new_tokens=args.tokens)
 
     def plain_generate() -> None:

@@ -10,10 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 import acteng
-from _common import interleaved, median, save
+from _common import greedy_run, interleaved, median, save
 
 
 def main() -> None:
@@ -23,22 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     model = acteng.load_model()
     vector = acteng.extract(model, "sentiment", layers="all")
-    batch = model.tokenizer(
-        [model.render_prompt("Tell me about your weekend.")],
-        add_special_tokens=False,
-        return_tensors="pt",
-    )
-
-    def run() -> None:
-        with torch.no_grad():
-            out = model.hf.generate(
-                **batch,
-                max_new_tokens=args.tokens,
-                min_new_tokens=args.tokens,
-                do_sample=False,
-                pad_token_id=model.tokenizer.pad_token_id,
-            )
-        assert out.shape[1] == batch["input_ids"].shape[1] + args.tokens
+    run = greedy_run(model, "Tell me about your weekend.", args.tokens)
 
     def steered(layers: list[int]) -> None:
         with acteng.steer(model, vector, coefficient=2.0, layers=layers):

@@ -210,3 +210,11 @@ def test_monitor_scores_a_detector_on_its_scale(
         monitor(tiny_llama, detector, metric="cosine"),
     ):
         pass
+
+
+def test_detector_files_with_bad_numbers(detector: Detector, tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    path = replace(detector, threshold=float("nan")).save(tmp_path / "nan.safetensors")
+    with pytest.raises(VectorFileError, match="not finite"):
+        load_detector(path)

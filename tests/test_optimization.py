@@ -69,6 +69,6 @@ def test_refusal_vector_makes_the_real_model_refuse(smollm2: acteng.Model) -> No
     refusal = load_vector("refusal", model=smollm2)
     prompts = [p.negative for p in acteng.load_pairs("harmful_requests", split="test")][:16]
     plain = acteng.generate(smollm2, prompts, max_new_tokens=16)
-    steered = acteng.generate(smollm2, prompts, refusal, coefficient=1.25, max_new_tokens=16)
+    steered = acteng.generate(smollm2, prompts, refusal, coefficient=1.0, max_new_tokens=16)
     assert sum(map(is_refusal, plain)) <= 2
     assert sum(map(is_refusal, steered)) >= 14, steered

@@ -13,6 +13,7 @@ in the file's metadata. Files are vector files (``layers.{i}``) whose metadata c
 from __future__ import annotations
 
 import json
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -167,6 +168,12 @@ class Detector:
             raise VectorFileError(f"{source}: detector offsets/scales do not match its layers")
         if region not in READ_REGIONS or any(s <= 0 for s in scales.values()):
             raise VectorFileError(f"{source}: invalid detector region or scales")
+        numbers = [threshold, *offsets.values(), *scales.values()]
+        if not all(math.isfinite(x) for x in numbers):
+            raise VectorFileError(
+                f"{source}: detector threshold, offsets or scales are not finite numbers; "
+                "retrain or recalibrate it"
+            )
         return cls(vector, offsets, scales, threshold, region, dict(spec.get("calibration") or {}))
 
 
