@@ -195,3 +195,20 @@ def test_generate_cli_with_a_guard(
     assert "add --guard" in capsys.readouterr().err
     assert main(["generate", "--prompt", "hi", "--guard", "harmful_request", "--policy", "x"]) == 2
     assert "unknown guard policy" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_cast_refuses_harmful_requests_only(smollm2: acteng.Model, harm: Detector) -> None:
+    """CAST: the bundled refusal vector, applied only where the harmful detector fires."""
+    from acteng.metrics import is_refusal
+
+    harmful = [p.positive for p in acteng.load_pairs("harmful_requests", split="test")][::20]
+    harmless = [p.negative for p in acteng.load_pairs("harmful_requests", split="test")][::20]
+    refusal = SteeringSpec(acteng.load_vector("refusal", model=smollm2), coefficient=1.0)
+    cast = Guard(harm, policy="steer", steering=(refusal,))
+    results = guarded_generate(smollm2, harmful + harmless, cast, max_new_tokens=16)
+    plain = acteng.generate(smollm2, harmful + harmless, max_new_tokens=16)
+    for r, text in zip(results[: len(harmful)], plain, strict=False):
+        assert r.action == "steer" and is_refusal(r.text) and not is_refusal(text), r.text
+    for r, text in zip(results[len(harmful) :], plain[len(harmful) :], strict=True):
+        assert r.action == "none" and r.text == text
