@@ -90,3 +90,23 @@ def test_tax_and_behaviour_on_the_real_model(smollm2: acteng.Model) -> None:
     base = logprob_margin(smollm2, test)
     minus = logprob_margin(smollm2, test, SteeringSpec(vector, coefficient=-4.0))
     assert sum(minus) < sum(base) < sum(plus)
+
+
+@pytest.mark.real
+def test_prompting_baseline_on_the_real_model(smollm2: acteng.Model) -> None:
+    from acteng.metrics import prompting_baseline
+
+    vector = acteng.extract(smollm2, "sentiment", layers=[8])
+    test = acteng.load_pairs("sentiment", split="test")[:12]
+    instruction = "Always answer in a very positive, upbeat and enthusiastic tone."
+    spec = SteeringSpec(vector, coefficient=4.0)
+    result = prompting_baseline(smollm2, test, spec, instruction)
+    assert set(result) == {"none", "steering", "prompt", "both"}
+    assert result["none"] == pytest.approx(sum(logprob_margin(smollm2, test)) / len(test))
+    assert (
+        result["steering"] > result["none"]
+    )  # the instruction need not help: measured, not assumed
+    prompted = logprob_margin(smollm2, test, system=instruction)
+    assert result["prompt"] == pytest.approx(sum(prompted) / len(prompted))
+    with pytest.raises(ConfigError, match="non-empty instruction"):
+        prompting_baseline(smollm2, test, spec, " ")

@@ -7,6 +7,9 @@
   answers, ``p(match) / (p(match) + p(other))`` (as CAA does), and the mass ``p(match) +
   p(other)`` that shows whether the model follows the answer format at all.
 - `logprob_margin`: for pairs with a prompt, log p(positive) - log p(negative).
+- `prompting_baseline`: that margin with no intervention, with steering, with an
+  instruction in the system prompt, and with both (AxBench found prompting often beats
+  steering; this says so per concept).
 
 - Refusal is judged by phrase matching, the convention of refusal_direction (Arditi et
   al. 2024) and JailbreakBench: a completion refuses when it contains one of
@@ -41,6 +44,7 @@ __all__ = [
     "is_refusal",
     "logprob_margin",
     "next_token_kl",
+    "prompting_baseline",
     "refusal_rate",
     "refusal_score",
 ]
@@ -133,6 +137,7 @@ def completion_logprobs(
     completions: Sequence[str],
     steering: Steering = None,
     *,
+    system: str | None = None,
     batch_size: int = 16,
 ) -> list[tuple[float, int]]:
     """(sum of log-probabilities, token count) of each completion after its chat prompt."""
@@ -143,7 +148,8 @@ def completion_logprobs(
     tokenizer = model.tokenizer
     encoded = []
     for i, (prompt, completion) in enumerate(zip(prompts, completions, strict=True)):
-        head = tokenizer(model.render_prompt(prompt), add_special_tokens=False)["input_ids"]
+        rendered = model.render_prompt(prompt, system=system)
+        head = tokenizer(rendered, add_special_tokens=False)["input_ids"]
         tail = tokenizer(completion, add_special_tokens=False)["input_ids"]
         if not tail:
             raise ConfigError(f"completion {i} is empty; every completion needs text")
@@ -208,6 +214,7 @@ def logprob_margin(
     pairs: Sequence[ContrastivePair],
     steering: Steering = None,
     *,
+    system: str | None = None,
     batch_size: int = 16,
 ) -> list[float]:
     """Per pair with a prompt: log p(positive | prompt) - log p(negative | prompt)."""
@@ -218,7 +225,32 @@ def logprob_margin(
         prompts + prompts,
         [p.positive for p in items] + [p.negative for p in items],
         steering,
+        system=system,
         batch_size=batch_size,
     )
     n = len(items)
     return [pos - neg for (pos, _), (neg, _) in zip(scores[:n], scores[n:], strict=True)]
+
+
+def prompting_baseline(
+    model: Model,
+    pairs: Sequence[ContrastivePair],
+    steering: Steering,
+    instruction: str,
+    *,
+    batch_size: int = 16,
+) -> dict[str, float]:
+    """Mean log-prob margin under: nothing, steering, a system instruction, and both."""
+    if steering is None or not instruction.strip():
+        raise ConfigError("the baseline compares a steering setting with a non-empty instruction")
+    conditions = {
+        "none": (None, None),
+        "steering": (steering, None),
+        "prompt": (None, instruction),
+        "both": (steering, instruction),
+    }
+    out = {}
+    for name, (spec, system) in conditions.items():
+        margins = logprob_margin(model, pairs, spec, system=system, batch_size=batch_size)
+        out[name] = sum(margins) / len(margins)
+    return out
