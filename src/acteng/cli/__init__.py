@@ -12,7 +12,14 @@ import sys
 from collections.abc import Sequence
 
 from acteng import __version__
-from acteng.cli import detect_cmd, extract_cmd, generate_cmd, monitor_cmd, vectors_cmd
+from acteng.cli import (
+    detect_cmd,
+    eval_cmd,
+    extract_cmd,
+    generate_cmd,
+    monitor_cmd,
+    vectors_cmd,
+)
 from acteng.errors import ActengError
 
 __all__ = ["build_parser", "main"]
@@ -31,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     vectors_cmd.register(sub)
     monitor_cmd.register(sub)
     detect_cmd.register(sub)
+    eval_cmd.register(sub)
     return parser
 
 
