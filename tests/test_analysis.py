@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,3 +59,22 @@ def test_analysis_on_the_real_model(smollm2: acteng.Model) -> None:
     assert rows[1]["auroc"] > 0.95 and rows[1]["auroc"] >= rows[0]["auroc"], rows
     with pytest.raises(ConfigError, match="test split"):
         readability(smollm2, acteng.load_pairs("sentiment", split="train"), [2])
+
+
+@pytest.mark.real
+def test_analyze_cli(
+    smollm2: acteng.Model, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import json
+
+    from acteng.cli import main
+
+    path = acteng.extract(smollm2, "sentiment", layers=[16, 24]).save(tmp_path / "s.safetensors")
+    args = ["analyze", str(path), "--pairs", "sentiment", "--layers", "16", "--scatter-layer"]
+    assert main([*args, "16", "--top", "3", "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert set(report["vocab"]) == {"16", "24"} and len(report["vocab"]["24"]["promoted"]) == 3
+    assert report["readability"][0]["layer"] == 16 and len(report["layer_cosines"]) == 2
+    assert len(report["scatter"]["positive"][0]) == 2
+    assert main(["analyze", str(path), "--scatter-layer", "3"]) == 2
+    assert "needs --pairs" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from acteng import __version__
 from acteng.cli import (
+    analyze_cmd,
     detect_cmd,
     eval_cmd,
     extract_cmd,
@@ -39,6 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor_cmd.register(sub)
     detect_cmd.register(sub)
     eval_cmd.register(sub)
+    analyze_cmd.register(sub)
     return parser
 
 
