@@ -21,6 +21,7 @@ from acteng.activations import pair_items, parse_layers, record_activations
 from acteng.errors import ConfigError
 from acteng.layouts import get_submodule
 from acteng.methods import METHODS
+from acteng.metrics import auroc
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
 from acteng.vectors import SteeringVector
@@ -51,12 +52,6 @@ def vocab_projection(
             "suppressed": [(decode([int(i)]), -float(v)) for v, i in zip(*bottom, strict=True)],
         }
     return out
-
-
-def _auroc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
-    wins = (positives[:, None] > negatives[None, :]).double()
-    ties = (positives[:, None] == negatives[None, :]).double()
-    return float((wins + 0.5 * ties).mean())
 
 
 def _activations(
@@ -92,7 +87,7 @@ def readability(
         mid = float(((pos.mean(0) + neg.mean(0)) / 2) @ unit)
         p, q = held[layer][:m] @ unit - mid, held[layer][m:] @ unit - mid
         accuracy = float(torch.cat([(p > 0).double(), (q <= 0).double()]).mean())
-        rows.append({"layer": layer, "auroc": _auroc(p, q), "accuracy": accuracy})
+        rows.append({"layer": layer, "auroc": auroc(p, q), "accuracy": accuracy})
     return rows
 
 

@@ -25,7 +25,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 
 import torch
@@ -40,6 +40,8 @@ from acteng.vectors import SteeringVector
 __all__ = [
     "REFUSAL_PHRASES",
     "ab_match",
+    "auroc",
+    "batched_logprobs",
     "completion_logprobs",
     "is_refusal",
     "logprob_margin",
@@ -78,6 +80,30 @@ def refusal_rate(texts: Sequence[str]) -> float:
     return sum(map(is_refusal, texts)) / len(texts)
 
 
+def batched_logprobs(
+    model: Model, sequences: Sequence[list[int]], steering: Steering, batch_size: int
+) -> Iterator[tuple[list[list[int]], torch.Tensor]]:
+    """Right-padded batches of token ids and their log-softmax [batch, len, vocab] (CPU,
+    float64), steered when asked: the one forward loop every measure here shares."""
+    pad = int(model.tokenizer.pad_token_id)
+    context = steer(model, steering) if steering is not None else nullcontext()
+    with context, torch.no_grad():
+        for start in range(0, len(sequences), batch_size):
+            chunk = list(sequences[start : start + batch_size])
+            ids, mask = right_padded(chunk, pad)
+            logits = model.hf(
+                input_ids=ids.to(model.device), attention_mask=mask.to(model.device)
+            ).logits
+            yield chunk, torch.log_softmax(logits.double(), dim=-1).cpu()
+
+
+def auroc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
+    """P(a positive scores above a negative), ties counting half."""
+    wins = (positives[:, None] > negatives[None, :]).double()
+    ties = (positives[:, None] == negatives[None, :]).double()
+    return float((wins + 0.5 * ties).mean())
+
+
 @torch.no_grad()
 def _answer_logprobs(
     model: Model, prompts: Sequence[str], steering: Steering, batch_size: int
@@ -89,19 +115,10 @@ def _answer_logprobs(
         model.tokenizer(model.render_prompt(p), add_special_tokens=False)["input_ids"]
         for p in prompts
     ]
-    pad = int(model.tokenizer.pad_token_id)
     out = []
-    context = steer(model, steering) if steering is not None else nullcontext()
-    with context:
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            ids, mask = right_padded(chunk, pad)
-            logits = model.hf(
-                input_ids=ids.to(model.device), attention_mask=mask.to(model.device)
-            ).logits
-            last = torch.tensor([len(c) - 1 for c in chunk], device=logits.device)
-            rows = logits[torch.arange(len(chunk), device=logits.device), last]
-            out.append(torch.log_softmax(rows.double(), dim=-1).cpu())
+    for chunk, logprobs in batched_logprobs(model, encoded, steering, batch_size):
+        last = torch.tensor([len(c) - 1 for c in chunk])
+        out.append(logprobs[torch.arange(len(chunk)), last])
     return torch.cat(out)
 
 
@@ -155,21 +172,17 @@ def completion_logprobs(
             raise ConfigError(f"completion {i} is empty; every completion needs text")
         model.check_length(len(head) + len(tail), f"prompt + completion {i}")
         encoded.append((list(head), list(tail)))
-    pad = int(tokenizer.pad_token_id)
     out: list[tuple[float, int]] = []
-    context = steer(model, steering) if steering is not None else nullcontext()
-    with context:
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            ids, mask = right_padded([h + t for h, t in chunk], pad)
-            logits = model.hf(
-                input_ids=ids.to(model.device), attention_mask=mask.to(model.device)
-            ).logits
-            logprobs = torch.log_softmax(logits.double(), dim=-1).cpu()
-            for row, (head, tail) in enumerate(chunk):
-                positions = torch.arange(len(head) - 1, len(head) + len(tail) - 1)
-                picked = logprobs[row, positions, torch.tensor(tail)]
-                out.append((float(picked.sum()), len(tail)))
+    heads = [len(h) for h, _ in encoded]
+    sequences = [h + t for h, t in encoded]
+    done = 0
+    for chunk, logprobs in batched_logprobs(model, sequences, steering, batch_size):
+        for row in range(len(chunk)):
+            head, tail = heads[done], encoded[done][1]
+            positions = torch.arange(head - 1, head + len(tail) - 1)
+            picked = logprobs[row, positions, torch.tensor(tail)]
+            out.append((float(picked.sum()), len(tail)))
+            done += 1
     return out
 
 
@@ -183,6 +196,29 @@ def _prompted(pairs: Sequence[ContrastivePair], what: str) -> list[ContrastivePa
     return items
 
 
+def _pair_scores(
+    model: Model,
+    pairs: Sequence[ContrastivePair],
+    steering: Steering,
+    system: str | None,
+    batch_size: int,
+    what: str,
+) -> list[tuple[float, float]]:
+    """(log p(positive), log p(negative)) of each prompted pair, one scoring pass."""
+    items = _prompted(pairs, what)
+    prompts = [str(p.prompt) for p in items]
+    scores = completion_logprobs(
+        model,
+        prompts + prompts,
+        [p.positive for p in items] + [p.negative for p in items],
+        steering,
+        system=system,
+        batch_size=batch_size,
+    )
+    n = len(items)
+    return [(pos, neg) for (pos, _), (neg, _) in zip(scores[:n], scores[n:], strict=True)]
+
+
 def ab_match(
     model: Model,
     pairs: Sequence[ContrastivePair],
@@ -191,18 +227,8 @@ def ab_match(
     batch_size: int = 16,
 ) -> list[tuple[float, float]]:
     """Per A/B item: (p(match) normalised over the two answers, p(match) + p(other))."""
-    items = _prompted(pairs, "ab_match")
-    prompts = [str(p.prompt) for p in items]
-    scores = completion_logprobs(
-        model,
-        prompts + prompts,
-        [p.positive for p in items] + [p.negative for p in items],
-        steering,
-        batch_size=batch_size,
-    )
-    n = len(items)
     out = []
-    for (match, _), (other, _) in zip(scores[:n], scores[n:], strict=True):
+    for match, other in _pair_scores(model, pairs, steering, None, batch_size, "ab_match"):
         top = max(match, other)
         p_match, p_other = math.exp(match - top), math.exp(other - top)
         out.append((p_match / (p_match + p_other), math.exp(match) + math.exp(other)))
@@ -218,18 +244,8 @@ def logprob_margin(
     batch_size: int = 16,
 ) -> list[float]:
     """Per pair with a prompt: log p(positive | prompt) - log p(negative | prompt)."""
-    items = _prompted(pairs, "logprob_margin")
-    prompts = [str(p.prompt) for p in items]
-    scores = completion_logprobs(
-        model,
-        prompts + prompts,
-        [p.positive for p in items] + [p.negative for p in items],
-        steering,
-        system=system,
-        batch_size=batch_size,
-    )
-    n = len(items)
-    return [pos - neg for (pos, _), (neg, _) in zip(scores[:n], scores[n:], strict=True)]
+    scores = _pair_scores(model, pairs, steering, system, batch_size, "logprob_margin")
+    return [pos - neg for pos, neg in scores]
 
 
 def prompting_baseline(

@@ -21,7 +21,7 @@ import torch
 
 from acteng.activations import pair_items, parse_layers, record_activations
 from acteng.errors import ConfigError
-from acteng.metrics import logprob_margin
+from acteng.metrics import auroc, logprob_margin
 from acteng.models import Model
 from acteng.pairs import ContrastivePair
 from acteng.steering import SteeringSpec
@@ -107,12 +107,6 @@ class PairDiagnostics:
         }
 
 
-def _auroc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
-    wins = (positives[:, None] > negatives[None, :]).double()
-    ties = (positives[:, None] == negatives[None, :]).double()
-    return float((wins + 0.5 * ties).mean())
-
-
 def pair_diagnostics(
     model: Model,
     pairs: Sequence[ContrastivePair],
@@ -139,6 +133,6 @@ def pair_diagnostics(
         p, q = pos @ unit, neg @ unit
         pooled = float(torch.sqrt((p.var() + q.var()) / 2).clamp_min(1e-12))
         out.append(
-            PairDiagnostics(layer, consistency, _auroc(p, q), float(p.mean() - q.mean()) / pooled)
+            PairDiagnostics(layer, consistency, auroc(p, q), float(p.mean() - q.mean()) / pooled)
         )
     return out

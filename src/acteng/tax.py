@@ -17,18 +17,15 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
-from acteng.activations import right_padded
 from acteng.errors import ConfigError, DataError
-from acteng.metrics import Steering, completion_logprobs
+from acteng.metrics import Steering, batched_logprobs, completion_logprobs
 from acteng.models import Model
-from acteng.steering import steer
 
 __all__ = [
     "MCItem",
@@ -75,7 +72,6 @@ def load_eval(
     return [MCItem(r["question"], tuple(r["choices"]), int(r["answer"])) for r in rows]
 
 
-@torch.no_grad()
 def perplexity(
     model: Model, texts: Sequence[str], steering: Steering = None, *, batch_size: int = 8
 ) -> float:
@@ -85,21 +81,13 @@ def perplexity(
     encoded = [model.tokenizer(t)["input_ids"] for t in texts]
     for i, ids in enumerate(encoded):
         model.check_length(len(ids), f"text {i}")
-    pad = int(model.tokenizer.pad_token_id)
     total, count = 0.0, 0
-    context = steer(model, steering) if steering is not None else nullcontext()
-    with context:
-        for start in range(0, len(encoded), batch_size):
-            chunk = encoded[start : start + batch_size]
-            ids, mask = right_padded(chunk, pad)
-            logits = model.hf(
-                input_ids=ids.to(model.device), attention_mask=mask.to(model.device)
-            ).logits
-            logprobs = torch.log_softmax(logits[:, :-1].double(), dim=-1).cpu()
-            picked = logprobs.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-            keep = mask[:, 1:].bool()
-            total -= float(picked[keep].sum())
-            count += int(keep.sum())
+    for chunk, logprobs in batched_logprobs(model, encoded, steering, batch_size):
+        for row, ids in enumerate(chunk):
+            targets = torch.tensor(ids[1:])
+            picked = logprobs[row, torch.arange(len(ids) - 1), targets]
+            total -= float(picked.sum())
+            count += len(ids) - 1
     if count == 0:
         raise ConfigError("the texts are too short to score (need at least 2 tokens)")
     return math.exp(total / count)
