@@ -212,3 +212,28 @@ def test_cast_refuses_harmful_requests_only(smollm2: acteng.Model, harm: Detecto
         assert r.action == "steer" and is_refusal(r.text) and not is_refusal(text), r.text
     for r, text in zip(results[len(harmful) :], plain[len(harmful) :], strict=True):
         assert r.action == "none" and r.text == text
+
+
+def test_generation_threshold_is_calibrated_on_benign_answers(
+    smollm2: acteng.Model, harm: Detector
+) -> None:
+    from acteng.guard import calibrate_generation
+
+    benign = [p.negative for p in acteng.load_pairs("harmful_requests", split="train")][:10]
+    guard = calibrate_generation(
+        smollm2, Guard(harm, check="generation"), benign, target_fpr=0.2, max_new_tokens=TOKENS
+    )
+    probe = Guard(harm, check="generation", generation_threshold=1e30)
+    peaks = [
+        max(r.generation_scores)
+        for r in guarded_generate(smollm2, benign, probe, max_new_tokens=TOKENS)
+    ]
+    expected = float(torch.quantile(torch.tensor(peaks, dtype=torch.float64), 0.8))
+    assert guard.generation_threshold == pytest.approx(expected)
+    assert guard.limit == harm.threshold and guard.generation_limit == expected
+    flagged = guarded_generate(smollm2, benign, guard, max_new_tokens=TOKENS)
+    assert sum(r.flagged for r in flagged) == sum(p > expected for p in peaks) == 2
+    with pytest.raises(ConfigError, match="at least 10 prompts"):
+        calibrate_generation(smollm2, guard, benign[:3])
+    with pytest.raises(ConfigError, match="generation_threshold must be a finite"):
+        Guard(harm, generation_threshold=float("inf"))

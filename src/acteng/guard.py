@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -38,7 +38,7 @@ from acteng.models import Model
 from acteng.steering import SteeringSpec, steer
 from acteng.vectors import SteeringVector
 
-__all__ = ["CHECKS", "POLICIES", "Guard", "GuardResult", "guarded_generate"]
+__all__ = ["CHECKS", "POLICIES", "Guard", "GuardResult", "calibrate_generation", "guarded_generate"]
 
 POLICIES = ("flag", "block", "steer", "stop")
 CHECKS = ("prompt", "generation", "both")
@@ -59,6 +59,9 @@ class Guard:
     steering: tuple[SteeringSpec, ...] = ()
     threshold: float | None = None  # None: the detector's calibrated threshold
     refusal: str = DEFAULT_REFUSAL
+    # The running score over generated text is on another footing than a prompt's score:
+    # calibrate it on benign generations (`calibrate_generation`); None: use `limit`.
+    generation_threshold: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.detector, Detector):
@@ -80,12 +83,19 @@ class Guard:
             raise ConfigError(f"steering is only used by policy 'steer', not {self.policy!r}")
         if any(not isinstance(s, SteeringSpec) for s in self.steering):
             raise ConfigError("guard steering must be SteeringSpec values")
-        if self.threshold is not None and not math.isfinite(self.threshold):
-            raise ConfigError(f"threshold must be a finite number, got {self.threshold}")
+        for name in ("threshold", "generation_threshold"):
+            value = getattr(self, name)
+            if value is not None and not math.isfinite(value):
+                raise ConfigError(f"{name} must be a finite number, got {value}")
 
     @property
     def limit(self) -> float:
         return self.detector.threshold if self.threshold is None else float(self.threshold)
+
+    @property
+    def generation_limit(self) -> float:
+        """The threshold of the running score during generation."""
+        return self.limit if self.generation_threshold is None else self.generation_threshold
 
 
 @dataclass(frozen=True)
@@ -127,7 +137,7 @@ class _Watch:
 
     def __init__(self, model: Model, guard: Guard, rows: int) -> None:
         det = guard.detector
-        self.limit = guard.limit
+        self.limit = guard.generation_limit
         self.policy = guard.policy
         self.units = {x: det.directions[x].to(model.device, model.dtype) for x in det.layers}
         self.offsets, self.scales = det.offsets, det.scales
@@ -265,3 +275,31 @@ def _result(
     if action == "block":
         text = guard.refusal
     return GuardResult(text, prompt_score, fired_on, action, scores, at)
+
+
+def calibrate_generation(
+    model: Model,
+    guard: Guard,
+    benign_prompts: Sequence[str],
+    *,
+    target_fpr: float = 0.05,
+    max_new_tokens: int = 32,
+) -> Guard:
+    """The guard with a generation threshold that fires on `target_fpr` of benign answers.
+
+    Generates greedy answers to `benign_prompts` (unguarded), takes each answer's highest
+    running score and sets the threshold at their ``1 - target_fpr`` quantile. Use prompts
+    like those the guard will see in deployment, held out from anything else it was tuned on.
+    """
+    if not 0.0 <= target_fpr < 1.0:
+        raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    if len(benign_prompts) < 10:
+        raise ConfigError(f"calibration needs at least 10 prompts, got {len(benign_prompts)}")
+    probe = Guard(guard.detector, policy="flag", check="generation", generation_threshold=1e30)
+    runs = guarded_generate(model, list(benign_prompts), probe, max_new_tokens=max_new_tokens)
+    peaks = torch.tensor(
+        [max(r.generation_scores) for r in runs if r.generation_scores], dtype=torch.float64
+    )
+    if peaks.numel() == 0:
+        raise ConfigError("no answer was long enough to score; raise max_new_tokens")
+    return replace(guard, generation_threshold=float(torch.quantile(peaks, 1.0 - target_fpr)))

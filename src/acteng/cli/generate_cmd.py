@@ -73,6 +73,12 @@ def register(sub: Any) -> None:
         help="counter-steering vector for --policy steer (repeatable; its own layers)",
     )
     g.add_argument("--threshold", type=float, help="override the detector's threshold")
+    g.add_argument(
+        "--generation-threshold",
+        type=float,
+        help="threshold of the running score while generating (default: --threshold); "
+        "calibrate it with acteng.guard.calibrate_generation",
+    )
     add_model_args(p)
     p.set_defaults(run=run_generate)
 
@@ -151,6 +157,7 @@ def _run_guarded(args: argparse.Namespace, model: Any, specs: list[Any]) -> int:
         check=args.check,
         steering=tuple(counter),
         threshold=args.threshold,
+        generation_threshold=args.generation_threshold,
     )
     results = guarded_generate(
         model,
