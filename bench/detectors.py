@@ -21,8 +21,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import torch
+
 import acteng
 from _common import save
+from acteng import metrics
 from acteng.detectors import Detector, load_detector, train_detector
 
 EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
@@ -35,8 +38,9 @@ CANDIDATES = [
 
 
 def auroc(positives: list[float], negatives: list[float]) -> float:
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
+    return metrics.auroc(
+        torch.tensor(positives, dtype=torch.float64), torch.tensor(negatives, dtype=torch.float64)
+    )
 
 
 def read(name: str) -> list[str]:

@@ -75,14 +75,13 @@ def test_bundled_eval_sets() -> None:
 def test_tax_and_behaviour_on_the_real_model(smollm2: acteng.Model) -> None:
     texts = load_eval("neutral_text", split="test")
     items = load_eval("general_knowledge", split="test")
-    assert isinstance(items[0], MCItem)
     base_ppl = perplexity(smollm2, texts)
     assert 2 < base_ppl < 60, base_ppl
-    accuracy = mc_accuracy(smollm2, items)  # type: ignore[arg-type]
+    accuracy = mc_accuracy(smollm2, items)
     assert accuracy > 0.45, accuracy  # chance is 0.25
     noise = SteeringSpec(random_vector(smollm2, [8], scale=8.0), coefficient=1.0)
     assert perplexity(smollm2, texts, noise) > base_ppl * 1.2
-    assert mc_accuracy(smollm2, items, noise) <= accuracy  # type: ignore[arg-type]
+    assert mc_accuracy(smollm2, items, noise) <= accuracy
     # a sentiment vector moves the margin of positive over negative answers both ways
     vector = acteng.extract(smollm2, "sentiment", layers=[8])
     test = acteng.load_pairs("sentiment", split="test")[:12]

@@ -29,6 +29,7 @@ __all__ = [
     "pair_items",
     "parse_layers",
     "record_activations",
+    "record_pairs",
     "right_padded",
 ]
 
@@ -117,6 +118,23 @@ def pair_items(
         positives.append(ReadItem(rendered + pair.positive, start, rendered=True))
         negatives.append(ReadItem(rendered + pair.negative, start, rendered=True))
     return positives, negatives
+
+
+def record_pairs(
+    model: Model,
+    pairs: Sequence[ContrastivePair],
+    layers: Sequence[int],
+    position: str,
+    **options: Any,
+) -> tuple[dict[int, torch.Tensor], dict[int, torch.Tensor]]:
+    """Positive and negative activations of `pairs` per layer (float64), from one
+    `record_activations` call; `options` go to it (batch_size, progress)."""
+    positives, negatives = pair_items(model, pairs)
+    acts = record_activations(model, positives + negatives, layers, position, **options)
+    n = len(pairs)
+    pos = {x: acts.rows[x][:n].double() for x in layers}
+    neg = {x: acts.rows[x][n:].double() for x in layers}
+    return pos, neg
 
 
 def _encode(model: Model, item: ReadItem) -> tuple[list[int], list[tuple[int, int]]]:

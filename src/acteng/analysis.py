@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from acteng.activations import pair_items, parse_layers, record_activations
+from acteng.activations import parse_layers, record_pairs
 from acteng.errors import ConfigError
 from acteng.layouts import get_submodule
 from acteng.methods import METHODS
@@ -54,14 +54,6 @@ def vocab_projection(
     return out
 
 
-def _activations(
-    model: Model, pairs: Pairs, layers: list[int], position: str
-) -> tuple[dict[int, torch.Tensor], int]:
-    positives, negatives = pair_items(model, list(pairs))
-    acts = record_activations(model, positives + negatives, layers, position)
-    return {x: acts.rows[x].double() for x in layers}, len(pairs)
-
-
 def readability(
     model: Model,
     pairs: Pairs | str | Any,
@@ -77,15 +69,15 @@ def readability(
     if len(train) < 2 or len(test) < 1:
         raise ConfigError("readability needs at least 2 train pairs and 1 test pair")
     chosen = parse_layers(model, layers)
-    fit, n = _activations(model, train, chosen, position)
-    held, m = _activations(model, test, chosen, position)
+    fit_pos, fit_neg = record_pairs(model, train, chosen, position)
+    held_pos, held_neg = record_pairs(model, test, chosen, position)
     rows = []
     for layer in chosen:
-        pos, neg = fit[layer][:n], fit[layer][n:]
+        pos, neg = fit_pos[layer], fit_neg[layer]
         w = METHODS["probe"](pos, neg)
         unit = w / w.norm().clamp_min(1e-12)
         mid = float(((pos.mean(0) + neg.mean(0)) / 2) @ unit)
-        p, q = held[layer][:m] @ unit - mid, held[layer][m:] @ unit - mid
+        p, q = held_pos[layer] @ unit - mid, held_neg[layer] @ unit - mid
         accuracy = float(torch.cat([(p > 0).double(), (q <= 0).double()]).mean())
         rows.append({"layer": layer, "auroc": auroc(p, q), "accuracy": accuracy})
     return rows
@@ -113,8 +105,10 @@ def pca_scatter(
 ) -> dict[str, list[list[float]]]:
     """2-D PCA coordinates of positive and negative activations at `layer`."""
     dataset = load_pairs(pairs)
-    acts, n = _activations(model, dataset, parse_layers(model, [layer]), position)
-    rows = acts[layer]
+    chosen = parse_layers(model, [layer])
+    pos, neg = record_pairs(model, dataset, chosen, position)
+    n = len(dataset)
+    rows = torch.cat([pos[chosen[0]], neg[chosen[0]]])
     centred = rows - rows.mean(0)
     _, _, vh = torch.linalg.svd(centred, full_matrices=False)
     coords = centred @ vh[:2].T

@@ -82,6 +82,10 @@ class Detector:
     def layers(self) -> tuple[int, ...]:
         return self.directions.layers
 
+    def standardise(self, layer: int, projection: torch.Tensor) -> torch.Tensor:
+        """Projections on `layer`'s direction on the detector's scale (threshold units)."""
+        return (projection - self.offsets[layer]) / self.scales[layer]
+
     def score(
         self, model: Model, prompts: Sequence[Scored], *, batch_size: int = 32
     ) -> list[float]:
@@ -102,7 +106,7 @@ class Detector:
         total = torch.zeros(len(prompts), dtype=torch.float64)
         for layer in self.layers:
             projection = acts.rows[layer].double() @ self.directions[layer].double()
-            total += (projection - self.offsets[layer]) / self.scales[layer]
+            total += self.standardise(layer, projection)
         return (total / len(self.layers)).tolist()
 
     def flag(self, model: Model, prompts: Sequence[Scored]) -> list[bool]:
@@ -215,17 +219,11 @@ def train_detector(
             f"items {has_prompt[:5]} have one: use region 'response' to read the answers"
         )
     has_split = any(p.split == "test" for p in dataset)
-    train = dataset.split("train") if has_split else dataset
     chosen = parse_layers(model, layers)
-    pos_text, neg_text = _sides(train, region)
-    acts = record_activations(
-        model, _read_items(model, pos_text + neg_text, region), chosen, "mean"
-    )
-    n = len(train)
+    rows = _train_rows(model, dataset, chosen, region)
     units, offsets, scales = {}, {}, {}
     for layer in chosen:
-        rows = acts.rows[layer].double()
-        pos, neg = rows[:n], rows[n:]
+        pos, neg = rows[layer]
         direction = METHODS[method](pos, neg)
         unit = direction / direction.norm().clamp_min(1e-12)
         mid = float(((pos.mean(0) + neg.mean(0)) / 2) @ unit)
@@ -282,17 +280,9 @@ def refusal_direction(
             "the refusal direction needs bare prompts (positive = harmful request, negative "
             "= harmless), like the bundled 'harmful_requests'; these pairs have a 'prompt'"
         )
-    train = dataset.split("train") if any(p.split == "test" for p in dataset) else dataset
-    pos_text, neg_text = _sides(train, region)
     chosen = parse_layers(model, layers)
-    acts = record_activations(
-        model, _read_items(model, pos_text + neg_text, region), chosen, "mean"
-    )
-    n = len(pos_text)
-    diffs = {
-        x: (acts.rows[x][:n].double().mean(0) - acts.rows[x][n:].double().mean(0)).float()
-        for x in chosen
-    }
+    rows = _train_rows(model, dataset, chosen, region)
+    diffs = {x: (pos.mean(0) - neg.mean(0)).float() for x, (pos, neg) in rows.items()}
     return SteeringVector(
         diffs,
         {
@@ -302,6 +292,20 @@ def refusal_direction(
             "dataset": dataset.provenance(),
         },
     )
+
+
+def _train_rows(
+    model: Model, dataset: Pairs, layers: list[int], region: str
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per layer, (positive, negative) mean activations over `region` of the train split
+    (the whole dataset when it has no split), float64."""
+    train = dataset.split("train") if any(p.split == "test" for p in dataset) else dataset
+    pos_text, neg_text = _sides(train, region)
+    acts = record_activations(
+        model, _read_items(model, pos_text + neg_text, region), layers, "mean"
+    )
+    n = len(pos_text)
+    return {x: (acts.rows[x][:n].double(), acts.rows[x][n:].double()) for x in layers}
 
 
 def _sides(pairs: Pairs, region: str) -> tuple[list[Scored], list[Scored]]:

@@ -30,7 +30,7 @@ from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
 from acteng.reliability import pair_diagnostics, steerability
 from acteng.steering import SteeringSpec
-from acteng.tax import MCItem, distinct_n, load_eval, mc_accuracy, perplexity, repeated_ngrams
+from acteng.tax import distinct_n, load_eval, mc_accuracy, perplexity, repeated_ngrams
 from acteng.vectors import SteeringVector
 
 __all__ = ["evaluate"]
@@ -84,9 +84,9 @@ def evaluate(
         )
 
     texts = load_eval("neutral_text", split="test")
-    items = [i for i in load_eval("general_knowledge", split="test") if isinstance(i, MCItem)]
+    items = load_eval("general_knowledge", split="test")
     questions = [i.question for i in items]
-    ppl_base, ppl_steered = perplexity(model, texts), perplexity(model, texts, spec)  # type: ignore[arg-type]
+    ppl_base, ppl_steered = perplexity(model, texts), perplexity(model, texts, spec)
     answers = generate(model, questions[:generations], spec, max_new_tokens=max_new_tokens)
     plain_answers = generate(model, questions[:generations], max_new_tokens=max_new_tokens)
     tax = {

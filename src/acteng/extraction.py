@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from acteng.activations import pair_items, parse_layers, record_activations
+from acteng.activations import parse_layers, record_pairs
 from acteng.errors import ConfigError
 from acteng.methods import METHODS
 from acteng.models import Model
@@ -57,15 +57,12 @@ def extract(
             f"actadd takes exactly one pair, got {len(dataset)}; use method 'mean_diff' for "
             "several pairs"
         )
-    positives, negatives = pair_items(model, dataset)
-    acts = record_activations(
-        model, positives + negatives, chosen, position, batch_size=batch_size, progress=progress
+    pos, neg = record_pairs(
+        model, dataset, chosen, position, batch_size=batch_size, progress=progress
     )
-    n = len(dataset)
     directions: dict[int, torch.Tensor] = {}
     for layer in chosen:
-        rows = acts.rows[layer].to(torch.float64)
-        direction = METHODS[method](rows[:n], rows[n:])
+        direction = METHODS[method](pos[layer], neg[layer])
         if normalize == "unit":
             direction = direction / direction.norm().clamp_min(1e-12)
         directions[layer] = direction.to(torch.float32)

@@ -140,7 +140,7 @@ class _Watch:
         self.limit = guard.generation_limit
         self.policy = guard.policy
         self.units = {x: det.directions[x].to(model.device, model.dtype) for x in det.layers}
-        self.offsets, self.scales = det.offsets, det.scales
+        self.detector = det
         self.last = max(det.layers)
         self.sums = [0.0] * rows
         self.counts = [0] * rows
@@ -151,7 +151,7 @@ class _Watch:
         self._pending: torch.Tensor | None = None
 
     def read(self, layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> None:
-        z = ((hidden @ self.units[layer]).double().cpu() - self.offsets[layer]) / self.scales[layer]
+        z = self.detector.standardise(layer, (hidden @ self.units[layer]).double().cpu())
         self._pending = z if self._pending is None else self._pending + z
         if layer != self.last:
             return

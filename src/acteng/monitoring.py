@@ -207,7 +207,7 @@ def monitor(
             )
         values = _score(hidden, units[layer], metric).cpu()
         if detector is not None:
-            values = (values - detector.offsets[layer]) / detector.scales[layer]
+            values = detector.standardise(layer, values)
         real = (index >= 0).cpu()
         for row in range(values.shape[0]):
             record.rows[row][layer].extend(values[row][real[row]].tolist())

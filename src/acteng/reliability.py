@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from acteng.activations import pair_items, parse_layers, record_activations
+from acteng.activations import parse_layers, record_pairs
 from acteng.errors import ConfigError
 from acteng.metrics import auroc, logprob_margin
 from acteng.models import Model
@@ -119,13 +119,10 @@ def pair_diagnostics(
     if len(items) < 2:
         raise ConfigError("pair diagnostics need at least 2 pairs")
     chosen = parse_layers(model, layers)
-    positives, negatives = pair_items(model, items)
-    acts = record_activations(model, positives + negatives, chosen, position)
-    n = len(items)
+    positives, negatives = record_pairs(model, items, chosen, position)
     out = []
     for layer in chosen:
-        rows = acts.rows[layer].double()
-        pos, neg = rows[:n], rows[n:]
+        pos, neg = positives[layer], negatives[layer]
         diffs = pos - neg
         mean = diffs.mean(0)
         consistency = float(torch.nn.functional.cosine_similarity(diffs, mean[None], dim=-1).mean())

@@ -19,7 +19,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, overload
 
 import torch
 
@@ -56,9 +56,14 @@ class MCItem:
             )
 
 
-def load_eval(
-    name: str, *, split: Literal["train", "test", "all"] = "all"
-) -> list[str] | list[MCItem]:
+Split = Literal["train", "test", "all"]
+
+
+@overload
+def load_eval(name: Literal["neutral_text"], *, split: Split = "all") -> list[str]: ...
+@overload
+def load_eval(name: Literal["general_knowledge"], *, split: Split = "all") -> list[MCItem]: ...
+def load_eval(name: str, *, split: Split = "all") -> list[str] | list[MCItem]:
     """A bundled evaluation set: ``neutral_text`` (paragraphs) or ``general_knowledge``."""
     if name not in EVAL_SETS:
         raise ConfigError(f"no evaluation set {name!r}; choose from {', '.join(EVAL_SETS)}")
