@@ -30,10 +30,11 @@ from typing import Any
 from acteng.activations import parse_layers
 from acteng.errors import ConfigError, DataError
 from acteng.extraction import extract_many
+from acteng.figures import frontier_chart
 from acteng.metrics import ab_match, logprob_margin
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
-from acteng.plots import PALETTE, Series, heatmap, save_svg, xy_chart
+from acteng.plots import heatmap, save_svg
 from acteng.steering import SteeringSpec
 from acteng.tax import load_eval, perplexity
 from acteng.vectors import SteeringVector
@@ -272,29 +273,6 @@ class SweepResult:
         return written
 
 
-def frontier_chart(cells: Sequence[Cell], name: str, max_tax: float | None) -> str:
-    """Effect against tax for every scored cell, per method, with the Pareto frontier."""
-    scored = [c for c in cells if math.isfinite(c.effect) and math.isfinite(c.tax)]
-    frontier, best = [], -math.inf
-    for c in sorted(scored, key=lambda c: (c.tax, -c.effect)):
-        if c.effect > best:
-            frontier.append((100 * c.tax, c.effect))
-            best = c.effect
-    # the frontier line first, so every method's markers stay visible on top of it
-    series = [Series("Pareto frontier", frontier, color="#999999", markers=False)]
-    for k, method in enumerate(dict.fromkeys(c.method for c in scored)):
-        points = [(100 * c.tax, c.effect) for c in scored if c.method == method]
-        series.append(Series(method, points, lines=False, color=PALETTE[k % len(PALETTE)]))
-    vlines = [(100 * max_tax, f"budget {100 * max_tax:g} %")] if max_tax is not None else []
-    return xy_chart(
-        series,
-        title=f"{name}: effect against tax (each point one setting)",
-        xlabel="perplexity tax (%)",
-        ylabel="margin shift (nats)",
-        vlines=vlines,
-    )
-
-
 def _prepare(
     model: Model,
     pairs: Pairs | str | Path | Sequence[Any],
@@ -321,15 +299,17 @@ def sweep(
     position: str = "last",
     on_cell: OnCell | None = None,
     result: SweepResult | None = None,
+    neutral: Sequence[str] | None = None,
 ) -> SweepResult:
     """Score every method x layer x coefficient (see the module docstring).
 
     Pass a `result` to collect cells into (a caller that may be interrupted keeps what was
-    scored); `on_cell` is called after each cell, e.g. to save progress.
+    scored); `on_cell` is called after each cell, e.g. to save progress. `neutral` texts
+    replace the bundled neutral text for the tax (e.g. text from your own domain).
     """
     coefs = check_coefficients(coefficients)
     dataset, test, chosen, vectors = _prepare(model, pairs, methods, layers, position)
-    scorer = Scorer(model, test)
+    scorer = Scorer(model, test, neutral)
     out = result if result is not None else SweepResult({}, (), (), (), 0.0, 0.0, None)
     out.dataset, out.methods = dataset.provenance(), tuple(methods)
     out.layers, out.coefficients = tuple(chosen), coefs
@@ -363,6 +343,7 @@ class TuneResult:
     base_perplexity: float
     base_p_match: float | None
     candidates: list[Cell]
+    fitted: dict[str, SteeringVector] = field(default_factory=dict)  # every method, layer
 
     def to_json(self, vector_path: str | Path | None = None) -> dict[str, Any]:
         return {
@@ -425,15 +406,17 @@ def tune(
     refine_layers: int = 1,
     bisection_steps: int = 3,
     on_cell: OnCell | None = None,
+    neutral: Sequence[str] | None = None,
 ) -> TuneResult:
-    """Choose method, layer(s) and coefficient (see the module docstring)."""
+    """Choose method, layer(s) and coefficient (see the module docstring); `neutral`
+    texts replace the bundled neutral text for the tax."""
     budget = check_budget(max_tax)
     coefs = tuple(sorted({c for c in check_coefficients(coefficients) if c > 0}))
     if not coefs:
         raise ConfigError("tuning needs positive coefficients (the direction toward 'positive')")
     wanted = list(dict.fromkeys(["mean_diff", *methods]))
     _, test, chosen, vectors = _prepare(model, pairs, wanted, layers, position)
-    scorer = Scorer(model, test)
+    scorer = Scorer(model, test, neutral)
 
     grid: list[Cell] = []
     for layer in chosen:
@@ -510,4 +493,5 @@ def tune(
         base_perplexity=scorer.base_perplexity,
         base_p_match=scorer.base_p_match,
         candidates=candidates,
+        fitted=vectors,
     )

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from acteng import __version__
 from acteng.cli import (
     analyze_cmd,
+    demo_cmd,
     detect_cmd,
     eval_cmd,
     extract_cmd,
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     eval_cmd.register(sub)
     analyze_cmd.register(sub)
     sweep_cmd.register(sub)
+    demo_cmd.register(sub)
     return parser
 
 

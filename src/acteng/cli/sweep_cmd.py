@@ -146,7 +146,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from acteng.tuning import check_budget, frontier_chart, tune
+    from acteng.figures import frontier_chart
+    from acteng.tuning import check_budget, tune
 
     budget = check_budget(args.max_tax)
     methods = [m for m in args.methods.split(",") if m]
