@@ -70,6 +70,7 @@ def main() -> None:
             model,
             data,
             max_tax=0.05,
+            methods=("mean_diff", "pca"),
             layers=TUNE_LAYERS,
             coefficients=COEFFICIENTS,
             position="answer",

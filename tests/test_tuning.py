@@ -82,15 +82,15 @@ def test_tune_beats_its_grid_within_budget_and_the_vector_reproduces_the_effect(
     result = tune(
         smollm2,
         data,
-        max_tax=0.05,
+        max_tax=0.2,
         methods=("mean_diff",),
         layers=[8, 10],
-        coefficients=(2.0, 4.0),
+        coefficients=(1.0, 2.0),
         neutral=NEUTRAL,
     )
     assert result.grid_best is not None
     assert result.effect >= result.grid_best.effect > 0
-    assert result.tax <= 0.05 and result.vector.layers == result.layers
+    assert result.tax <= 0.2 and result.vector.layers == result.layers
     # adding coefficient * vector at its layers gives back the reported effect
     test = data.split("test")
     spec = acteng.SteeringSpec(result.vector, result.coefficient)
@@ -99,7 +99,7 @@ def test_tune_beats_its_grid_within_budget_and_the_vector_reproduces_the_effect(
     )
     assert shift == pytest.approx(result.effect, abs=1e-9)
     tuning = result.vector.metadata["tuning"]
-    assert tuning["coefficient"] == result.coefficient and tuning["max_tax"] == 0.05
+    assert tuning["coefficient"] == result.coefficient and tuning["max_tax"] == 0.2
     with pytest.raises(ConfigError, match="no setting stayed within"):
         tune(
             smollm2,
@@ -180,3 +180,15 @@ def test_cli_refuses_bad_budget_and_coefficients(capsys: pytest.CaptureFixture[s
         == 2
     )
     assert "finite" in capsys.readouterr().err
+
+
+@pytest.mark.real
+def test_settings_that_break_the_model_are_recorded_not_chosen(smollm2: acteng.Model) -> None:
+    data = _small(test=2)
+    with pytest.raises(ConfigError, match=r"\|c\| <= 10000"):
+        sweep(smollm2, data, layers=[8], coefficients=(1e30,), neutral=NEUTRAL)
+    scorer = Scorer(smollm2, data.split("test"), NEUTRAL)
+    vector = acteng.extract(smollm2, data.split("train"), layers=[8]) * 1e35
+    cell = scorer.score("mean_diff", vector, [8], 1e4)  # overflows float32: NaN outputs
+    assert not math.isfinite(cell.tax) and not math.isfinite(cell.effect)
+    assert not cell.within(1.0) and cell.to_json()["tax"] is None  # JSON null, not NaN

@@ -39,6 +39,7 @@ from acteng.vectors import SteeringVector
 
 __all__ = [
     "REFUSAL_PHRASES",
+    "ab_from_scores",
     "ab_match",
     "auroc",
     "batched_logits",
@@ -46,6 +47,7 @@ __all__ = [
     "is_refusal",
     "logprob_margin",
     "next_token_kl",
+    "pair_scores",
     "prompting_baseline",
     "refusal_rate",
     "refusal_score",
@@ -231,12 +233,30 @@ def ab_match(
     batch_size: int = 16,
 ) -> list[tuple[float, float]]:
     """Per A/B item: (p(match) normalised over the two answers, p(match) + p(other))."""
+    return ab_from_scores(_pair_scores(model, pairs, steering, None, batch_size, "ab_match"))
+
+
+def ab_from_scores(scores: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(p(match) normalised, p(match) + p(other)) from (log p(match), log p(other))."""
     out = []
-    for match, other in _pair_scores(model, pairs, steering, None, batch_size, "ab_match"):
+    for match, other in scores:
         top = max(match, other)
         p_match, p_other = math.exp(match - top), math.exp(other - top)
         out.append((p_match / (p_match + p_other), math.exp(match) + math.exp(other)))
     return out
+
+
+def pair_scores(
+    model: Model,
+    pairs: Sequence[ContrastivePair],
+    steering: Steering = None,
+    *,
+    system: str | None = None,
+    batch_size: int = 16,
+) -> list[tuple[float, float]]:
+    """Per pair with a prompt: (log p(positive | prompt), log p(negative | prompt)), the
+    one scoring pass behind `logprob_margin` and `ab_match`."""
+    return _pair_scores(model, pairs, steering, system, batch_size, "pair_scores")
 
 
 def logprob_margin(

@@ -31,11 +31,11 @@ from acteng.activations import parse_layers
 from acteng.errors import ConfigError, DataError
 from acteng.extraction import extract_many
 from acteng.figures import frontier_chart
-from acteng.metrics import ab_match, logprob_margin
+from acteng.metrics import ab_from_scores, pair_scores
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
 from acteng.plots import heatmap, save_svg
-from acteng.steering import SteeringSpec
+from acteng.steering import MAX_ABS_COEFFICIENT, SteeringSpec
 from acteng.tax import load_eval, perplexity
 from acteng.vectors import SteeringVector
 
@@ -88,6 +88,12 @@ def check_coefficients(coefficients: Sequence[float]) -> tuple[float, ...]:
         raise ConfigError(
             f"coefficients must be finite numbers, got {list(coefficients)!r}; e.g. 1,2,4,8"
         )
+    huge = [c for c in values if abs(c) > MAX_ABS_COEFFICIENT]
+    if huge:
+        raise ConfigError(
+            f"coefficient(s) {huge} are not usable; give finite numbers with "
+            f"|c| <= {MAX_ABS_COEFFICIENT:g}"
+        )
     return values
 
 
@@ -134,21 +140,20 @@ class Scorer:
             list(neutral) if neutral is not None else load_eval("neutral_text", split="test")
         )
         self.ab = all(p.ab for p in held)
-        self.base_margin = statistics.fmean(logprob_margin(model, held))
         self.base_perplexity = perplexity(model, self.neutral)
-        self.base_p_match = self._p_match(None) if self.ab else None
+        self.base_margin, self.base_p_match = self._behaviour(None)
         self._seen: dict[tuple[str, tuple[int, ...], float], Cell] = {}
 
-    def _p_match(self, spec: SteeringSpec | None) -> float:
-        return statistics.fmean(p for p, _ in ab_match(self.model, self.held, spec))
+    def _behaviour(self, spec: SteeringSpec | None) -> tuple[float, float | None]:
+        """Mean margin and (A/B items) mean p(match), from one scoring pass."""
+        scores = pair_scores(self.model, self.held, spec)
+        margin = statistics.fmean(pos - neg for pos, neg in scores)
+        if not self.ab:
+            return margin, None
+        return margin, statistics.fmean(p for p, _ in ab_from_scores(scores))
 
     def tax(self, spec: SteeringSpec) -> float:
         value = perplexity(self.model, self.neutral, spec) / self.base_perplexity - 1.0
-        return value if math.isfinite(value) else math.nan
-
-    def effect(self, spec: SteeringSpec) -> float:
-        margins = logprob_margin(self.model, self.held, spec)
-        value = statistics.fmean(margins) - self.base_margin
         return value if math.isfinite(value) else math.nan
 
     def score(
@@ -175,8 +180,10 @@ class Scorer:
         if max_tax is not None and not (tax <= max_tax):
             cell = Cell(method, tuple(layers), coefficient, math.nan, tax)
         else:
-            effect = self.effect(spec) if math.isfinite(tax) else math.nan
-            p_match = self._p_match(spec) if self.ab and math.isfinite(effect) else None
+            effect, p_match = math.nan, None
+            if math.isfinite(tax):
+                margin, p_match = self._behaviour(spec)
+                effect = margin - self.base_margin if math.isfinite(margin) else math.nan
             cell = Cell(method, tuple(layers), coefficient, effect, tax, p_match)
         self._seen[key] = cell
         return cell
@@ -461,6 +468,11 @@ def tune(
     best = _best(candidates, budget)
     if best is None:
         smallest = min(grid, key=lambda c: c.tax if math.isfinite(c.tax) else math.inf)
+        if not math.isfinite(smallest.tax):
+            raise ConfigError(
+                f"no setting stayed within a perplexity tax of {100 * budget:g} %: every "
+                "coefficient made the model's outputs non-finite; use smaller --coefficients"
+            )
         raise ConfigError(
             f"no setting stayed within a perplexity tax of {100 * budget:g} % (the smallest "
             f"grid tax was {100 * smallest.tax:.1f} % at layer {smallest.layers[0]}, "
