@@ -69,8 +69,9 @@ DEMO_PROMPTS = (
     "Write two sentences about the town where you grew up.",
     "How do I get better at cooking?",
 )
-TUNE_LAYERS = (4, 6, 8, 10, 12)
+TUNE_LAYERS = (6, 8, 10, 12)
 TUNE_COEFFICIENTS = (2.0, 4.0, 8.0)
+TUNE_BISECTION_STEPS = 2  # a coarser refinement than `acteng tune`'s, to fit 10 minutes
 EVAL_PAIRS = 12  # held-out pairs for evaluate's reliability and baseline
 
 
@@ -214,6 +215,7 @@ def run_demo(
             max_tax=max_tax,
             layers=list(TUNE_LAYERS),
             coefficients=TUNE_COEFFICIENTS,
+            bisection_steps=TUNE_BISECTION_STEPS,
         )
         results[concept.name] = result
         path = result.vector.save(root / "vectors" / f"{concept.name}.safetensors")

@@ -134,7 +134,8 @@ def heatmap(
     cell_h = max(18, min(36, 420 // max(len(rows), 1)))
     left, top = 90, 40
     grid_w, grid_h = cell_w * len(cols), cell_h * len(rows)
-    width, height = left + grid_w + 110, top + grid_h + 60
+    # wide enough for the title even when the grid is small
+    width, height = max(left + grid_w + 110, 9 * len(title) + 40), top + grid_h + 60
     show = annotate if annotate is not None else len(cols) <= 14 and cell_h >= 18
     body = [
         '<defs><pattern id="missing" width="6" height="6" patternUnits="userSpaceOnUse" '
