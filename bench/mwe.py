@@ -38,7 +38,8 @@ BEHAVIOURS = (
 )
 READ_LAYERS = list(range(2, 30, 4))
 TUNE_LAYERS = [10, 14, 18, 22]
-COEFFICIENTS = (8.0, 16.0)
+COEFFICIENTS = (0.5, 1.0, 2.0, 4.0)
+STRESS = 16.0  # far beyond the budget: can the behaviour be moved at all?
 
 
 def load(name: str, n: int) -> acteng.Pairs:
@@ -71,7 +72,7 @@ def main() -> None:
             data,
             max_tax=0.05,
             methods=("mean_diff",),
-            bisection_steps=2,
+            bisection_steps=3,
             layers=TUNE_LAYERS,
             coefficients=COEFFICIENTS,
             position="answer",
@@ -82,6 +83,13 @@ def main() -> None:
             spec = acteng.SteeringSpec(result.vector, sign * c)
             at[sign] = ab_match(model, test, spec)
         plus = acteng.SteeringSpec(result.vector, c)
+        stress = {}
+        for sign in (-1.0, 1.0):
+            spec = acteng.SteeringSpec(result.vector, sign * STRESS)
+            stress[sign] = statistics.fmean(p for p, _ in ab_match(model, test, spec))
+        stress_tax = (
+            perplexity(model, neutral, acteng.SteeringSpec(result.vector, STRESS)) / ppl0 - 1
+        )
         row = {
             "behaviour": name,
             "items": len(data),
@@ -94,6 +102,12 @@ def main() -> None:
             },
             "setting": {"method": result.method, "layers": list(result.layers), "coefficient": c},
             "perplexity_tax": perplexity(model, neutral, plus) / ppl0 - 1,
+            "stress": {
+                "coefficient": STRESS,
+                "p_match_-": stress[-1.0],
+                "p_match_+": stress[1.0],
+                "perplexity_tax": stress_tax,
+            },
             "mc_accuracy": {"unsteered": acc0, "steered": mc_accuracy(model, questions, plus)},
             "readability": reads,
             "best_readability": best_read,
@@ -107,10 +121,12 @@ def main() -> None:
             f"swing {row['swing']:+.3f} at {result.method} {list(result.layers)} c={c:.3g}; "
             f"ppl tax {100 * row['perplexity_tax']:+.1f} %, MC acc {acc0:.3f} -> "
             f"{row['mc_accuracy']['steered']:.3f}; format mass {row['format_mass']:.2f}; "
-            f"best readability {best_read['auroc']:.2f} at L{best_read['layer']} "
-            f"({row['seconds']:.0f} s)",
+            f"best readability {best_read['auroc']:.2f} at L{best_read['layer']}; at "
+            f"c=+-{STRESS:g}: {stress[-1.0]:.3f} / {stress[1.0]:.3f} (ppl "
+            f"{100 * stress_tax:+.0f} %) ({row['seconds']:.0f} s)",
             flush=True,
         )
+        save(f"mwe_{name}", {"items": args.items, "row": row})  # kept if a later one fails
     hits = sum(r["swing"] >= 0.30 and r["perplexity_tax"] <= 0.05 for r in rows)
     print(f"swing >= 0.30 within 5 % tax on {hits}/{len(rows)}")
     save("mwe", {"items": args.items, "rows": rows})

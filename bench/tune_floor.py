@@ -22,9 +22,10 @@ from pathlib import Path
 
 import acteng
 from _common import save
+from acteng.errors import ConfigError
 from acteng.extraction import extract_many
 from acteng.pairs import Pairs
-from acteng.tuning import Scorer, held_out, tune
+from acteng.tuning import Scorer, TuneResult, held_out, tune
 
 EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
 BUNDLED = (
@@ -37,13 +38,13 @@ BUNDLED = (
     "power_seeking",
     "myopia",
 )
-UNSEEN = ("corrigible-neutral-HHH", "survival-instinct", "coordinate-other-ais")
+UNSEEN = ("corrigible-neutral-HHH", "survival-instinct")
 LAYERS = (4, 6, 8, 10, 12, 14)
-COEFFICIENTS = (2.0, 4.0, 8.0)
+COEFFICIENTS = (1.0, 2.0, 4.0, 8.0)
 BUDGET = 0.05
 
 
-def unseen(name: str, n: int = 100) -> Pairs:
+def unseen(name: str, n: int = 60) -> Pairs:
     rows = [json.loads(line) for line in (EXTERNAL / f"mwe_{name}.jsonl").open()][:n]
     return acteng.load_pairs(rows)
 
@@ -62,14 +63,17 @@ def main() -> None:
     rows = []
     for name, data, position in concepts:
         start = time.perf_counter()
-        result = tune(
-            model,
-            data,
-            max_tax=BUDGET,
-            layers=list(LAYERS),
-            coefficients=COEFFICIENTS,
-            position=position,
-        )
+        try:
+            result: TuneResult | None = tune(
+                model,
+                data,
+                max_tax=BUDGET,
+                layers=list(LAYERS),
+                coefficients=COEFFICIENTS,
+                position=position,
+            )
+        except ConfigError as exc:  # nothing within the budget
+            result, reason = None, str(exc)
         tuned_s = time.perf_counter() - start
         fit, test = held_out(data)
         vector = extract_many(model, fit, ["mean_diff"], list(LAYERS), position)["mean_diff"]
@@ -79,38 +83,47 @@ def main() -> None:
             for x in LAYERS
             for c in COEFFICIENTS
         ]
-        eligible = [c for c in grid if c.within(BUDGET)]
-        best = max(eligible, key=lambda c: c.effect, default=None)
-        row = {
-            "concept": name,
-            "tuned": {
+        best = max((c for c in grid if c.within(BUDGET)), key=lambda c: c.effect, default=None)
+        tuned = (
+            {
                 "method": result.method,
                 "layers": list(result.layers),
                 "coefficient": result.coefficient,
                 "effect": result.effect,
                 "tax": result.tax,
                 "p_match": result.p_match,
-            },
+            }
+            if result
+            else {"none_within_budget": reason}
+        )
+        met = best is None if result is None else best is None or result.effect >= best.effect
+        row = {
+            "concept": name,
+            "tuned": tuned,
             "grid_best": best.to_json() if best else None,
-            "floor_met": best is None or result.effect >= best.effect - 1e-9,
+            "floor_met": met,
             "tune_seconds": round(tuned_s, 1),
         }
         rows.append(row)
         g = f"{best.effect:+.3f} (L{best.layers[0]} c={best.coefficient:g})" if best else "none"
+        t = (
+            f"{result.effect:+.3f} ({result.method} {list(result.layers)} "
+            f"c={result.coefficient:.3g}, tax {100 * result.tax:+.1f} %)"
+            if result
+            else "none within budget"
+        )
         print(
-            f"{name:32s} tuned {result.effect:+.3f} ({result.method} {list(result.layers)} "
-            f"c={result.coefficient:.3g}, tax {100 * result.tax:+.1f} %) | grid {g} | "
-            f"{'OK' if row['floor_met'] else 'BELOW'} | {tuned_s:.0f} s",
+            f"{name:32s} tuned {t} | grid {g} | {'OK' if met else 'BELOW'} | {tuned_s:.0f} s",
             flush=True,
         )
-    met = sum(r["floor_met"] for r in rows)
+    met_count = sum(r["floor_met"] for r in rows)
     gains = [
         r["tuned"]["effect"] / r["grid_best"]["effect"]
         for r in rows
-        if r["grid_best"] and r["grid_best"]["effect"] > 0
+        if r["grid_best"] and r["grid_best"]["effect"] > 0 and "effect" in r["tuned"]
     ]
     print(
-        f"floor met on {met}/{len(rows)}; median tuned/grid effect ratio "
+        f"floor met on {met_count}/{len(rows)}; median tuned/grid effect ratio "
         f"{sorted(gains)[len(gains) // 2] if gains else math.nan:.2f}"
     )
     save(

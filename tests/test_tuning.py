@@ -192,3 +192,82 @@ def test_settings_that_break_the_model_are_recorded_not_chosen(smollm2: acteng.M
     cell = scorer.score("mean_diff", vector, [8], 1e4)  # overflows float32: NaN outputs
     assert not math.isfinite(cell.tax) and not math.isfinite(cell.effect)
     assert not cell.within(1.0) and cell.to_json()["tax"] is None  # JSON null, not NaN
+
+
+@pytest.mark.real
+def test_cli_sweep_and_tune_write_their_results(
+    smollm2: acteng.Model,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    pairs = tmp_path / "pairs.jsonl"
+    pairs.write_text(
+        "\n".join(
+            json.dumps(
+                {
+                    "prompt": p.prompt,
+                    "positive": p.positive,
+                    "negative": p.negative,
+                    "split": p.split,
+                }
+            )
+            for p in _small(train=12, test=4)
+        )
+    )
+    monkeypatch.setattr("acteng.cli.sweep_cmd.load_model_from_args", lambda args: smollm2)
+    monkeypatch.setattr("acteng.tuning.load_eval", lambda *a, **k: NEUTRAL)
+    out = tmp_path / "sweep"
+    assert (
+        main(
+            [
+                "sweep",
+                "--pairs",
+                str(pairs),
+                "--layers",
+                "8",
+                "--coefficients",
+                "2",
+                "--out",
+                str(out),
+                "--max-tax",
+                "0.1",
+            ]
+        )
+        == 0
+    )
+    saved = json.loads((out / "sweep.json").read_text())
+    assert saved["complete"] is True and len(saved["cells"]) == 1
+    assert {p.name for p in out.glob("*.svg")} == {
+        "effect_mean_diff.svg",
+        "tax_mean_diff.svg",
+        "frontier.svg",
+    }
+    capsys.readouterr()
+    vector = tmp_path / "tuned.safetensors"
+    assert (
+        main(
+            [
+                "tune",
+                "--pairs",
+                str(pairs),
+                "--layers",
+                "8",
+                "--coefficients",
+                "1",
+                "--methods",
+                "mean_diff",
+                "--max-tax",
+                "0.5",
+                "--out",
+                str(vector),
+                "--json",
+            ]
+        )
+        == 0
+    )
+    report = json.loads(capsys.readouterr().out)
+    assert {"vector", "coefficient", "layers", "effect", "tax"} <= report.keys()
+    assert report["vector"] == str(vector) and report["tax"] <= 0.5
+    loaded = acteng.SteeringVector.load(vector, model=smollm2)
+    assert list(loaded.layers) == report["layers"]
