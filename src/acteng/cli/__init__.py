@@ -19,6 +19,7 @@ from acteng.cli import (
     extract_cmd,
     generate_cmd,
     monitor_cmd,
+    serve_cmd,
     vectors_cmd,
 )
 from acteng.errors import ActengError
@@ -41,6 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
     detect_cmd.register(sub)
     eval_cmd.register(sub)
     analyze_cmd.register(sub)
+    serve_cmd.register(sub)
     return parser
 
 
