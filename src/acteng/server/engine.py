@@ -103,7 +103,6 @@ class Engine:
         self.cache = SlotCache(model.num_layers, slots, context)
         self.rows: list[Row | None] = [None] * slots
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
-        self.lock = threading.Lock()  # serialises use of the model with other callers
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
         self.steps = 0  # decoding steps run (for tests and statistics)
@@ -242,7 +241,7 @@ class Engine:
         readout = Readout([m for r in live for m in r.monitored()], ids.shape[0])
         self.cache.batch = batch
         try:
-            with self.lock, torch.no_grad(), ExitStack() as stack:
+            with torch.no_grad(), ExitStack() as stack:
                 stack.enter_context(slot_attention_enabled(model))
                 stack.enter_context(self.table.applied(model, slots))
                 fns = readout.block_fns()
@@ -267,8 +266,8 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         for i, row in enumerate(self.rows):
             if row is not None:
+                self._free(i)  # before telling the client, which may look at once
                 row.job.sink(Event("error", status=500, text=message))
-                self._free(i)
 
 
 class Readout:

@@ -38,7 +38,7 @@ __all__ = ["GenerationRequest", "Limits", "Monitored", "RequestError", "parse_re
 class RequestError(ConfigError):
     """A request the server will not run; `status` is the HTTP code, `param` the field."""
 
-    def __init__(self, message: str, *, param: str | None = None, status: int = 400) -> None:
+    def __init__(self, message: str, param: str | None = None, *, status: int = 400) -> None:
         super().__init__(message)
         self.param = param
         self.status = status
