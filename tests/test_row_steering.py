@@ -136,7 +136,9 @@ def test_engine_equals_generate_on_a_tiny_model(tiny_llama: acteng.Model) -> Non
     try:
         for prompt in prompts:
             for steering in ((), (spec,)):
-                ids = tiny_llama.tokenizer(tiny_llama.render_prompt(prompt), add_special_tokens=False)
+                ids = tiny_llama.tokenizer(
+                    tiny_llama.render_prompt(prompt), add_special_tokens=False
+                )
                 request = GenerationRequest(
                     prompt_ids=list(ids["input_ids"]), max_tokens=12, steering=steering
                 )

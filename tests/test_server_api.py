@@ -119,7 +119,9 @@ def test_stream_matches_non_stream_and_carries_scores(sdk: Any) -> None:
     )
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert text == whole.choices[0].message.content
-    token_chunks = [c for c in chunks if c.choices and (c.model_extra or {}).get("acteng", {}).get("tokens")]
+    token_chunks = [
+        c for c in chunks if c.choices and (c.model_extra or {}).get("acteng", {}).get("tokens")
+    ]
     scores = [s for c in token_chunks for s in c.model_extra["acteng"]["monitor"]["honesty"]]
     monitor = whole.model_extra["acteng"]["monitor"]["honesty"]
     assert scores == pytest.approx(monitor["scores"])
@@ -137,7 +139,9 @@ def test_monitor_scores_match_acteng_monitor(sdk: Any, smollm2: acteng.Model) ->
     rendered = smollm2.render_prompt(PROMPT)
     inputs = smollm2.tokenizer(rendered, return_tensors="pt", add_special_tokens=False)
     with acteng.monitor(smollm2, refusal) as mon, torch.no_grad():
-        smollm2.hf.generate(**inputs, max_new_tokens=12, do_sample=False, top_p=None, top_k=None, temperature=None)
+        smollm2.hf.generate(
+            **inputs, max_new_tokens=12, do_sample=False, top_p=None, top_k=None, temperature=None
+        )
     expected = mon.aggregate(0)  # prompt tokens, then generated ones but the last
     got = entry["prompt_scores"] + entry["scores"]
     assert got[: len(expected)] == pytest.approx(expected, rel=1e-4, abs=1e-4)
@@ -373,7 +377,9 @@ def test_failed_step_leaves_no_steering_behind(
     assert chat(sdk, HARMFUL, max_tokens=8).choices[0].message.content == expected
 
 
-def test_failed_prefill_frees_its_slot(served: tuple[TestClient, Any], sdk: Any, monkeypatch: Any) -> None:
+def test_failed_prefill_frees_its_slot(
+    served: tuple[TestClient, Any], sdk: Any, monkeypatch: Any
+) -> None:
     _client, engine = served
     from acteng.server import rows
 

@@ -83,7 +83,13 @@ def test_alone_equals_among_fifteen_others(server: tuple[str, Any]) -> None:
         errors: list[BaseException] = []
         barrier = threading.Barrier(16)
 
-        def worker(key: Any, body: dict[str, Any]) -> None:
+        def worker(
+            key: Any,
+            body: dict[str, Any],
+            results: dict[Any, str] = results,
+            errors: list[BaseException] = errors,
+            barrier: threading.Barrier = barrier,
+        ) -> None:
             try:
                 client = _sdk(url)
                 barrier.wait(timeout=60)
@@ -135,14 +141,16 @@ def test_stream_disconnect_frees_the_slot(server: tuple[str, Any], smollm2: acte
         "steering": [{"vector": "refusal", "coefficient": 1.0}],
     }
     before = engine.steps
-    with httpx.Client(timeout=60) as client:
-        with client.stream("POST", url + "/v1/chat/completions", json=body) as response:
-            assert response.status_code == 200
-            lines = response.iter_lines()
-            seen = [next(lines) for _ in range(6)]
-            assert any(line.startswith("data:") for line in seen)
-            assert engine.active == 1
-        # leaving the block closes the connection mid-stream
+    with (
+        httpx.Client(timeout=60) as client,
+        client.stream("POST", url + "/v1/chat/completions", json=body) as response,
+    ):
+        assert response.status_code == 200
+        lines = response.iter_lines()
+        seen = [next(lines) for _ in range(6)]
+        assert any(line.startswith("data:") for line in seen)
+        assert engine.active == 1
+    # leaving the block closed the connection mid-stream
     assert wait_until(lambda: engine.active == 0), "the slot was not freed"
     assert engine.steps - before < 150  # it stopped long before 200 tokens
     assert all(engine.table.is_empty(s) for s in range(1, engine.slots + 1))

@@ -41,16 +41,19 @@ class SteeringTable:
 
     def __init__(self, model: Model, slots: int, *, terms: int = 8) -> None:
         if slots < 1 or terms < 1:
-            raise ConfigError(f"a steering table needs slots >= 1 and terms >= 1, got {slots}, {terms}")
+            raise ConfigError(
+                f"a steering table needs slots >= 1 and terms >= 1, got {slots}, {terms}"
+            )
         self.model = model
         self.slots, self.terms = slots, terms
         n, d = model.num_layers, model.hidden_size
         size = slots + 1  # slot 0: no steering
-        opts = {"device": model.device, "dtype": model.dtype}
-        self.delta = torch.zeros(n, terms, size, d, **opts)  # type: ignore[arg-type]
-        self.unit = torch.zeros(n, terms, size, d, **opts)  # type: ignore[arg-type]
-        self.a = torch.zeros(n, terms, size, **opts)  # type: ignore[arg-type]
-        self.b = torch.zeros(n, terms, size, **opts)  # type: ignore[arg-type]
+        device, dtype = model.device, model.dtype
+        # [layer, term, slot, d] and [layer, term, slot]
+        self.delta = torch.zeros(n, terms, size, d, device=device, dtype=dtype)
+        self.unit = torch.zeros(n, terms, size, d, device=device, dtype=dtype)
+        self.a = torch.zeros(n, terms, size, device=device, dtype=dtype)
+        self.b = torch.zeros(n, terms, size, device=device, dtype=dtype)
         self.lo = torch.zeros(n, terms, size, dtype=torch.long, device=model.device)
         self.hi = torch.zeros(n, terms, size, dtype=torch.long, device=model.device)
         # Python-side bookkeeping, so layers and terms nobody uses cost nothing.
@@ -152,9 +155,7 @@ class SteeringTable:
 
             return apply
 
-        return {
-            layer: [make(layer, terms, layer in projecting)] for layer, terms in layers.items()
-        }
+        return {layer: [make(layer, terms, layer in projecting)] for layer, terms in layers.items()}
 
     @contextmanager
     def applied(self, model: Model, rows: torch.Tensor) -> Iterator[None]:

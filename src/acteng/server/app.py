@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from importlib import resources
 from typing import Any
 
@@ -122,7 +122,9 @@ def create_app(
     async def body_json(request: Request) -> Any:
         data = await request.body()
         if len(data) > MAX_BODY_BYTES:
-            raise RequestError(f"the body has {len(data)} bytes; the limit is {MAX_BODY_BYTES}", status=413)
+            raise RequestError(
+                f"the body has {len(data)} bytes; the limit is {MAX_BODY_BYTES}", status=413
+            )
         try:
             return json.loads(data)
         except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -200,10 +202,9 @@ def create_app(
         events: asyncio.Queue[Event] = asyncio.Queue()
 
         def sink(event: Event) -> None:
-            try:
+            # RuntimeError: the event loop is gone, so nobody is listening any more.
+            with suppress(RuntimeError):
                 loop.call_soon_threadsafe(events.put_nowait, event)
-            except RuntimeError:  # the event loop is gone: nobody is listening
-                pass
 
         job = engine.submit(parsed, sink)
         reply = _Reply(chat, model_id)
@@ -256,7 +257,9 @@ class _Reply:
     def role_chunk(self) -> str:
         payload = {
             **self._base(True),
-            "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}],
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            ],
         }
         return f"data: {json.dumps(payload)}\n\n"
 
@@ -328,7 +331,9 @@ async def _stream(
                 yield "data: [DONE]\n\n"
                 return
             else:
-                error = {"error": {"message": event.text, "type": "server_error", "code": event.status}}
+                error = {
+                    "error": {"message": event.text, "type": "server_error", "code": event.status}
+                }
                 yield f"data: {json.dumps(error)}\n\n"
                 return
     finally:
@@ -352,7 +357,13 @@ async def _collect(
             if event.kind == "token":
                 parts.append(event.text)
             elif event.kind == "done":
-                return JSONResponse(reply.full(event.summary.get("text", "".join(parts)), event.finish_reason, event.summary))
+                return JSONResponse(
+                    reply.full(
+                        event.summary.get("text", "".join(parts)),
+                        event.finish_reason,
+                        event.summary,
+                    )
+                )
             else:
                 return _error(event.status, event.text)
     finally:

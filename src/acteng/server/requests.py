@@ -75,6 +75,7 @@ class GenerationRequest:
 
     prompt_ids: list[int]
     max_tokens: int
+    min_tokens: int = 0  # end-of-sequence is not sampled before this many tokens
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
@@ -228,7 +229,8 @@ def parse_guard(
         raise RequestError('guard must be an object (e.g. {"policy": "block"}) or "off"', "guard")
     fields = {**(default or {}), **(value or {})}
     unknown = sorted(
-        set(fields) - {"detector", "policy", "check", "threshold", "generation_threshold", "counter"}
+        set(fields)
+        - {"detector", "policy", "check", "threshold", "generation_threshold", "counter"}
     )
     if unknown:
         raise RequestError(
@@ -264,7 +266,14 @@ def parse_guard(
     if policy != "steer" and counter:
         raise RequestError("guard.counter is only used by policy 'steer'", "guard.counter")
     try:
-        guard = Guard(detector, policy, check, tuple(counter), **thresholds)
+        guard = Guard(
+            detector,
+            policy,
+            check,
+            tuple(counter),
+            threshold=thresholds.get("threshold"),
+            generation_threshold=thresholds.get("generation_threshold"),
+        )
     except ConfigError as exc:
         raise RequestError(f"guard: {exc}", param="guard") from exc
     monitor = replace(resolver.monitored(name, None, "guard.detector"), key=f"guard:{name}")
@@ -338,6 +347,9 @@ def parse_request(
         else _integer(raw_max, "max_tokens", low=1, high=limits.max_tokens)
     )
     max_tokens = min(max_tokens, limits.max_tokens)
+    # vLLM's extension: benchmarks use it to get exactly max_tokens from every request.
+    raw_min = body.get("min_tokens")
+    min_tokens = 0 if raw_min is None else _integer(raw_min, "min_tokens", low=0, high=max_tokens)
     if len(ids) + max_tokens > limits.context:
         raise RequestError(
             f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}; together they "
@@ -351,8 +363,8 @@ def parse_request(
         raise RequestError("stop must be a non-empty string or a list of them", "stop")
     # Greedy unless asked: steered and unsteered answers stay reproducible side by side.
     raw_temperature = body.get("temperature")
-    temperature = 0.0 if raw_temperature is None else _number(
-        raw_temperature, "temperature", low=0, high=2
+    temperature = (
+        0.0 if raw_temperature is None else _number(raw_temperature, "temperature", low=0, high=2)
     )
     top_p = _number(body.get("top_p", 1.0), "top_p", low=1e-6, high=1.0)
     seed = body.get("seed")
@@ -370,6 +382,7 @@ def parse_request(
     return GenerationRequest(
         prompt_ids=ids,
         max_tokens=max_tokens,
+        min_tokens=min_tokens,
         temperature=temperature,
         top_p=top_p,
         seed=seed,

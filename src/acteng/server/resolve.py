@@ -8,6 +8,7 @@ serves ``/v1/vectors``: list, show, upload (checked against the served model) an
 
 from __future__ import annotations
 
+import builtins
 from typing import Any
 
 from acteng.bundled import bundled_files
@@ -33,7 +34,9 @@ class Resolver:
     # --- lookups for requests ----------------------------------------------------------
     def _load(self, name: Any, param: str) -> tuple[SteeringVector, str]:
         if not isinstance(name, str):
-            raise RequestError(f"{param} must be a vector name (a string), got {name!r}", param=param)
+            raise RequestError(
+                f"{param} must be a vector name (a string), got {name!r}", param=param
+            )
         try:
             validate_name(name)
         except ConfigError as exc:
@@ -113,7 +116,7 @@ class Resolver:
             out["problem"] = str(exc)
         return out
 
-    def list(self) -> list[dict[str, Any]]:
+    def list(self) -> builtins.list[dict[str, Any]]:
         items = []
         seen = set()
         for entry in self.library.list():
@@ -144,7 +147,7 @@ class Resolver:
         return item
 
     def upload(
-        self, name: str, data: bytes, *, tags: list[str], overwrite: bool
+        self, name: str, data: bytes, *, tags: builtins.list[str], overwrite: bool
     ) -> dict[str, Any]:
         try:
             validate_name(name)

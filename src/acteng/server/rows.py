@@ -9,6 +9,7 @@ scores too; a row without them sends each token as soon as it is sampled.
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -25,7 +26,8 @@ __all__ = ["Row"]
 
 def _eos_ids(model: Model) -> set[int]:
     ids: set[int] = set()
-    for value in (model.tokenizer.eos_token_id, model.hf.generation_config.eos_token_id):
+    config: Any = getattr(model.hf, "generation_config", None)
+    for value in (model.tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
         if isinstance(value, int):
             ids.add(value)
         elif isinstance(value, list | tuple):
@@ -124,6 +126,9 @@ class Row:
     # --- internals -----------------------------------------------------------------------
     def _sample(self, logits: torch.Tensor) -> int:
         request = self.request
+        if len(self.generated) < request.min_tokens:
+            logits = logits.clone()
+            logits[list(self.eos)] = -math.inf
         if self.generator is None:
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.double() / request.temperature, dim=-1)
@@ -288,4 +293,3 @@ def _held_back(text: str, stops: list[str]) -> int:
                 hold = max(hold, k)
                 break
     return hold
-

@@ -129,13 +129,13 @@ def slot_attention(
     return out, None
 
 
-class _SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is untyped
+class _SlotLayer(CacheLayerMixin):  # type: ignore[misc,no-untyped-call,unused-ignore]
     """One layer's keys and values: ``[slots, kv_heads, capacity, head_dim]`` buffers."""
 
     is_sliding = False
 
     def __init__(self, owner: SlotCache) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call,unused-ignore]
         self.owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -153,13 +153,17 @@ class _SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is unty
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         keys, values = self.keys, self.values
+        if keys is None or values is None:  # lazy_initialization always sets both
+            raise UnsupportedError("the slot cache has no buffers; this is a bug")
         q = key_states.shape[2]
         if q == 1:
             # Decoding: every row writes its one new token at its own length.
             keys[batch.slots, :, batch.starts] = key_states[:, :, 0]
             values[batch.slots, :, batch.starts] = value_states[:, :, 0]
         else:
-            for row, (slot, start) in enumerate(zip(batch.slot_list, batch.start_list, strict=True)):
+            for row, (slot, start) in enumerate(
+                zip(batch.slot_list, batch.start_list, strict=True)
+            ):
                 keys[slot, :, start : start + q] = key_states[row]
                 values[slot, :, start : start + q] = value_states[row]
         return keys, values
@@ -174,7 +178,7 @@ class _SlotLayer(CacheLayerMixin):  # type: ignore[misc]  # transformers is unty
         return self.owner.capacity, 0
 
 
-class SlotCache(Cache):  # type: ignore[misc]  # transformers is untyped
+class SlotCache(Cache):  # type: ignore[misc,unused-ignore]  # transformers may be untyped
     """A transformers-compatible KV cache with `slots` fixed rows of `capacity` tokens.
 
     The engine sets `batch` before each forward call; rows never share cache memory.
