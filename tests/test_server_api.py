@@ -345,6 +345,28 @@ def test_vector_upload_is_validated(
     assert message in response.json()["error"]["message"]
 
 
+def test_upload_without_a_name_says_so(client: TestClient) -> None:
+    response = client.post("/v1/vectors", content=b"x")
+    assert response.status_code == 400
+    assert "name" in response.json()["error"]["message"]
+
+
+def test_full_queue_is_refused(smollm2: acteng.Model) -> None:
+    from acteng.server.engine import Engine, EngineBusy
+    from acteng.server.requests import GenerationRequest
+
+    engine = Engine(smollm2, slots=1, context=64, max_queue=1)  # not started: nothing drains
+    request = GenerationRequest(prompt_ids=[1, 2, 3], max_tokens=2)
+    engine.submit(request, lambda _e: None)
+    with pytest.raises(EngineBusy, match="busy"):
+        engine.submit(request, lambda _e: None)
+    got: list[Any] = []
+    engine.stop()  # the waiting request is told, not left hanging
+    engine.submit(request, got.append)
+    engine.stop()
+    assert got and got[0].status == 503
+
+
 def test_bundled_vectors_cannot_be_deleted(client: TestClient) -> None:
     response = client.delete("/v1/vectors/refusal")
     assert response.status_code == 400 and "bundled" in response.json()["error"]["message"]

@@ -21,6 +21,7 @@ from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
@@ -110,6 +111,14 @@ def create_app(
     @app.exception_handler(RequestError)
     async def request_error(_r: Request, exc: RequestError) -> JSONResponse:
         return _error(exc.status, str(exc), param=exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+            for e in exc.errors()
+        )
+        return _error(400, f"bad parameters: {problems}")
 
     @app.exception_handler(EngineBusy)
     async def busy(_r: Request, exc: EngineBusy) -> JSONResponse:

@@ -126,6 +126,10 @@ class Engine:
         if self._thread is not None:
             self._thread.join(timeout=60)
             self._thread = None
+        for i, row in enumerate(self.rows):  # rows cut short by the shutdown
+            if row is not None:
+                self._free(i)
+                row.job.sink(Event("error", status=503, text="server stopping"))
         while True:  # whoever still waits gets an answer
             try:
                 self.queue.get_nowait().sink(Event("error", status=503, text="server stopping"))

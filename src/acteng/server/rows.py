@@ -10,6 +10,7 @@ scores too; a row without them sends each token as soon as it is sampled.
 from __future__ import annotations
 
 import math
+import secrets
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -54,7 +55,7 @@ class Row:
         self._cut = False  # a stop string ended the text
         self.generator: torch.Generator | None = None
         if request.temperature > 0:
-            seed = request.seed if request.seed is not None else int(torch.seed() % 2**63)
+            seed = request.seed if request.seed is not None else secrets.randbits(63)
             self.generator = torch.Generator().manual_seed(seed)
         self.prompt_scores: dict[str, list[float]] = {}
         self.token_scores: dict[str, list[float]] = {m.key: [] for m in request.monitors}

@@ -139,9 +139,11 @@ class _SlotLayer(CacheLayerMixin):  # type: ignore[misc,no-untyped-call,unused-i
         self.owner = owner
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # Uninitialised on purpose: a row only ever reads the indices it wrote, and the
+        # untouched rest of a large buffer then costs no memory.
         shape = (self.owner.slots, key_states.shape[1], self.owner.capacity)
-        self.keys = key_states.new_zeros(*shape, key_states.shape[-1])
-        self.values = value_states.new_zeros(*shape, value_states.shape[-1])
+        self.keys = key_states.new_empty(*shape, key_states.shape[-1])
+        self.values = value_states.new_empty(*shape, value_states.shape[-1])
         self.is_initialized = True
 
     def update(
