@@ -80,6 +80,10 @@ class Job:
 class Engine:
     """Continuous-batching generation with per-row steering, monitors and guards.
 
+    The engine owns the model while it runs: during each forward call it routes the
+    model's attention through the slot attention, so nothing else may run the same model
+    object at that moment (load a second one for other work).
+
     >>> engine = Engine(acteng.load_model(), slots=16)
     >>> engine.start(); job = engine.submit(request, print); ...; engine.stop()
     """
@@ -199,7 +203,8 @@ class Engine:
         batch = SlotBatch(
             slots=torch.tensor([index]), starts=torch.tensor([0]), active=torch.tensor([True])
         )
-        logits, scores = self._forward(ids, positions, batch, [row])
+        table_rows = torch.tensor([index + 1])
+        logits, scores = self._forward(ids, positions, batch, table_rows, [row])
         row.prefilled(logits[0], {k: v[0] for k, v in scores.items()})
         self.max_rows_seen = max(self.max_rows_seen, self.active)
         if row.done:
@@ -218,7 +223,8 @@ class Engine:
             active=torch.tensor([r is not None for r in rows]),
         )
         live = [r for r in rows if r is not None]
-        logits, scores = self._forward(ids, positions, batch, live)
+        table_rows = torch.tensor([i + 1 if r is not None else 0 for i, r in enumerate(rows)])
+        logits, scores = self._forward(ids, positions, batch, table_rows, live)
         self.steps += 1
         for i, row in enumerate(rows):
             if row is None:
@@ -235,19 +241,26 @@ class Engine:
                 self._free(i)
 
     def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor, batch: SlotBatch, live: list[Row]
+        self,
+        ids: torch.Tensor,
+        positions: torch.Tensor,
+        batch: SlotBatch,
+        table_rows: torch.Tensor,
+        live: list[Row],
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One forward call: slot attention, per-row steering and readouts for its length."""
+        """One forward call: slot attention, per-row steering and readouts for its length.
+
+        ids, positions: [batch, q]; `table_rows`: [batch] steering-table slot of each row
+        (0: unsteered). Returns the last position's logits [batch, vocab] and the monitor
+        scores, key -> [batch, q].
+        """
         model = self.model
-        slots = torch.tensor([(i + 1) if a else 0 for i, a in enumerate(batch.active_list)])
-        if ids.shape[0] == 1:
-            slots = batch.slots + 1
         readout = Readout([m for r in live for m in r.monitored()], ids.shape[0])
         self.cache.batch = batch
         try:
             with torch.no_grad(), ExitStack() as stack:
                 stack.enter_context(slot_attention_enabled(model))
-                stack.enter_context(self.table.applied(model, slots))
+                stack.enter_context(self.table.applied(model, table_rows))
                 fns = readout.block_fns()
                 if fns:
                     stack.enter_context(hooked(model.hf, model.blocks, fns, track_positions=True))
