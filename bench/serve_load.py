@@ -72,12 +72,11 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_server(port: int, home: str) -> subprocess.Popen[bytes]:
+def _start_server(port: int, home: str, extra: list[str]) -> subprocess.Popen[bytes]:
     code = "import sys; from acteng.cli import main; sys.exit(main(sys.argv[1:]))"
     env = {**os.environ, "ACTENG_HOME": home}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, "serve", "--port", str(port), "--slots", "16"], env=env
-    )
+    argv = [sys.executable, "-c", code, "serve", "--port", str(port), "--slots", "16", *extra]
+    proc = subprocess.Popen(argv, env=env)
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline:
         try:
@@ -175,12 +174,18 @@ def main() -> int:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the concurrent runs")
     parser.add_argument("--no-library", action="store_true", help="skip the acteng.generate run")
+    parser.add_argument(
+        "--no-fixed-batch",
+        action="store_true",
+        help="serve with --no-fixed-batch (live rows only; not batch-invariant)",
+    )
     args = parser.parse_args()
 
     port = _free_port()
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as home:
-        server = _start_server(port, home)
+        extra = ["--no-fixed-batch"] if args.no_fixed_batch else []
+        server = _start_server(port, home, extra)
         try:
             _run(url, concurrent=True, steered=True, tokens=8)  # warm-up
             mixed, plain = [], []
@@ -209,6 +214,7 @@ def main() -> int:
     report = {
         "machine": machine(),
         "tokens_per_request": args.tokens,
+        "fixed_batch": not args.no_fixed_batch,
         "requests": len(PROMPTS),
         "concurrent_mixed": {k: v for k, v in conc.items() if k != "texts"},
         "concurrent_unsteered": {k: v for k, v in unst.items() if k != "texts"},
@@ -222,7 +228,8 @@ def main() -> int:
         "concurrent_equals_sequential": identical,
     }
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "serve_load.json").write_text(json.dumps(report, indent=2))
+    name = "serve_load_live_rows.json" if args.no_fixed_batch else "serve_load.json"
+    (RESULTS / name).write_text(json.dumps(report, indent=2))
     for name in ("concurrent_mixed", "concurrent_unsteered", "sequential_mixed"):
         r = report[name]
         print(
@@ -234,7 +241,9 @@ def main() -> int:
     print(f"concurrent vs sequential: {speedup:.2f}x faster (floor 3x)")
     print(f"mixed vectors vs unsteered throughput: {steering_ratio:.3f}x (floor 0.85x)")
     print(f"errors: {errors}; concurrent answers equal sequential ones: {identical}")
-    ok = speedup >= 3 and steering_ratio >= 0.85 and errors == 0 and identical
+    # Without the fixed batch, answers may legitimately differ with the batch.
+    ok = speedup >= 3 and steering_ratio >= 0.85 and errors == 0
+    ok = ok and (identical or args.no_fixed_batch)
     return 0 if ok else 1
 
 

@@ -124,14 +124,17 @@ def _run(engine: Any, request: Any) -> list[Any]:
     return events
 
 
-def test_engine_equals_generate_on_a_tiny_model(tiny_llama: acteng.Model) -> None:
+@pytest.mark.parametrize("fixed_batch", [True, False])
+def test_engine_equals_generate_on_a_tiny_model(
+    tiny_llama: acteng.Model, fixed_batch: bool
+) -> None:
     from acteng.server.engine import Engine
     from acteng.server.requests import GenerationRequest
 
     vector = random_vector(tiny_llama, [1, 2], scale=0.3)
     spec = acteng.SteeringSpec(vector, 2.0, positions="generated")
     prompts = ["Hello there", "A much longer prompt about dragons and their caves"]
-    engine = Engine(tiny_llama, slots=4, context=128)
+    engine = Engine(tiny_llama, slots=4, context=128, fixed_batch=fixed_batch)
     engine.start()
     try:
         for prompt in prompts:

@@ -35,6 +35,12 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--max-tokens", type=int, default=512, help="cap on a request's max_tokens")
     p.add_argument("--queue", type=int, default=256, help="requests that may wait (256)")
+    p.add_argument(
+        "--no-fixed-batch",
+        action="store_true",
+        help="decode only the live rows: faster for a lone request, but answers may then "
+        "change in the last bits (sometimes the greedy text) with what else is in the batch",
+    )
     p.add_argument("--home", default=None, help="vector library folder (default $ACTENG_HOME)")
     g = p.add_argument_group("default guard (a request may change or turn it off)")
     g.add_argument("--guard", default=None, help="detector name for every request")
@@ -97,7 +103,13 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_tokens=args.max_tokens, context=args.context)
     if guard is not None:  # fail now, not on the first request
         parse_guard(None, guard, Resolver(model, library), limits)
-    engine = Engine(model, slots=args.slots, context=args.context, max_queue=args.queue)
+    engine = Engine(
+        model,
+        slots=args.slots,
+        context=args.context,
+        max_queue=args.queue,
+        fixed_batch=not args.no_fixed_batch,
+    )
     app = create_app(engine, library=library, api_key=api_key, limits=limits, default_guard=guard)
     print(f"acteng: serving {model.name} on http://{args.host}:{args.port} (playground at /)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

@@ -96,6 +96,7 @@ class Engine:
         context: int = 1024,
         max_queue: int = 256,
         terms: int = 8,
+        fixed_batch: bool = True,
     ) -> None:
         check_supported(model)
         if slots < 1 or context < 8:
@@ -103,6 +104,7 @@ class Engine:
         self.model = model
         self.slots = slots
         self.context = context
+        self.fixed_batch = fixed_batch
         self.table = SteeringTable(model, slots, terms=terms)
         self.cache = SlotCache(model.num_layers, slots, context)
         self.rows: list[Row | None] = [None] * slots
@@ -211,28 +213,37 @@ class Engine:
             self._free(index)
 
     def _step(self) -> None:
-        """One decoding step for every slot (empty slots as dummy rows: a fixed batch size)."""
+        """One decoding step for the live rows.
+
+        With `fixed_batch` (the default) every slot takes part, empty ones as dummy rows, so
+        the matmuls always see the same number of rows and a row's result never depends on
+        the others; without it only live rows run (cheaper when few requests run, but the
+        last bits, and so sometimes the greedy text, can then change with the batch).
+        """
         pad = int(self.model.tokenizer.pad_token_id)
         rows = self.rows
-        ids = torch.tensor([[r.next_input if r else pad] for r in rows], device=self.model.device)
-        starts = torch.tensor([r.length if r else 0 for r in rows])
-        positions = starts.to(self.model.device)[:, None]
+        order = [i for i, r in enumerate(rows) if self.fixed_batch or r is not None]
+        picked = [rows[i] for i in order]
+        device = self.model.device
+        ids = torch.tensor([[r.next_input if r else pad] for r in picked], device=device)
+        starts = torch.tensor([r.length if r else 0 for r in picked])
         batch = SlotBatch(
-            slots=torch.arange(self.slots),
+            slots=torch.tensor(order),
             starts=starts,
-            active=torch.tensor([r is not None for r in rows]),
+            active=torch.tensor([r is not None for r in picked]),
         )
-        live = [r for r in rows if r is not None]
-        table_rows = torch.tensor([i + 1 if r is not None else 0 for i, r in enumerate(rows)])
-        logits, scores = self._forward(ids, positions, batch, table_rows, live)
+        live = [r for r in picked if r is not None]
+        table_rows = torch.tensor([i + 1 if rows[i] is not None else 0 for i in order])
+        logits, scores = self._forward(ids, starts.to(device)[:, None], batch, table_rows, live)
         self.steps += 1
-        for i, row in enumerate(rows):
+        for k, i in enumerate(order):
+            row = rows[i]
             if row is None:
                 continue
             if row.job.cancelled.is_set():
                 row.done = True
             else:
-                row.decoded(logits[i], {k: v[i] for k, v in scores.items()})
+                row.decoded(logits[k], {key: v[k] for key, v in scores.items()})
             if row.guard_steer_pending:
                 row.guard_steer_pending = False
                 prompt_len = len(row.job.request.prompt_ids)
