@@ -11,11 +11,11 @@ tokens (``min_tokens``) under 4 different steering settings:
 It prints wall time, tokens/s, p50/p99 latency and errors per condition, and the ratios
 the floors are about: concurrent vs sequential (>= 3x faster) and mixed-vector vs
 unsteered throughput (>= 0.85x). Concurrent and sequential answers must be identical
-(the engine is batch-invariant), which is checked too. For context it also times the same
-16 requests through `acteng.generate` one at a time in this process (transformers'
-generate at batch 1, no server).
+(the engine is batch-invariant), which is checked too. With --library it also times the
+same 16 requests through `acteng.generate` one at a time in this process (transformers'
+generate at batch 1, no server), for context.
 
-    .venv/bin/python bench/serve_load.py [--tokens 64] [--rounds 3]
+    .venv/bin/python bench/serve_load.py [--tokens 64] [--rounds 3] [--library] [--no-fixed-batch]
 """
 
 from __future__ import annotations
@@ -165,7 +165,9 @@ def _library_generate(tokens: int) -> float:
     acteng.generate(model, PROMPTS[0], max_new_tokens=4)  # warm-up
     start = time.perf_counter()
     for i, prompt in enumerate(PROMPTS):
+        began = time.perf_counter()
         acteng.generate(model, prompt, specs_of[i % len(SETTINGS)], max_new_tokens=tokens)
+        print(f"  acteng.generate request {i}: {time.perf_counter() - began:.2f} s", flush=True)
     return time.perf_counter() - start
 
 
@@ -173,7 +175,12 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3, help="rounds of the concurrent runs")
-    parser.add_argument("--no-library", action="store_true", help="skip the acteng.generate run")
+    parser.add_argument(
+        "--library",
+        action="store_true",
+        help="also time the 16 requests through acteng.generate one at a time (context; "
+        "slow and very sensitive to other load on the machine)",
+    )
     parser.add_argument(
         "--no-fixed-batch",
         action="store_true",
@@ -199,7 +206,7 @@ def main() -> int:
         finally:
             server.terminate()
             server.wait(timeout=60)
-    library_s = None if args.no_library else _library_generate(args.tokens)
+    library_s = _library_generate(args.tokens) if args.library else None
 
     def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
         return min(runs, key=lambda x: float(x["wall_s"]))
