@@ -21,7 +21,7 @@ from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
 from acteng.vectors import SteeringVector
 
-__all__ = ["extract"]
+__all__ = ["extract", "extract_many"]
 
 
 def extract(
@@ -48,8 +48,6 @@ def extract(
     """
     if method not in METHODS:
         raise ConfigError(f"unknown method {method!r}; use one of {', '.join(sorted(METHODS))}")
-    if normalize not in (None, "unit"):
-        raise ConfigError(f"unknown normalize {normalize!r}; use None or 'unit'")
     dataset = load_pairs(pairs)
     chosen = parse_layers(model, layers)
     if method == "actadd" and len(dataset) != 1:
@@ -57,21 +55,64 @@ def extract(
             f"actadd takes exactly one pair, got {len(dataset)}; use method 'mean_diff' for "
             "several pairs"
         )
+    return extract_many(
+        model,
+        dataset,
+        [method],
+        chosen,
+        position,
+        normalize=normalize,
+        batch_size=batch_size,
+        progress=progress,
+    )[method]
+
+
+def extract_many(
+    model: Model,
+    pairs: Pairs | str | Path | Sequence[Any],
+    methods: Sequence[str],
+    layers: int | str | Sequence[int] | None = None,
+    position: str = "last",
+    *,
+    normalize: str | None = None,
+    batch_size: int = 32,
+    progress: bool = False,
+) -> dict[str, SteeringVector]:
+    """One vector per method from a single recording pass (what sweeps and tuning use)."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ConfigError(
+            f"unknown method(s) {unknown or methods!r}; use one or more of "
+            f"{', '.join(sorted(METHODS))}"
+        )
+    if normalize not in (None, "unit"):
+        raise ConfigError(f"unknown normalize {normalize!r}; use None or 'unit'")
+    dataset = load_pairs(pairs)
+    chosen = parse_layers(model, layers)
     pos, neg = record_pairs(
         model, dataset, chosen, position, batch_size=batch_size, progress=progress
     )
-    directions: dict[int, torch.Tensor] = {}
-    for layer in chosen:
-        direction = METHODS[method](pos[layer], neg[layer])
-        if normalize == "unit":
-            direction = direction / direction.norm().clamp_min(1e-12)
-        directions[layer] = direction.to(torch.float32)
-    metadata = {
-        "model": model.identity(),
-        "method": method,
-        "read_position": position,
-        "normalize": normalize,
-        "dataset": dataset.provenance(),
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    return SteeringVector(directions, metadata)
+    created = datetime.now(UTC).isoformat(timespec="seconds")
+    out = {}
+    for method in methods:
+        directions: dict[int, torch.Tensor] = {}
+        for layer in chosen:
+            direction = METHODS[method](pos[layer], neg[layer])
+            if float(direction.norm()) == 0.0:
+                raise ConfigError(
+                    f"layer {layer}: the positives and negatives of {dataset.name!r} give a "
+                    "zero direction (identical texts?); the pairs must differ in the concept"
+                )
+            if normalize == "unit":
+                direction = direction / direction.norm().clamp_min(1e-12)
+            directions[layer] = direction.to(torch.float32)
+        metadata = {
+            "model": model.identity(),
+            "method": method,
+            "read_position": position,
+            "normalize": normalize,
+            "dataset": dataset.provenance(),
+            "created": created,
+        }
+        out[method] = SteeringVector(directions, metadata)
+    return out

@@ -39,13 +39,15 @@ from acteng.vectors import SteeringVector
 
 __all__ = [
     "REFUSAL_PHRASES",
+    "ab_from_scores",
     "ab_match",
     "auroc",
-    "batched_logprobs",
+    "batched_logits",
     "completion_logprobs",
     "is_refusal",
     "logprob_margin",
     "next_token_kl",
+    "pair_scores",
     "prompting_baseline",
     "refusal_rate",
     "refusal_score",
@@ -80,11 +82,14 @@ def refusal_rate(texts: Sequence[str]) -> float:
     return sum(map(is_refusal, texts)) / len(texts)
 
 
-def batched_logprobs(
+def batched_logits(
     model: Model, sequences: Sequence[list[int]], steering: Steering, batch_size: int
 ) -> Iterator[tuple[list[list[int]], torch.Tensor]]:
-    """Right-padded batches of token ids and their log-softmax [batch, len, vocab] (CPU,
-    float64), steered when asked: the one forward loop every measure here shares."""
+    """Right-padded batches of token ids and their logits [batch, len, vocab] (CPU),
+    steered when asked: the one forward loop every measure here shares.
+
+    Callers take the float64 log-softmax of only the positions they score: doing it for
+    every position of the whole vocabulary took two thirds of the scoring time."""
     pad = int(model.tokenizer.pad_token_id)
     context = steer(model, steering) if steering is not None else nullcontext()
     with context, torch.no_grad():
@@ -94,7 +99,7 @@ def batched_logprobs(
             logits = model.hf(
                 input_ids=ids.to(model.device), attention_mask=mask.to(model.device)
             ).logits
-            yield chunk, torch.log_softmax(logits.double(), dim=-1).cpu()
+            yield chunk, logits.float().cpu()
 
 
 def auroc(positives: torch.Tensor, negatives: torch.Tensor) -> float:
@@ -116,9 +121,9 @@ def _answer_logprobs(
         for p in prompts
     ]
     out = []
-    for chunk, logprobs in batched_logprobs(model, encoded, steering, batch_size):
+    for chunk, logits in batched_logits(model, encoded, steering, batch_size):
         last = torch.tensor([len(c) - 1 for c in chunk])
-        out.append(logprobs[torch.arange(len(chunk)), last])
+        out.append(torch.log_softmax(logits[torch.arange(len(chunk)), last].double(), dim=-1))
     return torch.cat(out)
 
 
@@ -176,11 +181,12 @@ def completion_logprobs(
     heads = [len(h) for h, _ in encoded]
     sequences = [h + t for h, t in encoded]
     done = 0
-    for chunk, logprobs in batched_logprobs(model, sequences, steering, batch_size):
+    for chunk, logits in batched_logits(model, sequences, steering, batch_size):
         for row in range(len(chunk)):
             head, tail = heads[done], encoded[done][1]
             positions = torch.arange(head - 1, head + len(tail) - 1)
-            picked = logprobs[row, positions, torch.tensor(tail)]
+            logprobs = torch.log_softmax(logits[row, positions].double(), dim=-1)
+            picked = logprobs[torch.arange(len(tail)), torch.tensor(tail)]
             out.append((float(picked.sum()), len(tail)))
             done += 1
     return out
@@ -227,12 +233,30 @@ def ab_match(
     batch_size: int = 16,
 ) -> list[tuple[float, float]]:
     """Per A/B item: (p(match) normalised over the two answers, p(match) + p(other))."""
+    return ab_from_scores(_pair_scores(model, pairs, steering, None, batch_size, "ab_match"))
+
+
+def ab_from_scores(scores: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    """(p(match) normalised, p(match) + p(other)) from (log p(match), log p(other))."""
     out = []
-    for match, other in _pair_scores(model, pairs, steering, None, batch_size, "ab_match"):
+    for match, other in scores:
         top = max(match, other)
         p_match, p_other = math.exp(match - top), math.exp(other - top)
         out.append((p_match / (p_match + p_other), math.exp(match) + math.exp(other)))
     return out
+
+
+def pair_scores(
+    model: Model,
+    pairs: Sequence[ContrastivePair],
+    steering: Steering = None,
+    *,
+    system: str | None = None,
+    batch_size: int = 16,
+) -> list[tuple[float, float]]:
+    """Per pair with a prompt: (log p(positive | prompt), log p(negative | prompt)), the
+    one scoring pass behind `logprob_margin` and `ab_match`."""
+    return _pair_scores(model, pairs, steering, system, batch_size, "pair_scores")
 
 
 def logprob_margin(

@@ -24,7 +24,7 @@ from typing import Any, Literal, overload
 import torch
 
 from acteng.errors import ConfigError, DataError
-from acteng.metrics import Steering, batched_logprobs, completion_logprobs
+from acteng.metrics import Steering, batched_logits, completion_logprobs
 from acteng.models import Model
 
 __all__ = [
@@ -87,10 +87,11 @@ def perplexity(
     for i, ids in enumerate(encoded):
         model.check_length(len(ids), f"text {i}")
     total, count = 0.0, 0
-    for chunk, logprobs in batched_logprobs(model, encoded, steering, batch_size):
+    for chunk, logits in batched_logits(model, encoded, steering, batch_size):
         for row, ids in enumerate(chunk):
             targets = torch.tensor(ids[1:])
-            picked = logprobs[row, torch.arange(len(ids) - 1), targets]
+            logprobs = torch.log_softmax(logits[row, : len(ids) - 1].double(), dim=-1)
+            picked = logprobs[torch.arange(len(ids) - 1), targets]
             total -= float(picked.sum())
             count += len(ids) - 1
     if count == 0:

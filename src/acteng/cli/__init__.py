@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from acteng import __version__
 from acteng.cli import (
     analyze_cmd,
+    demo_cmd,
     detect_cmd,
     eval_cmd,
     extract_cmd,
     generate_cmd,
     monitor_cmd,
     serve_cmd,
+    sweep_cmd,
     vectors_cmd,
 )
 from acteng.errors import ActengError
@@ -42,6 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     detect_cmd.register(sub)
     eval_cmd.register(sub)
     analyze_cmd.register(sub)
+    sweep_cmd.register(sub)
+    demo_cmd.register(sub)
     serve_cmd.register(sub)
     return parser
 

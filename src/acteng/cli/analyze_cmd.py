@@ -21,9 +21,34 @@ def register(sub: Any) -> None:
     p.add_argument("--layers", default=None, help="layers for readability (default: all)")
     p.add_argument("--scatter-layer", type=int, default=None)
     p.add_argument("--top", type=int, default=10, help="tokens listed per side (default 10)")
+    p.add_argument("--plots", default=None, help="write SVG plots to this folder")
     p.add_argument("--json", action="store_true")
     add_model_args(p)
     p.set_defaults(run=run_analyze)
+
+
+def _write_plots(folder: str, name: str, report: dict[str, Any]) -> list[str]:
+    from pathlib import Path
+
+    from acteng.figures import cosine_heatmap, readability_chart, scatter_chart
+    from acteng.plots import save_svg
+
+    root = Path(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    labels = [str(x) for x in report["layers"]]
+    written = [
+        save_svg(
+            cosine_heatmap(report["layer_cosines"], labels, f"{name}: cosine across layers"),
+            root / "layer_cosines.svg",
+        )
+    ]
+    if "readability" in report:
+        chart = readability_chart({name: report["readability"]})
+        written.append(save_svg(chart, root / "readability.svg"))
+    if "scatter" in report:
+        title = f"{name}: activations at layer {report['scatter_layer']} (PCA)"
+        written.append(save_svg(scatter_chart(report["scatter"], title), root / "scatter.svg"))
+    return [str(p) for p in written]
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -47,8 +72,13 @@ def run_analyze(args: argparse.Namespace) -> int:
         report["readability"] = readability(model, args.pairs, args.layers)
         if args.scatter_layer is not None:
             report["scatter"] = pca_scatter(model, args.pairs, args.scatter_layer)
+            report["scatter_layer"] = args.scatter_layer
     elif args.scatter_layer is not None:
         raise ConfigError("--scatter-layer needs --pairs (the activations to scatter)")
+    if args.plots:
+        from pathlib import Path
+
+        report["plots"] = _write_plots(args.plots, Path(args.vector).stem, report)
     if args.json:
         print_json(report)
         return 0
@@ -61,4 +91,6 @@ def run_analyze(args: argparse.Namespace) -> int:
             f"readability layer {row['layer']:2d}: AUROC {row['auroc']:.3f}, "
             f"accuracy {row['accuracy']:.3f}"
         )
+    for path in report.get("plots", []):
+        print(f"wrote {path}")
     return 0
