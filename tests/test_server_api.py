@@ -220,6 +220,30 @@ def test_generation_guard_stops_the_row(sdk: Any) -> None:
     assert response.usage.completion_tokens <= 2
 
 
+def test_generation_guard_steer_matches_guarded_generate(sdk: Any, smollm2: acteng.Model) -> None:
+    """Counter-steering from the token after the running score crosses, as the library does."""
+    refusal = acteng.SteeringSpec(acteng.load_vector("refusal"), 1.0)
+    detector = acteng.load_detector("harmful_request")
+    guard = acteng.Guard(
+        detector, policy="steer", check="generation", steering=(refusal,), generation_threshold=0.0
+    )
+    [expected] = acteng.guarded_generate(smollm2, [HARMFUL], guard, max_new_tokens=16)
+    body = {
+        "detector": "harmful_request",
+        "policy": "steer",
+        "check": "generation",
+        "generation_threshold": 0.0,
+        "counter": [{"vector": "refusal", "coefficient": 1.0}],
+    }
+    response = chat(sdk, HARMFUL, max_tokens=16, guard=body)
+    verdict = response.model_extra["acteng"]["guard"]
+    assert verdict["fired_at"] == expected.fired_at
+    # transformers never feeds the last token back; the server does, to score it
+    scores = verdict["generation_scores"][: len(expected.generation_scores)]
+    assert scores == pytest.approx(expected.generation_scores, abs=1e-4)
+    assert response.choices[0].message.content == expected.text
+
+
 # --- validation: 4xx with a message that says what to fix; the server keeps serving ---
 BAD = [
     ({"steering": [{"vector": "../../etc/passwd"}]}, 400, "no paths"),
