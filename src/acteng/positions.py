@@ -34,6 +34,8 @@ __all__ = [
 ]
 
 ReadPosition = Literal["last", "mean", "answer"]
+# The end of an open position range (`Positions.bounds`): beyond any context length.
+UNBOUNDED = 2**62
 READ_POSITIONS: tuple[str, ...] = ("last", "mean", "answer")
 
 
@@ -112,6 +114,26 @@ class Positions:
         hi = _bound(self.end, plen, default=None)
         keep = real & (token_index >= lo)
         return keep if hi is None else keep & (token_index < hi)
+
+    def bounds(self, prompt_len: int) -> tuple[int, int]:
+        """The token-index range ``[lo, hi)`` these positions cover in one row.
+
+        The same tokens as `mask` for a row with `prompt_len` prompt tokens; `hi` is
+        `UNBOUNDED` when the range runs to the end. Per-row tables store these numbers.
+        """
+        if self.kind == "all":
+            return 0, UNBOUNDED
+        if self.kind == "prompt":
+            return 0, prompt_len
+        if self.kind == "generated":
+            return prompt_len, UNBOUNDED
+
+        def resolve(value: int | None, default: int) -> int:
+            if value is None:
+                return default
+            return max(prompt_len + value, 0) if value < 0 else value
+
+        return resolve(self.start, 0), resolve(self.end, UNBOUNDED)
 
 
 @overload

@@ -20,6 +20,7 @@ from acteng.cli import (
     extract_cmd,
     generate_cmd,
     monitor_cmd,
+    serve_cmd,
     sweep_cmd,
     vectors_cmd,
 )
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     analyze_cmd.register(sub)
     sweep_cmd.register(sub)
     demo_cmd.register(sub)
+    serve_cmd.register(sub)
     return parser
 
 

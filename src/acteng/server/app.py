@@ -1,0 +1,379 @@
+"""The HTTP app: OpenAI-compatible routes, ``/v1/vectors`` and the playground at ``/``.
+
+`create_app(engine)` builds a FastAPI app around a started-on-demand `Engine`; nothing is
+global, so tests build as many apps as they like. Errors follow OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, so the official SDK raises its usual
+exceptions with our messages. A request that fails (bad input, a disconnect, a bug in a
+step) affects that request only: steering lives in the engine's per-slot table and is
+cleared when its row ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager, suppress
+from importlib import resources
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from acteng.errors import ActengError
+from acteng.library import VectorLibrary
+from acteng.server.engine import Engine, EngineBusy, Event, Job
+from acteng.server.requests import GenerationRequest, Limits, RequestError, parse_request
+from acteng.server.resolve import MAX_UPLOAD_BYTES, Resolver
+
+__all__ = ["create_app"]
+
+MAX_BODY_BYTES = 1024 * 1024
+MODEL_ALIASES = ("default",)
+
+
+def _error(status: int, message: str, *, param: str | None = None, kind: str = "") -> JSONResponse:
+    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+    return JSONResponse(
+        {
+            "error": {
+                "message": message,
+                "type": kind or kinds.get(status, "server_error" if status >= 500 else "error"),
+                "param": param,
+                "code": status,
+            }
+        },
+        status_code=status,
+    )
+
+
+def _playground() -> str:
+    return (resources.files("acteng.server") / "playground.html").read_text(encoding="utf-8")
+
+
+def create_app(
+    engine: Engine,
+    *,
+    library: VectorLibrary | None = None,
+    api_key: str | None = None,
+    limits: Limits | None = None,
+    default_guard: dict[str, Any] | None = None,
+) -> FastAPI:
+    """The app serving `engine`'s model; the engine runs while the app does.
+
+    >>> app = create_app(Engine(acteng.load_model()))
+    >>> uvicorn.run(app, host="127.0.0.1", port=8000)
+    """
+    limits = limits or Limits(context=engine.context)
+    if limits.context > engine.context:
+        raise ActengError(
+            f"limits.context {limits.context} exceeds the engine's cache of {engine.context}"
+        )
+    resolver = Resolver(engine.model, library or VectorLibrary())
+    model_id = engine.model.name
+
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.stop)
+
+    # No /docs: FastAPI's docs page loads scripts from a CDN, and this server loads nothing.
+    app = FastAPI(
+        title="acteng", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+    )
+
+    @app.middleware("http")
+    async def guard_requests(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        if api_key is not None and request.url.path.startswith("/v1"):
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), api_key.encode()):
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+        size = request.headers.get("content-length")
+        upload = request.url.path == "/v1/vectors"
+        limit = MAX_UPLOAD_BYTES if upload else MAX_BODY_BYTES
+        if size is not None and size.isdigit() and int(size) > limit:
+            return _error(413, f"the body has {size} bytes; the limit is {limit}")
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        return response
+
+    @app.exception_handler(RequestError)
+    async def request_error(_r: Request, exc: RequestError) -> JSONResponse:
+        return _error(exc.status, str(exc), param=exc.param)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(_r: Request, exc: RequestValidationError) -> JSONResponse:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
+            for e in exc.errors()
+        )
+        return _error(400, f"bad parameters: {problems}")
+
+    @app.exception_handler(EngineBusy)
+    async def busy(_r: Request, exc: EngineBusy) -> JSONResponse:
+        return _error(503, str(exc))
+
+    @app.exception_handler(ActengError)
+    async def acteng_error(_r: Request, exc: ActengError) -> JSONResponse:
+        return _error(400, str(exc))
+
+    async def body_json(request: Request) -> Any:
+        data = await request.body()
+        if len(data) > MAX_BODY_BYTES:
+            raise RequestError(
+                f"the body has {len(data)} bytes; the limit is {MAX_BODY_BYTES}", status=413
+            )
+        try:
+            return json.loads(data)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(f"the body is not valid JSON ({exc}); send a JSON object") from exc
+
+    @app.get("/", response_class=HTMLResponse)
+    async def playground() -> HTMLResponse:
+        return HTMLResponse(
+            _playground(),
+            headers={
+                "Content-Security-Policy": "default-src 'self'; script-src 'unsafe-inline'; "
+                "style-src 'unsafe-inline'; connect-src 'self'; img-src 'self' data:"
+            },
+        )
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "active": engine.active, "queued": engine.queue.qsize()}
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        m = engine.model
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "acteng",
+                    "acteng": {"layers": m.num_layers, "hidden_size": m.hidden_size},
+                }
+            ],
+        }
+
+    @app.get("/v1/vectors")
+    async def list_vectors() -> dict[str, Any]:
+        return {"object": "list", "data": await run_in_threadpool(resolver.list)}
+
+    @app.get("/v1/vectors/{name}")
+    async def show_vector(name: str) -> dict[str, Any]:
+        return await run_in_threadpool(resolver.show, name)
+
+    @app.post("/v1/vectors")
+    async def upload_vector(
+        request: Request, name: str, tags: str = "", overwrite: bool = False
+    ) -> JSONResponse:
+        data = await request.body()
+        tag_list = [t for t in tags.split(",") if t]
+        item = await run_in_threadpool(
+            lambda: resolver.upload(name, data, tags=tag_list, overwrite=overwrite)
+        )
+        return JSONResponse(item, status_code=201)
+
+    @app.delete("/v1/vectors/{name}")
+    async def delete_vector(name: str) -> dict[str, Any]:
+        await run_in_threadpool(resolver.delete, name)
+        return {"id": name, "object": "vector", "deleted": True}
+
+    async def generate(request: Request, chat: bool) -> Response:
+        body = await body_json(request)
+        wanted = body.get("model") if isinstance(body, dict) else None
+        if wanted is not None and wanted not in (model_id, *MODEL_ALIASES):
+            raise RequestError(
+                f"model {wanted!r} is not served here; use {model_id!r} (GET /v1/models)",
+                param="model",
+                status=404,
+            )
+        parsed: GenerationRequest = await run_in_threadpool(
+            lambda: parse_request(
+                body, chat=chat, resolver=resolver, limits=limits, default_guard=default_guard
+            )
+        )
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            # RuntimeError: the event loop is gone, so nobody is listening any more.
+            with suppress(RuntimeError):
+                loop.call_soon_threadsafe(events.put_nowait, event)
+
+        job = engine.submit(parsed, sink)
+        reply = _Reply(chat, model_id)
+        if parsed.stream:
+            return StreamingResponse(
+                _stream(job, events, reply, parsed.include_usage),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache"},
+            )
+        return await _collect(request, job, events, reply)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await generate(request, chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await generate(request, chat=False)
+
+    return app
+
+
+class _Reply:
+    """OpenAI response and chunk objects for one request."""
+
+    def __init__(self, chat: bool, model: str) -> None:
+        self.chat = chat
+        self.model = model
+        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.created = int(time.time())
+
+    def _base(self, stream: bool) -> dict[str, Any]:
+        kind = "chat.completion" if self.chat else "text_completion"
+        return {
+            "id": self.id,
+            "object": kind + (".chunk" if stream and self.chat else ""),
+            "created": self.created,
+            "model": self.model,
+        }
+
+    def chunk(self, text: str | None, finish: str | None, acteng: dict[str, Any]) -> str:
+        if self.chat:
+            delta: dict[str, Any] = {} if text is None else {"content": text}
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
+        else:
+            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
+        payload = {**self._base(True), "choices": [choice], "acteng": acteng}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def role_chunk(self) -> str:
+        payload = {
+            **self._base(True),
+            "choices": [
+                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
+            ],
+        }
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def usage_chunk(self, usage: dict[str, int]) -> str:
+        payload = {**self._base(True), "choices": [], "usage": usage}
+        return f"data: {json.dumps(payload)}\n\n"
+
+    def full(self, text: str, finish: str | None, summary: dict[str, Any]) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": finish,
+                "logprobs": None,
+            }
+        else:
+            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        return {
+            **self._base(False),
+            "choices": [choice],
+            "usage": _usage(summary),
+            "acteng": summary.get("acteng", {}),
+        }
+
+
+def _usage(summary: dict[str, Any]) -> dict[str, int]:
+    prompt, completion = summary.get("prompt_tokens", 0), summary.get("completion_tokens", 0)
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _final_acteng(summary: dict[str, Any]) -> dict[str, Any]:
+    """The last chunk's extension: the guard verdict and each monitor's mean."""
+    ext = dict(summary.get("acteng", {}))
+    ext["monitor"] = {
+        name: {k: v for k, v in entry.items() if k not in ("tokens", "scores", "prompt_scores")}
+        for name, entry in ext.get("monitor", {}).items()
+    }
+    guard = ext.get("guard")
+    if guard is not None and guard.get("action") == "block":
+        ext["guard"] = {**guard, "replacement": summary.get("text", "")}
+    return ext
+
+
+async def _stream(
+    job: Job, events: asyncio.Queue[Event], reply: _Reply, include_usage: bool
+) -> AsyncIterator[str]:
+    """Server-sent events until the job ends; leaving early (a disconnect) cancels it."""
+    try:
+        if reply.chat:
+            yield reply.role_chunk()
+        while True:
+            event = await events.get()
+            if event.kind == "token":
+                ext = {"tokens": event.tokens, "monitor": event.scores} if event.tokens else {}
+                yield reply.chunk(event.text, None, ext)
+            elif event.kind == "done":
+                summary = event.summary
+                guard = summary.get("acteng", {}).get("guard") or {}
+                text = None
+                if guard.get("fired_on") == "prompt" and guard.get("action") == "block":
+                    text = summary.get("text")  # nothing was streamed: send the refusal
+                yield reply.chunk(text, event.finish_reason, _final_acteng(summary))
+                if include_usage:
+                    yield reply.usage_chunk(_usage(summary))
+                yield "data: [DONE]\n\n"
+                return
+            else:
+                error = {
+                    "error": {"message": event.text, "type": "server_error", "code": event.status}
+                }
+                yield f"data: {json.dumps(error)}\n\n"
+                return
+    finally:
+        job.cancel()  # a no-op once done; frees the slot when the client went away
+
+
+async def _collect(
+    request: Request, job: Job, events: asyncio.Queue[Event], reply: _Reply
+) -> Response:
+    """Wait for the whole answer, cancelling the job if the client disconnects."""
+    parts: list[str] = []
+    try:
+        while True:
+            try:
+                event = await asyncio.wait_for(events.get(), timeout=0.25)
+            except TimeoutError:
+                if await request.is_disconnected():
+                    job.cancel()
+                    return Response(status_code=499)
+                continue
+            if event.kind == "token":
+                parts.append(event.text)
+            elif event.kind == "done":
+                return JSONResponse(
+                    reply.full(
+                        event.summary.get("text", "".join(parts)),
+                        event.finish_reason,
+                        event.summary,
+                    )
+                )
+            else:
+                return _error(event.status, event.text)
+    finally:
+        job.cancel()

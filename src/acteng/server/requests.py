@@ -1,0 +1,399 @@
+"""The HTTP request schema: OpenAI bodies plus ``steering``, ``monitor`` and ``guard``.
+
+`parse_request` checks a decoded JSON body field by field and turns it into a
+`GenerationRequest` the engine runs. Every problem raises `RequestError` naming the field
+(``steering[1].coefficient``), the value seen and what to send instead; the app turns it
+into a 4xx answer in OpenAI's error format. Nothing here touches the model's weights.
+
+Extension fields (all optional)::
+
+    "steering": [{"vector": NAME, "coefficient": 4.0, "layers": [8], "positions": "all",
+                  "mode": "add"}]
+    "monitor":  [NAME, {"vector": NAME, "layers": [8]}]
+    "guard":    {"detector": NAME, "policy": "flag|block|steer|stop",
+                 "check": "prompt|generation|both", "threshold": 0.5,
+                 "generation_threshold": 1.0, "counter": [steering items]}  or "off"
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from acteng.detectors import Detector
+from acteng.errors import ConfigError
+from acteng.guard import CHECKS, POLICIES, Guard
+from acteng.steering import MAX_ABS_COEFFICIENT, MODES, SteeringSpec
+
+if TYPE_CHECKING:
+    from acteng.models import Model
+    from acteng.server.resolve import Resolver
+
+__all__ = ["GenerationRequest", "Limits", "Monitored", "RequestError", "parse_request"]
+
+
+class RequestError(ConfigError):
+    """A request the server will not run; `status` is the HTTP code, `param` the field."""
+
+    def __init__(self, message: str, param: str | None = None, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask for; the server's flags set these."""
+
+    max_tokens: int = 512  # cap on max_tokens
+    default_max_tokens: int = 128  # when the request gives none
+    context: int = 1024  # prompt + generated tokens per request
+    max_steering: int = 8
+    max_monitors: int = 8
+    max_messages: int = 256
+    max_stop: int = 4
+    max_coefficient: float = MAX_ABS_COEFFICIENT
+
+
+@dataclass(frozen=True)
+class Monitored:
+    """A vector or detector whose per-token scores a request asked for."""
+
+    key: str  # unique per (name, layers)
+    name: str
+    layers: tuple[int, ...]
+    units: dict[int, torch.Tensor]  # layer -> unit direction on the model's device
+    detector: Detector | None = None
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A validated request, ready for the engine."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    min_tokens: int = 0  # end-of-sequence is not sampled before this many tokens
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: list[str] = field(default_factory=list)
+    steering: tuple[SteeringSpec, ...] = ()
+    steering_echo: list[dict[str, Any]] = field(default_factory=list)
+    monitors: tuple[Monitored, ...] = ()
+    guard: Guard | None = None
+    guard_name: str | None = None
+    guard_text: str = ""
+    guard_monitor: Monitored | None = None
+    stream: bool = False
+    include_usage: bool = False
+
+    @property
+    def monitor_names(self) -> dict[str, str]:
+        return {m.key: m.name for m in self.monitors}
+
+
+def _number(value: Any, param: str, *, low: float, high: float) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise RequestError(f"{param} must be a number, got {value!r}", param=param)
+    if not math.isfinite(value) or not low <= value <= high:
+        raise RequestError(
+            f"{param} is {value}; give a finite number between {low:g} and {high:g}", param=param
+        )
+    return float(value)
+
+
+def _integer(value: Any, param: str, *, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise RequestError(
+            f"{param} must be a whole number from {low} to {high}, got {value!r}", param=param
+        )
+    return int(value)
+
+
+def _items(value: Any, param: str, limit: int) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise RequestError(f"{param} must be a list, got {type(value).__name__}", param=param)
+    if len(value) > limit:
+        raise RequestError(
+            f"{param} has {len(value)} items; the server allows at most {limit}", param=param
+        )
+    return value
+
+
+def _layers(value: Any, param: str, model: Model) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    raw = [value] if isinstance(value, int) and not isinstance(value, bool) else value
+    if not isinstance(raw, list) or not raw:
+        raise RequestError(f"{param} must be a non-empty list of layer numbers", param=param)
+    bad = [x for x in raw if isinstance(x, bool) or not isinstance(x, int)]
+    if bad:
+        raise RequestError(f"{param} must hold whole numbers, got {bad}", param=param)
+    outside = [x for x in raw if not 0 <= x < model.num_layers]
+    if outside:
+        raise RequestError(
+            f"{param}: layer(s) {outside} are out of range; this model has layers 0 to "
+            f"{model.num_layers - 1}",
+            param=param,
+        )
+    return tuple(raw)
+
+
+def parse_steering(
+    value: Any, param: str, resolver: Resolver, limits: Limits
+) -> tuple[list[SteeringSpec], list[dict[str, Any]]]:
+    specs, echo = [], []
+    for i, item in enumerate(_items(value, param, limits.max_steering)):
+        where = f"{param}[{i}]"
+        if not isinstance(item, dict):
+            raise RequestError(
+                f'{where} must be an object like {{"vector": "name", "coefficient": 4}}',
+                param=where,
+            )
+        unknown = sorted(set(item) - {"vector", "coefficient", "layers", "positions", "mode"})
+        if unknown:
+            raise RequestError(
+                f"{where} has unknown field(s) {unknown}; use vector, coefficient, layers, "
+                "positions, mode",
+                param=where,
+            )
+        if "vector" not in item:
+            raise RequestError(f"{where}.vector is missing: name a library vector", param=where)
+        vector = resolver.vector(item["vector"], f"{where}.vector")
+        bound = limits.max_coefficient
+        coefficient = _number(
+            item.get("coefficient", 1.0), f"{where}.coefficient", low=-bound, high=bound
+        )
+        layers = _layers(item.get("layers"), f"{where}.layers", resolver.model)
+        mode = item.get("mode", "add")
+        if mode not in MODES:
+            raise RequestError(
+                f"{where}.mode {mode!r} is unknown; use one of {', '.join(MODES)}",
+                param=f"{where}.mode",
+            )
+        positions = item.get("positions", "all")
+        if not isinstance(positions, str):
+            raise RequestError(
+                f"{where}.positions must be 'all', 'prompt', 'generated' or 'start:end'",
+                param=f"{where}.positions",
+            )
+        try:
+            spec = SteeringSpec(vector, coefficient, layers, positions, mode)
+        except ConfigError as exc:
+            raise RequestError(f"{where}: {exc}", param=where) from exc
+        specs.append(spec)
+        echo.append(
+            {
+                "vector": item["vector"],
+                "coefficient": coefficient,
+                "layers": list(spec.active_layers),
+                "positions": str(spec.positions),
+                "mode": mode,
+            }
+        )
+    return specs, echo
+
+
+def parse_monitors(value: Any, resolver: Resolver, limits: Limits) -> list[Monitored]:
+    found: dict[str, Monitored] = {}
+    for i, item in enumerate(_items(value, "monitor", limits.max_monitors)):
+        where = f"monitor[{i}]"
+        layers = None
+        if isinstance(item, dict):
+            unknown = sorted(set(item) - {"vector", "layers"})
+            if unknown or "vector" not in item:
+                raise RequestError(
+                    f'{where} must be a name or {{"vector": name, "layers": [...]}}', param=where
+                )
+            name = item["vector"]
+            layers = _layers(item.get("layers"), f"{where}.layers", resolver.model)
+        else:
+            name = item
+        monitored = resolver.monitored(name, layers, where)
+        found.setdefault(monitored.key, monitored)
+    return list(found.values())
+
+
+def parse_guard(
+    value: Any, default: dict[str, Any] | None, resolver: Resolver, limits: Limits
+) -> tuple[Guard | None, str | None, Monitored | None]:
+    """The request's guard: its own fields over the server's default; "off" for none."""
+    if value == "off" or (value is None and default is None):
+        return None, None, None
+    if value is not None and not isinstance(value, dict):
+        raise RequestError('guard must be an object (e.g. {"policy": "block"}) or "off"', "guard")
+    fields = {**(default or {}), **(value or {})}
+    unknown = sorted(
+        set(fields)
+        - {"detector", "policy", "check", "threshold", "generation_threshold", "counter"}
+    )
+    if unknown:
+        raise RequestError(
+            f"guard has unknown field(s) {unknown}; use detector, policy, check, threshold, "
+            "generation_threshold, counter",
+            param="guard",
+        )
+    name = fields.get("detector")
+    if name is None:
+        raise RequestError("guard.detector is missing: name a detector", param="guard.detector")
+    detector = resolver.detector(name, "guard.detector")
+    policy, check = fields.get("policy", "flag"), fields.get("check", "prompt")
+    if policy not in POLICIES:
+        raise RequestError(f"guard.policy {policy!r}: use one of {POLICIES}", "guard.policy")
+    if check not in CHECKS:
+        raise RequestError(f"guard.check {check!r}: use one of {CHECKS}", "guard.check")
+    if check != "generation" and detector.region == "response":
+        raise RequestError(
+            f"detector {name!r} reads answers (region 'response'); use check 'generation'",
+            param="guard.check",
+        )
+    thresholds = {}
+    for key in ("threshold", "generation_threshold"):
+        if fields.get(key) is not None:
+            thresholds[key] = _number(fields[key], f"guard.{key}", low=-1e6, high=1e6)
+    counter, _ = parse_steering(fields.get("counter"), "guard.counter", resolver, limits)
+    if policy == "steer" and not counter:
+        raise RequestError(
+            'guard policy "steer" needs counter-steering: "counter": [{"vector": ..., '
+            '"coefficient": ...}]',
+            param="guard.counter",
+        )
+    if policy != "steer" and counter:
+        raise RequestError("guard.counter is only used by policy 'steer'", "guard.counter")
+    try:
+        guard = Guard(
+            detector,
+            policy,
+            check,
+            tuple(counter),
+            threshold=thresholds.get("threshold"),
+            generation_threshold=thresholds.get("generation_threshold"),
+        )
+    except ConfigError as exc:
+        raise RequestError(f"guard: {exc}", param="guard") from exc
+    monitor = replace(resolver.monitored(name, None, "guard.detector"), key=f"guard:{name}")
+    return guard, name, monitor
+
+
+def _messages(value: Any, limits: Limits) -> list[dict[str, str]]:
+    items = _items(value, "messages", limits.max_messages)
+    if not items:
+        raise RequestError("messages is empty; send at least one user message", "messages")
+    out = []
+    for i, message in enumerate(items):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict) or message.get("role") not in (
+            "system",
+            "user",
+            "assistant",
+        ):
+            raise RequestError(f"{where} needs a role of system, user or assistant", where)
+        content = message.get("content")
+        if isinstance(content, list):  # OpenAI content parts: only text is served
+            texts = [p.get("text") for p in content if isinstance(p, dict)]
+            if len(texts) != len(content) or any(
+                p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content
+            ):
+                raise RequestError(f"{where}.content: only text parts are supported", where)
+            content = "".join(str(t) for t in texts)
+        if not isinstance(content, str):
+            raise RequestError(f"{where}.content must be a string", f"{where}.content")
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def parse_request(
+    body: Any,
+    *,
+    chat: bool,
+    resolver: Resolver,
+    limits: Limits,
+    default_guard: dict[str, Any] | None = None,
+) -> GenerationRequest:
+    """Check an OpenAI chat or completions body and build the engine's request."""
+    if not isinstance(body, dict):
+        raise RequestError("the body must be a JSON object")
+    model = resolver.model
+    if body.get("n", 1) != 1:
+        raise RequestError("n must be 1 (one choice per request); send several requests", "n")
+    for key in ("tools", "functions", "logprobs", "echo", "suffix", "best_of"):
+        if body.get(key):
+            raise RequestError(f"{key} is not supported by this server; leave it out", key)
+    if chat:
+        messages = _messages(body.get("messages"), limits)
+        rendered = model.render_chat(messages)
+        ids = list(model.tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        guard_text = users[-1] if users else messages[-1]["content"]
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1:
+            prompt = prompt[0]
+        if not isinstance(prompt, str) or not prompt:
+            raise RequestError("prompt must be one non-empty string", "prompt")
+        ids = list(model.tokenizer(prompt)["input_ids"])
+        guard_text = prompt
+    if not ids:
+        raise RequestError("the prompt has no tokens; send some text", "prompt")
+    raw_max = body.get("max_completion_tokens", body.get("max_tokens"))
+    max_tokens = (
+        limits.default_max_tokens
+        if raw_max is None
+        else _integer(raw_max, "max_tokens", low=1, high=limits.max_tokens)
+    )
+    max_tokens = min(max_tokens, limits.max_tokens)
+    # vLLM's extension: benchmarks use it to get exactly max_tokens from every request.
+    raw_min = body.get("min_tokens")
+    min_tokens = 0 if raw_min is None else _integer(raw_min, "min_tokens", low=0, high=max_tokens)
+    if len(ids) + max_tokens > limits.context:
+        raise RequestError(
+            f"the prompt has {len(ids)} tokens and max_tokens is {max_tokens}; together they "
+            f"exceed the server's {limits.context} tokens per request: shorten the prompt or "
+            "lower max_tokens",
+            param="messages" if chat else "prompt",
+        )
+    stop = body.get("stop")
+    stops = [stop] if isinstance(stop, str) else _items(stop, "stop", limits.max_stop)
+    if any(not isinstance(s, str) or not s for s in stops):
+        raise RequestError("stop must be a non-empty string or a list of them", "stop")
+    # Greedy unless asked: steered and unsteered answers stay reproducible side by side.
+    raw_temperature = body.get("temperature")
+    temperature = (
+        0.0 if raw_temperature is None else _number(raw_temperature, "temperature", low=0, high=2)
+    )
+    top_p = _number(body.get("top_p", 1.0), "top_p", low=1e-6, high=1.0)
+    seed = body.get("seed")
+    if seed is not None:
+        seed = _integer(seed, "seed", low=0, high=2**63 - 1)
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool):
+        raise RequestError("stream must be true or false", "stream")
+    options = body.get("stream_options") or {}
+    specs, echo = parse_steering(body.get("steering"), "steering", resolver, limits)
+    monitors = parse_monitors(body.get("monitor"), resolver, limits)
+    guard, guard_name, guard_monitor = parse_guard(
+        body.get("guard"), default_guard, resolver, limits
+    )
+    return GenerationRequest(
+        prompt_ids=ids,
+        max_tokens=max_tokens,
+        min_tokens=min_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        seed=seed,
+        stop=stops,
+        steering=tuple(specs),
+        steering_echo=echo,
+        monitors=tuple(monitors),
+        guard=guard,
+        guard_name=guard_name,
+        guard_text=guard_text,
+        guard_monitor=guard_monitor,
+        stream=stream,
+        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+    )

@@ -1,0 +1,189 @@
+"""Names a request may use: the vector library of the server, then the bundled vectors.
+
+Requests name vectors and detectors; they never give paths (a name is checked by
+`acteng.library.validate_name` before anything is looked up). Every failure is a
+`RequestError` naming the field, the name and where to find valid names. The same object
+serves ``/v1/vectors``: list, show, upload (checked against the served model) and delete.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+from acteng.bundled import bundled_files
+from acteng.detectors import Detector
+from acteng.errors import ActengError, ConfigError
+from acteng.library import LibraryError, VectorLibrary, validate_name
+from acteng.models import Model
+from acteng.server.requests import Monitored, RequestError
+from acteng.vectors import SteeringVector
+
+__all__ = ["Resolver"]
+
+MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+
+
+class Resolver:
+    """Look up vectors, detectors and monitors by name for one served model."""
+
+    def __init__(self, model: Model, library: VectorLibrary) -> None:
+        self.model = model
+        self.library = library
+
+    # --- lookups for requests ----------------------------------------------------------
+    def _load(self, name: Any, param: str) -> tuple[SteeringVector, str]:
+        if not isinstance(name, str):
+            raise RequestError(
+                f"{param} must be a vector name (a string), got {name!r}", param=param
+            )
+        try:
+            validate_name(name)
+        except ConfigError as exc:
+            raise RequestError(f"{param}: {exc}", param=param) from exc
+        try:
+            if name in self.library:
+                return self.library.load(name, model=self.model), "library"
+            bundled = bundled_files()
+            if name in bundled:
+                return SteeringVector.load(bundled[name], model=self.model), "bundled"
+        except ActengError as exc:
+            raise RequestError(f"{param}: vector {name!r} cannot be used: {exc}", param) from exc
+        raise RequestError(
+            f"{param}: no vector or detector named {name!r}; GET /v1/vectors lists the names, "
+            "POST /v1/vectors?name=... uploads one",
+            param=param,
+            status=404,
+        )
+
+    def vector(self, name: Any, param: str) -> SteeringVector:
+        return self._load(name, param)[0]
+
+    def detector(self, name: Any, param: str) -> Detector:
+        vector = self.vector(name, param)
+        try:
+            return Detector.from_vector(vector, source=repr(name))
+        except ActengError as exc:
+            raise RequestError(f"{param}: {exc}", param=param) from exc
+
+    def monitored(self, name: Any, layers: tuple[int, ...] | None, param: str) -> Monitored:
+        vector = self.vector(name, param)
+        detector = None
+        if isinstance(vector.metadata.get("detector"), dict):
+            detector = self.detector(name, param)
+        chosen = layers or vector.layers
+        missing = [x for x in chosen if x not in vector.directions]
+        if missing:
+            raise RequestError(
+                f"{param}: {name!r} has no layer(s) {missing} (it has {list(vector.layers)})",
+                param=param,
+            )
+        zero = [x for x in chosen if float(vector[x].norm()) == 0.0]
+        if zero:
+            raise RequestError(f"{param}: {name!r} is zero at layer(s) {zero}", param=param)
+        units = {
+            x: (vector[x] / vector[x].norm()).to(self.model.device, self.model.dtype)
+            for x in chosen
+        }
+        key = f"{name}@{','.join(map(str, chosen))}"
+        return Monitored(key, str(name), tuple(chosen), units, detector)
+
+    # --- /v1/vectors ---------------------------------------------------------------------
+    def _describe(self, name: str, vector: SteeringVector | None, source: str) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": name, "object": "vector", "source": source}
+        if vector is None:
+            return out
+        meta = vector.metadata
+        detector = meta.get("detector")
+        model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+        out.update(
+            kind="detector" if isinstance(detector, dict) else "vector",
+            layers=list(vector.layers),
+            hidden_size=vector.hidden_size,
+            method=meta.get("method"),
+            model=(model or {}).get("name"),
+            created=meta.get("created"),
+            norms={str(k): round(v, 4) for k, v in vector.norms().items()},
+        )
+        if isinstance(detector, dict):
+            out["threshold"] = detector.get("threshold")
+            out["region"] = detector.get("region")
+        try:
+            vector.check_compatible(self.model)
+            out["compatible"] = True
+        except ActengError as exc:
+            out["compatible"] = False
+            out["problem"] = str(exc)
+        return out
+
+    def list(self) -> builtins.list[dict[str, Any]]:
+        items = []
+        seen = set()
+        for entry in self.library.list():
+            seen.add(entry.name)
+            vector = None
+            if entry.problem is None:
+                try:
+                    vector = self.library.load(entry.name)
+                except ActengError:
+                    vector = None
+            item = self._describe(entry.name, vector, "library")
+            item["tags"] = entry.tags
+            if entry.problem is not None:
+                item["problem"] = f"broken: {entry.problem}"
+                item["compatible"] = False
+            items.append(item)
+        for name, path in sorted(bundled_files().items()):
+            if name not in seen:
+                items.append(self._describe(name, SteeringVector.load(path), "bundled"))
+        return items
+
+    def show(self, name: str) -> dict[str, Any]:
+        vector, source = self._load(name, "name")
+        item = self._describe(name, vector, source)
+        if source == "library":
+            entry = self.library.get(name)
+            item.update(tags=entry.tags, sha256=entry.sha256, card=entry.card)
+        return item
+
+    def upload(
+        self, name: str, data: bytes, *, tags: builtins.list[str], overwrite: bool
+    ) -> dict[str, Any]:
+        try:
+            validate_name(name)
+        except ConfigError as exc:
+            raise RequestError(str(exc), param="name") from exc
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise RequestError(
+                f"the file has {len(data)} bytes; vectors are limited to {MAX_UPLOAD_BYTES}",
+                status=413,
+            )
+        try:
+            vector = SteeringVector.from_bytes(data, source="the uploaded file")
+            vector.check_compatible(self.model)
+        except ActengError as exc:
+            raise RequestError(
+                f"{exc}; upload a safetensors vector file made for {self.model.name}"
+            ) from exc
+        if name in self.library and not overwrite:
+            raise RequestError(
+                f"a vector named {name!r} already exists; delete it first or add overwrite=true",
+                param="name",
+                status=409,
+            )
+        try:
+            self.library.add(name, vector, tags=tags, overwrite=overwrite)
+        except LibraryError as exc:
+            raise RequestError(str(exc), status=409) from exc
+        return self.show(name)
+
+    def delete(self, name: str) -> None:
+        try:
+            validate_name(name)
+        except ConfigError as exc:
+            raise RequestError(str(exc), param="name") from exc
+        if name not in self.library:
+            if name in bundled_files():
+                raise RequestError(f"{name!r} is bundled with acteng and cannot be deleted", "name")
+            raise RequestError(f"no vector named {name!r} in the library", "name", status=404)
+        self.library.remove(name)

@@ -1,0 +1,207 @@
+"""Batch-invariant decoding: a KV cache with one fixed row per slot, and per-row attention.
+
+Why this exists: a request must get the same greedy text alone and among other requests.
+Two things in an ordinary padded batch break that in float32 on CPU:
+
+- BLAS picks its matmul kernel by the number of rows M, so a row's result changes (in the
+  last bits) with the batch size; at a fixed M it depends on nothing but the row itself.
+- Left padding shifts a row's keys inside the attention kernel's vector lanes and blocks,
+  which changes its softmax and weighted sums in the last bits.
+
+Last bits are enough to flip a greedy choice after a few dozen tokens. So the engine
+prefills each request alone (one row, no padding), decodes all slots together at a fixed
+row count (empty slots ride along as dummy rows), keeps each slot's keys at cache indices
+``[0, length)`` of its own cache row (no padding in front), and computes attention row by
+row over exactly that row's keys with transformers' own SDPA function. A row's arithmetic
+is then the same whatever the other slots hold. The buffers are allocated once and written
+in place, the layout a compiled decoding step needs.
+
+Supported: decoder models whose attention is plain causal SDPA (llama, mistral without a
+sliding window, qwen2/3, phi3, olmo2, ...). Sliding-window or soft-capped attention
+(gemma2/3) is refused with a clear error rather than computed wrongly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+from acteng.errors import UnsupportedError
+from acteng.models import Model
+
+__all__ = [
+    "ATTENTION_NAME",
+    "SlotBatch",
+    "SlotCache",
+    "check_supported",
+    "slot_attention",
+    "slot_attention_enabled",
+]
+
+# The name under which the per-row attention is registered with transformers.
+ATTENTION_NAME = "acteng_slots"
+
+
+@dataclass
+class SlotBatch:
+    """Which cache rows the current forward call's batch rows use, and where they write.
+
+    slots:  [batch] cache row of each batch row.
+    starts: [batch] cache index of each row's first new token (its length so far).
+    active: [batch] False for dummy rows (empty slots), whose attention is skipped.
+    """
+
+    slots: torch.Tensor
+    starts: torch.Tensor
+    active: torch.Tensor
+
+    def __post_init__(self) -> None:
+        # Plain lists for the per-row Python loop in `slot_attention`.
+        self.slot_list: list[int] = self.slots.tolist()
+        self.start_list: list[int] = self.starts.tolist()
+        self.active_list: list[bool] = self.active.tolist()
+
+
+def check_supported(model: Model) -> None:
+    """Refuse models whose attention is not plain causal SDPA over the whole context."""
+    config: Any = model.hf.config
+    problems = []
+    if getattr(config, "sliding_window", None) is not None:
+        problems.append(f"sliding window {config.sliding_window}")
+    types = set(getattr(config, "layer_types", None) or [])
+    if types - {"full_attention"}:
+        problems.append(f"layer types {sorted(types)}")
+    for key in ("attn_logit_softcapping", "final_logit_softcapping"):
+        if getattr(config, key, None) is not None:
+            problems.append(key)
+    if config._attn_implementation not in ("sdpa", "eager", ATTENTION_NAME):
+        problems.append(f"attention implementation {config._attn_implementation!r}")
+    if problems:
+        raise UnsupportedError(
+            f"the batch-invariant server engine needs plain causal attention; {model.name} has "
+            f"{', '.join(problems)}; serve a llama/mistral/qwen-style model"
+        )
+    from transformers import AttentionInterface
+
+    # transformers' registry is by name; registering the same function again is harmless.
+    AttentionInterface.register(ATTENTION_NAME, slot_attention)
+
+
+def slot_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,  # [batch, heads, q, head_dim]
+    key: torch.Tensor,  # [slots, kv_heads, capacity, head_dim]: the whole cache buffer
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """Attention of each active row over its own cached keys ``[0, start + q)``.
+
+    Each row goes through transformers' SDPA function alone, so its kernel sees the same
+    shapes and strides as when the request is served alone.
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    batch: SlotBatch | None = kwargs.pop("acteng_slots", None)
+    if batch is None:
+        raise UnsupportedError(
+            "acteng's slot attention runs only inside the server engine's forward calls"
+        )
+    kwargs.pop("is_causal", None)
+    rows, heads, q, head_dim = query.shape
+    out = query.new_zeros(rows, q, heads, head_dim)  # what transformers returns: [b, q, h, d]
+    for row in range(rows):
+        if not batch.active_list[row]:
+            continue
+        slot, end = batch.slot_list[row], batch.start_list[row] + q
+        k = key[slot : slot + 1, :, :end]
+        v = value[slot : slot + 1, :, :end]
+        # q > 1 only for a prefill from index 0, where causal masking is exact.
+        result, _ = sdpa_attention_forward(
+            module, query[row : row + 1], k, v, None, is_causal=q > 1, **kwargs
+        )
+        out[row] = result[0]
+    return out, None
+
+
+class _SlotLayer(CacheLayerMixin):  # type: ignore[misc,no-untyped-call,unused-ignore]
+    """One layer's keys and values: ``[slots, kv_heads, capacity, head_dim]`` buffers."""
+
+    is_sliding = False
+
+    def __init__(self, owner: SlotCache) -> None:
+        super().__init__()  # type: ignore[no-untyped-call,unused-ignore]
+        self.owner = owner
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        # Uninitialised on purpose: a row only ever reads the indices it wrote, and the
+        # untouched rest of a large buffer then costs no memory.
+        shape = (self.owner.slots, key_states.shape[1], self.owner.capacity)
+        self.keys = key_states.new_empty(*shape, key_states.shape[-1])
+        self.values = value_states.new_empty(*shape, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *_: Any, **__: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = self.owner.batch
+        if batch is None:
+            raise UnsupportedError("the slot cache was used outside the server engine")
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        keys, values = self.keys, self.values
+        if keys is None or values is None:  # lazy_initialization always sets both
+            raise UnsupportedError("the slot cache has no buffers; this is a bug")
+        q = key_states.shape[2]
+        if q == 1:
+            # Decoding: every row writes its one new token at its own length.
+            keys[batch.slots, :, batch.starts] = key_states[:, :, 0]
+            values[batch.slots, :, batch.starts] = value_states[:, :, 0]
+        else:
+            for row, (slot, start) in enumerate(
+                zip(batch.slot_list, batch.start_list, strict=True)
+            ):
+                keys[slot, :, start : start + q] = key_states[row]
+                values[slot, :, start : start + q] = value_states[row]
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return 0  # rows have their own lengths; position ids are always passed explicitly
+
+    def get_max_length(self) -> int:
+        return self.owner.capacity
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.owner.capacity, 0
+
+
+class SlotCache(Cache):  # type: ignore[misc,unused-ignore]  # transformers may be untyped
+    """A transformers-compatible KV cache with `slots` fixed rows of `capacity` tokens.
+
+    The engine sets `batch` before each forward call; rows never share cache memory.
+    """
+
+    def __init__(self, num_layers: int, slots: int, capacity: int) -> None:
+        self.slots, self.capacity = slots, capacity
+        self.batch: SlotBatch | None = None
+        super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return 0
+
+
+@contextmanager
+def slot_attention_enabled(model: Model) -> Iterator[None]:
+    """Route the model's attention through `slot_attention` inside the block only."""
+    config: Any = model.hf.config
+    before = config._attn_implementation
+    config._attn_implementation = ATTENTION_NAME
+    try:
+        yield
+    finally:
+        config._attn_implementation = before
