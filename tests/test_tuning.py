@@ -28,6 +28,15 @@ def _small(name: str = "sentiment", train: int = 16, test: int = 6) -> Pairs:
 NEUTRAL = load_eval("neutral_text", split="test")[:3]
 
 
+def _write(path: Path, pairs: Pairs) -> Path:
+    rows = (
+        {"prompt": p.prompt, "positive": p.positive, "negative": p.negative, "split": p.split}
+        for p in pairs
+    )
+    path.write_text("\n".join(json.dumps(r) for r in rows))
+    return path
+
+
 def test_held_out_split_and_bad_data() -> None:
     rows = [{"prompt": f"q{i}", "positive": f"yes {i}", "negative": f"no {i}"} for i in range(10)]
     fit, test = held_out(acteng.load_pairs(rows))
@@ -126,20 +135,7 @@ def test_scorer_reports_p_match_for_ab_items(smollm2: acteng.Model) -> None:
 def test_cli_sweep_keeps_results_on_ctrl_c(
     smollm2: acteng.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "\n".join(
-            json.dumps(
-                {
-                    "prompt": p.prompt,
-                    "positive": p.positive,
-                    "negative": p.negative,
-                    "split": p.split,
-                }
-            )
-            for p in _small()
-        )
-    )
+    pairs = _write(tmp_path / "pairs.jsonl", _small())
     monkeypatch.setattr("acteng.cli.sweep_cmd.load_model_from_args", lambda args: smollm2)
     real = Scorer.score
     calls = [0]
@@ -201,20 +197,7 @@ def test_cli_sweep_and_tune_write_their_results(
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    pairs = tmp_path / "pairs.jsonl"
-    pairs.write_text(
-        "\n".join(
-            json.dumps(
-                {
-                    "prompt": p.prompt,
-                    "positive": p.positive,
-                    "negative": p.negative,
-                    "split": p.split,
-                }
-            )
-            for p in _small(train=12, test=4)
-        )
-    )
+    pairs = _write(tmp_path / "pairs.jsonl", _small(train=12, test=4))
     monkeypatch.setattr("acteng.cli.sweep_cmd.load_model_from_args", lambda args: smollm2)
     monkeypatch.setattr("acteng.tuning.load_eval", lambda *a, **k: NEUTRAL)
     out = tmp_path / "sweep"

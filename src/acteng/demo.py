@@ -28,12 +28,18 @@ from acteng import __version__
 from acteng.analysis import pca_scatter, readability, vocab_projection
 from acteng.errors import ConfigError
 from acteng.evaluation import evaluate
-from acteng.figures import frontier_chart, readability_chart, scatter_chart, slopes_chart
+from acteng.figures import (
+    frontier_chart,
+    grid_heatmap,
+    readability_chart,
+    scatter_chart,
+    slopes_chart,
+)
 from acteng.generation import generate
 from acteng.metrics import auroc
 from acteng.models import Model
 from acteng.pairs import load_pairs
-from acteng.plots import Series, heatmap, save_svg, xy_chart
+from acteng.plots import Series, save_svg, xy_chart
 from acteng.tuning import TuneResult, tune
 from acteng.vectors import atomic_write_bytes
 
@@ -142,13 +148,11 @@ def _plots(report: dict[str, Any], results: dict[str, TuneResult], budget: float
         layers = sorted({c.layers[0] for c in grid})
         coefs = sorted({c.coefficient for c in grid if c.coefficient in TUNE_COEFFICIENTS})
         found = {(c.layers[0], c.coefficient): c.tax for c in grid}
-        figures[f"tax_{name}"] = heatmap(
+        figures[f"tax_{name}"] = grid_heatmap(
             [[100 * found[x, c] if (x, c) in found else None for c in coefs] for x in layers],
-            [str(x) for x in layers],
-            [f"{c:g}" for c in coefs],
+            layers,
+            coefs,
             title=f"{name}: perplexity tax of mean_diff",
-            xlabel="coefficient",
-            ylabel="layer",
             colorbar="perplexity change (%)",
         )
         slopes = report["concepts"][name]["evaluation"]["reliability"]["slopes"]

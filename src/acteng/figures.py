@@ -12,6 +12,7 @@ from acteng.plots import PALETTE, Series, heatmap, xy_chart
 __all__ = [
     "cosine_heatmap",
     "frontier_chart",
+    "grid_heatmap",
     "readability_chart",
     "scatter_chart",
     "slopes_chart",
@@ -89,4 +90,26 @@ def slopes_chart(slopes: Sequence[float], name: str) -> str:
         xlabel="pair (sorted by slope)",
         ylabel="margin change per unit coefficient",
         hlines=[(0.0, "0 = not steered")],
+    )
+
+
+def grid_heatmap(
+    values: Sequence[Sequence[float | None]],
+    layers: Sequence[int],
+    coefficients: Sequence[float],
+    *,
+    title: str,
+    colorbar: str,
+    diverging: bool = False,
+) -> str:
+    """A layer x coefficient grid (rows = layers); None marks a cell not scored."""
+    return heatmap(
+        values,
+        [str(x) for x in layers],
+        [f"{c:g}" for c in coefficients],
+        title=title,
+        xlabel="coefficient",
+        ylabel="layer",
+        colorbar=colorbar,
+        diverging=diverging,
     )

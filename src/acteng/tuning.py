@@ -30,11 +30,11 @@ from typing import Any
 from acteng.activations import parse_layers
 from acteng.errors import ConfigError, DataError
 from acteng.extraction import extract_many
-from acteng.figures import frontier_chart
+from acteng.figures import frontier_chart, grid_heatmap
 from acteng.metrics import ab_from_scores, pair_scores
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
-from acteng.plots import heatmap, save_svg
+from acteng.plots import save_svg
 from acteng.steering import MAX_ABS_COEFFICIENT, SteeringSpec
 from acteng.tax import load_eval, perplexity
 from acteng.vectors import SteeringVector
@@ -243,39 +243,21 @@ class SweepResult:
         root = Path(folder)
         root.mkdir(parents=True, exist_ok=True)
         name = self.dataset.get("name", "dataset")
-        rows = [str(x) for x in self.layers]
-        cols = [f"{c:g}" for c in self.coefficients]
         written = []
         for method in self.methods:
-            written.append(
-                save_svg(
-                    heatmap(
-                        self.grid(method, "effect"),
-                        rows,
-                        cols,
-                        title=f"{name}: behaviour effect of {method}",
-                        xlabel="coefficient",
-                        ylabel="layer",
-                        colorbar="margin shift (nats)",
-                        diverging=True,
-                    ),
-                    root / f"effect_{method}.svg",
+            for what, label, colorbar in (
+                ("effect", "behaviour effect", "margin shift (nats)"),
+                ("tax", "perplexity tax", "perplexity change (%)"),
+            ):
+                chart = grid_heatmap(
+                    self.grid(method, what),
+                    self.layers,
+                    self.coefficients,
+                    title=f"{name}: {label} of {method}",
+                    colorbar=colorbar,
+                    diverging=what == "effect",
                 )
-            )
-            written.append(
-                save_svg(
-                    heatmap(
-                        self.grid(method, "tax"),
-                        rows,
-                        cols,
-                        title=f"{name}: perplexity tax of {method}",
-                        xlabel="coefficient",
-                        ylabel="layer",
-                        colorbar="perplexity change (%)",
-                    ),
-                    root / f"tax_{method}.svg",
-                )
-            )
+                written.append(save_svg(chart, root / f"{what}_{method}.svg"))
         written.append(save_svg(frontier_chart(self.cells, name, max_tax), root / "frontier.svg"))
         return written
 
