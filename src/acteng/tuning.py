@@ -365,21 +365,32 @@ def _bisect_budget(
     steps: int,
     on_cell: OnCell | None,
 ) -> list[Cell]:
-    """Cells along a bisection for the largest coefficient in (0, high] within budget."""
-    cells, low = [], 0.0
-    coef = high
-    for _ in range(steps):
+    """Cells along a search for the largest coefficient in (0, high] within budget: down
+    by quarters until one fits (a vector with a large norm may need a coefficient far
+    below the grid), then `steps` bisections between the last fit and the first miss."""
+    cells: list[Cell] = []
+
+    def score(coef: float) -> Cell:
         cell = scorer.score(method, vector, layers, coef, max_tax=max_tax)
         cells.append(cell)
         if on_cell is not None:
             on_cell(cell)
-        if cell.tax <= max_tax:
+        return cell
+
+    coef, low = high, 0.0
+    for _ in range(8):
+        if score(coef).tax <= max_tax:
             low = coef
-            if coef == high:
-                break  # the whole range is within budget
+            break
+        high, coef = coef, coef / 4
+    if low == 0.0 or low == high:
+        return cells  # nothing fits, or the whole range does
+    for _ in range(steps):
+        coef = (low + high) / 2
+        if score(coef).tax <= max_tax:
+            low = coef
         else:
             high = coef
-        coef = (low + high) / 2
     return cells
 
 
