@@ -11,7 +11,8 @@ Vectors for every method and layer come from one recording pass over the trainin
 (`acteng.extraction.extract_many`). `sweep` scores a full methods x layers x coefficients
 grid. `tune` scores the single-layer `mean_diff` grid first (the simple baseline it must
 match), then, around the best layers, every method on one layer and on a band of three,
-each at the largest coefficient the tax budget allows (bisection), and keeps the setting
+each at the largest coefficient the tax budget allows (down by quarters until one fits,
+then bisection), and keeps the setting
 with the largest effect within the budget. The grid points are candidates too, so the tuned
 setting is never worse than the best grid point on the same data. Effects are measured on
 the split the choice is made on: an optimistic estimate of the winner's effect (report it
