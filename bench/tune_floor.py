@@ -15,10 +15,8 @@ Anthropic model-written-eval behaviours in ../shared/data/external (CAA A/B item
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 import acteng
 from _common import save
@@ -26,8 +24,9 @@ from acteng.errors import ConfigError
 from acteng.extraction import extract_many
 from acteng.pairs import Pairs
 from acteng.tuning import Scorer, TuneResult, held_out, tune
+from mwe import EXTERNAL
+from mwe import load as load_mwe
 
-EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
 BUNDLED = (
     "sentiment",
     "formality",
@@ -44,11 +43,6 @@ COEFFICIENTS = (1.0, 2.0, 4.0, 8.0)
 BUDGET = 0.05
 
 
-def unseen(name: str, n: int = 60) -> Pairs:
-    rows = [json.loads(line) for line in (EXTERNAL / f"mwe_{name}.jsonl").open()][:n]
-    return acteng.load_pairs(rows)
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two bundled, one unseen concept")
@@ -59,7 +53,9 @@ def main() -> None:
         for n in (BUNDLED[:2] if args.quick else BUNDLED)
     ]
     if EXTERNAL.is_dir():
-        concepts += [(f"mwe:{n}", unseen(n), "answer") for n in UNSEEN[: 1 if args.quick else 3]]
+        concepts += [
+            (f"mwe:{n}", load_mwe(n, 60), "answer") for n in UNSEEN[: 1 if args.quick else 3]
+        ]
     rows = []
     for name, data, position in concepts:
         start = time.perf_counter()
