@@ -3,6 +3,10 @@
 Prompts are rendered through the chat template (unless ``chat=False``), left-padded into
 one batch and decoded by ``model.hf.generate``; steering hooks handle the KV cache and the
 padding themselves, so a steered batch equals its rows run one by one.
+
+On CUDA in bf16/fp16 (or with ``compiled=True``) decoding takes the compiled path of
+`acteng.compiled`: static KV cache, a compiled step, steering traced into the graph.
+Extra hook contexts (a guard's) need the eager path.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
+from acteng.compiled import for_model, wants_compiled
 from acteng.errors import ConfigError
 from acteng.models import Model
 from acteng.positions import Positions
-from acteng.steering import SteeringSpec, steer
+from acteng.steering import SteeringSpec, as_specs, steer
 from acteng.vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -42,11 +47,13 @@ def generate(
     system: str | None = None,
     temperature: float = 0.0,
     seed: int | None = None,
+    compiled: bool | None = None,
 ) -> list[str]:
     """Generate completions for `prompts`, steered when `steering` is given.
 
     Each prompt is a string (one user turn) or a list of chat messages. Greedy by default
-    (``temperature=0``). Returns only the new text of each prompt.
+    (``temperature=0``). Returns only the new text of each prompt. `compiled` chooses the
+    compiled decoding path (None: on CUDA in half precision, see `acteng.compiled`).
 
     >>> acteng.generate(model, "Tell me about your day.", vector, coefficient=6.0)
     ['What a wonderful day ...']
@@ -64,6 +71,7 @@ def generate(
         system=system,
         temperature=temperature,
         seed=seed,
+        compiled=compiled,
     )
     return [model.tokenizer.decode(row, skip_special_tokens=True) for row in rows]
 
@@ -85,6 +93,7 @@ def generate_ids(
     seed: int | None = None,
     contexts: Sequence[AbstractContextManager[Any]] = (),
     stopping_criteria: Any = None,
+    compiled: bool | None = None,
 ) -> list[list[int]]:
     """`generate`, returning each row's new token ids (padding after EOS included).
 
@@ -100,6 +109,11 @@ def generate_ids(
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
         raise ConfigError(f"temperature must be >= 0, got {temperature}")
+    if compiled and contexts:
+        raise ConfigError(
+            "extra hooks (a guard's or a monitor's) run only on the eager path; pass compiled=False"
+        )
+    use_compiled = not contexts and (wants_compiled(model) if compiled is None else compiled)
     tokenizer = model.tokenizer
     rendered = [_render(model, t, system) if chat else str(t) for t in texts]
     # Left padding (per call, not by mutating the shared tokenizer) so every row ends at
@@ -123,6 +137,9 @@ def generate_ids(
         options.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     if stopping_criteria is not None:
         options["stopping_criteria"] = stopping_criteria
+    if use_compiled:
+        specs = [] if steering is None else as_specs(steering, coefficient, layers, positions, mode)
+        return _generate_compiled(model, batch, specs, options, seed)
     generator = cast("GenerationMixin", model.hf)  # a transformers causal LM
     with ExitStack() as stack:
         if steering is not None:
@@ -148,6 +165,30 @@ def generate_ids(
         output = cast(torch.Tensor, generator.generate(**batch, **options))
     new_tokens = output[:, batch["input_ids"].shape[1] :]
     return [row.tolist() for row in new_tokens]
+
+
+def _generate_compiled(
+    model: Model,
+    batch: dict[str, torch.Tensor],
+    specs: list[SteeringSpec],
+    options: dict[str, Any],
+    seed: int | None,
+) -> list[list[int]]:
+    """`generate_ids` on the compiled path, in chunks of its fixed maximum batch."""
+    path = for_model(model)
+    rows: list[list[int]] = []
+    total = int(batch["input_ids"].shape[0])
+    for start in range(0, total, path.max_batch):
+        chunk = {k: v[start : start + path.max_batch] for k, v in batch.items()}
+        # Drop the columns that are padding in every row of this chunk.
+        keep = int(chunk["attention_mask"].sum(dim=1).max())
+        chunk = {k: v[:, -keep:] for k, v in chunk.items()}
+        with torch.random.fork_rng(devices=[] if model.device.type == "cpu" else None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            output = path.generate_ids(chunk, [specs] * int(chunk["input_ids"].shape[0]), **options)
+        rows.extend(row.tolist() for row in output[:, chunk["input_ids"].shape[1] :])
+    return rows
 
 
 def _render(model: Model, prompt: Prompt, system: str | None) -> str:

@@ -10,6 +10,13 @@ Block functions see the block's output hidden states ``[batch, q, d_model]`` and
 row's prompt length. The context is computed by a pre-hook on the top-level model from
 ``attention_mask`` and the KV-cache length, so it is right for prefill, cached decoding
 steps and left-padded batches alike.
+
+A compiled decoding step cannot run that pre-hook (it reads lengths into Python ints, a
+graph break on every step). With ``graph_safe=True`` each block hook instead builds its
+context from the ``position_ids`` the block receives (``generate`` derives them from the
+attention mask, so left padding is already excluded): tensor operations only, traceable
+by torch.compile. Padding tokens then read as index 0 rather than -1; nothing attends to
+them, so steering them changes no output.
 """
 
 from __future__ import annotations
@@ -145,6 +152,28 @@ def _make_block_hook(
     return hook
 
 
+def _make_graph_safe_block_hook(layer: int, fns: Sequence[BlockFn]) -> Callable[..., Any]:
+    def hook(_module: nn.Module, _args: Any, kwargs: dict[str, Any], output: Any) -> Any:
+        hidden = output[0] if isinstance(output, tuple) else output
+        positions = kwargs.get("position_ids")
+        if not isinstance(positions, torch.Tensor):
+            raise RuntimeError(
+                "graph-safe hooks need the position_ids a decoder block receives; this "
+                "architecture does not pass them, so use the eager path (compiled=False)"
+            )
+        context = ForwardContext(token_index=positions.expand(hidden.shape[0], hidden.shape[1]))
+        changed = False
+        for fn in fns:
+            new = fn(layer, hidden, context)
+            if new is not None:
+                hidden, changed = new, True
+        if not changed:
+            return None
+        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+    return hook
+
+
 def _make_module_hook(fn: ModuleFn) -> Callable[..., Any]:
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
         return fn(output)
@@ -159,12 +188,17 @@ def attach(
     *,
     module_fns: Sequence[tuple[nn.Module, ModuleFn]] = (),
     track_positions: bool = False,
+    graph_safe: bool = False,
 ) -> HookHandle:
     """Register hooks and return their handle; on any failure nothing stays registered.
 
     `block_fns[i]` run, in order, on the output of ``blocks[i]``. With `track_positions`,
     a pre-hook on `model` keeps the handle's `ForwardContext` current for every call.
+    With `graph_safe`, block functions get a context built from the block's own
+    ``position_ids`` (token index only, no prompt length) and no pre-hook is registered.
     """
+    if graph_safe and track_positions:
+        raise ValueError("graph_safe hooks build their own context; drop track_positions")
     handle = HookHandle()
     try:
         if track_positions:
@@ -174,7 +208,12 @@ def attach(
 
             handle.handles.append(model.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for layer, fns in sorted(block_fns.items()):
-            if fns:
+            if not fns:
+                continue
+            if graph_safe:
+                safe = _make_graph_safe_block_hook(layer, list(fns))
+                handle.handles.append(blocks[layer].register_forward_hook(safe, with_kwargs=True))
+            else:
                 hook = _make_block_hook(layer, list(fns), handle.context)
                 handle.handles.append(blocks[layer].register_forward_hook(hook))
         for module, fn in module_fns:

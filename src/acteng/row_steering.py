@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 import torch
 
@@ -33,7 +34,20 @@ from acteng.models import Model
 from acteng.positions import parse_positions
 from acteng.steering import SteeringSpec
 
-__all__ = ["SteeringTable"]
+__all__ = ["SteeringTable", "StepShape"]
+
+
+@dataclass
+class StepShape:
+    """What a compiled step computes, as plain Python values it is traced with.
+
+    terms: steering terms applied per layer (0: none, the plain model's graph).
+    project: whether the terms include ablate/clamp (add-only skips the projection).
+    Each combination is one graph; changing vectors, coefficients or rows changes none.
+    """
+
+    terms: int = 0
+    project: bool = False
 
 
 class SteeringTable:
@@ -76,43 +90,80 @@ class SteeringTable:
 
     def set(self, slot: int, specs: Sequence[SteeringSpec], *, prompt_len: int) -> None:
         """Write `specs` into `slot` (replacing what it held) for a row with `prompt_len`."""
-        self._check_slot(slot)
-        self.check(specs)
-        self.clear(slot)
-        used: dict[int, int] = {}
-        projecting: set[int] = set()
-        for spec in specs:
-            lo, hi = parse_positions(spec.positions).bounds(prompt_len)
-            c = spec.coefficient
-            for layer in spec.active_layers:
-                k = used.get(layer, 0)
-                used[layer] = k + 1
-                direction = spec.vector[layer].to(self.model.device, self.model.dtype)
-                norm = direction.norm()
-                if spec.mode == "add":
-                    self.delta[layer, k, slot] = c * direction
-                    if float(norm) > 0:
-                        self.unit[layer, k, slot] = direction / norm
-                elif spec.mode in ("ablate", "clamp"):
-                    projecting.add(layer)
-                    self.unit[layer, k, slot] = direction / norm
-                    self.a[layer, k, slot] = 0.0 if spec.mode == "ablate" else c * float(norm)
-                    self.b[layer, k, slot] = c if spec.mode == "ablate" else 1.0
-                else:
+        self.set_many([(slot, specs, prompt_len)])
+
+    def set_many(self, items: Sequence[tuple[int, Sequence[SteeringSpec], int]]) -> None:
+        """`set` for several ``(slot, specs, prompt_len)`` at once.
+
+        Every item is checked before any buffer changes, and all terms go in with one
+        indexed write per buffer, so setting up a batch costs a handful of device copies
+        rather than one per row, layer and buffer.
+        """
+        for slot, specs, _ in items:
+            self._check_slot(slot)
+            self.check(specs)
+            for spec in specs:
+                if spec.mode not in ("add", "ablate", "clamp"):
                     raise ConfigError(
                         f"mode {spec.mode!r} cannot be served per row; use add, ablate or clamp"
                     )
-                self.lo[layer, k, slot] = lo
-                self.hi[layer, k, slot] = hi
-        self._used[slot] = used
-        self._projecting[slot] = projecting
+        for slot, _, _ in items:
+            self.clear(slot)
+        where: list[tuple[int, int, int]] = []  # (layer, term, slot) per written term
+        deltas, units, coefs_a, coefs_b, bounds = [], [], [], [], []
+        for slot, specs, prompt_len in items:
+            used: dict[int, int] = {}
+            projecting: set[int] = set()
+            for spec in specs:
+                lo, hi = parse_positions(spec.positions).bounds(prompt_len)
+                c, layers = spec.coefficient, list(spec.active_layers)
+                directions = torch.stack([spec.vector[layer] for layer in layers]).double()
+                norms = directions.norm(dim=1)
+                units.append(directions / norms.clamp_min(1e-300).unsqueeze(1))
+                zeros = torch.zeros(len(layers), dtype=torch.float64)
+                if spec.mode == "add":  # h + c v
+                    deltas.append(c * directions)
+                    coefs_a.append(zeros)
+                    coefs_b.append(zeros)
+                else:  # ablate: h - c (h.u) u;  clamp: h + (c |v| - h.u) u
+                    projecting.update(layers)
+                    deltas.append(torch.zeros_like(directions))
+                    coefs_a.append(c * norms if spec.mode == "clamp" else zeros)
+                    coefs_b.append(zeros + (1.0 if spec.mode == "clamp" else c))
+                bounds.append(torch.tensor([[lo, hi]] * len(layers), dtype=torch.long))
+                for layer in layers:
+                    where.append((layer, used.get(layer, 0), slot))
+                    used[layer] = used.get(layer, 0) + 1
+            self._used[slot] = used
+            self._projecting[slot] = projecting
+        if not where:
+            return
+        device, dtype = self.model.device, self.model.dtype
+        at = tuple(torch.tensor(column, device=device) for column in zip(*where, strict=True))
+        self.delta[at] = torch.cat(deltas).to(device, dtype)
+        self.unit[at] = torch.cat(units).to(device, dtype)
+        self.a[at] = torch.cat(coefs_a).to(device, dtype)
+        self.b[at] = torch.cat(coefs_b).to(device, dtype)
+        lo_hi = torch.cat(bounds).to(device)
+        self.lo[at] = lo_hi[:, 0]
+        self.hi[at] = lo_hi[:, 1]
+
+    def terms_in_use(self, slots: Sequence[int]) -> int:
+        """The most terms any of `slots` puts on one layer (0 when none is steered)."""
+        return max((max(self._used.get(s, {}).values(), default=0) for s in slots), default=0)
+
+    def projects(self, slots: Sequence[int]) -> bool:
+        """Whether any of `slots` has an ablate or clamp term."""
+        return any(self._projecting.get(s) for s in slots)
 
     def clear(self, slot: int) -> None:
         """Remove every term of `slot` (its rows go unsteered)."""
         self._check_slot(slot)
-        for layer in self._used.pop(slot, {}):
+        layers = list(self._used.pop(slot, {}))
+        if layers:
+            index = torch.tensor(layers, device=self.model.device)
             for buf in (self.delta, self.unit, self.a, self.b, self.lo, self.hi):
-                buf[layer, :, slot] = 0
+                buf[index, :, slot] = 0
         self._projecting.pop(slot, None)
 
     def is_empty(self, slot: int) -> bool:
@@ -156,6 +207,45 @@ class SteeringTable:
             return apply
 
         return {layer: [make(layer, terms, layer in projecting)] for layer, terms in layers.items()}
+
+    def fixed_block_fns(self, shape: StepShape) -> dict[int, list[BlockFn]]:
+        """Block functions for a compiled step: every layer, the same code on every call.
+
+        Batch row i reads slot i + 1 (a slice, not a gather), so write the slots in row
+        order and clear those of unsteered rows. Rewriting the buffers in place changes
+        the steering without changing the traced graph. `shape` is read in Python while
+        tracing: each of its values is one graph, compiled once (see `StepShape`).
+        The token index comes from the block's ``position_ids`` (attach with
+        ``graph_safe=True``).
+        """
+
+        def make(layer: int) -> BlockFn:
+            def apply(_layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+                token = ctx.token_index  # [batch, q]
+                if token is None:
+                    raise ConfigError("fixed steering needs graph-safe hooks (position_ids)")
+                rows = slice(1, hidden.shape[0] + 1)
+                for k in range(shape.terms):
+                    lo = self.lo[layer, k, rows].unsqueeze(1)  # [batch, 1]
+                    hi = self.hi[layer, k, rows].unsqueeze(1)
+                    gate = ((token >= lo) & (token < hi)).unsqueeze(-1).to(hidden.dtype)
+                    change = self.delta[layer, k, rows].unsqueeze(1)  # [batch, 1, d]
+                    if shape.project:
+                        unit = self.unit[layer, k, rows].unsqueeze(1)
+                        along = (hidden * unit).sum(-1, keepdim=True)  # [batch, q, 1]
+                        a = self.a[layer, k, rows].view(-1, 1, 1)
+                        b = self.b[layer, k, rows].view(-1, 1, 1)
+                        change = change + (a - b * along) * unit
+                    hidden = hidden + gate * change
+                return hidden
+
+            return apply
+
+        return {layer: [make(layer)] for layer in range(self.model.num_layers)}
+
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor the steering reads (for marking static addresses in CUDA graphs)."""
+        return (self.delta, self.unit, self.a, self.b, self.lo, self.hi)
 
     @contextmanager
     def applied(self, model: Model, rows: torch.Tensor) -> Iterator[None]:

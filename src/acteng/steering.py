@@ -182,13 +182,14 @@ def _block_fn(spec: SteeringSpec, direction: torch.Tensor, rows: torch.Tensor | 
     return steer_some
 
 
-def _as_specs(
+def as_specs(
     steering: SteeringVector | SteeringSpec | Sequence[SteeringSpec],
     coefficient: float | None,
     layers: Sequence[int] | int | None,
     positions: str | Positions | None,
     mode: str | None,
 ) -> list[SteeringSpec]:
+    """The specs `steer` would apply for these arguments (overrides applied to each)."""
     overrides: dict[str, Any] = {
         k: v
         for k, v in (("coefficient", coefficient), ("positions", positions), ("mode", mode))
@@ -226,7 +227,7 @@ def apply_steering(
     """
     if rows is not None and (rows.dtype != torch.bool or rows.dim() != 1):
         raise ConfigError("rows must be a 1-D bool tensor with one entry per batch row")
-    specs = _as_specs(steering, coefficient, layers, positions, mode)
+    specs = as_specs(steering, coefficient, layers, positions, mode)
     fns: dict[int, list[BlockFn]] = {}
     blocks = model.blocks
     for spec in specs:
