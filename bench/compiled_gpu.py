@@ -151,13 +151,56 @@ def measure(
             times[name].append(time.perf_counter() - t)
     graphs_after = int(counters["stats"]["unique_graphs"])
     medians = {name: statistics.median(v) for name, v in times.items()}
+    # The prefill runs eagerly (transformers compiles only the decoding step): time it
+    # alone (one new token, no compiled step) to split each call into prefill + decode.
+    tokens, args.tokens = args.tokens, 1
+    prefill: dict[str, list[float]] = {name: [] for name in conditions}
+    for _ in range(3):
+        for name in names:
+            t = time.perf_counter()
+            conditions[name]()
+            prefill[name].append(time.perf_counter() - t)
+    args.tokens = tokens
+    prefill_s = {name: statistics.median(v) for name, v in prefill.items()}
+    decode_s = {name: medians[name] - prefill_s[name] for name in conditions}
+    if args.profile:
+        try:
+            profile(conditions, batch_size)
+        except Exception as error:  # a diagnostic only: never lose the timings for it
+            print(f"profile failed: {error!r}", flush=True)
     return {
         "warmup_compile_s": round(warm_s, 1),
         "recompiles_during_timed_rounds": graphs_after - graphs_before,
         "seconds": {k: [round(x, 4) for x in v] for k, v in times.items()},
         "tok_s": {k: round(batch_size * args.tokens / v, 1) for k, v in medians.items()},
         "ratio_vs_off": {k: round(v / medians["off"], 4) for k, v in medians.items()},
+        "prefill_s": {k: round(v, 4) for k, v in prefill_s.items()},
+        "decode_ms_per_step": {
+            k: round(1000 * v / (args.tokens - 1), 3) for k, v in decode_s.items()
+        },
+        "decode_ratio_vs_off": {k: round(v / decode_s["off"], 4) for k, v in decode_s.items()},
     }
+
+
+def profile(conditions: dict[str, Callable[[], None]], batch_size: int) -> None:
+    """Print the GPU kernels of one call per condition (where the time goes)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    for name, fn in conditions.items():
+        with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            fn()
+        events = prof.key_averages()
+        kernels = [e for e in events if e.device_type.name == "CUDA"]
+        total = sum(e.self_device_time_total for e in kernels)
+        launches = sum(e.count for e in kernels)
+        print(
+            f"--- profile batch {batch_size} {name}: GPU {total / 1000:.1f} ms in "
+            f"{launches} kernel runs",
+            flush=True,
+        )
+        for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:8]:
+            print(f"  {e.self_device_time_total / 1000:8.2f} ms  x{e.count:5d}  {e.key[:90]}")
 
 
 def main() -> None:
@@ -169,6 +212,7 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--profile", action="store_true", help="print GPU kernels per condition")
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/)")
     args = parser.parse_args()
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per batch size

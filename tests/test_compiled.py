@@ -108,8 +108,8 @@ def test_changing_steering_never_recompiles(tiny: acteng.Model) -> None:
     # One graph per step shape (terms per layer, projection or not), compiled once each.
     run([[], []])  # nothing steered: the plain graph
     run([[SteeringSpec(one, 2.0)], []])  # one add term per layer
-    run([[SteeringSpec(two, 1.0, mode="ablate")], []])  # one projecting term
-    run([[SteeringSpec(one, 1.0), SteeringSpec(two, 1.0)], []])  # two terms on layers 1, 3
+    run([[SteeringSpec(two, 1.0, mode="ablate")], []])  # one term, the full formula
+    run([[SteeringSpec(one, 1.0), SteeringSpec(two, 1.0, positions="0:2")], []])  # two, full
     warm = _graphs()
     assert warm >= 4
     outputs = []

@@ -11,7 +11,8 @@ never changes them. Each hook reads a `SteeringTable` (fixed buffers of terms pe
 (layer, term, slot); batch row i reads slot i + 1); steering a request means writing
 those buffers in place. A `StepShape` of plain Python values picks the traced code: how
 many terms per layer (0 when no row is steered: exactly the plain model's graph) and
-whether any term projects (ablate/clamp; add-only steering skips the projection). Each
+whether any term needs the full formula (ablate, clamp, or limited to some positions;
+plain additions skip the projection and the per-token gate). Each
 shape is compiled once per batch size; changing vectors, coefficients, modes within a
 shape, positions or which rows are steered never recompiles (tests assert it with
 torch._dynamo's counters). Unused terms of a row hold zeros.
@@ -92,6 +93,10 @@ class CompiledSteering:
             "backend": backend,
             "mode": mode or ("reduce-overhead" if on_cuda else "default"),
         }
+        # Up to 1 + 2 * terms graphs per batch size: keep dynamo from giving up on them.
+        config = torch._dynamo.config
+        if hasattr(config, "recompile_limit"):
+            config.recompile_limit = max(config.recompile_limit, 8 * (1 + 2 * terms))
         if on_cuda:
             # CUDA graphs read these at fixed addresses; in-place writes are seen by replays.
             for buffer in self.table.buffers():
@@ -124,7 +129,7 @@ class CompiledSteering:
             ]
         )
         self.shape.terms = self.table.terms_in_use(slots)
-        self.shape.project = self.table.projects(slots)
+        self.shape.full = self.table.needs_full(slots)
 
     @torch.no_grad()
     def generate_ids(
@@ -165,7 +170,7 @@ class CompiledSteering:
                 **options,
             )
         finally:
-            self.shape.terms, self.shape.project = 0, False
+            self.shape.terms, self.shape.full = 0, False
         return cast(torch.Tensor, output)
 
 

@@ -22,6 +22,7 @@ Terms apply in the order given, like specs on a shared layer in `steer`.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -33,6 +34,7 @@ from acteng.hooks import BlockFn, ForwardContext, hooked
 from acteng.models import Model
 from acteng.positions import parse_positions
 from acteng.steering import SteeringSpec
+from acteng.vectors import SteeringVector
 
 __all__ = ["SteeringTable", "StepShape"]
 
@@ -42,12 +44,13 @@ class StepShape:
     """What a compiled step computes, as plain Python values it is traced with.
 
     terms: steering terms applied per layer (0: none, the plain model's graph).
-    project: whether the terms include ablate/clamp (add-only skips the projection).
+    full: the whole formula (projection and per-token gate), needed when a term ablates,
+        clamps or is limited to some positions; otherwise only ``h + delta``.
     Each combination is one graph; changing vectors, coefficients or rows changes none.
     """
 
     terms: int = 0
-    project: bool = False
+    full: bool = False
 
 
 class SteeringTable:
@@ -73,6 +76,11 @@ class SteeringTable:
         # Python-side bookkeeping, so layers and terms nobody uses cost nothing.
         self._used: dict[int, dict[int, int]] = {}  # slot -> {layer: number of terms}
         self._projecting: dict[int, set[int]] = {}  # slot -> layers with ablate/clamp terms
+        self._windowed: set[int] = set()  # slots with a term limited to some positions
+        # Device copies of the vectors in use (dropped with the vector).
+        self._prepared: weakref.WeakKeyDictionary[
+            SteeringVector, dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]
+        ] = weakref.WeakKeyDictionary()
 
     def check(self, specs: Sequence[SteeringSpec]) -> None:
         """Raise if `specs` do not fit one slot (too many terms on a layer, wrong model)."""
@@ -115,12 +123,13 @@ class SteeringTable:
             used: dict[int, int] = {}
             projecting: set[int] = set()
             for spec in specs:
-                lo, hi = parse_positions(spec.positions).bounds(prompt_len)
-                c, layers = spec.coefficient, list(spec.active_layers)
-                directions = torch.stack([spec.vector[layer] for layer in layers]).double()
-                norms = directions.norm(dim=1)
-                units.append(directions / norms.clamp_min(1e-300).unsqueeze(1))
-                zeros = torch.zeros(len(layers), dtype=torch.float64)
+                positions = parse_positions(spec.positions)
+                if positions.kind != "all":
+                    self._windowed.add(slot)
+                c, layers = spec.coefficient, tuple(spec.active_layers)
+                directions, norms = self._on_device(spec.vector, layers)
+                units.append(directions / norms.clamp_min(1e-30).unsqueeze(1))
+                zeros = torch.zeros_like(norms)
                 if spec.mode == "add":  # h + c v
                     deltas.append(c * directions)
                     coefs_a.append(zeros)
@@ -130,7 +139,7 @@ class SteeringTable:
                     deltas.append(torch.zeros_like(directions))
                     coefs_a.append(c * norms if spec.mode == "clamp" else zeros)
                     coefs_b.append(zeros + (1.0 if spec.mode == "clamp" else c))
-                bounds.append(torch.tensor([[lo, hi]] * len(layers), dtype=torch.long))
+                bounds.extend([positions.bounds(prompt_len)] * len(layers))
                 for layer in layers:
                     where.append((layer, used.get(layer, 0), slot))
                     used[layer] = used.get(layer, 0) + 1
@@ -140,21 +149,37 @@ class SteeringTable:
             return
         device, dtype = self.model.device, self.model.dtype
         at = tuple(torch.tensor(column, device=device) for column in zip(*where, strict=True))
-        self.delta[at] = torch.cat(deltas).to(device, dtype)
-        self.unit[at] = torch.cat(units).to(device, dtype)
-        self.a[at] = torch.cat(coefs_a).to(device, dtype)
-        self.b[at] = torch.cat(coefs_b).to(device, dtype)
-        lo_hi = torch.cat(bounds).to(device)
+        self.delta[at] = torch.cat(deltas).to(dtype)
+        self.unit[at] = torch.cat(units).to(dtype)
+        self.a[at] = torch.cat(coefs_a).to(dtype)
+        self.b[at] = torch.cat(coefs_b).to(dtype)
+        lo_hi = torch.tensor(bounds, dtype=torch.long, device=device)
         self.lo[at] = lo_hi[:, 0]
         self.hi[at] = lo_hi[:, 1]
+
+    def _on_device(
+        self, vector: SteeringVector, layers: tuple[int, ...]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The vector's directions at `layers` on the model's device, and their norms.
+
+        Computed in float32 (float64 for float64 models) and cached per vector, so
+        serving the same library vector again copies nothing to the device.
+        """
+        cached = self._prepared.setdefault(vector, {})
+        if layers not in cached:
+            dtype = torch.float64 if self.model.dtype == torch.float64 else torch.float32
+            stacked = torch.stack([vector[layer] for layer in layers])
+            directions = stacked.to(self.model.device, dtype)
+            cached[layers] = (directions, directions.norm(dim=1))
+        return cached[layers]
 
     def terms_in_use(self, slots: Sequence[int]) -> int:
         """The most terms any of `slots` puts on one layer (0 when none is steered)."""
         return max((max(self._used.get(s, {}).values(), default=0) for s in slots), default=0)
 
-    def projects(self, slots: Sequence[int]) -> bool:
-        """Whether any of `slots` has an ablate or clamp term."""
-        return any(self._projecting.get(s) for s in slots)
+    def needs_full(self, slots: Sequence[int]) -> bool:
+        """Whether any of `slots` ablates, clamps or steers only some token positions."""
+        return any(self._projecting.get(s) or s in self._windowed for s in slots)
 
     def clear(self, slot: int) -> None:
         """Remove every term of `slot` (its rows go unsteered)."""
@@ -165,6 +190,7 @@ class SteeringTable:
             for buf in (self.delta, self.unit, self.a, self.b, self.lo, self.hi):
                 buf[index, :, slot] = 0
         self._projecting.pop(slot, None)
+        self._windowed.discard(slot)
 
     def is_empty(self, slot: int) -> bool:
         return not self._used.get(slot)
@@ -226,17 +252,19 @@ class SteeringTable:
                     raise ConfigError("fixed steering needs graph-safe hooks (position_ids)")
                 rows = slice(1, hidden.shape[0] + 1)
                 for k in range(shape.terms):
-                    lo = self.lo[layer, k, rows].unsqueeze(1)  # [batch, 1]
-                    hi = self.hi[layer, k, rows].unsqueeze(1)
-                    gate = ((token >= lo) & (token < hi)).unsqueeze(-1).to(hidden.dtype)
                     change = self.delta[layer, k, rows].unsqueeze(1)  # [batch, 1, d]
-                    if shape.project:
+                    if shape.full:
                         unit = self.unit[layer, k, rows].unsqueeze(1)
                         along = (hidden * unit).sum(-1, keepdim=True)  # [batch, q, 1]
                         a = self.a[layer, k, rows].view(-1, 1, 1)
                         b = self.b[layer, k, rows].view(-1, 1, 1)
                         change = change + (a - b * along) * unit
-                    hidden = hidden + gate * change
+                    if shape.full:
+                        lo = self.lo[layer, k, rows].unsqueeze(1)  # [batch, 1]
+                        hi = self.hi[layer, k, rows].unsqueeze(1)
+                        gate = (token >= lo) & (token < hi)
+                        change = change * gate.unsqueeze(-1).to(hidden.dtype)
+                    hidden = hidden + change
                 return hidden
 
             return apply
