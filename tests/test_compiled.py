@@ -166,3 +166,18 @@ def test_bad_uses_are_clear_errors(real: acteng.Model, monkeypatch: pytest.Monke
     assert not compiled_path.wants_compiled(real)
     monkeypatch.delenv("ACTENG_COMPILE")
     assert not compiled_path.wants_compiled(real)  # CPU float32: eager by default
+
+
+def test_attached_hooks_leave_other_forward_passes_alone(make_tiny: Any) -> None:
+    """With the compiled path attached and nothing steered, any forward is the plain one,
+    also for a family whose blocks get no position_ids (GPT-2)."""
+    model = make_tiny("gpt2")
+    ids = model.tokenizer(["a b c", "d e"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        plain = model.hf(**ids).logits
+        compiled_path.for_model(model, backend="eager")
+        try:
+            attached = model.hf(**ids).logits
+        finally:
+            compiled_path.release(model)
+    assert torch.equal(plain, attached)

@@ -156,12 +156,11 @@ def _make_graph_safe_block_hook(layer: int, fns: Sequence[BlockFn]) -> Callable[
     def hook(_module: nn.Module, _args: Any, kwargs: dict[str, Any], output: Any) -> Any:
         hidden = output[0] if isinstance(output, tuple) else output
         positions = kwargs.get("position_ids")
-        if not isinstance(positions, torch.Tensor):
-            raise RuntimeError(
-                "graph-safe hooks need the position_ids a decoder block receives; this "
-                "architecture does not pass them, so use the eager path (compiled=False)"
-            )
-        context = ForwardContext(token_index=positions.expand(hidden.shape[0], hidden.shape[1]))
+        context = ForwardContext(
+            token_index=positions.expand(hidden.shape[0], hidden.shape[1])
+            if isinstance(positions, torch.Tensor)
+            else None  # this architecture's blocks get no position_ids
+        )
         changed = False
         for fn in fns:
             new = fn(layer, hidden, context)

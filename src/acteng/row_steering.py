@@ -246,10 +246,18 @@ class SteeringTable:
         """
 
         def make(layer: int) -> BlockFn:
-            def apply(_layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
+            def apply(
+                _layer: int, hidden: torch.Tensor, ctx: ForwardContext
+            ) -> torch.Tensor | None:
+                if shape.terms == 0:
+                    return None  # nothing steered: the plain model's graph
                 token = ctx.token_index  # [batch, q]
-                if token is None:
-                    raise ConfigError("fixed steering needs graph-safe hooks (position_ids)")
+                if shape.full and token is None:
+                    raise ConfigError(
+                        "ablate, clamp and position windows on the compiled path need the "
+                        "position_ids this architecture's blocks do not receive; use "
+                        "compiled=False"
+                    )
                 rows = slice(1, hidden.shape[0] + 1)
                 for k in range(shape.terms):
                     change = self.delta[layer, k, rows].unsqueeze(1)  # [batch, 1, d]
@@ -259,7 +267,7 @@ class SteeringTable:
                         a = self.a[layer, k, rows].view(-1, 1, 1)
                         b = self.b[layer, k, rows].view(-1, 1, 1)
                         change = change + (a - b * along) * unit
-                    if shape.full:
+                    if shape.full and token is not None:
                         lo = self.lo[layer, k, rows].unsqueeze(1)  # [batch, 1]
                         hi = self.hi[layer, k, rows].unsqueeze(1)
                         gate = (token >= lo) & (token < hi)
