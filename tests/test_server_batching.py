@@ -162,6 +162,8 @@ def test_stream_disconnect_frees_the_slot(server: tuple[str, Any], smollm2: acte
 def test_non_stream_disconnect_cancels(server: tuple[str, Any]) -> None:
     url, engine = server
     body = {"messages": [{"role": "user", "content": PROMPT}], "max_tokens": 250}
+    before = engine.steps
     with httpx.Client(timeout=1.5) as client, pytest.raises(httpx.TimeoutException):
         client.post(url + "/v1/chat/completions", json=body)
     assert wait_until(lambda: engine.active == 0, timeout=30)
+    assert engine.steps - before < 200  # cancelled, not run to its 250 tokens

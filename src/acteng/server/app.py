@@ -15,7 +15,7 @@ import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from importlib import resources
 from typing import Any
@@ -24,6 +24,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, MutableHeaders
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from acteng.errors import ActengError
 from acteng.library import VectorLibrary
@@ -90,23 +92,7 @@ def create_app(
         title="acteng", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
     )
 
-    @app.middleware("http")
-    async def guard_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        if api_key is not None and request.url.path.startswith("/v1"):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), api_key.encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
-        size = request.headers.get("content-length")
-        upload = request.url.path == "/v1/vectors"
-        limit = MAX_UPLOAD_BYTES if upload else MAX_BODY_BYTES
-        if size is not None and size.isdigit() and int(size) > limit:
-            return _error(413, f"the body has {size} bytes; the limit is {limit}")
-        response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        return response
+    app.add_middleware(_RequestGate, api_key=api_key)
 
     @app.exception_handler(RequestError)
     async def request_error(_r: Request, exc: RequestError) -> JSONResponse:
@@ -349,19 +335,69 @@ async def _stream(
         job.cancel()  # a no-op once done; frees the slot when the client went away
 
 
+class _RequestGate:
+    """API key and body-size checks before any endpoint runs, as plain ASGI middleware.
+
+    Not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hands the endpoint a
+    wrapped ``receive`` through which ``request.is_disconnected()`` never sees the
+    client leave, so a non-streamed request would generate to the end for nobody.
+    """
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.api_key = api_key
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        rejected = self._check(scope)
+        if rejected is not None:
+            await rejected(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+    def _check(self, scope: Scope) -> Response | None:
+        path: str = scope["path"]
+        headers = Headers(scope=scope)
+        if self.api_key is not None and path.startswith("/v1"):
+            header = headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
+                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+        size = headers.get("content-length")
+        limit = MAX_UPLOAD_BYTES if path == "/v1/vectors" else MAX_BODY_BYTES
+        if size is not None and size.isdigit() and int(size) > limit:
+            return _error(413, f"the body has {size} bytes; the limit is {limit}")
+        return None
+
+
 async def _collect(
     request: Request, job: Job, events: asyncio.Queue[Event], reply: _Reply
 ) -> Response:
     """Wait for the whole answer, cancelling the job if the client disconnects."""
     parts: list[str] = []
+    loop = asyncio.get_running_loop()
+    checked = loop.time()
     try:
         while True:
-            try:
+            # Look for a disconnect every 0.25 s, also while tokens keep arriving (a fast
+            # engine would otherwise generate a long answer nobody reads to the end).
+            event: Event | None = None
+            with suppress(TimeoutError):
                 event = await asyncio.wait_for(events.get(), timeout=0.25)
-            except TimeoutError:
+            if loop.time() - checked >= 0.25 or event is None:
+                checked = loop.time()
                 if await request.is_disconnected():
                     job.cancel()
                     return Response(status_code=499)
+            if event is None:
                 continue
             if event.kind == "token":
                 parts.append(event.text)
