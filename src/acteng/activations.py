@@ -10,7 +10,7 @@ or the mean over a token span), so memory is ``[N, d_model]`` per layer, never
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -215,14 +215,15 @@ def record_activations(
         RecordBatch(plan, tuple(spans[t] for t in plan.texts), global_ids, tuple(chosen))
         for plan in plans
     ]
+    results: Iterable[tuple[list[int], dict[int, torch.Tensor]]]
     if ray is not None:  # the same batches, each run by `record_batch` on a Ray worker
         from acteng.scaleout.recording import record_on_ray
 
         results = record_on_ray(model, batches, ray, progress)
     else:
         results = _record_here(model, batches, progress)
-    for texts, reduced in results:
-        index = torch.tensor(texts)
+    for done, reduced in results:
+        index = torch.tensor(done)
         for layer in chosen:
             rows[layer][index] = reduced[layer]
     return Activations(rows=rows, position=position)

@@ -11,11 +11,13 @@ Nothing here imports Ray; `acteng.scaleout` does, only when a Ray backend is use
 from __future__ import annotations
 
 import importlib.util
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from acteng.errors import ConfigError, missing_extra
 
-__all__ = ["BACKENDS", "Backend", "RayBackend", "resolve_backend"]
+__all__ = ["BACKENDS", "Backend", "RayBackend", "connected", "resolve_backend"]
 
 BACKENDS = ("local", "ray")
 
@@ -63,3 +65,16 @@ def resolve_backend(backend: Backend) -> RayBackend | None:
     if importlib.util.find_spec("ray") is None:
         raise missing_extra("ray", "ray", purpose="backend 'ray'")
     return chosen
+
+
+@contextmanager
+def connected(ray: RayBackend | None) -> Iterator[None]:
+    """Hold one Ray connection for a block of work (nothing for the local backend), so
+    the steps inside share it instead of each starting a cluster."""
+    if ray is None:
+        yield
+        return
+    from acteng.scaleout.cluster import ray_cluster
+
+    with ray_cluster(ray):
+        yield

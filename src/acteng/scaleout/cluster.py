@@ -58,7 +58,8 @@ def ray_cluster(backend: RayBackend) -> Iterator[int]:
         ray.init(address=address, **options)
         connected_here = True
     try:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
+        resources: dict[str, float] = ray.cluster_resources()  # type: ignore[no-untyped-call]
+        cpus = int(resources.get("CPU", 1))
         yield backend.workers or max(1, cpus // backend.cpus_per_worker)
     finally:
         if connected_here:
@@ -96,7 +97,7 @@ def load_on_worker(recipe: ModelRecipe, expected_hash: str, threads: int) -> Mod
     return model
 
 
-def worker_resources(backend: RayBackend, recipe: ModelRecipe) -> dict[str, float]:
+def worker_resources(backend: RayBackend, recipe: ModelRecipe) -> dict[str, Any]:
     """What one worker reserves: its CPUs, and a GPU when the model runs on one."""
     return {
         "num_cpus": float(backend.cpus_per_worker),
