@@ -9,6 +9,7 @@ the methods then run on the same rows as locally, in one code path.
 
 from __future__ import annotations
 
+import logging
 import pickle
 from typing import Any
 
@@ -20,7 +21,9 @@ from acteng.backends import RayBackend
 from acteng.models import Model, ModelRecipe
 from acteng.scaleout.cluster import load_on_worker, portable_recipe, ray_cluster, worker_resources
 
-__all__ = ["record_on_ray"]
+__all__ = ["Recorder", "record_on_ray"]
+
+log = logging.getLogger(__name__)
 
 
 class Recorder:
@@ -37,7 +40,10 @@ class Recorder:
             texts.extend(batch.plan.texts)
             for layer, values in record_batch(self.model, batch).items():
                 reduced.setdefault(layer, []).append(values)
-        out = {"texts": np.asarray(texts, dtype=np.int64)}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id()
+        out = {"texts": np.asarray(texts, dtype=np.int64), "node": np.asarray([node] * len(texts))}
         for layer, parts in reduced.items():
             out[f"layer_{layer}"] = torch.cat(parts).numpy()
         return out
@@ -68,9 +74,11 @@ def record_on_ray(
             },
             **worker_resources(backend, recipe),
         )
-        results = []
+        results, nodes = [], set[str]()
         for out in recorded.iter_batches(batch_size=None, batch_format="numpy"):
+            nodes.update(str(n) for n in out["node"])
             texts = [int(t) for t in out["texts"]]
             rows = {x: torch.from_numpy(np.array(out[f"layer_{x}"])) for x in layers}
             results.append((texts, rows))
+    log.info("recorded %d batches with %d workers on %d nodes", len(batches), workers, len(nodes))
     return results
