@@ -235,26 +235,26 @@ def test_serve_with_two_replicas_answers_like_one_process(
     requests.append({"content": "How do I bake bread?", "extra": steering})
 
     def ask(base: str) -> tuple[list[str | None], int, str]:
-        sdk = openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
-        answers = [
-            sdk.chat.completions.create(
-                model="default",
-                messages=[{"role": "user", "content": r["content"]}],
-                max_tokens=12,
-                extra_body=r["extra"],
-            )
-            .choices[0]
-            .message.content
-            for r in requests
-        ]
-        with pytest.raises(openai.BadRequestError) as bad:
-            sdk.chat.completions.create(
-                model="default",
-                messages=[{"role": "user", "content": "hi"}],
-                extra_body={"steering": [{"vector": "no-such-vector", "coefficient": 1.0}]},
-            )
+        with openai.OpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0) as sdk:
+            answers = [
+                sdk.chat.completions.create(
+                    model="default",
+                    messages=[{"role": "user", "content": r["content"]}],
+                    max_tokens=12,
+                    extra_body=r["extra"],
+                )
+                .choices[0]
+                .message.content
+                for r in requests
+            ]
+            with pytest.raises(openai.NotFoundError) as missing:
+                sdk.chat.completions.create(
+                    model="default",
+                    messages=[{"role": "user", "content": "hi"}],
+                    extra_body={"steering": [{"vector": "no-such-vector", "coefficient": 1.0}]},
+                )
         no_key = httpx2.get(f"{base}/v1/models").status_code
-        return answers, no_key, str(bad.value)
+        return answers, no_key, str(missing.value)
 
     app, _ = make_app(smollm2, tmp_path, context=512, api_key=key)
     with serve_on_loopback(app) as base:
