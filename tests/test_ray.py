@@ -11,7 +11,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -304,3 +309,51 @@ def test_two_nodes_share_the_extraction(
         assert not ray.is_initialized()  # attached for the call only
     finally:
         two.shutdown()
+
+
+def _processes_mentioning(text: str) -> list[str]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(f"{proc.name}: {cmdline[:120]}")
+    return found
+
+
+@needs_ray
+@pytest.mark.ray
+@pytest.mark.real
+def test_cli_serve_replicas_stops_everything_on_sigterm() -> None:
+    """`acteng serve --replicas 2` starts its own local cluster; SIGTERM stops it all."""
+    import httpx2
+
+    temp = tempfile.mkdtemp(prefix="acteng-ray-", dir="/tmp")  # short: Ray's socket paths
+    env = {**os.environ, "RAY_TMPDIR": temp, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("RAY_ADDRESS", None)
+    port = _free_port()
+    code = "import sys; from acteng.cli import main; sys.exit(main())"
+    args = ["serve", "--replicas", "2", "--port", str(port), "--context", "256"]
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()  # printed once every replica is ready
+        assert "2 Ray Serve replicas" in line, line
+        assert httpx2.get(f"http://127.0.0.1:{port}/health").status_code == 200
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=120) == 0
+        proc.stdout.close()
+        assert _processes_mentioning(temp) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        shutil.rmtree(temp, ignore_errors=True)

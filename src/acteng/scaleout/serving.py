@@ -121,23 +121,22 @@ def run_replicas(
 ) -> int:
     """Serve until SIGINT or SIGTERM, then stop everything started here."""
     stop = threading.Event()
-    previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _SIGNALS}
-    try:
-        with ray_cluster(RayBackend(address=address, cpus_per_worker=threads)):
-            try:
-                start_replicas(model, replicas, host, port, settings, threads)
-                print(
-                    f"acteng: serving {model.name} on http://{host}:{port} with {replicas} "
-                    "Ray Serve replicas (playground at /)",
-                    flush=True,
-                )
-                while not stop.wait(0.5):
-                    pass
-            finally:
-                stop_replicas()
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+    with ray_cluster(RayBackend(address=address, cpus_per_worker=threads)):
+        # After ray.init: Ray's core worker installs a handler that aborts on SIGTERM.
+        previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _SIGNALS}
+        try:
+            start_replicas(model, replicas, host, port, settings, threads)
+            print(
+                f"acteng: serving {model.name} on http://{host}:{port} with {replicas} "
+                "Ray Serve replicas (playground at /)",
+                flush=True,
+            )
+            while not stop.wait(0.5):
+                pass
+        finally:
+            stop_replicas()
+            for sig, handler in previous.items():
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return 0
 
 
