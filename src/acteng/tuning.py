@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from acteng.activations import parse_layers
 from acteng.backends import Backend, RayBackend, connected, resolve_backend
@@ -203,9 +203,23 @@ ScoreJob = tuple[str, SteeringVector, tuple[int, ...], float, float | None]
 SearchJob = tuple[str, SteeringVector, tuple[int, ...], float, float, int]
 
 
+class Scoring(Protocol):
+    """What sweeps and tuning score with: `LocalScoring` here, or a pool of Ray actors
+    (`acteng.scaleout.scoring.PoolScoring`). Cells come back in the order asked for."""
+
+    base_margin: float
+    base_perplexity: float
+    base_p_match: float | None
+
+    def score(self, jobs: Sequence[ScoreJob]) -> Iterator[Cell]: ...
+
+    def search(
+        self, jobs: Sequence[SearchJob], on_cell: OnCell | None = None
+    ) -> Iterator[list[Cell]]: ...
+
+
 class LocalScoring:
-    """Scores in this process, one cell after another (the Ray backend's pool of scorers
-    in `acteng.scaleout.scoring` has the same methods)."""
+    """Scores in this process, one cell after another."""
 
     def __init__(self, scorer: Scorer) -> None:
         self.scorer = scorer
@@ -223,9 +237,6 @@ class LocalScoring:
             yield _bisect_budget(self.scorer, *job, on_cell)
 
 
-Scoring = LocalScoring  # or acteng.scaleout.scoring.PoolScoring, which behaves the same
-
-
 @contextmanager
 def _scoring(
     model: Model, held: Pairs, neutral: Sequence[str] | None, ray: RayBackend | None
@@ -236,7 +247,7 @@ def _scoring(
     from acteng.scaleout.scoring import scoring_pool
 
     with scoring_pool(model, held, neutral, ray) as pool:
-        yield pool  # type: ignore[misc]
+        yield pool
 
 
 def _best(cells: Sequence[Cell], max_tax: float) -> Cell | None:
