@@ -76,6 +76,15 @@ def test_backend_names_and_ray_client_are_checked() -> None:
         RayBackend(workers=0)
 
 
+def test_ray_is_imported_only_when_asked_for() -> None:
+    code = (
+        "import sys, acteng, acteng.cli, acteng.tuning, acteng.evaluation; "
+        "acteng.RayBackend(); print('ray' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 def test_missing_ray_names_the_install_line(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
