@@ -5,8 +5,9 @@ of every method's vectors; the figures the "Scale out" guide projects N workers 
     .venv/bin/python bench/ray_scale.py [--pairs 120] [--rounds 2]
 
 One local Ray cluster sized to this machine is started once. Each worker runs torch with
-one thread, and so does the local reference for the equality check; the local timing uses
-the machine's default threads (what a user gets without Ray).
+one thread, and so does the local reference for the equality check; the local backend is
+timed with the machine's default threads (what a user gets without Ray) and with one
+thread. Conditions are interleaved, rotating the order each round.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from typing import Any
 import torch
 
 import acteng
-from _common import save, workload_pairs
+from _common import interleaved, save, workload_pairs
 from acteng.activations import parse_layers
 from acteng.extraction import extract_many
 from acteng.pairs import ContrastivePair, Pairs
@@ -84,16 +85,25 @@ def main() -> None:
         rows = np.zeros((texts, len(layers), model.hidden_size), dtype=np.float32)
         put_s, _ = _timed(lambda: ray.get(ray.put(rows)))
 
-        runs: dict[str, list[float]] = {"local": [], "ray_1": [], "ray_2": []}
-        for _ in range(args.rounds):
-            t, _ = _timed(lambda: acteng.extract(model, data, layers=layers))
-            runs["local"].append(t)
-            for workers in (1, 2):
-                backend = acteng.RayBackend(workers=workers)
-                t, _ = _timed(
-                    lambda b=backend: acteng.extract(model, data, layers=layers, backend=b)
-                )
-                runs[f"ray_{workers}"].append(t)
+        def local(threads: int) -> None:
+            torch.set_num_threads(threads)
+            try:
+                acteng.extract(model, data, layers=layers)
+            finally:
+                torch.set_num_threads(default_threads)
+
+        def on_ray(workers: int) -> None:
+            acteng.extract(model, data, layers=layers, backend=acteng.RayBackend(workers=workers))
+
+        runs = interleaved(
+            {
+                "local": lambda: local(default_threads),
+                "local_1_thread": lambda: local(1),
+                "ray_1": lambda: on_ray(1),
+                "ray_2": lambda: on_ray(2),
+            },
+            args.rounds,
+        )
 
         # Equality with one thread on both sides, every method (actadd on one pair).
         torch.set_num_threads(1)
