@@ -101,12 +101,14 @@ def start_replicas(
     serve.run(app, name=APP_NAME, route_prefix="/", blocking=False)
 
 
-def stop_replicas() -> None:
-    """Remove the app and stop Serve (its proxy and controller)."""
+def stop_replicas(*, stop_serve: bool = True) -> None:
+    """Remove the app and, with `stop_serve`, Serve itself (its proxy and controller; not
+    on a cluster acteng attached to, where other apps may be served)."""
     from ray import serve
 
     serve.delete(APP_NAME)
-    serve.shutdown()  # type: ignore[no-untyped-call]
+    if stop_serve:
+        serve.shutdown()  # type: ignore[no-untyped-call]
 
 
 def run_replicas(
@@ -121,6 +123,7 @@ def run_replicas(
 ) -> int:
     """Serve until SIGINT or SIGTERM, then stop everything started here."""
     stop = threading.Event()
+    attached = bool(address or os.environ.get("RAY_ADDRESS"))
     with ray_cluster(RayBackend(address=address, cpus_per_worker=threads)):
         # After ray.init: Ray's core worker installs a handler that aborts on SIGTERM.
         previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in _SIGNALS}
@@ -134,7 +137,7 @@ def run_replicas(
             while not stop.wait(0.5):
                 pass
         finally:
-            stop_replicas()
+            stop_replicas(stop_serve=not attached)
             for sig, handler in previous.items():
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
     return 0
