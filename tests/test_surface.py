@@ -23,6 +23,7 @@ def test_all_is_pinned() -> None:
         "Model",
         "ModelRecipe",
         "Pairs",
+        "RayBackend",
         "ReadItem",
         "SteeringSpec",
         "SteeringVector",

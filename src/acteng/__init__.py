@@ -35,6 +35,7 @@ _EXPORTS = {
     "import_gguf": "acteng.gguf_vectors",
     "ModelRecipe": "acteng.models",
     "Pairs": "acteng.pairs",
+    "RayBackend": "acteng.backends",
     "ReadItem": "acteng.activations",
     "SteeringSpec": "acteng.steering",
     "SteeringVector": "acteng.vectors",
@@ -64,6 +65,7 @@ if TYPE_CHECKING:
     from acteng.activations import Activations as Activations
     from acteng.activations import ReadItem as ReadItem
     from acteng.activations import record_activations as record_activations
+    from acteng.backends import RayBackend as RayBackend
     from acteng.baking import bake as bake
     from acteng.detectors import Detector as Detector
     from acteng.detectors import load_detector as load_detector

@@ -10,12 +10,13 @@ or the mean over a token span), so memory is ``[N, d_model]`` per layer, never
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
+from acteng.backends import Backend, resolve_backend
 from acteng.batching import BatchPlan, plan_batches
 from acteng.errors import ConfigError
 from acteng.hooks import ForwardContext, run_until
@@ -26,9 +27,11 @@ from acteng.positions import READ_POSITIONS, ReadSpan, read_span
 __all__ = [
     "Activations",
     "ReadItem",
+    "RecordBatch",
     "pair_items",
     "parse_layers",
     "record_activations",
+    "record_batch",
     "record_pairs",
     "right_padded",
 ]
@@ -166,6 +169,7 @@ def record_activations(
     batch_size: int = 32,
     progress: bool = False,
     share_prefix: bool = True,
+    backend: Backend = "local",
 ) -> Activations:
     """Activations of `texts` at `layers`, reduced at `position`, from one pass per batch.
 
@@ -178,6 +182,7 @@ def record_activations(
     """
     if position not in READ_POSITIONS:
         raise ConfigError(f"unknown read position {position!r}; use one of {READ_POSITIONS}")
+    ray = resolve_backend(backend)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     items = _as_items(texts)
@@ -206,16 +211,36 @@ def record_activations(
     else:  # nothing may come from a cache: no global prefix, no group keys
         shareable = read_starts = [0] * n
     global_ids, plans = plan_batches(token_ids, shareable, read_starts, batch_size)
-    bar = _progress(len(plans), progress)
+    batches = [
+        RecordBatch(plan, tuple(spans[t] for t in plan.texts), global_ids, tuple(chosen))
+        for plan in plans
+    ]
+    results: Iterable[tuple[list[int], dict[int, torch.Tensor]]]
+    if ray is not None:  # the same batches, each run by `record_batch` on a Ray worker
+        from acteng.scaleout.recording import record_on_ray
+
+        results = record_on_ray(model, batches, ray, progress)
+    else:
+        results = _record_here(model, batches, progress)
+    for done, reduced in results:
+        index = torch.tensor(done)
+        for layer in chosen:
+            rows[layer][index] = reduced[layer]
+    return Activations(rows=rows, position=position)
+
+
+def _record_here(
+    model: Model, batches: list[RecordBatch], progress: bool
+) -> Iterator[tuple[list[int], dict[int, torch.Tensor]]]:
+    bar = _progress(len(batches), progress)
     try:
-        for plan in plans:
-            _run_plan(model, plan, global_ids, spans, chosen, rows)
+        for batch in batches:
+            yield list(batch.plan.texts), record_batch(model, batch)
             if bar is not None:
                 bar.update(1)
     finally:
         if bar is not None:
             bar.close()
-    return Activations(rows=rows, position=position)
 
 
 def _prompt_tokens(offsets: list[tuple[int, int]], completion_start: int) -> int:
@@ -241,17 +266,23 @@ def _cache_argument(hf: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(hf.forward).parameters else "past_key_values"
 
 
-def _run_plan(
-    model: Model,
-    plan: BatchPlan,
-    global_ids: list[int],
-    spans: list[ReadSpan],
-    chosen: list[int],
-    rows: dict[int, torch.Tensor],
-) -> None:
-    """Run one batch in up to three stages over one KV cache (see acteng.batching)."""
+@dataclass(frozen=True)
+class RecordBatch:
+    """One batch of a recording: what `record_batch` needs, and all a worker receives."""
+
+    plan: BatchPlan
+    spans: tuple[ReadSpan, ...]  # the read span of each of plan.texts, in that order
+    global_ids: list[int]  # the prefix every text of the recording shares
+    layers: tuple[int, ...]
+
+
+@torch.no_grad()
+def record_batch(model: Model, batch: RecordBatch) -> dict[int, torch.Tensor]:
+    """The reduced rows ``{layer: [len(plan.texts), d_model]}`` float32 of one batch, run in
+    up to three stages over one KV cache (see acteng.batching). Both backends call this."""
     from transformers import DynamicCache
 
+    plan, global_ids, chosen = batch.plan, batch.global_ids, batch.layers
     device, last = model.device, max(chosen)
     pad_id = int(model.tokenizer.pad_token_id)
     n_groups = len(plan.keys)
@@ -297,16 +328,14 @@ def _run_plan(
     ids, mask = right_padded(plan.suffixes, pad_id)
     positions = past_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1])
     weights = torch.zeros(ids.shape, dtype=torch.float32)  # span averaging over suffix tokens
-    for row, (text, offset) in enumerate(zip(plan.texts, plan.offsets, strict=True)):
-        span = spans[text]
+    for row, (span, offset) in enumerate(zip(batch.spans, plan.offsets, strict=True)):
         weights[row, span.start - offset : span.end - offset] = 1.0 / (span.end - span.start)
     weights = weights.to(device)
-    index = torch.tensor(plan.texts)
+    out: dict[int, torch.Tensor] = {}
 
     def read(layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
         # [batch, pos] x [batch, pos, d] -> [batch, d]
-        reduced = torch.einsum("bp,bpd->bd", weights, hidden.float())
-        rows[layer][index] = reduced.cpu()
+        out[layer] = torch.einsum("bp,bpd->bd", weights, hidden.float()).cpu()
 
     run_until(
         model.hf,
@@ -318,6 +347,7 @@ def _run_plan(
         position_ids=positions.to(device),
         **cached,
     )
+    return out
 
 
 def _progress(total: int, enabled: bool):  # type: ignore[no-untyped-def]

@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
+from acteng.backends import Backend, resolve_backend
 from acteng.errors import ConfigError
 from acteng.generation import generate
 from acteng.metrics import ab_match, logprob_margin, next_token_kl, prompting_baseline
@@ -50,8 +51,13 @@ def evaluate(
     instruction: str | None = None,
     generations: int = 8,
     max_new_tokens: int = 32,
+    backend: Backend = "local",
 ) -> dict[str, Any]:
-    """Every measure for one steering setting (see the module docstring)."""
+    """Every measure for one steering setting (see the module docstring).
+
+    `backend` ``"ray"`` measures behaviour, tax, reliability and the baseline as separate
+    tasks on Ray actors that load the model from its recipe; the report is the same.
+    """
     if not math.isfinite(coefficient):
         raise ConfigError(f"coefficient must be a finite number, got {coefficient}")
     spec = SteeringSpec(vector, coefficient=coefficient, layers=tuple(layers) if layers else None)
@@ -62,6 +68,54 @@ def evaluate(
             "eval measures answers to prompts: the dataset needs pairs with a 'prompt' "
             "(or CAA A/B items)"
         )
+    chosen = list(layers) if layers else list(vector.layers)
+    parts: list[Part] = [
+        (measure_behaviour, (test, spec)),
+        (measure_tax, (spec, generations, max_new_tokens)),
+        (measure_reliability, (test, vector, coefficient, layers, chosen)),
+    ]
+    if instruction:
+        parts.append((prompting_baseline, (test, spec, instruction)))
+    ray = resolve_backend(backend)
+    if ray is None:
+        results: Generator[Any] = (fn(model, *args) for fn, args in parts)
+    else:
+        from acteng.scaleout.tasks import run_with_model
+
+        results = run_with_model(model, parts, ray)
+    try:  # the first result is checked before the others are waited for
+        behaviour, steered_margin = next(results)
+        if not any(math.isfinite(x) for x in steered_margin):
+            raise ConfigError(
+                f"coefficient {coefficient} makes the model's outputs non-finite; use a smaller one"
+            )
+        tax, examples = next(results)
+        report: dict[str, Any] = {
+            "setting": {
+                "coefficient": coefficient,
+                "layers": chosen,
+                "method": vector.metadata.get("method"),
+            },
+            "behaviour": behaviour,
+            "tax": tax,
+            "reliability": next(results),
+            "examples": examples,
+        }
+        if instruction:
+            report["baseline"] = next(results)
+    finally:
+        results.close()  # stops the Ray actors at once when a check fails
+    return report
+
+
+# One measure: a function of the model and these arguments (run here or on a Ray actor).
+Part = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+def measure_behaviour(
+    model: Model, test: Pairs, spec: SteeringSpec
+) -> tuple[dict[str, Any], list[float]]:
+    """The behaviour section, and the steered margins (to check they are finite)."""
     base_margin = logprob_margin(model, test)
     steered_margin = logprob_margin(model, test, spec)
     behaviour: dict[str, Any] = {
@@ -78,11 +132,13 @@ def evaluate(
             format_mass_unsteered=_mean([m for _, m in plain]),
             format_mass_steered=_mean([m for _, m in moved]),
         )
-    if not any(math.isfinite(x) for x in steered_margin):
-        raise ConfigError(
-            f"coefficient {coefficient} makes the model's outputs non-finite; use a smaller one"
-        )
+    return behaviour, steered_margin
 
+
+def measure_tax(
+    model: Model, spec: SteeringSpec, generations: int, max_new_tokens: int
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """The tax section, and three example answers unsteered and steered."""
     texts = load_eval("neutral_text", split="test")
     items = load_eval("general_knowledge", split="test")
     questions = [i.question for i in items]
@@ -100,30 +156,27 @@ def evaluate(
         "distinct_2_steered": distinct_n(answers, 2),
         "repeated_4grams_steered": repeated_ngrams(answers, 4),
     }
+    examples = [
+        {"prompt": q, "unsteered": a, "steered": b}
+        for q, a, b in zip(questions, plain_answers, answers, strict=False)
+    ][:3]
+    return tax, examples
 
+
+def measure_reliability(
+    model: Model,
+    test: Pairs,
+    vector: SteeringVector,
+    coefficient: float,
+    layers: Sequence[int] | None,
+    chosen: list[int],
+) -> dict[str, Any]:
+    """Steerability at -c, 0, +c and the pre-steering pair diagnostics."""
     reach = abs(coefficient) or 1.0
     slopes = steerability(model, test, vector, (-reach, 0.0, reach), layers=layers)
-    chosen = list(layers) if layers else list(vector.layers)
-    reliability = {
+    return {
         **slopes.to_json(),
         "diagnostics": [d.to_json() for d in pair_diagnostics(model, test, chosen)]
         if len(test) >= 2
         else [],
     }
-    report: dict[str, Any] = {
-        "setting": {
-            "coefficient": coefficient,
-            "layers": chosen,
-            "method": vector.metadata.get("method"),
-        },
-        "behaviour": behaviour,
-        "tax": tax,
-        "reliability": reliability,
-        "examples": [
-            {"prompt": q, "unsteered": a, "steered": b}
-            for q, a, b in zip(questions, plain_answers, answers, strict=False)
-        ][:3],
-    }
-    if instruction:
-        report["baseline"] = prompting_baseline(model, test, spec, instruction)
-    return report

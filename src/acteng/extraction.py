@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from acteng.activations import parse_layers, record_pairs
+from acteng.backends import Backend
 from acteng.errors import ConfigError
 from acteng.methods import METHODS
 from acteng.models import Model
@@ -34,12 +35,14 @@ def extract(
     normalize: str | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    backend: Backend = "local",
 ) -> SteeringVector:
     """Build a steering vector from contrastive pairs.
 
     `method` is one of ``actadd``, ``mean_diff``, ``pca``, ``probe`` (see
     `acteng.methods`); `position` is ``last``, ``mean`` or ``answer``; `normalize` is None
-    (keep the method's scale) or ``"unit"``.
+    (keep the method's scale) or ``"unit"``. `backend` ``"ray"`` records the activations
+    on a Ray cluster (see `acteng.backends`); the vector is the same.
 
     >>> pairs = acteng.load_pairs("sentiment", split="train")
     >>> vector = acteng.extract(model, pairs, method="mean_diff", layers=[12])
@@ -64,6 +67,7 @@ def extract(
         normalize=normalize,
         batch_size=batch_size,
         progress=progress,
+        backend=backend,
     )[method]
 
 
@@ -77,6 +81,7 @@ def extract_many(
     normalize: str | None = None,
     batch_size: int = 32,
     progress: bool = False,
+    backend: Backend = "local",
 ) -> dict[str, SteeringVector]:
     """One vector per method from a single recording pass (what sweeps and tuning use)."""
     unknown = [m for m in methods if m not in METHODS]
@@ -90,7 +95,13 @@ def extract_many(
     dataset = load_pairs(pairs)
     chosen = parse_layers(model, layers)
     pos, neg = record_pairs(
-        model, dataset, chosen, position, batch_size=batch_size, progress=progress
+        model,
+        dataset,
+        chosen,
+        position,
+        batch_size=batch_size,
+        progress=progress,
+        backend=backend,
     )
     created = datetime.now(UTC).isoformat(timespec="seconds")
     out = {}

@@ -23,12 +23,14 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from acteng.activations import parse_layers
+from acteng.backends import Backend, RayBackend, connected, resolve_backend
 from acteng.errors import ConfigError, DataError
 from acteng.extraction import extract_many
 from acteng.figures import frontier_chart, grid_heatmap
@@ -189,6 +191,64 @@ class Scorer:
         self._seen[key] = cell
         return cell
 
+    def remember(self, cells: Sequence[Cell]) -> None:
+        """Take `cells` as scored already (what another scorer of the same data found)."""
+        for cell in cells:
+            self._seen[(cell.method, cell.layers, cell.coefficient)] = cell
+
+
+# What scores cells: (method, vector, layers, coefficient, max_tax) for one cell, and
+# (method, vector, layers, high, max_tax, steps) for one coefficient search.
+ScoreJob = tuple[str, SteeringVector, tuple[int, ...], float, float | None]
+SearchJob = tuple[str, SteeringVector, tuple[int, ...], float, float, int]
+
+
+class Scoring(Protocol):
+    """What sweeps and tuning score with: `LocalScoring` here, or a pool of Ray actors
+    (`acteng.scaleout.scoring.PoolScoring`). Cells come back in the order asked for."""
+
+    base_margin: float
+    base_perplexity: float
+    base_p_match: float | None
+
+    def score(self, jobs: Sequence[ScoreJob]) -> Iterator[Cell]: ...
+
+    def search(
+        self, jobs: Sequence[SearchJob], on_cell: OnCell | None = None
+    ) -> Iterator[list[Cell]]: ...
+
+
+class LocalScoring:
+    """Scores in this process, one cell after another."""
+
+    def __init__(self, scorer: Scorer) -> None:
+        self.scorer = scorer
+        self.base_margin, self.base_perplexity = scorer.base_margin, scorer.base_perplexity
+        self.base_p_match = scorer.base_p_match
+
+    def score(self, jobs: Sequence[ScoreJob]) -> Iterator[Cell]:
+        for method, vector, layers, coef, max_tax in jobs:
+            yield self.scorer.score(method, vector, layers, coef, max_tax=max_tax)
+
+    def search(
+        self, jobs: Sequence[SearchJob], on_cell: OnCell | None = None
+    ) -> Iterator[list[Cell]]:
+        for job in jobs:
+            yield _bisect_budget(self.scorer, *job, on_cell)
+
+
+@contextmanager
+def _scoring(
+    model: Model, held: Pairs, neutral: Sequence[str] | None, ray: RayBackend | None
+) -> Iterator[Scoring]:
+    if ray is None:
+        yield LocalScoring(Scorer(model, held, neutral))
+        return
+    from acteng.scaleout.scoring import scoring_pool
+
+    with scoring_pool(model, held, neutral, ray) as pool:
+        yield pool
+
 
 def _best(cells: Sequence[Cell], max_tax: float) -> Cell | None:
     eligible = [c for c in cells if c.within(max_tax)]
@@ -269,13 +329,14 @@ def _prepare(
     methods: Sequence[str],
     layers: int | str | Sequence[int] | None,
     position: str,
+    ray: RayBackend | None = None,
 ) -> tuple[Pairs, Pairs, list[int], dict[str, SteeringVector]]:
     """The dataset, its held-out part, the layers asked for, and a vector per method fit at
     every layer (one recording pass; neighbours of the chosen layers are there for bands)."""
     dataset = load_pairs(pairs)
     fit, test = held_out(dataset)
     chosen = parse_layers(model, layers)
-    vectors = extract_many(model, fit, list(methods), None, position)
+    vectors = extract_many(model, fit, list(methods), None, position, backend=ray or "local")
     return dataset, test, chosen, vectors
 
 
@@ -290,25 +351,33 @@ def sweep(
     on_cell: OnCell | None = None,
     result: SweepResult | None = None,
     neutral: Sequence[str] | None = None,
+    backend: Backend = "local",
 ) -> SweepResult:
     """Score every method x layer x coefficient (see the module docstring).
 
     Pass a `result` to collect cells into (a caller that may be interrupted keeps what was
     scored); `on_cell` is called after each cell, e.g. to save progress. `neutral` texts
     replace the bundled neutral text for the tax (e.g. text from your own domain).
+    `backend` ``"ray"`` extracts on Ray Data and scores the cells on a pool of Ray actors;
+    the cells come back in the same order with the same values.
     """
     coefs = check_coefficients(coefficients)
-    dataset, test, chosen, vectors = _prepare(model, pairs, methods, layers, position)
-    scorer = Scorer(model, test, neutral)
-    out = result if result is not None else SweepResult({}, (), (), (), 0.0, 0.0, None)
-    out.dataset, out.methods = dataset.provenance(), tuple(methods)
-    out.layers, out.coefficients = tuple(chosen), coefs
-    out.base_margin, out.base_perplexity = scorer.base_margin, scorer.base_perplexity
-    out.base_p_match = scorer.base_p_match
-    for method in methods:
-        for layer in chosen:
-            for coef in coefs:
-                cell = scorer.score(method, vectors[method], [layer], coef)
+    ray = resolve_backend(backend)
+    with connected(ray):
+        dataset, test, chosen, vectors = _prepare(model, pairs, methods, layers, position, ray)
+        with _scoring(model, test, neutral, ray) as scoring:
+            out = result if result is not None else SweepResult({}, (), (), (), 0.0, 0.0, None)
+            out.dataset, out.methods = dataset.provenance(), tuple(methods)
+            out.layers, out.coefficients = tuple(chosen), coefs
+            out.base_margin, out.base_perplexity = scoring.base_margin, scoring.base_perplexity
+            out.base_p_match = scoring.base_p_match
+            jobs: list[ScoreJob] = [
+                (method, vectors[method], (layer,), coef, None)
+                for method in methods
+                for layer in chosen
+                for coef in coefs
+            ]
+            for cell in scoring.score(jobs):
                 out.cells.append(cell)
                 if on_cell is not None:
                     on_cell(cell)
@@ -408,24 +477,56 @@ def tune(
     bisection_steps: int = 3,
     on_cell: OnCell | None = None,
     neutral: Sequence[str] | None = None,
+    backend: Backend = "local",
 ) -> TuneResult:
     """Choose method, layer(s) and coefficient (see the module docstring); `neutral`
-    texts replace the bundled neutral text for the tax."""
+    texts replace the bundled neutral text for the tax. `backend` ``"ray"`` scores the
+    grid cells, then each coefficient search, on a pool of Ray actors: same choice."""
     budget = check_budget(max_tax)
     coefs = tuple(sorted({c for c in check_coefficients(coefficients) if c > 0}))
     if not coefs:
         raise ConfigError("tuning needs positive coefficients (the direction toward 'positive')")
     wanted = list(dict.fromkeys(["mean_diff", *methods]))
-    _, test, chosen, vectors = _prepare(model, pairs, wanted, layers, position)
-    scorer = Scorer(model, test, neutral)
+    ray = resolve_backend(backend)
+    with connected(ray):
+        _, test, chosen, vectors = _prepare(model, pairs, wanted, layers, position, ray)
+        with _scoring(model, test, neutral, ray) as scoring:
+            return _tune(
+                scoring,
+                test,
+                chosen,
+                vectors,
+                wanted,
+                coefs,
+                budget,
+                refine_layers,
+                bisection_steps,
+                on_cell,
+            )
 
+
+def _tune(
+    scoring: Scoring,
+    test: Pairs,
+    chosen: list[int],
+    vectors: dict[str, SteeringVector],
+    wanted: list[str],
+    coefs: tuple[float, ...],
+    budget: float,
+    refine_layers: int,
+    bisection_steps: int,
+    on_cell: OnCell | None,
+) -> TuneResult:
     grid: list[Cell] = []
-    for layer in chosen:
-        for coef in coefs:
-            cell = scorer.score("mean_diff", vectors["mean_diff"], [layer], coef, max_tax=budget)
-            grid.append(cell)
-            if on_cell is not None:
-                on_cell(cell)
+    jobs: list[ScoreJob] = [
+        ("mean_diff", vectors["mean_diff"], (layer,), coef, budget)
+        for layer in chosen
+        for coef in coefs
+    ]
+    for cell in scoring.score(jobs):
+        grid.append(cell)
+        if on_cell is not None:
+            on_cell(cell)
     grid_best = _best(grid, budget)
 
     # Refine around the layers whose best grid point is strongest (or, when nothing fits
@@ -436,7 +537,7 @@ def tune(
         return (best.effect if best else -math.inf, -min(c.tax for c in mine))
 
     top = sorted(chosen, key=layer_rank, reverse=True)[: max(refine_layers, 0)]
-    refined: list[Cell] = []
+    searches: list[SearchJob] = []
     for layer in top:
         over = [c.coefficient for c in grid if c.layers == (layer,) and not c.tax <= budget]
         high = min(over) if over else 2 * coefs[-1]
@@ -448,16 +549,10 @@ def tune(
             bands.append(band)
         for method in wanted:
             for band_layers in bands:
-                refined += _bisect_budget(
-                    scorer,
-                    method,
-                    vectors[method],
-                    band_layers,
-                    high,
-                    budget,
-                    bisection_steps,
-                    on_cell,
+                searches.append(
+                    (method, vectors[method], band_layers, high, budget, bisection_steps)
                 )
+    refined = [cell for cells in scoring.search(searches, on_cell) for cell in cells]
     candidates = list(dict.fromkeys(grid + refined))  # the scorer returns repeats as is
     best = _best(candidates, budget)
     if best is None:
@@ -495,9 +590,9 @@ def tune(
         p_match=best.p_match,
         max_tax=budget,
         grid_best=grid_best,
-        base_margin=scorer.base_margin,
-        base_perplexity=scorer.base_perplexity,
-        base_p_match=scorer.base_p_match,
+        base_margin=scoring.base_margin,
+        base_perplexity=scoring.base_perplexity,
+        base_p_match=scoring.base_p_match,
         candidates=candidates,
         fitted=vectors,
     )

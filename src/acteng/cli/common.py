@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from acteng.errors import ConfigError
 
 if TYPE_CHECKING:
+    from acteng.backends import Backend
     from acteng.models import Model
     from acteng.steering import SteeringSpec
 
@@ -25,6 +26,33 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--adapter", default=None, help="PEFT/LoRA adapter folder to apply")
     group.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     group.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
+
+
+def add_backend_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("backend")
+    group.add_argument(
+        "--backend",
+        default="local",
+        choices=["local", "ray"],
+        help="local (default) or ray: run on a Ray cluster (needs acteng[ray])",
+    )
+    group.add_argument(
+        "--ray-address",
+        default=None,
+        help="Ray cluster to attach to (default $RAY_ADDRESS, else a local one); implies "
+        "--backend ray",
+    )
+
+
+def backend_from_args(args: argparse.Namespace) -> Backend:
+    """The backend the flags ask for, checked now (a missing Ray fails before any work)."""
+    from acteng.backends import RayBackend, resolve_backend
+
+    if args.backend == "local" and args.ray_address is None:
+        return "local"
+    backend = RayBackend(address=args.ray_address)
+    resolve_backend(backend)
+    return backend
 
 
 def load_model_from_args(args: argparse.Namespace) -> Model:

@@ -5,7 +5,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from acteng.cli.common import add_model_args, load_model_from_args, print_json
+from acteng.cli.common import (
+    add_backend_args,
+    add_model_args,
+    backend_from_args,
+    load_model_from_args,
+    print_json,
+)
 
 
 def register(sub: Any) -> None:
@@ -24,6 +30,7 @@ def register(sub: Any) -> None:
     p.add_argument("--generations", type=int, default=8, help="answers generated for fluency")
     p.add_argument("--json", action="store_true")
     add_model_args(p)
+    add_backend_args(p)
     p.set_defaults(run=run_eval)
 
 
@@ -32,6 +39,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from acteng.evaluation import evaluate
     from acteng.library import load_vector
 
+    backend = backend_from_args(args)
     model = load_model_from_args(args)
     vector = load_vector(args.vector, model=model)
     layers = parse_layers(model, args.layers) if args.layers else None
@@ -43,6 +51,7 @@ def run_eval(args: argparse.Namespace) -> int:
         layers=layers,
         instruction=args.instruction,
         generations=args.generations,
+        backend=backend,
     )
     if args.json:
         print_json(report)

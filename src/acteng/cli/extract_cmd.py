@@ -6,7 +6,14 @@ import argparse
 import time
 from typing import Any
 
-from acteng.cli.common import add_model_args, check_writable, load_model_from_args, print_json
+from acteng.cli.common import (
+    add_backend_args,
+    add_model_args,
+    backend_from_args,
+    check_writable,
+    load_model_from_args,
+    print_json,
+)
 
 
 def register(sub: Any) -> None:
@@ -33,6 +40,7 @@ def register(sub: Any) -> None:
     p.add_argument("--out", required=True, help="where to write the .safetensors vector")
     p.add_argument("--json", action="store_true", help="print a JSON summary")
     add_model_args(p)
+    add_backend_args(p)
     p.set_defaults(run=run_extract)
 
     d = sub.add_parser("datasets", help="list the bundled contrastive datasets")
@@ -46,6 +54,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from acteng.pairs import load_pairs
 
     check_writable(args.out)
+    backend = backend_from_args(args)
     pairs = load_pairs(args.pairs, split=args.split)
     model = load_model_from_args(args)
     start = time.perf_counter()
@@ -58,6 +67,7 @@ def run_extract(args: argparse.Namespace) -> int:
         normalize=args.normalize,
         batch_size=args.batch_size,
         progress=True,
+        backend=backend,
     )
     seconds = time.perf_counter() - start
     path = vector.save(args.out)

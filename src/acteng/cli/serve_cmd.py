@@ -42,6 +42,13 @@ def register(sub: Any) -> None:
         "change in the last bits (sometimes the greedy text) with what else is in the batch",
     )
     p.add_argument("--home", default=None, help="vector library folder (default $ACTENG_HOME)")
+    p.add_argument(
+        "--replicas",
+        type=int,
+        default=None,
+        help="serve N copies of the app through Ray Serve (needs acteng[ray]; attaches to "
+        "$RAY_ADDRESS or starts a local Ray cluster)",
+    )
     g = p.add_argument_group("default guard (a request may change or turn it off)")
     g.add_argument("--guard", default=None, help="detector name for every request")
     g.add_argument("--policy", default="flag", help="flag | block | steer | stop")
@@ -103,6 +110,10 @@ def run_serve(args: argparse.Namespace) -> int:
     limits = Limits(max_tokens=args.max_tokens, context=args.context)
     if guard is not None:  # fail now, not on the first request
         parse_guard(None, guard, Resolver(model, library), limits)
+    if args.replicas is not None:
+        from acteng.scaleout.serving import serve_from_args
+
+        return serve_from_args(args, model, api_key, guard)
     engine = Engine(
         model,
         slots=args.slots,

@@ -9,7 +9,14 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from acteng.cli.common import add_model_args, check_writable, load_model_from_args, print_json
+from acteng.cli.common import (
+    add_backend_args,
+    add_model_args,
+    backend_from_args,
+    check_writable,
+    load_model_from_args,
+    print_json,
+)
 from acteng.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -35,6 +42,7 @@ def _grid_args(p: argparse.ArgumentParser, methods: str, layers: str) -> None:
     )
     p.add_argument("--position", default="last", help="read position: last (default), mean")
     add_model_args(p)
+    add_backend_args(p)
 
 
 def register(sub: Any) -> None:
@@ -99,6 +107,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         check_budget(args.max_tax)
     out = Path(args.out)
     check_writable(str(out / "sweep.json"))
+    backend = backend_from_args(args)
     model = load_model_from_args(args)
     layers = parse_layers(model, args.layers)
     result = SweepResult({}, (), (), (), 0.0, 0.0, None)
@@ -118,6 +127,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             position=args.position,
             on_cell=save,
             result=result,
+            backend=backend,
         )
     except KeyboardInterrupt:
         if result.cells:
@@ -153,6 +163,7 @@ def run_tune(args: argparse.Namespace) -> int:
     methods = [m for m in args.methods.split(",") if m]
     coefficients = _floats(args.coefficients, "--coefficients")
     check_writable(args.out)
+    backend = backend_from_args(args)
     model = load_model_from_args(args)
     result = tune(
         model,
@@ -163,6 +174,7 @@ def run_tune(args: argparse.Namespace) -> int:
         coefficients=coefficients,
         position=args.position,
         on_cell=_progress(0),
+        backend=backend,
     )
     path = result.vector.save(args.out)
     payload = result.to_json(path)
