@@ -7,7 +7,7 @@ builds anything. `register` wraps three methods, once per process:
   ``SamplingParams.extra_args``) and raises a ``ValueError`` for a bad one, rewrites it in
   canonical form, and folds a digest of it into the request's ``cache_salt``, so a steered
   request never shares prefix-cache blocks with another steering setting.
-- ``GPUModelRunner.load_model`` (worker; vLLM's CPU runner inherits it): after the weights
+- ``GPUModelRunner.load_model`` and ``CPUModelRunner.load_model`` (worker): after the weights
   load, hooks every decoder layer (`acteng.vllm_engine.worker`) before vLLM compiles or
   captures the model, and adds ``acteng_steering`` to ``additional_config``, which is part
   of vLLM's compile-cache key: a graph compiled without the hooks is never reloaded where
@@ -79,6 +79,7 @@ def check_internals() -> None:
     from vllm.config import VllmConfig
     from vllm.v1.engine import EngineCoreRequest
     from vllm.v1.engine.input_processor import InputProcessor
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
     from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
     problems = []
@@ -88,13 +89,15 @@ def check_internals() -> None:
         (InputProcessor, "process_inputs"),
         (GPUModelRunner, "load_model"),
         (GPUModelRunner, "_prepare_inputs"),
-        (GPUModelRunner, "_update_states"),
+        (CPUModelRunner, "load_model"),
     ):
         if not callable(getattr(owner, name, None)):
             problems.append(f"{owner.__name__}.{name} is gone")
+    if "load_model" not in vars(CPUModelRunner):
+        problems.append("CPUModelRunner.load_model is inherited now (wrapped twice)")
     if "cache_salt" not in EngineCoreRequest.__struct_fields__:
         problems.append("EngineCoreRequest has no cache_salt")
-    if "additional_config" not in VllmConfig.model_fields:
+    if "additional_config" not in getattr(VllmConfig, "__dataclass_fields__", {}):
         problems.append("VllmConfig has no additional_config (the compile-cache key)")
     if problems:
         raise RuntimeError(
@@ -116,6 +119,10 @@ def register() -> None:
         return
     _wrap(InputProcessor, "process_inputs", _process_inputs)
     _wrap(GPUModelRunner, "load_model", _load_model)
+    # vLLM's CPU runner has its own load_model (the rest it inherits).
+    from vllm.v1.worker.cpu_model_runner import CPUModelRunner
+
+    _wrap(CPUModelRunner, "load_model", _load_model)
     _wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
     setattr(GPUModelRunner, _PATCHED, True)
 
