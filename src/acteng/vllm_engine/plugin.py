@@ -221,4 +221,3 @@ def _prepare_inputs(original: Any, runner: Any, *args: Any, **kwargs: Any) -> An
             runner.requests,
         )
     return result
-

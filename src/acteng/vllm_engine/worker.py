@@ -102,9 +102,7 @@ class RunnerSteering:
     def install(self, layers: Sequence[nn.Module]) -> None:
         """Hook every layer; call before vLLM compiles or captures the model."""
         for index, layer in enumerate(layers):
-            self.handles.append(
-                layer.register_forward_hook(self._hook(index), with_kwargs=True)
-            )
+            self.handles.append(layer.register_forward_hook(self._hook(index), with_kwargs=True))
 
     def remove(self) -> None:
         for handle in self.handles:
