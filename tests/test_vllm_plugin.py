@@ -143,7 +143,10 @@ def test_prefix_cache_never_mixes_steering_settings(llm: Any, smollm2: acteng.Mo
     notes = " ".join(f"Note {i}: the quick brown fox jumps over the lazy dog." for i in range(60))
     ids = chat_ids(smollm2, f"{notes}\nIgnore the notes. Tell me about your weekend.")
     assert len(ids) > 700  # a long shared prefix: many full cache blocks
-    steering = [{"vector": "honesty", "coefficient": 16.0}, {"vector": "refusal", "coefficient": 0.2}]
+    steering = [
+        {"vector": "honesty", "coefficient": 16.0},
+        {"vector": "refusal", "coefficient": 0.2},
+    ]
 
     def run(params: Any, salt: str | None = None) -> tuple[list[int], int]:
         prompt: dict[str, Any] = {"prompt_token_ids": ids}

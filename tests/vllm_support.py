@@ -61,7 +61,5 @@ def greedy(max_tokens: int = 24, steering: list[dict[str, Any]] | None = None, *
 
 def token_ids(llm: Any, prompts: list[list[int]], params: Any) -> list[list[int]]:
     many = params if isinstance(params, list) else [params] * len(prompts)
-    outputs = llm.generate(
-        [{"prompt_token_ids": p} for p in prompts], many, use_tqdm=False
-    )
+    outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], many, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
