@@ -178,11 +178,12 @@ def test_bad_steering_is_refused_and_the_engine_keeps_serving(
         ([{"vector": "honesty", "mode": "sideways"}], "mode"),
         ('[{"vector": ', "not JSON"),
     ]
-    for steering, message in bad:
-        from vllm import SamplingParams
+    from vllm import SamplingParams
+    from vllm.exceptions import VLLMValidationError
 
+    for steering, message in bad:
         params = SamplingParams(max_tokens=4, extra_args={"steering": steering})
-        with pytest.raises(ValueError, match=message):
+        with pytest.raises(VLLMValidationError, match=message):
             llm.generate([{"prompt_token_ids": ids}], params, use_tqdm=False)
     # vllm_xargs style: the list as a JSON string works too
     as_text = greedy(8)

@@ -4,7 +4,8 @@ vLLM calls `register` in each of its processes (front end, engine core, workers)
 builds anything. `register` wraps three methods, once per process:
 
 - ``InputProcessor.process_inputs`` (front end): checks a request's ``steering`` (in
-  ``SamplingParams.extra_args``) and raises a ``ValueError`` for a bad one, rewrites it in
+  ``SamplingParams.extra_args``) and raises vLLM's ``VLLMValidationError`` (a 400 on its
+  OpenAI server) naming the field for a bad one, rewrites it in
   canonical form, and folds a digest of it into the request's ``cache_salt``, so a steered
   request never shares prefix-cache blocks with another steering setting.
 - ``GPUModelRunner.load_model`` and ``CPUModelRunner.load_model`` (worker): after the weights
@@ -139,7 +140,17 @@ def _wrap(owner: type, name: str, wrapper: Any) -> None:
 
 # --- front end ---------------------------------------------------------------------------
 def _process_inputs(original: Any, processor: Any, *args: Any, **kwargs: Any) -> Any:
+    from vllm.exceptions import VLLMValidationError
+
     request = original(processor, *args, **kwargs)
+    try:
+        return _check_steering(processor, request)
+    except RequestError as exc:
+        # vLLM's own client-error type: a 400 on its OpenAI server, raised as is offline.
+        raise VLLMValidationError(str(exc), parameter=exc.param) from exc
+
+
+def _check_steering(processor: Any, request: Any) -> Any:
     params = request.sampling_params
     extra = getattr(params, "extra_args", None)
     if not extra or extra.get(EXTRA_KEY) in (None, [], ""):

@@ -159,6 +159,7 @@ class VllmEngine:
 
     def _admit(self) -> None:
         from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
         from vllm.sampling_params import RequestOutputKind
 
         wait = not self._rows
@@ -184,9 +185,11 @@ class VllmEngine:
             request_id = f"acteng-{next(self._ids)}"
             try:
                 self.vllm.add_request(request_id, {"prompt_token_ids": request.prompt_ids}, params)
-            except (ActengError, ValueError) as exc:
-                status = exc.status if isinstance(exc, RequestError) else 400
-                job.sink(Event("error", status=status, text=str(exc)))
+            except (ActengError, ValueError, VLLMClientError) as exc:
+                # the plugin's refusals arrive as vLLM's client error, caused by ours
+                cause = exc.__cause__ if isinstance(exc.__cause__, RequestError) else exc
+                status = cause.status if isinstance(cause, RequestError) else 400
+                job.sink(Event("error", status=status, text=str(cause)))
                 continue
             self._rows[request_id] = Row(job, 0, self.model)
 
