@@ -29,6 +29,13 @@ def register(sub: Any) -> None:
         default=None,
         help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})",
     )
+    p.add_argument(
+        "--engine",
+        choices=("transformers", "vllm"),
+        default="transformers",
+        help="transformers (default) or vllm: decode with upstream vLLM and acteng's plugin "
+        "(needs acteng[vllm]; no monitor or guard)",
+    )
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (16)")
     p.add_argument(
         "--context", type=int, default=1024, help="prompt + generated tokens per request (1024)"
@@ -98,6 +105,10 @@ def run_serve(args: argparse.Namespace) -> int:
         from acteng.server.app import create_app
     except ImportError as exc:
         raise missing_extra(exc.name or "fastapi", "serve", purpose="acteng serve") from exc
+    if args.engine == "vllm":
+        from acteng.vllm_engine.serve import run
+
+        return run(args, api_key)
     from acteng.cli.common import load_model_from_args
     from acteng.library import VectorLibrary
     from acteng.server.engine import Engine

@@ -1,0 +1,266 @@
+"""``acteng serve --engine vllm``: acteng's HTTP server with vLLM doing the decoding.
+
+The app is the one ``acteng serve`` runs (`acteng.server.app.create_app`): the same
+request body (``steering`` included, e.g. through the openai SDK's ``extra_body``), the
+same validation against the vector library, the same errors and response shapes. Only the
+engine differs: `VllmEngine` hands each request's prompt tokens and steering (in
+``SamplingParams.extra_args``) to a vLLM engine, where acteng's plugin steers it, and turns
+vLLM's tokens back into text with the same `acteng.server.rows.Row` the transformers engine
+uses (stop strings, end of text, streaming deltas), so both engines answer alike.
+
+The transformers model is loaded too: it tokenizes and renders chats exactly like
+``acteng serve`` and checks vectors against the model. Per-token ``monitor`` scores and
+the ``guard`` need the residual stream read back every step, which the plugin does not do:
+such requests get a 400 that says to use the transformers engine.
+
+>>> engine = VllmEngine(acteng.load_model(), dtype="float32")
+>>> uvicorn.run(create_app(engine), host="127.0.0.1", port=8000)
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from typing import Any
+
+from acteng.errors import ActengError, ConfigError
+from acteng.models import Model
+from acteng.server.engine import EngineBusy, Event, Job, Sink
+from acteng.server.requests import GenerationRequest, RequestError
+from acteng.server.rows import Row
+from acteng.vllm_engine import require_vllm
+
+__all__ = ["VllmEngine", "model_location"]
+
+log = logging.getLogger(__name__)
+
+
+def model_location(model: Model) -> str:
+    """The folder (or hub id) of `model`'s weights that vLLM can load.
+
+    For a GGUF model this is acteng's dequantised safetensors copy, so vLLM runs the very
+    weights the transformers engine runs.
+    """
+    if model.recipe is not None and model.recipe.adapter is not None:
+        raise ConfigError(
+            "the vLLM engine does not apply PEFT adapters; merge the adapter into the model "
+            "first or serve with the transformers engine"
+        )
+    location = getattr(model.hf.config, "_name_or_path", None) or getattr(
+        model.hf, "name_or_path", None
+    )
+    if not location:
+        raise ConfigError(f"cannot tell where the weights of {model.name!r} are for vLLM")
+    return str(location)
+
+
+class VllmEngine:
+    """acteng's serving-engine interface over an in-process vLLM engine.
+
+    One thread owns the vLLM engine: it adds submitted requests, runs ``step()`` and feeds
+    each request's new tokens to its `Row`. `engine_args` go to ``vllm.EngineArgs`` as is.
+    """
+
+    def __init__(
+        self,
+        model: Model,
+        *,
+        dtype: str | None = None,
+        slots: int = 16,
+        context: int = 1024,
+        max_queue: int = 256,
+        engine_args: dict[str, Any] | None = None,
+    ) -> None:
+        require_vllm("acteng serve --engine vllm")
+        from vllm import EngineArgs
+        from vllm.v1.engine.llm_engine import LLMEngine
+
+        self.model = model
+        self.context = context
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
+        args: dict[str, Any] = {
+            "model": model_location(model),
+            "dtype": dtype or str(model.dtype).removeprefix("torch."),
+            "max_model_len": context,
+            "max_num_seqs": slots,
+            "seed": 0,
+            "disable_log_stats": True,
+        }
+        if model.device.type == "cpu":
+            # vLLM's CPU backend reserves 92 % of memory by default; a fixed KV cache is
+            # enough for acteng's limits and leaves the machine usable.
+            args.update(kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=0.3)
+        args.update(engine_args or {})
+        self.vllm = LLMEngine.from_engine_args(EngineArgs(**args))
+        self._rows: dict[str, Row] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    @property
+    def active(self) -> int:
+        return len(self._rows)
+
+    def start(self) -> None:
+        if self._thread is not None:
+            return
+        self._stopping.clear()
+        self._thread = threading.Thread(target=self._run, name="acteng-vllm", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the loop (requests still running get an error); the vLLM engine stays."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def close(self) -> None:
+        """Stop and shut the vLLM engine down."""
+        self.stop()
+        shutdown = getattr(self.vllm.engine_core, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> Job:
+        if request.monitors or request.guard is not None:
+            field = "monitor" if request.monitors else "guard"
+            raise RequestError(
+                f"{field} needs per-token readouts, which only the transformers engine "
+                "serves; start the server without --engine vllm, or leave out "
+                f"'{field}'",
+                param=field,
+            )
+        job = Job(request, sink)
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise EngineBusy(
+                f"{self.queue.maxsize} requests are already waiting; retry shortly"
+            ) from None
+        return job
+
+    # --- the loop ------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                self._admit()
+                if not self._rows:
+                    continue
+                self._cancel()
+                for output in self.vllm.step():
+                    self._deliver(output)
+            except Exception as exc:  # the engine failed: tell everyone, keep serving
+                log.exception("vLLM step failed")
+                self._fail_all(f"the vLLM engine failed: {exc}")
+        self._fail_all("the server is shutting down")
+
+    def _admit(self) -> None:
+        from vllm import SamplingParams
+        from vllm.exceptions import VLLMClientError
+        from vllm.sampling_params import RequestOutputKind
+
+        wait = not self._rows
+        while True:
+            try:
+                job = self.queue.get(timeout=0.05) if wait else self.queue.get_nowait()
+            except queue.Empty:
+                return
+            wait = False
+            if job.cancelled.is_set():
+                continue
+            request = job.request
+            params = SamplingParams(
+                max_tokens=request.max_tokens,
+                min_tokens=request.min_tokens,
+                temperature=request.temperature,
+                top_p=request.top_p,
+                seed=request.seed,
+                detokenize=False,
+                output_kind=RequestOutputKind.DELTA,
+                extra_args={"steering": request.steering_echo} if request.steering else None,
+            )
+            request_id = f"acteng-{next(self._ids)}"
+            try:
+                self.vllm.add_request(request_id, {"prompt_token_ids": request.prompt_ids}, params)
+            except (ActengError, ValueError, VLLMClientError) as exc:
+                # the plugin's refusals arrive as vLLM's client error, caused by ours
+                cause = exc.__cause__ if isinstance(exc.__cause__, RequestError) else exc
+                status = cause.status if isinstance(cause, RequestError) else 400
+                job.sink(Event("error", status=status, text=str(cause)))
+                continue
+            self._rows[request_id] = Row(job, 0, self.model)
+
+    def _cancel(self) -> None:
+        gone = [rid for rid, row in self._rows.items() if row.job.cancelled.is_set()]
+        if gone:
+            self.vllm.abort_request(gone)
+            for rid in gone:
+                del self._rows[rid]
+
+    def _deliver(self, output: Any) -> None:
+        row = self._rows.get(output.request_id)
+        if row is None:
+            return
+        completion = output.outputs[0]
+        for token in completion.token_ids:
+            if row.done:
+                break
+            row._accept(int(token))  # eos, max_tokens, stop strings and streaming
+        if not row.done and output.finished:
+            reason = completion.finish_reason
+            row.finish("length" if reason == "length" else "stop")
+        if row.done:
+            del self._rows[output.request_id]
+            if not output.finished:
+                self.vllm.abort_request([output.request_id])
+
+    def _fail_all(self, message: str) -> None:
+        rows, self._rows = self._rows, {}
+        if rows:
+            try:
+                self.vllm.abort_request(list(rows))
+            except Exception:
+                log.exception("aborting vLLM requests failed")
+        for row in rows.values():
+            row.job.sink(Event("error", status=500, text=message))
+
+
+def run(args: Any, api_key: str | None) -> int:
+    """``acteng serve --engine vllm`` (the CLI has checked the binding and the extras)."""
+    import os
+    from typing import cast
+
+    import uvicorn
+
+    from acteng.cli.common import load_model_from_args
+    from acteng.library import VectorLibrary
+    from acteng.server.app import create_app
+    from acteng.server.engine import Engine
+    from acteng.server.requests import Limits
+
+    if args.guard is not None:
+        raise ConfigError(
+            "--guard needs per-token detector scores, which only the transformers engine "
+            "serves; leave out --engine vllm or --guard"
+        )
+    require_vllm("acteng serve --engine vllm")
+    library = VectorLibrary(args.home)
+    # vLLM's processes resolve the same vector names through the same library.
+    os.environ["ACTENG_HOME"] = str(library.home)
+    model = load_model_from_args(args)
+    limits = Limits(max_tokens=args.max_tokens, context=args.context)
+    engine = VllmEngine(
+        model, dtype=args.dtype, slots=args.slots, context=args.context, max_queue=args.queue
+    )
+    # create_app needs only the interface VllmEngine shares with Engine (model, context,
+    # queue, active, start, stop, submit).
+    app = create_app(cast(Engine, engine), library=library, api_key=api_key, limits=limits)
+    print(f"acteng: serving {model.name} with vLLM on http://{args.host}:{args.port}")
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        engine.close()
+    return 0

@@ -1,0 +1,211 @@
+"""Per-request steering inside one vLLM worker, safe for torch.compile and CUDA graphs.
+
+vLLM runs one flat batch of tokens per step (prefill chunks and decode tokens of many
+requests together). Steering is data, not code:
+
+- `acteng.row_steering.SteeringTable` holds, per layer and term, the steering of every
+  slot in fixed buffers (slot 0 is all zeros: unsteered requests and padding);
+- ``token_slot`` [max_tokens] says which slot each token of the step uses.
+
+Both are written in place once per step, outside the graph (`RunnerSteering.before_step`,
+from the input batch's request order and ``query_start_loc``); the hook on each decoder
+layer only gathers rows by ``token_slot`` and applies the table's per-slot formula
+
+    h' = h + g * (delta + (a - b * (h . u)) * u)
+
+(see `acteng.row_steering`), with no Python branching on data and no new buffers, so the
+compiled graph (and a captured CUDA graph) reads the new values every step. The hooks are
+installed before vLLM compiles the model: a hook added after warm-up is never traced.
+
+Layer contract: vLLM's decoder layers return ``(hidden_states, residual)`` whose sum is the
+residual stream after the block (transformers' ``hidden_states[i + 1]``); the change is
+added to ``hidden_states``, and projections (ablate, clamp) read the sum.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+import numpy as np
+import torch
+from torch import nn
+
+from acteng.models import Model
+from acteng.row_steering import SteeringTable
+from acteng.server.requests import Limits
+from acteng.vllm_engine.requests import ModelShape, ParsedSteering, parse_extra_args
+
+__all__ = ["DEFAULT_TERMS", "VERIFIED_ARCHITECTURES", "RunnerSteering", "decoder_layers"]
+
+log = logging.getLogger(__name__)
+
+# Steering terms per layer and request (several specs on one layer); more cost a gather each.
+DEFAULT_TERMS = 2
+# Families whose decoder layers were checked to return (hidden_states, residual) with the
+# residual stream as their sum, and tested against the transformers engine.
+VERIFIED_ARCHITECTURES = {"LlamaForCausalLM": "model.layers", "Gemma3ForCausalLM": "model.layers"}
+
+
+def decoder_layers(model: nn.Module, architecture: str, num_layers: int) -> list[nn.Module]:
+    """The decoder layers of a vLLM model, block 0 first."""
+    path = VERIFIED_ARCHITECTURES.get(architecture, "model.layers")
+    if architecture not in VERIFIED_ARCHITECTURES:
+        log.warning(
+            "acteng: steering %s assumes its decoder layers at %s return (hidden_states, "
+            "residual) like Llama's; verified only for %s",
+            architecture,
+            path,
+            ", ".join(VERIFIED_ARCHITECTURES),
+        )
+    found: Any = model
+    for part in path.split("."):
+        found = getattr(found, part, None)
+    if not isinstance(found, nn.ModuleList) or len(found) != num_layers:
+        raise RuntimeError(
+            f"acteng cannot steer {architecture}: expected {num_layers} decoder layers at "
+            f"{path}, found {type(found).__name__}; disable the plugin with "
+            "VLLM_PLUGINS='' or ACTENG_VLLM_STEERING=0"
+        )
+    return list(found)
+
+
+class RunnerSteering:
+    """The steering state of one model runner: table, per-token slots and layer hooks."""
+
+    def __init__(
+        self,
+        shape: ModelShape,
+        *,
+        slots: int,
+        max_tokens: int,
+        terms: int = DEFAULT_TERMS,
+        home: str | None = None,
+    ) -> None:
+        self.shape = shape
+        self.home = home
+        self.terms = terms
+        # The table reads only num_layers, hidden_size, device, dtype and name.
+        self.table = SteeringTable(cast(Model, shape), slots, terms=terms)
+        self.token_slot = torch.zeros(max_tokens, dtype=torch.long, device=shape.device)
+        self._staging = np.zeros(max_tokens, dtype=np.int64)
+        self._dirty = 0  # tokens of token_slot that may be non-zero
+        self.slot_of: dict[str, int] = {}  # request id -> slot (0: unsteered)
+        self._key_slot: dict[str, int] = {}  # steering key -> slot
+        self._users: dict[int, int] = {}  # slot -> requests using it
+        self._free = list(range(slots, 0, -1))
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # --- hooks (traced into the compiled graph) ------------------------------------------
+    def install(self, layers: Sequence[nn.Module]) -> None:
+        """Hook every layer; call before vLLM compiles or captures the model."""
+        for index, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_hook(self._hook(index), with_kwargs=True))
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles.clear()
+
+    def _hook(self, layer: int) -> Any:
+        table, token_slot, terms = self.table, self.token_slot, self.terms
+
+        def steer(
+            _module: nn.Module,
+            args: tuple[Any, ...],
+            kwargs: dict[str, Any],
+            output: tuple[torch.Tensor, torch.Tensor],
+        ) -> tuple[torch.Tensor, torch.Tensor]:
+            hidden, residual = output  # [tokens, d] each; their sum is the stream
+            positions = args[0] if args else kwargs["positions"]  # [tokens]
+            slot = token_slot[: hidden.shape[0]]  # [tokens]
+            stream = hidden + residual
+            for k in range(terms):
+                lo = table.lo[layer, k][slot]  # [tokens]
+                hi = table.hi[layer, k][slot]
+                gate = ((positions >= lo) & (positions < hi)).unsqueeze(-1).to(hidden.dtype)
+                unit = table.unit[layer, k][slot]  # [tokens, d]
+                along = (stream * unit).sum(-1, keepdim=True)  # [tokens, 1]
+                a = table.a[layer, k][slot].unsqueeze(-1)
+                b = table.b[layer, k][slot].unsqueeze(-1)
+                change = gate * (table.delta[layer, k][slot] + (a - b * along) * unit)
+                hidden = hidden + change
+                stream = stream + change
+            return hidden, residual
+
+        return steer
+
+    # --- per step, outside the graph -----------------------------------------------------
+    def before_step(
+        self,
+        req_ids: Sequence[str],
+        query_start_loc: np.ndarray,
+        requests: Mapping[str, Any],
+    ) -> None:
+        """Point each token of the coming step at its request's slot.
+
+        `req_ids` are the batch's requests in order, `query_start_loc` [len + 1] where
+        each one's tokens start in the flat batch, `requests` the runner's request states
+        (for new requests' ``sampling_params`` and prompt; a request no longer there has
+        finished and gives its slot back).
+        """
+        for req_id in [r for r in self.slot_of if r not in requests]:
+            self.release(req_id)
+        slots = np.zeros(len(req_ids), dtype=np.int64)
+        for i, req_id in enumerate(req_ids):
+            slot = self.slot_of.get(req_id)
+            if slot is None:
+                slot = self._assign(req_id, requests[req_id])
+            slots[i] = slot
+        if not slots.any() and not self._dirty:
+            return
+        counts = np.diff(query_start_loc[: len(req_ids) + 1])
+        n = int(query_start_loc[len(req_ids)])
+        staging = self._staging
+        staging[: max(n, self._dirty)] = 0
+        staging[int(query_start_loc[0]) : n] = np.repeat(slots, counts)
+        size = max(n, self._dirty)
+        self.token_slot[:size].copy_(torch.from_numpy(staging[:size]), non_blocking=True)
+        self._dirty = n if slots.any() else 0
+
+    def _assign(self, req_id: str, state: Any) -> int:
+        params = getattr(state, "sampling_params", None)
+        extra = getattr(params, "extra_args", None)
+        parsed = parse_extra_args(extra, self.shape, home=self.home, limits=_NO_LIMITS)
+        slot = 0 if parsed is None else self._slot_for(parsed, len(state.prompt_token_ids or []))
+        self.slot_of[req_id] = slot
+        return slot
+
+    def _slot_for(self, parsed: ParsedSteering, prompt_len: int) -> int:
+        # Requests with the same steering (and prompt length, which positions depend on)
+        # share one slot.
+        key = json.dumps([parsed.salt, prompt_len])
+        slot = self._key_slot.get(key)
+        if slot is None:
+            if not self._free:
+                raise RuntimeError(
+                    f"acteng: all {self.table.slots} steering slots are in use; start vLLM "
+                    "with more room (ACTENG_VLLM_SLOTS) or fewer concurrent requests"
+                )
+            slot = self._free.pop()
+            self.table.set(slot, parsed.specs, prompt_len=prompt_len)
+            self._key_slot[key] = slot
+        self._users[slot] = self._users.get(slot, 0) + 1
+        return slot
+
+    def release(self, req_id: str) -> None:
+        slot = self.slot_of.pop(req_id, 0)
+        if slot == 0:
+            return
+        self._users[slot] -= 1
+        if self._users[slot] == 0:
+            del self._users[slot]
+            self.table.clear(slot)
+            self._key_slot = {k: s for k, s in self._key_slot.items() if s != slot}
+            self._free.append(slot)
+
+
+# The front end already enforced the server's limits; the worker only resolves.
+_NO_LIMITS = Limits(max_steering=1024)
