@@ -148,8 +148,8 @@ def test_extraction_on_ray_equals_local_for_every_method(
     # a span read (mean over the answer) goes through the same batches
     texts = [p.positive for p in data] + ["A much longer text that gets a batch to itself."]
     acts = [
-        acteng.record_activations(smollm2, texts, [12], "mean", batch_size=3, backend=b)
-        for b in ("local", "ray")
+        one_thread(lambda: acteng.record_activations(smollm2, texts, [12], "mean", batch_size=3)),
+        acteng.record_activations(smollm2, texts, [12], "mean", batch_size=3, backend="ray"),
     ]
     assert float((acts[0].rows[12] - acts[1].rows[12]).abs().max()) <= 1e-5
 
