@@ -134,20 +134,27 @@ def _update_context(context: ForwardContext, args: tuple[Any, ...], kwargs: dict
     context.token_index = index
 
 
+def _apply_block_fns(
+    layer: int, fns: Sequence[BlockFn], output: Any, context: ForwardContext
+) -> Any:
+    """Run `fns` on a block's output; the replacement output, or None if none changed it."""
+    # Blocks return a tensor in recent transformers, a tuple in older ones.
+    hidden = output[0] if isinstance(output, tuple) else output
+    changed = False
+    for fn in fns:
+        new = fn(layer, hidden, context)
+        if new is not None:
+            hidden, changed = new, True
+    if not changed:
+        return None
+    return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+
+
 def _make_block_hook(
     layer: int, fns: Sequence[BlockFn], context: ForwardContext
 ) -> Callable[..., Any]:
     def hook(_module: nn.Module, _inputs: Any, output: Any) -> Any:
-        # Blocks return a tensor in recent transformers, a tuple in older ones.
-        hidden = output[0] if isinstance(output, tuple) else output
-        changed = False
-        for fn in fns:
-            new = fn(layer, hidden, context)
-            if new is not None:
-                hidden, changed = new, True
-        if not changed:
-            return None
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return _apply_block_fns(layer, fns, output, context)
 
     return hook
 
@@ -161,14 +168,7 @@ def _make_graph_safe_block_hook(layer: int, fns: Sequence[BlockFn]) -> Callable[
             if isinstance(positions, torch.Tensor)
             else None  # this architecture's blocks get no position_ids
         )
-        changed = False
-        for fn in fns:
-            new = fn(layer, hidden, context)
-            if new is not None:
-                hidden, changed = new, True
-        if not changed:
-            return None
-        return (hidden, *output[1:]) if isinstance(output, tuple) else hidden
+        return _apply_block_fns(layer, fns, output, context)
 
     return hook
 
