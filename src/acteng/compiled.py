@@ -41,7 +41,14 @@ from acteng.steering import SteeringSpec
 if TYPE_CHECKING:
     from transformers import GenerationMixin
 
-__all__ = ["CACHE_BUCKET", "CompiledSteering", "for_model", "release", "wants_compiled"]
+__all__ = [
+    "CACHE_BUCKET",
+    "CompiledSteering",
+    "allow_graphs",
+    "for_model",
+    "release",
+    "wants_compiled",
+]
 
 CACHE_BUCKET = 256
 _HALF = (torch.bfloat16, torch.float16)
@@ -60,6 +67,17 @@ def wants_compiled(model: Model) -> bool:
     if forced in ("0", "1"):
         return forced == "1"
     return model.device.type == "cuda" and model.dtype in _HALF
+
+
+def allow_graphs(count: int) -> None:
+    """Let dynamo keep at least `count` graphs of one function before it gives up on it.
+
+    Each step shape is one graph by design (see `StepShape`); past dynamo's default
+    limit it would silently fall back to eager code.
+    """
+    config = torch._dynamo.config
+    if hasattr(config, "recompile_limit"):
+        config.recompile_limit = max(config.recompile_limit, count)
 
 
 class CompiledSteering:
@@ -93,10 +111,8 @@ class CompiledSteering:
             "backend": backend,
             "mode": mode or ("reduce-overhead" if on_cuda else "default"),
         }
-        # Up to 1 + 2 * terms graphs per batch size: keep dynamo from giving up on them.
-        config = torch._dynamo.config
-        if hasattr(config, "recompile_limit"):
-            config.recompile_limit = max(config.recompile_limit, 8 * (1 + 2 * terms))
+        # Up to 1 + 2 * terms graphs per batch size.
+        allow_graphs(8 * (1 + 2 * terms))
         if on_cuda:
             # CUDA graphs read these at fixed addresses; in-place writes are seen by replays.
             for buffer in self.table.buffers():

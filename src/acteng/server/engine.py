@@ -11,6 +11,10 @@ the slot attention are attached for the length of one forward call only, so the 
 untouched between steps and a failing step cannot leave anything applied.
 
 Greedy results do not depend on the batch: see `acteng.server.slots` for why and how.
+
+On CUDA in bf16/fp16 (or with ``compiled=True``) the decoding steps run as one compiled
+graph instead (`acteng.server.compiled_step`): its hooks stay attached until `stop`, do
+nothing outside those steps, and steering and monitoring are traced into the graph.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from typing import Any
 
 import torch
 
-from acteng.errors import ActengError
+from acteng.compiled import wants_compiled
+from acteng.errors import ActengError, ConfigError
 from acteng.hooks import hooked
 from acteng.models import Model
 from acteng.row_steering import SteeringTable
+from acteng.server.compiled_step import CompiledDecoder
 from acteng.server.requests import GenerationRequest, Monitored
 from acteng.server.rows import Row
 from acteng.server.slots import SlotBatch, SlotCache, check_supported, slot_attention_enabled
@@ -84,6 +90,11 @@ class Engine:
     model's attention through the slot attention, so nothing else may run the same model
     object at that moment (load a second one for other work).
 
+    `compiled` (None: on CUDA in half precision, or as ``ACTENG_COMPILE`` says) decodes
+    with `CompiledDecoder`; `compile_options` (backend, mode) go to ``torch.compile``.
+    `monitors` bounds the monitors one request may read on that path (the request
+    limit's 8 plus a guard's).
+
     >>> engine = Engine(acteng.load_model(), slots=16)
     >>> engine.start(); job = engine.submit(request, print); ...; engine.stop()
     """
@@ -97,16 +108,22 @@ class Engine:
         max_queue: int = 256,
         terms: int = 8,
         fixed_batch: bool = True,
+        compiled: bool | None = None,
+        monitors: int = 9,
+        compile_options: dict[str, Any] | None = None,
     ) -> None:
         check_supported(model)
         if slots < 1 or context < 8:
             raise ActengError(f"need slots >= 1 and context >= 8, got {slots} and {context}")
+        use_compiled = wants_compiled(model) if compiled is None else compiled
+        if use_compiled and not fixed_batch:
+            raise ConfigError("the compiled engine decodes every slot each step; keep fixed_batch")
         self.model = model
         self.slots = slots
         self.context = context
         self.fixed_batch = fixed_batch
         self.table = SteeringTable(model, slots, terms=terms)
-        self.cache = SlotCache(model.num_layers, slots, context)
+        self.cache = SlotCache(model.num_layers, slots, context, zeroed=use_compiled)
         self.rows: list[Row | None] = [None] * slots
         self.queue: queue.Queue[Job] = queue.Queue(maxsize=max_queue)
         self._thread: threading.Thread | None = None
@@ -118,6 +135,16 @@ class Engine:
 
         params = inspect.signature(model.hf.forward).parameters
         self._cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.decoder: CompiledDecoder | None = None
+        if use_compiled:
+            self.decoder = CompiledDecoder(
+                model,
+                self.table,
+                self.cache,
+                monitors=monitors,
+                cache_arg=self._cache_arg,
+                **(compile_options or {}),
+            )
 
     # --- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
@@ -141,6 +168,9 @@ class Engine:
                 self.queue.get_nowait().sink(Event("error", status=503, text="server stopping"))
             except queue.Empty:
                 break
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None
 
     def submit(self, request: GenerationRequest, sink: Sink) -> Job:
         """Queue `request`; events go to `sink` from the engine thread."""
@@ -200,6 +230,8 @@ class Engine:
             return
         self.rows[index] = row
         self.table.set(index + 1, row.steering(), prompt_len=len(request.prompt_ids))
+        if self.decoder is not None:
+            self.decoder.monitors.set(index + 1, row.monitored())
         ids = torch.tensor([request.prompt_ids], device=self.model.device)
         positions = torch.arange(ids.shape[1], device=self.model.device)[None]
         batch = SlotBatch(
@@ -207,7 +239,7 @@ class Engine:
         )
         table_rows = torch.tensor([index + 1])
         logits, scores = self._forward(ids, positions, batch, table_rows, [row])
-        row.prefilled(logits[0], {k: v[0] for k, v in scores.items()})
+        row.prefilled(logits[0], scores[0])
         self.max_rows_seen = max(self.max_rows_seen, self.active)
         if row.done:
             self._free(index)
@@ -224,17 +256,22 @@ class Engine:
         rows = self.rows
         order = [i for i, r in enumerate(rows) if self.fixed_batch or r is not None]
         picked = [rows[i] for i in order]
-        device = self.model.device
-        ids = torch.tensor([[r.next_input if r else pad] for r in picked], device=device)
-        starts = torch.tensor([r.length if r else 0 for r in picked])
-        batch = SlotBatch(
-            slots=torch.tensor(order),
-            starts=starts,
-            active=torch.tensor([r is not None for r in picked]),
-        )
-        live = [r for r in picked if r is not None]
-        table_rows = torch.tensor([i + 1 if rows[i] is not None else 0 for i in order])
-        logits, scores = self._forward(ids, starts.to(device)[:, None], batch, table_rows, live)
+        inputs = [r.next_input if r else pad for r in picked]
+        lengths = [r.length if r else 0 for r in picked]
+        if self.decoder is not None:  # order is every slot
+            logits, scores = self.decoder.step(inputs, lengths, [r is not None for r in picked])
+        else:
+            device = self.model.device
+            starts = torch.tensor(lengths)
+            batch = SlotBatch(
+                slots=torch.tensor(order),
+                starts=starts,
+                active=torch.tensor([r is not None for r in picked]),
+            )
+            live = [r for r in picked if r is not None]
+            table_rows = torch.tensor([i + 1 if rows[i] is not None else 0 for i in order])
+            ids = torch.tensor([[token] for token in inputs], device=device)
+            logits, scores = self._forward(ids, starts.to(device)[:, None], batch, table_rows, live)
         self.steps += 1
         for k, i in enumerate(order):
             row = rows[i]
@@ -243,7 +280,7 @@ class Engine:
             if row.job.cancelled.is_set():
                 row.done = True
             else:
-                row.decoded(logits[k], {key: v[k] for key, v in scores.items()})
+                row.decoded(logits[k], scores[k])
             if row.guard_steer_pending:
                 row.guard_steer_pending = False
                 prompt_len = len(row.job.request.prompt_ids)
@@ -258,12 +295,12 @@ class Engine:
         batch: SlotBatch,
         table_rows: torch.Tensor,
         live: list[Row],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One forward call: slot attention, per-row steering and readouts for its length.
+    ) -> tuple[torch.Tensor, list[dict[str, torch.Tensor]]]:
+        """One eager forward call: slot attention, per-row steering and readouts.
 
         ids, positions: [batch, q]; `table_rows`: [batch] steering-table slot of each row
-        (0: unsteered). Returns the last position's logits [batch, vocab] and the monitor
-        scores, key -> [batch, q].
+        (0: unsteered). Returns the last position's logits [batch, vocab] and, per batch
+        row, the monitor scores (key -> [q]).
         """
         model = self.model
         readout = Readout([m for r in live for m in r.monitored()], ids.shape[0])
@@ -285,11 +322,15 @@ class Engine:
                 )
         finally:
             self.cache.batch = None
-        return output.logits[:, -1].float(), readout.scores()
+        scores = readout.scores()
+        per_row = [{key: v[i] for key, v in scores.items()} for i in range(ids.shape[0])]
+        return output.logits[:, -1].float(), per_row
 
     def _free(self, index: int) -> None:
         self.rows[index] = None
         self.table.clear(index + 1)
+        if self.decoder is not None:
+            self.decoder.monitors.clear(index + 1)
 
     def _fail_all(self, message: str) -> None:
         for i, row in enumerate(self.rows):

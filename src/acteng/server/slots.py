@@ -59,12 +59,15 @@ class SlotBatch:
     slots: torch.Tensor
     starts: torch.Tensor
     active: torch.Tensor
+    # True for the compiled decoding step: every slot in order, tensors on the model's
+    # device written in place, attention as one masked call (no Python per row).
+    graph_safe: bool = False
 
     def __post_init__(self) -> None:
         # Plain lists for the per-row Python loop in `slot_attention`.
-        self.slot_list: list[int] = self.slots.tolist()
-        self.start_list: list[int] = self.starts.tolist()
-        self.active_list: list[bool] = self.active.tolist()
+        self.slot_list: list[int] = [] if self.graph_safe else self.slots.tolist()
+        self.start_list: list[int] = [] if self.graph_safe else self.starts.tolist()
+        self.active_list: list[bool] = [] if self.graph_safe else self.active.tolist()
 
 
 def check_supported(model: Model) -> None:
@@ -113,6 +116,8 @@ def slot_attention(
             "acteng's slot attention runs only inside the server engine's forward calls"
         )
     kwargs.pop("is_causal", None)
+    if batch.graph_safe:
+        return _masked_slot_attention(module, query, key, value, batch, **kwargs)
     rows, heads, q, head_dim = query.shape
     out = query.new_zeros(rows, q, heads, head_dim)  # what transformers returns: [b, q, h, d]
     for row in range(rows):
@@ -129,6 +134,31 @@ def slot_attention(
     return out, None
 
 
+def _masked_slot_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    batch: SlotBatch,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """The compiled step's attention: one decoding token per slot, all slots at once.
+
+    Batch row i is slot i; it sees its cache indices ``[0, start + 1)`` through a boolean
+    mask over the whole buffer, so the shapes never change and nothing runs in Python per
+    row. (Not batch-invariant in the last bits, unlike the loop above: the compiled path
+    is for half precision on GPUs, where no kernel is.)
+    """
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    if query.shape[2] != 1:
+        raise UnsupportedError("the graph-safe slot attention decodes one token per slot")
+    capacity = key.shape[2]
+    visible = torch.arange(capacity, device=key.device)[None, :] <= batch.starts[:, None]
+    mask = visible[:, None, None, :]  # [slots, 1, 1, capacity]
+    return sdpa_attention_forward(module, query, key, value, mask, is_causal=False, **kwargs)
+
+
 class _SlotLayer(CacheLayerMixin):  # type: ignore[misc,no-untyped-call,unused-ignore]
     """One layer's keys and values: ``[slots, kv_heads, capacity, head_dim]`` buffers."""
 
@@ -140,10 +170,13 @@ class _SlotLayer(CacheLayerMixin):  # type: ignore[misc,no-untyped-call,unused-i
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         # Uninitialised on purpose: a row only ever reads the indices it wrote, and the
-        # untouched rest of a large buffer then costs no memory.
+        # untouched rest of a large buffer then costs no memory. The masked attention of
+        # the compiled step does multiply unread values by zero weights, so garbage NaNs
+        # would leak into it: its cache is zeroed.
         shape = (self.owner.slots, key_states.shape[1], self.owner.capacity)
-        self.keys = key_states.new_empty(*shape, key_states.shape[-1])
-        self.values = value_states.new_empty(*shape, value_states.shape[-1])
+        make = key_states.new_zeros if self.owner.zeroed else key_states.new_empty
+        self.keys = make(*shape, key_states.shape[-1])
+        self.values = make(*shape, value_states.shape[-1])
         self.is_initialized = True
 
     def update(
@@ -186,13 +219,21 @@ class SlotCache(Cache):  # type: ignore[misc,unused-ignore]  # transformers may 
     The engine sets `batch` before each forward call; rows never share cache memory.
     """
 
-    def __init__(self, num_layers: int, slots: int, capacity: int) -> None:
-        self.slots, self.capacity = slots, capacity
+    def __init__(self, num_layers: int, slots: int, capacity: int, *, zeroed: bool = False) -> None:
+        self.slots, self.capacity, self.zeroed = slots, capacity, zeroed
         self.batch: SlotBatch | None = None
         super().__init__(layers=[_SlotLayer(self) for _ in range(num_layers)])
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return 0
+
+    def buffers(self) -> list[torch.Tensor]:
+        """The key and value buffers allocated so far (by the first forward call)."""
+        found: list[torch.Tensor] = []
+        for layer in self.layers:
+            if isinstance(layer, _SlotLayer) and layer.is_initialized:
+                found += [t for t in (layer.keys, layer.values) if t is not None]
+        return found
 
 
 @contextmanager
