@@ -9,17 +9,21 @@ Concepts: every bundled prompted dataset, and concepts acteng has never seen: th
 Anthropic model-written-eval behaviours in ../shared/data/external (CAA A/B items; first
 100 items, every fifth held out), read at the answer letter.
 
-    .venv/bin/python bench/tune_floor.py [--quick]
+    .venv/bin/python bench/tune_floor.py [--quick] [--only sentiment,mwe:survival-instinct]
+
+Results are saved after every concept, so an interrupted run keeps what it measured.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
+from typing import Any
 
 import acteng
-from _common import save
+from _common import RESULTS, save
 from acteng.errors import ConfigError
 from acteng.extraction import extract_many
 from acteng.pairs import Pairs
@@ -46,6 +50,7 @@ BUDGET = 0.05
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--quick", action="store_true", help="two bundled, one unseen concept")
+    parser.add_argument("--only", default=None, help="comma-separated concept names")
     args = parser.parse_args()
     model = acteng.load_model()
     concepts: list[tuple[str, Pairs, str]] = [
@@ -56,7 +61,13 @@ def main() -> None:
         concepts += [
             (f"mwe:{n}", load_mwe(n, 60), "answer") for n in UNSEEN[: 1 if args.quick else 3]
         ]
-    rows = []
+    if args.only:
+        wanted = set(args.only.split(","))
+        unknown = wanted - {name for name, _, _ in concepts}
+        if unknown:
+            parser.error(f"unknown concept(s) {sorted(unknown)}")
+        concepts = [c for c in concepts if c[0] in wanted]
+    rows: list[dict[str, Any]] = []
     for name, data, position in concepts:
         start = time.perf_counter()
         try:
@@ -112,6 +123,7 @@ def main() -> None:
             f"{name:32s} tuned {t} | grid {g} | {'OK' if met else 'BELOW'} | {tuned_s:.0f} s",
             flush=True,
         )
+        _save(rows)
     met_count = sum(r["floor_met"] for r in rows)
     gains = [
         r["tuned"]["effect"] / r["grid_best"]["effect"]
@@ -122,9 +134,17 @@ def main() -> None:
         f"floor met on {met_count}/{len(rows)}; median tuned/grid effect ratio "
         f"{sorted(gains)[len(gains) // 2] if gains else math.nan:.2f}"
     )
+
+
+def _save(rows: list[dict[str, Any]]) -> None:
+    """Write the rows so far; with --only, rows of other concepts already saved stay."""
+    path = RESULTS / "tune_floor.json"
+    kept = json.loads(path.read_text())["rows"] if path.exists() else []
+    done = {r["concept"] for r in rows}
+    merged = [r for r in kept if r["concept"] not in done] + rows
     save(
         "tune_floor",
-        {"budget": BUDGET, "layers": LAYERS, "coefficients": COEFFICIENTS, "rows": rows},
+        {"budget": BUDGET, "layers": LAYERS, "coefficients": COEFFICIENTS, "rows": merged},
     )
 
 
