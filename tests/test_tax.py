@@ -31,6 +31,31 @@ def test_completion_logprobs_match_a_plain_forward(tiny_llama: acteng.Model) -> 
         completion_logprobs(tiny_llama, prompts, completions[:1])
 
 
+@pytest.mark.real
+def test_shared_prompts_score_like_full_passes(
+    smollm2: acteng.Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pairs share their prompt and every chat text the template: computed once into a KV
+    cache, they give the scores of full passes, steered on all positions or not."""
+    from acteng import metrics
+
+    pairs = acteng.load_pairs("sentiment", split="test")[:6]
+    vector = random_vector(smollm2, [4, 8], seed=3, scale=2.0)
+    settings = [None, SteeringSpec(vector, 3.0), SteeringSpec(vector, 1.0, mode="ablate")]
+    shared = [metrics.pair_scores(smollm2, pairs, s, batch_size=4) for s in settings]
+    encoded = [([1, 2], [3])]
+    assert metrics._can_share(smollm2, encoded, settings[1])
+    windowed = SteeringSpec(vector, 3.0, positions="generated")
+    assert not metrics._can_share(smollm2, encoded, windowed)  # needs token positions
+    monkeypatch.setattr(metrics, "_can_share", lambda *_: False)
+    for setting, got in zip(settings, shared, strict=True):
+        full = metrics.pair_scores(smollm2, pairs, setting, batch_size=4)
+        assert [x for row in got for x in row] == pytest.approx(
+            [x for row in full for x in row], abs=5e-4
+        )
+    assert shared[0] != shared[1]  # the steering did change the scores
+
+
 def test_ab_match_is_normalised(tiny_llama: acteng.Model) -> None:
     item = acteng.load_pairs("power_seeking")[0]
     flipped = type(item)(item.negative, item.positive, item.prompt, item.split, item.ab)

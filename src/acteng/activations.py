@@ -277,13 +277,21 @@ class RecordBatch:
 
 
 @torch.no_grad()
-def record_batch(model: Model, batch: RecordBatch) -> dict[int, torch.Tensor]:
-    """The reduced rows ``{layer: [len(plan.texts), d_model]}`` float32 of one batch, run in
-    up to three stages over one KV cache (see acteng.batching). Both backends call this."""
+def run_shared(
+    model: Model, plan: BatchPlan, global_ids: list[int], last_layer: int | None
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """Stages 1 and 2 of a plan (see acteng.batching): the prefix every text shares, once,
+    then each group's shared part, once per group, into one KV cache, expanded to the
+    plan's suffix rows.
+
+    Blocks after `last_layer` are skipped (readers need no more; None runs the whole model
+    without computing logits). Returns the forward arguments that carry the cache (empty
+    when nothing is shared) and the attention mask of the cached tokens [rows, past].
+    Hooks active around the call see every stage, as in one full pass.
+    """
     from transformers import DynamicCache
 
-    plan, global_ids, chosen = batch.plan, batch.global_ids, batch.layers
-    device, last = model.device, max(chosen)
+    device = model.device
     pad_id = int(model.tokenizer.pad_token_id)
     n_groups = len(plan.keys)
     has_keys = any(plan.keys)
@@ -293,37 +301,38 @@ def record_batch(model: Model, batch: RecordBatch) -> dict[int, torch.Tensor]:
         config: Any = model.hf.config
         cache = DynamicCache(config=config)
         cached = {_cache_argument(model.hf): cache, "use_cache": True}
+
+    def run(**inputs: Any) -> None:
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        if last_layer is None:
+            model.hf(**inputs, **cached, logits_to_keep=1)
+        else:
+            run_until(model.hf, model.blocks, last_layer, {}, **inputs, **cached)
+
     past_mask = torch.ones((1, len(global_ids)), dtype=torch.long)
     if global_ids:  # stage 1: the prefix every text shares, once
-        run_until(
-            model.hf,
-            model.blocks,
-            last,
-            {},
-            input_ids=torch.tensor([global_ids], device=device),
-            attention_mask=past_mask.to(device),
-            **cached,
-        )
+        run(input_ids=torch.tensor([global_ids]), attention_mask=past_mask)
         cache.reorder_cache(torch.zeros(n_groups, dtype=torch.long, device=device))
     past_mask = past_mask.expand(n_groups, -1)
     if has_keys:  # stage 2: each group's shared prompt, once per group
         key_ids, key_mask = right_padded(plan.keys, pad_id)
         positions = len(global_ids) + torch.arange(key_ids.shape[1]).expand(n_groups, -1)
         past_mask = torch.cat([past_mask, key_mask], dim=1)
-        run_until(
-            model.hf,
-            model.blocks,
-            last,
-            {},
-            input_ids=key_ids.to(device),
-            attention_mask=past_mask.to(device),
-            position_ids=positions.to(device),
-            **cached,
-        )
+        run(input_ids=key_ids, attention_mask=past_mask, position_ids=positions)
     group = torch.tensor(plan.group_of_row, dtype=torch.long)
     if cache is not None:
         cache.reorder_cache(group.to(device))
-    past_mask = past_mask[group]
+    return cached, past_mask[group]
+
+
+@torch.no_grad()
+def record_batch(model: Model, batch: RecordBatch) -> dict[int, torch.Tensor]:
+    """The reduced rows ``{layer: [len(plan.texts), d_model]}`` float32 of one batch, run in
+    up to three stages over one KV cache (see acteng.batching). Both backends call this."""
+    plan, global_ids, chosen = batch.plan, batch.global_ids, batch.layers
+    device, last = model.device, max(chosen)
+    pad_id = int(model.tokenizer.pad_token_id)
+    cached, past_mask = run_shared(model, plan, global_ids, last)
     # stage 3: every text's own tokens, where all reading happens
     ids, mask = right_padded(plan.suffixes, pad_id)
     positions = past_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1])

@@ -30,11 +30,13 @@ from contextlib import nullcontext
 
 import torch
 
-from acteng.activations import right_padded
+from acteng.activations import right_padded, run_shared
+from acteng.batching import plan_batches
 from acteng.errors import ConfigError
 from acteng.models import Model
 from acteng.pairs import ContrastivePair
-from acteng.steering import SteeringSpec, steer
+from acteng.positions import parse_positions
+from acteng.steering import SteeringSpec, as_specs, steer
 from acteng.vectors import SteeringVector
 
 __all__ = [
@@ -177,18 +179,78 @@ def completion_logprobs(
             raise ConfigError(f"completion {i} is empty; every completion needs text")
         model.check_length(len(head) + len(tail), f"prompt + completion {i}")
         encoded.append((list(head), list(tail)))
+    if _can_share(model, encoded, steering):
+        return _shared_completion_logprobs(model, encoded, steering, batch_size)
     out: list[tuple[float, int]] = []
     heads = [len(h) for h, _ in encoded]
     sequences = [h + t for h, t in encoded]
     done = 0
     for chunk, logits in batched_logits(model, sequences, steering, batch_size):
         for row in range(len(chunk)):
-            head, tail = heads[done], encoded[done][1]
-            positions = torch.arange(head - 1, head + len(tail) - 1)
-            logprobs = torch.log_softmax(logits[row, positions].double(), dim=-1)
-            picked = logprobs[torch.arange(len(tail)), torch.tensor(tail)]
-            out.append((float(picked.sum()), len(tail)))
+            out.append(_tail_logprob(logits[row], heads[done] - 1, encoded[done][1]))
             done += 1
+    return out
+
+
+def _tail_logprob(logits: torch.Tensor, first: int, tail: list[int]) -> tuple[float, int]:
+    """(sum of log p(tail), len(tail)) where ``logits[first]`` predicts tail[0]."""
+    logprobs = torch.log_softmax(logits[first : first + len(tail)].double(), dim=-1)
+    picked = logprobs[torch.arange(len(tail)), torch.tensor(tail)]
+    return float(picked.sum()), len(tail)
+
+
+def _can_share(
+    model: Model, encoded: list[tuple[list[int], list[int]]], steering: Steering
+) -> bool:
+    """Whether prompts may come from a KV cache: steering (if any) on every position, so a
+    cached prompt token is steered exactly as in a full pass, and no sliding window that a
+    cache would cut."""
+    if steering is not None:
+        specs = as_specs(steering, None, None, None, None)
+        if any(parse_positions(s.positions).kind != "all" for s in specs):
+            return False
+    window = getattr(model.hf.config, "sliding_window", None)
+    return window is None or max(len(h) + len(t) for h, t in encoded) <= window
+
+
+def _shared_completion_logprobs(
+    model: Model,
+    encoded: list[tuple[list[int], list[int]]],
+    steering: Steering,
+    batch_size: int,
+) -> list[tuple[float, int]]:
+    """`completion_logprobs` computing shared prompt tokens once (see acteng.batching).
+
+    Contrastive pairs repeat their prompt and every chat text starts with the same
+    template; only the last prompt token and the completion are scored, so the rest runs
+    once per batch (the template) or once per group (a pair's prompt) into a KV cache.
+    About halves the tokens a pair costs; causal attention makes it exact up to the last
+    bits of a different batching.
+    """
+    pad = int(model.tokenizer.pad_token_id)
+    token_ids = [h + t for h, t in encoded]
+    reads = [len(h) - 1 for h, _ in encoded]  # the first position whose logits are read
+    global_ids, plans = plan_batches(token_ids, reads, reads, batch_size)
+    out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
+    device = model.device
+    context = steer(model, steering) if steering is not None else nullcontext()
+    with context, torch.no_grad():
+        for plan in plans:
+            cached, past_mask = run_shared(model, plan, global_ids, None)
+            ids, mask = right_padded(plan.suffixes, pad)
+            positions = past_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1])
+            logits = (
+                model.hf(
+                    input_ids=ids.to(device),
+                    attention_mask=torch.cat([past_mask, mask], dim=1).to(device),
+                    position_ids=positions.to(device),
+                    **cached,
+                )
+                .logits.float()
+                .cpu()
+            )
+            for row, (text, offset) in enumerate(zip(plan.texts, plan.offsets, strict=True)):
+                out[text] = _tail_logprob(logits[row], reads[text] - offset, encoded[text][1])
     return out
 
 
