@@ -118,7 +118,7 @@ def test_compiled_engine_equals_the_eager_engine_on_the_real_model(
             results[compiled] = [_summary(e) for e in _serve_all(engine, requests)]
         finally:
             engine.stop()
-        assert (engine.decoder is None) or not engine.decoder.handle.active
+        assert engine.decoder is None or not engine.decoder.handle.active  # hooks gone
     eager, fast = results[False], results[True]
     assert [s["text"] for s in fast] == [s["text"] for s in eager]
     plain = fast[1]["text"]

@@ -158,12 +158,8 @@ class CompiledDecoder:
             # CUDA graphs read these at fixed addresses; in-place writes are seen by replays.
             for buffer in (*table.buffers(), *self.monitors.buffers(), self.batch.starts):
                 torch._dynamo.mark_static_address(buffer)
-        steer = table.fixed_block_fns(self.shape)
-        fns = {
-            layer: [*steer.get(layer, []), self.monitors.block_fn(layer)]
-            for layer in range(model.num_layers)
-        }
-        self.handle: HookHandle = attach(model.hf, model.blocks, fns, graph_safe=True)
+        self.handle = HookHandle()
+        self.open()
         self._cache_marked = False
         options: dict[str, Any] = {
             "backend": backend,
@@ -180,8 +176,19 @@ class CompiledDecoder:
             allow_graphs(limit)
         self._compiled = torch.compile(self._forward, **options)
 
+    def open(self) -> None:
+        """Attach the fixed hooks (steering, then monitor reads) to every block."""
+        if self.handle.active:
+            return
+        steer = self.table.fixed_block_fns(self.shape)
+        fns = {
+            layer: [*steer.get(layer, []), self.monitors.block_fn(layer)]
+            for layer in range(self.model.num_layers)
+        }
+        self.handle = attach(self.model.hf, self.model.blocks, fns, graph_safe=True)
+
     def close(self) -> None:
-        """Take the hooks off the model (the engine is done with it)."""
+        """Take the hooks off the model (the engine stopped; `open` puts them back)."""
         self.handle.remove()
 
     def _forward(

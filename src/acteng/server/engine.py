@@ -150,6 +150,8 @@ class Engine:
     def start(self) -> None:
         if self._thread is not None:
             return
+        if self.decoder is not None:
+            self.decoder.open()  # after a stop (its graphs then compile once more)
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="acteng-engine", daemon=True)
         self._thread.start()
@@ -170,7 +172,6 @@ class Engine:
                 break
         if self.decoder is not None:
             self.decoder.close()
-            self.decoder = None
 
     def submit(self, request: GenerationRequest, sink: Sink) -> Job:
         """Queue `request`; events go to `sink` from the engine thread."""
