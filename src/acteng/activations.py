@@ -199,9 +199,7 @@ def record_activations(
     n, d = len(items), model.hidden_size
     rows = {layer: torch.empty(n, d, dtype=torch.float32) for layer in chosen}
     token_ids = [ids for ids, _ in encoded]
-    window = getattr(model.hf.config, "sliding_window", None)
-    # Sliding-window caches drop old tokens, so long texts on such models run plain.
-    share = share_prefix and (window is None or max(map(len, token_ids)) <= window)
+    share = share_prefix and cache_keeps_all(model, max(map(len, token_ids)))
     if share:
         shareable = [
             _prompt_tokens(offsets, it.completion_start)
@@ -276,18 +274,26 @@ class RecordBatch:
     layers: tuple[int, ...]
 
 
+def cache_keeps_all(model: Model, longest: int) -> bool:
+    """Whether a KV cache of `model` keeps every token of texts up to `longest` tokens
+    (sliding-window caches drop old ones, so sharing a prefix would change the result)."""
+    window = getattr(model.hf.config, "sliding_window", None)
+    return window is None or longest <= window
+
+
 @torch.no_grad()
 def run_shared(
     model: Model, plan: BatchPlan, global_ids: list[int], last_layer: int | None
-) -> tuple[dict[str, Any], torch.Tensor]:
+) -> dict[str, Any]:
     """Stages 1 and 2 of a plan (see acteng.batching): the prefix every text shares, once,
     then each group's shared part, once per group, into one KV cache, expanded to the
     plan's suffix rows.
 
     Blocks after `last_layer` are skipped (readers need no more; None runs the whole model
-    without computing logits). Returns the forward arguments that carry the cache (empty
-    when nothing is shared) and the attention mask of the cached tokens [rows, past].
-    Hooks active around the call see every stage, as in one full pass.
+    without computing logits). Returns the forward arguments of stage 3, on the model's
+    device: the suffixes (right padded), their attention mask over cached and own tokens,
+    their positions, and the cache (absent when nothing is shared). Hooks active around
+    the call see every stage, as in one full pass.
     """
     from transformers import DynamicCache
 
@@ -322,40 +328,36 @@ def run_shared(
     group = torch.tensor(plan.group_of_row, dtype=torch.long)
     if cache is not None:
         cache.reorder_cache(group.to(device))
-    return cached, past_mask[group]
+    past_mask = past_mask[group]
+    ids, mask = right_padded(plan.suffixes, pad_id)
+    positions = past_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1])
+    return {
+        "input_ids": ids.to(device),
+        "attention_mask": torch.cat([past_mask, mask], dim=1).to(device),
+        "position_ids": positions.to(device),
+        **cached,
+    }
 
 
 @torch.no_grad()
 def record_batch(model: Model, batch: RecordBatch) -> dict[int, torch.Tensor]:
     """The reduced rows ``{layer: [len(plan.texts), d_model]}`` float32 of one batch, run in
     up to three stages over one KV cache (see acteng.batching). Both backends call this."""
-    plan, global_ids, chosen = batch.plan, batch.global_ids, batch.layers
-    device, last = model.device, max(chosen)
-    pad_id = int(model.tokenizer.pad_token_id)
-    cached, past_mask = run_shared(model, plan, global_ids, last)
+    plan, chosen = batch.plan, batch.layers
+    last = max(chosen)
+    inputs = run_shared(model, plan, batch.global_ids, last)
     # stage 3: every text's own tokens, where all reading happens
-    ids, mask = right_padded(plan.suffixes, pad_id)
-    positions = past_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1])
-    weights = torch.zeros(ids.shape, dtype=torch.float32)  # span averaging over suffix tokens
+    weights = torch.zeros(inputs["input_ids"].shape, dtype=torch.float32)  # span averaging
     for row, (span, offset) in enumerate(zip(batch.spans, plan.offsets, strict=True)):
         weights[row, span.start - offset : span.end - offset] = 1.0 / (span.end - span.start)
-    weights = weights.to(device)
+    weights = weights.to(model.device)
     out: dict[int, torch.Tensor] = {}
 
     def read(layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
         # [batch, pos] x [batch, pos, d] -> [batch, d]
         out[layer] = torch.einsum("bp,bpd->bd", weights, hidden.float()).cpu()
 
-    run_until(
-        model.hf,
-        model.blocks,
-        last,
-        {layer: [read] for layer in chosen},
-        input_ids=ids.to(device),
-        attention_mask=torch.cat([past_mask, mask], 1).to(device),
-        position_ids=positions.to(device),
-        **cached,
-    )
+    run_until(model.hf, model.blocks, last, {layer: [read] for layer in chosen}, **inputs)
     return out
 
 

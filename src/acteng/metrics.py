@@ -30,7 +30,7 @@ from contextlib import nullcontext
 
 import torch
 
-from acteng.activations import right_padded, run_shared
+from acteng.activations import cache_keeps_all, right_padded, run_shared
 from acteng.batching import plan_batches
 from acteng.errors import ConfigError
 from acteng.models import Model
@@ -209,8 +209,7 @@ def _can_share(
         specs = as_specs(steering, None, None, None, None)
         if any(parse_positions(s.positions).kind != "all" for s in specs):
             return False
-    window = getattr(model.hf.config, "sliding_window", None)
-    return window is None or max(len(h) + len(t) for h, t in encoded) <= window
+    return cache_keeps_all(model, max(len(h) + len(t) for h, t in encoded))
 
 
 def _shared_completion_logprobs(
@@ -227,28 +226,15 @@ def _shared_completion_logprobs(
     About halves the tokens a pair costs; causal attention makes it exact up to the last
     bits of a different batching.
     """
-    pad = int(model.tokenizer.pad_token_id)
     token_ids = [h + t for h, t in encoded]
     reads = [len(h) - 1 for h, _ in encoded]  # the first position whose logits are read
     global_ids, plans = plan_batches(token_ids, reads, reads, batch_size)
     out: list[tuple[float, int]] = [(0.0, 0)] * len(encoded)
-    device = model.device
     context = steer(model, steering) if steering is not None else nullcontext()
     with context, torch.no_grad():
         for plan in plans:
-            cached, past_mask = run_shared(model, plan, global_ids, None)
-            ids, mask = right_padded(plan.suffixes, pad)
-            positions = past_mask.sum(dim=1, keepdim=True) + torch.arange(ids.shape[1])
-            logits = (
-                model.hf(
-                    input_ids=ids.to(device),
-                    attention_mask=torch.cat([past_mask, mask], dim=1).to(device),
-                    position_ids=positions.to(device),
-                    **cached,
-                )
-                .logits.float()
-                .cpu()
-            )
+            inputs = run_shared(model, plan, global_ids, None)
+            logits = model.hf(**inputs).logits.float().cpu()
             for row, (text, offset) in enumerate(zip(plan.texts, plan.offsets, strict=True)):
                 out[text] = _tail_logprob(logits[row], reads[text] - offset, encoded[text][1])
     return out
