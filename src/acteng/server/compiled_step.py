@@ -6,8 +6,8 @@ launch per operation. `CompiledDecoder` runs the same step (every slot, one toke
 through ``torch.compile`` instead, with everything a graph needs fixed for the engine's
 life:
 
-- inputs (token ids, positions, each slot's cache length) live in device buffers written
-  in place before each step;
+- inputs (token ids, each slot's cache length, which is also its new token's position)
+  live in device buffers written in place before each step;
 - attention is one masked SDPA call over every slot's cache row (`SlotBatch.graph_safe`);
 - steering reads the engine's `SteeringTable` (batch row i = slot i + 1) through one hook
   per block that stays attached, as in `acteng.compiled`;
@@ -146,7 +146,6 @@ class CompiledDecoder:
         self.monitors = MonitorTable(model, slots, monitors)
         device = model.device
         self.ids = torch.zeros(slots, 1, dtype=torch.long, device=device)
-        self.positions = torch.zeros(slots, 1, dtype=torch.long, device=device)
         self.batch = SlotBatch(
             slots=torch.arange(slots, device=device),
             starts=torch.zeros(slots, dtype=torch.long, device=device),
@@ -191,13 +190,11 @@ class CompiledDecoder:
         """Take the hooks off the model (the engine stopped; `open` puts them back)."""
         self.handle.remove()
 
-    def _forward(
-        self, ids: torch.Tensor, positions: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         self.monitors.begin()
         output = self.model.hf(
             input_ids=ids,
-            position_ids=positions,
+            position_ids=self.batch.starts[:, None],  # a slot's new token sits at its length
             use_cache=True,
             logits_to_keep=1,
             acteng_slots=self.batch,
@@ -222,16 +219,15 @@ class CompiledDecoder:
         device = self.ids.device
         lengths_t = torch.tensor(list(lengths), dtype=torch.long)
         self.ids.copy_(torch.tensor(list(inputs), dtype=torch.long)[:, None].to(device))
-        self.positions.copy_(lengths_t[:, None].to(device))
         self.batch.starts.copy_(lengths_t.to(device))
-        steered = [i + 1 for i, alive in enumerate(live) if alive]
-        self.shape.terms = self.table.terms_in_use(steered)
-        self.shape.full = self.table.needs_full(steered)
-        self.monitors.on = any(slot in self.monitors.columns for slot in steered)
+        live_slots = [i + 1 for i, alive in enumerate(live) if alive]
+        self.shape.terms = self.table.terms_in_use(live_slots)
+        self.shape.full = self.table.needs_full(live_slots)
+        self.monitors.on = any(slot in self.monitors.columns for slot in live_slots)
         self.cache.batch = self.batch
         try:
             with slot_attention_enabled(self.model):
-                logits, scores = self._compiled(self.ids, self.positions)
+                logits, scores = self._compiled(self.ids)
         finally:
             self.cache.batch = None
             self.shape.terms, self.shape.full = 0, False
