@@ -73,7 +73,8 @@ def allow_graphs(count: int) -> None:
     """Let dynamo keep at least `count` graphs of one function before it gives up on it.
 
     Each step shape is one graph by design (see `StepShape`); past dynamo's default
-    limit it would silently fall back to eager code.
+    limit it would silently fall back to eager code. Recent torch keeps dynamo's settings
+    per thread, so call this in the thread that compiles.
     """
     config = torch._dynamo.config
     if hasattr(config, "recompile_limit"):
@@ -111,8 +112,8 @@ class CompiledSteering:
             "backend": backend,
             "mode": mode or ("reduce-overhead" if on_cuda else "default"),
         }
-        # Up to 1 + 2 * terms graphs per batch size.
-        allow_graphs(8 * (1 + 2 * terms))
+        # Up to 1 + 2 * terms graphs per batch size (set where generate compiles: below).
+        self.graph_limit = 8 * (1 + 2 * terms)
         if on_cuda:
             # CUDA graphs read these at fixed addresses; in-place writes are seen by replays.
             for buffer in self.table.buffers():
@@ -176,6 +177,7 @@ class CompiledSteering:
             # transformers compiles only on GPUs unless told (a private flag, typed None)
             config._compile_all_devices = True  # type: ignore[assignment]
         generator = cast("GenerationMixin", self.model.hf)
+        allow_graphs(self.graph_limit)  # in this thread, which is the one that compiles
         try:
             output = generator.generate(
                 **batch,
