@@ -99,6 +99,55 @@ def test_table_limits_and_clearing(tiny_llama: acteng.Model) -> None:
     assert table.block_fns(torch.tensor([1, 0])) == {}
 
 
+def test_set_many_replaces_whole_slots_with_a_fixed_number_of_writes(
+    tiny_llama: acteng.Model,
+) -> None:
+    """A batch rewrite equals setting each slot on a fresh table, and its device writes do
+    not grow with the batch (a compiled path pays them on every call)."""
+    n = tiny_llama.num_layers
+    vectors = [random_vector(tiny_llama, list(range(n)), seed=s) for s in range(8)]
+
+    def items(count: int, shift: int) -> list[tuple[int, list[acteng.SteeringSpec], int]]:
+        out = []
+        for slot in range(1, count + 1):
+            v = vectors[(slot + shift) % len(vectors)]
+            layers = tuple(range((slot + shift) % n, n))
+            mode = ("add", "ablate", "clamp")[(slot + shift) % 3]
+            specs = [acteng.SteeringSpec(v, 0.5 * slot, layers=layers, mode=mode)]
+            if slot % 2:
+                specs.append(acteng.SteeringSpec(vectors[0], -1.0, positions="2:"))
+            out.append((slot, specs, 3 + slot))
+        return out
+
+    table = SteeringTable(tiny_llama, slots=8, terms=2)
+    table.set_many(items(8, shift=0))
+    table.set_many(items(8, shift=1))  # every slot's layers, terms and modes change
+    table.set_many([(slot, [], 0) for slot in (7, 8)])  # two rows go unsteered
+    fresh = SteeringTable(tiny_llama, slots=8, terms=2)
+    for slot, specs, prompt_len in items(6, shift=1):
+        fresh.set(slot, specs, prompt_len=prompt_len)
+    for mine, expected in zip(table.buffers(), fresh.buffers(), strict=True):
+        assert torch.equal(mine, expected)
+    assert table.is_empty(7) and table.terms_in_use([7, 8]) == 0
+    assert table.needs_full([1]) == fresh.needs_full([1])
+
+    class Writes(torch.utils._python_dispatch.TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+            if func is torch.ops.aten.index_put_.default:
+                Writes.count += 1
+            return func(*args, **(kwargs or {}))
+
+    counts = []
+    for count in (2, 8):
+        Writes.count = 0
+        with Writes():
+            table.set_many(items(count, shift=2))
+        counts.append(Writes.count)
+    assert counts[0] == counts[1] == 12, counts
+
+
 @pytest.mark.parametrize("text", ["all", "prompt", "generated", "2:5", "-2:", ":3", "-4:-1"])
 def test_positions_bounds_match_mask(text: str) -> None:
     positions = parse_positions(text)

@@ -79,7 +79,7 @@ class SteeringTable:
         self._windowed: set[int] = set()  # slots with a term limited to some positions
         # Device copies of the vectors in use (dropped with the vector).
         self._prepared: weakref.WeakKeyDictionary[
-            SteeringVector, dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]]
+            SteeringVector, dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
         ] = weakref.WeakKeyDictionary()
 
     def check(self, specs: Sequence[SteeringSpec]) -> None:
@@ -103,9 +103,11 @@ class SteeringTable:
     def set_many(self, items: Sequence[tuple[int, Sequence[SteeringSpec], int]]) -> None:
         """`set` for several ``(slot, specs, prompt_len)`` at once.
 
-        Every item is checked before any buffer changes, and all terms go in with one
-        indexed write per buffer, so setting up a batch costs a handful of device copies
-        rather than one per row, layer and buffer.
+        Every item is checked before any buffer changes. A batch costs the same dozen
+        device writes whatever its size: every index and position bound travels in one
+        host-to-device copy, the old terms are cleared with one indexed write per buffer
+        and the new ones written with another (on a GPU, per-row writes and small copies
+        would add up to milliseconds of launches per call).
         """
         for slot, specs, _ in items:
             self._check_slot(slot)
@@ -115,10 +117,10 @@ class SteeringTable:
                     raise ConfigError(
                         f"mode {spec.mode!r} cannot be served per row; use add, ablate or clamp"
                     )
-        for slot, _, _ in items:
-            self.clear(slot)
+        cleared = self._forget([slot for slot, _, _ in items])  # (layer, slot) to zero
         where: list[tuple[int, int, int]] = []  # (layer, term, slot) per written term
-        deltas, units, coefs_a, coefs_b, bounds = [], [], [], [], []
+        bounds: list[tuple[int, int]] = []  # (lo, hi) per written term
+        deltas, units, coefs_a, coefs_b = [], [], [], []
         for slot, specs, prompt_len in items:
             used: dict[int, int] = {}
             projecting: set[int] = set()
@@ -127,8 +129,8 @@ class SteeringTable:
                 if positions.kind != "all":
                     self._windowed.add(slot)
                 c, layers = spec.coefficient, tuple(spec.active_layers)
-                directions, norms = self._on_device(spec.vector, layers)
-                units.append(directions / norms.clamp_min(1e-30).unsqueeze(1))
+                directions, unit, norms = self._on_device(spec.vector, layers)
+                units.append(unit)
                 zeros = torch.zeros_like(norms)
                 if spec.mode == "add":  # h + c v
                     deltas.append(c * directions)
@@ -145,32 +147,53 @@ class SteeringTable:
                     used[layer] = used.get(layer, 0) + 1
             self._used[slot] = used
             self._projecting[slot] = projecting
+        # One copy of all the integers: columns (layer, slot) to clear, then per written
+        # term (layer, term, slot, lo, hi).
+        flat = [x for pair in cleared for x in pair] + [
+            x for point, bound in zip(where, bounds, strict=True) for x in (*point, *bound)
+        ]
+        if not flat:
+            return
+        ints = torch.tensor(flat, dtype=torch.long, device=self.model.device)
+        if cleared:
+            pairs = ints[: 2 * len(cleared)].view(-1, 2)
+            for buf in self.buffers():
+                buf[pairs[:, 0], :, pairs[:, 1]] = 0
         if not where:
             return
-        device, dtype = self.model.device, self.model.dtype
-        at = tuple(torch.tensor(column, device=device) for column in zip(*where, strict=True))
+        terms = ints[2 * len(cleared) :].view(-1, 5)
+        at = (terms[:, 0], terms[:, 1], terms[:, 2])
+        dtype = self.model.dtype
         self.delta[at] = torch.cat(deltas).to(dtype)
         self.unit[at] = torch.cat(units).to(dtype)
         self.a[at] = torch.cat(coefs_a).to(dtype)
         self.b[at] = torch.cat(coefs_b).to(dtype)
-        lo_hi = torch.tensor(bounds, dtype=torch.long, device=device)
-        self.lo[at] = lo_hi[:, 0]
-        self.hi[at] = lo_hi[:, 1]
+        self.lo[at] = terms[:, 3]
+        self.hi[at] = terms[:, 4]
+
+    def _forget(self, slots: Sequence[int]) -> list[tuple[int, int]]:
+        """Drop the bookkeeping of `slots`; returns the (layer, slot) columns they used."""
+        cleared = [(layer, slot) for slot in slots for layer in self._used.pop(slot, {})]
+        for slot in slots:
+            self._projecting.pop(slot, None)
+            self._windowed.discard(slot)
+        return cleared
 
     def _on_device(
         self, vector: SteeringVector, layers: tuple[int, ...]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The vector's directions at `layers` on the model's device, and their norms.
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The vector's directions at `layers` on the model's device, unit directions, norms.
 
         Computed in float32 (float64 for float64 models) and cached per vector, so
-        serving the same library vector again copies nothing to the device.
+        serving the same library vector again copies and computes nothing.
         """
         cached = self._prepared.setdefault(vector, {})
         if layers not in cached:
             dtype = torch.float64 if self.model.dtype == torch.float64 else torch.float32
             stacked = torch.stack([vector[layer] for layer in layers])
             directions = stacked.to(self.model.device, dtype)
-            cached[layers] = (directions, directions.norm(dim=1))
+            norms = directions.norm(dim=1)
+            cached[layers] = (directions, directions / norms.clamp_min(1e-30).unsqueeze(1), norms)
         return cached[layers]
 
     def terms_in_use(self, slots: Sequence[int]) -> int:
@@ -183,14 +206,7 @@ class SteeringTable:
 
     def clear(self, slot: int) -> None:
         """Remove every term of `slot` (its rows go unsteered)."""
-        self._check_slot(slot)
-        layers = list(self._used.pop(slot, {}))
-        if layers:
-            index = torch.tensor(layers, device=self.model.device)
-            for buf in (self.delta, self.unit, self.a, self.b, self.lo, self.hi):
-                buf[index, :, slot] = 0
-        self._projecting.pop(slot, None)
-        self._windowed.discard(slot)
+        self.set_many([(slot, [], 0)])
 
     def is_empty(self, slot: int) -> bool:
         return not self._used.get(slot)
