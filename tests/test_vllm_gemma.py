@@ -3,9 +3,9 @@
 Gemma-3's vLLM decoder layer normalises its MLP output before returning
 ``(hidden_states, residual)``; their sum is still the residual stream, which is what this
 checks (steered greedy tokens equal transformers' ``hidden_states[i + 1] + c v``). The
-engine runs eager here to keep the suite's start-up time down; compiled mode is covered on
-Llama in test_vllm_plugin.py. The direction is random (fixed seed), stored in a temporary
-vector library that vLLM resolves by name through ``$ACTENG_HOME``.
+engine runs in vLLM's default compiled mode, as on Llama, so the hooks are shown to be
+traced into a second family's graph. The direction is random (fixed seed), stored in a
+temporary vector library that vLLM resolves by name through ``$ACTENG_HOME``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ import pytest
 import torch
 
 import acteng
-from tests.vllm_support import VLLM_WARNINGS, greedy, make_llm, needs_vllm, token_ids
+from tests.vllm_support import (
+    VLLM_WARNINGS,
+    greedy,
+    make_llm,
+    needs_vllm,
+    runner_of,
+    token_ids,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.real, needs_vllm, *VLLM_WARNINGS]
 
@@ -51,7 +58,7 @@ def home(gemma3: acteng.Model, tmp_path_factory: pytest.TempPathFactory) -> Iter
 def llm(gemma3: acteng.Model, home: Path) -> Iterator[Any]:
     from acteng.vllm_engine.serve import model_location
 
-    engine = make_llm(model_location(gemma3), enforce_eager=True, max_model_len=512)
+    engine = make_llm(model_location(gemma3), max_model_len=512)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 
@@ -85,6 +92,16 @@ def test_gemma3_steering_matches_transformers(
     assert got == reference(gemma3, ids, spec)
     if coefficient == 120.0:
         assert got != token_ids(llm, [ids], greedy(16))[0]
+
+
+def test_gemma3_runs_compiled_with_every_layer_hooked(llm: Any, gemma3: acteng.Model) -> None:
+    from vllm.config import CompilationMode
+
+    runner = runner_of(llm)
+    assert len(runner._acteng_steering.handles) == gemma3.num_layers
+    config = runner.vllm_config
+    assert not config.model_config.enforce_eager
+    assert config.compilation_config.mode != CompilationMode.NONE
 
 
 def test_gemma3_unsteered_row_in_a_mixed_batch(llm: Any, gemma3: acteng.Model) -> None:
