@@ -22,10 +22,10 @@ import torch
 import acteng
 from tests.vllm_support import (
     VLLM_WARNINGS,
+    assert_hooked_and_compiled,
     greedy,
     make_llm,
     needs_vllm,
-    runner_of,
     token_ids,
 )
 
@@ -95,13 +95,7 @@ def test_gemma3_steering_matches_transformers(
 
 
 def test_gemma3_runs_compiled_with_every_layer_hooked(llm: Any, gemma3: acteng.Model) -> None:
-    from vllm.config import CompilationMode
-
-    runner = runner_of(llm)
-    assert len(runner._acteng_steering.handles) == gemma3.num_layers
-    config = runner.vllm_config
-    assert not config.model_config.enforce_eager
-    assert config.compilation_config.mode != CompilationMode.NONE
+    assert_hooked_and_compiled(llm, layers=gemma3.num_layers)
 
 
 def test_gemma3_unsteered_row_in_a_mixed_batch(llm: Any, gemma3: acteng.Model) -> None:

@@ -52,6 +52,19 @@ def runner_of(llm: Any) -> Any:
     return core.model_executor.driver_worker.worker.model_runner
 
 
+def assert_hooked_and_compiled(llm: Any, layers: int) -> Any:
+    """Assert the plugin hooked all `layers` decoder layers of an engine in vLLM's compiled
+    mode (not eager), so steering is shown inside the compiled graph; returns the runner."""
+    from vllm.config import CompilationMode
+
+    runner = runner_of(llm)
+    assert len(runner._acteng_steering.handles) == layers
+    config = runner.vllm_config
+    assert not config.model_config.enforce_eager
+    assert config.compilation_config.mode != CompilationMode.NONE
+    return runner
+
+
 def greedy(max_tokens: int = 24, steering: list[dict[str, Any]] | None = None, **kw: Any) -> Any:
     from vllm import SamplingParams
 
