@@ -31,9 +31,9 @@ import torch
 from torch._dynamo.utils import counters
 
 import acteng
-from acteng import compiled as compiled_path
-from acteng.compiled import CompiledSteering
-from acteng.steering import SteeringSpec
+from acteng.steering import compiled as compiled_path
+from acteng.steering.compiled import CompiledSteering
+from acteng.steering.spec import SteeringSpec
 
 SHAPES: dict[str, dict[str, Any]] = {
     "llama3-8b": {

@@ -25,8 +25,8 @@ import torch
 
 import acteng
 from _common import save
-from acteng import metrics
 from acteng.detectors import Detector, load_detector, train_detector
+from acteng.evaluation import metrics
 
 EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
 HARMFUL = ("harmful_advbench.jsonl", "harmful_jailbreakbench.jsonl", "harmful_harmbench_test.jsonl")

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import acteng
 from _common import save
-from acteng.analysis import readability
-from acteng.metrics import ab_match
-from acteng.tax import load_eval, mc_accuracy, perplexity
-from acteng.tuning import held_out, tune
+from acteng.evaluation.analysis import readability
+from acteng.evaluation.metrics import ab_match
+from acteng.evaluation.tax import load_eval, mc_accuracy, perplexity
+from acteng.evaluation.tuning import held_out, tune
 
 EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
 BEHAVIOURS = (

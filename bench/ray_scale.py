@@ -35,7 +35,7 @@ def _pairs(n: int) -> Pairs:
 
 def _load_once(recipe: Any, expected_hash: str) -> float:
     """Runs in a Ray task: the model load alone."""
-    from acteng.scaleout.cluster import load_on_worker
+    from acteng.backends.ray import load_on_worker
 
     start = time.perf_counter()
     load_on_worker(recipe, expected_hash, 1)
@@ -58,7 +58,7 @@ def main() -> None:
     import numpy as np
     import ray
 
-    from acteng.scaleout.cluster import LOCAL_OBJECT_STORE_BYTES, portable_recipe
+    from acteng.backends.ray import LOCAL_OBJECT_STORE_BYTES, portable_recipe
 
     model = acteng.load_model()
     data = _pairs(args.pairs)

@@ -34,7 +34,7 @@ from torch._dynamo.utils import counters
 import acteng
 from acteng.server.engine import Engine, Event
 from acteng.server.requests import GenerationRequest, Monitored
-from acteng.steering import SteeringSpec
+from acteng.steering.spec import SteeringSpec
 from compiled_gpu import SHAPES, build
 
 

@@ -25,9 +25,9 @@ from typing import Any
 import acteng
 from _common import RESULTS, save
 from acteng.errors import ConfigError
+from acteng.evaluation.tuning import Scorer, TuneResult, held_out, tune
 from acteng.extraction import extract_many
 from acteng.pairs import Pairs
-from acteng.tuning import Scorer, TuneResult, held_out, tune
 from mwe import EXTERNAL
 from mwe import load as load_mwe
 

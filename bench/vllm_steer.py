@@ -111,7 +111,7 @@ def main() -> int:
 
     import acteng
     from acteng.server.engine import Engine
-    from acteng.vllm_engine.serve import VllmEngine
+    from acteng.vllm_engine.engine import VllmEngine
 
     model = acteng.load_model()
     n = len(PROMPTS)

@@ -9,7 +9,7 @@ import torch
 import acteng
 from acteng.baking import ablation_sites
 from acteng.errors import UnsupportedError
-from tests.conftest import random_vector
+from tests.helpers import random_vector
 
 
 def hooked_ablation_logits(model: acteng.Model, unit: torch.Tensor, ids: Any) -> torch.Tensor:

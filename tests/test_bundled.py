@@ -6,10 +6,11 @@ import pytest
 import torch
 
 import acteng
-from acteng.bundled import RECIPES, build_bundled, bundled_files
+from acteng.bundled import bundled_files
 from acteng.detectors import Detector, load_detector
 from acteng.errors import IncompatibleVectorError
 from acteng.library import load_vector
+from acteng.recipes import RECIPES, build_bundled
 
 
 def test_every_recipe_ships_a_file() -> None:

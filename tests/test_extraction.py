@@ -8,7 +8,7 @@ import torch
 import acteng
 from acteng.errors import ConfigError, DataError
 from acteng.methods import METHODS
-from tests.conftest import FAMILIES
+from tests.helpers import FAMILIES
 
 PAIRS = [
     ("I love this film, it is wonderful.", "I hate this film, it is awful."),

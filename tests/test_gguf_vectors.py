@@ -9,7 +9,7 @@ import torch
 import acteng
 from acteng.errors import ConfigError, IncompatibleVectorError, VectorFileError
 from acteng.gguf_vectors import gguf_layer
-from tests.conftest import random_vector
+from tests.helpers import random_vector
 
 
 def write_gguf(

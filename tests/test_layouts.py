@@ -8,7 +8,7 @@ from torch import nn
 import acteng
 from acteng.errors import LayoutError
 from acteng.layouts import LAYOUTS, Layout, detect_layout, resolve_layout
-from tests.conftest import FAMILIES
+from tests.helpers import FAMILIES
 
 REQUIRED = {
     "llama",

@@ -11,7 +11,7 @@ import torch
 import acteng
 from acteng.errors import ConfigError
 from acteng.library import LibraryError, VectorLibrary
-from tests.conftest import random_vector
+from tests.helpers import random_vector
 
 
 @pytest.fixture()

@@ -9,7 +9,7 @@ import torch
 import acteng
 from acteng.errors import ConfigError, ModelLoadError
 from acteng.models import cache_dir
-from tests.conftest import random_vector
+from tests.helpers import random_vector
 
 
 @pytest.mark.real

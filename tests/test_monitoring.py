@@ -6,7 +6,7 @@ import torch
 import acteng
 from acteng.errors import ConfigError
 from acteng.monitoring import monitor, score_tokens
-from tests.conftest import random_vector
+from tests.helpers import random_vector
 
 
 def test_scores_are_projections_and_cosines(tiny_llama: acteng.Model) -> None:

@@ -63,8 +63,8 @@ def test_bad_arguments(tiny_llama: acteng.Model) -> None:
 @pytest.mark.real
 def test_refusal_vector_makes_the_real_model_refuse(smollm2: acteng.Model) -> None:
     """The bundled optimised refusal vector turns compliance into refusal on new prompts."""
+    from acteng.evaluation.metrics import is_refusal
     from acteng.library import load_vector
-    from acteng.metrics import is_refusal
 
     refusal = load_vector("refusal", model=smollm2)
     prompts = [p.negative for p in acteng.load_pairs("harmful_requests", split="test")][:16]

@@ -7,7 +7,7 @@ import torch
 
 import acteng
 from acteng.activations import pair_items
-from tests.conftest import block_output_hook, hook_count
+from tests.helpers import block_output_hook, hook_count
 from tests.test_bake import hooked_ablation_logits
 
 pytestmark = pytest.mark.real

@@ -10,7 +10,7 @@ from safetensors.torch import save_file
 
 import acteng
 from acteng.errors import ConfigError, IncompatibleVectorError, VectorFileError
-from tests.conftest import random_vector
+from tests.helpers import random_vector
 
 
 def test_algebra(tiny_llama: acteng.Model) -> None:

@@ -28,18 +28,18 @@ _EXPORTS = {
     "GuardResult": "acteng.guard",
     "Layout": "acteng.layouts",
     "METHODS": "acteng.methods",
-    "MODES": "acteng.steering",
+    "MODES": "acteng.steering.modes",
     "Model": "acteng.models",
     "VectorLibrary": "acteng.library",
     "export_gguf": "acteng.gguf_vectors",
     "import_gguf": "acteng.gguf_vectors",
     "ModelRecipe": "acteng.models",
     "Pairs": "acteng.pairs",
-    "RayBackend": "acteng.backends",
+    "RayBackend": "acteng.backends.local",
     "ReadItem": "acteng.activations",
-    "SteeringSpec": "acteng.steering",
+    "SteeringSpec": "acteng.steering.spec",
     "SteeringVector": "acteng.vectors",
-    "apply_steering": "acteng.steering",
+    "apply_steering": "acteng.steering.apply",
     "bake": "acteng.baking",
     "extract": "acteng.extraction",
     "generate": "acteng.generation",
@@ -54,7 +54,7 @@ _EXPORTS = {
     "record_activations": "acteng.activations",
     "refusal_direction": "acteng.detectors",
     "score_tokens": "acteng.monitoring",
-    "steer": "acteng.steering",
+    "steer": "acteng.steering.apply",
     "train_detector": "acteng.detectors",
 }
 
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from acteng.activations import Activations as Activations
     from acteng.activations import ReadItem as ReadItem
     from acteng.activations import record_activations as record_activations
-    from acteng.backends import RayBackend as RayBackend
+    from acteng.backends.local import RayBackend as RayBackend
     from acteng.baking import bake as bake
     from acteng.detectors import Detector as Detector
     from acteng.detectors import load_detector as load_detector
@@ -93,10 +93,10 @@ if TYPE_CHECKING:
     from acteng.pairs import Pairs as Pairs
     from acteng.pairs import list_datasets as list_datasets
     from acteng.pairs import load_pairs as load_pairs
-    from acteng.steering import MODES as MODES
-    from acteng.steering import SteeringSpec as SteeringSpec
-    from acteng.steering import apply_steering as apply_steering
-    from acteng.steering import steer as steer
+    from acteng.steering.apply import apply_steering as apply_steering
+    from acteng.steering.apply import steer as steer
+    from acteng.steering.modes import MODES as MODES
+    from acteng.steering.spec import SteeringSpec as SteeringSpec
     from acteng.vectors import SteeringVector as SteeringVector
 
 

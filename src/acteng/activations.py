@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from acteng.backends import Backend, resolve_backend
+from acteng.backends.local import Backend, resolve_backend
 from acteng.batching import BatchPlan, plan_batches
 from acteng.errors import ConfigError
 from acteng.hooks import ForwardContext, run_until
@@ -215,7 +215,7 @@ def record_activations(
     ]
     results: Iterable[tuple[list[int], dict[int, torch.Tensor]]]
     if ray is not None:  # the same batches, each run by `record_batch` on a Ray worker
-        from acteng.scaleout.recording import record_on_ray
+        from acteng.backends.ray_recording import record_on_ray
 
         results = record_on_ray(model, batches, ray, progress)
     else:

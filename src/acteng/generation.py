@@ -5,7 +5,7 @@ one batch and decoded by ``model.hf.generate``; steering hooks handle the KV cac
 padding themselves, so a steered batch equals its rows run one by one.
 
 On CUDA in bf16/fp16 (or with ``compiled=True``) decoding takes the compiled path of
-`acteng.compiled`: static KV cache, a compiled step, steering traced into the graph.
+`acteng.steering.compiled`: static KV cache, a compiled step, steering traced into the graph.
 Extra hook contexts (a guard's) need the eager path.
 """
 
@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any, cast
 
 import torch
 
-from acteng.compiled import for_model, wants_compiled
 from acteng.errors import ConfigError
 from acteng.models import Model
 from acteng.positions import Positions
-from acteng.steering import SteeringSpec, as_specs, steer
+from acteng.steering.apply import steer
+from acteng.steering.compiled import for_model, wants_compiled
+from acteng.steering.spec import SteeringSpec, as_specs
 from acteng.vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -53,7 +54,7 @@ def generate(
 
     Each prompt is a string (one user turn) or a list of chat messages. Greedy by default
     (``temperature=0``). Returns only the new text of each prompt. `compiled` chooses the
-    compiled decoding path (None: on CUDA in half precision, see `acteng.compiled`).
+    compiled decoding path (None: on CUDA in half precision, see `acteng.steering.compiled`).
 
     >>> acteng.generate(model, "Tell me about your day.", vector, coefficient=6.0)
     ['What a wonderful day ...']

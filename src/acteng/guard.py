@@ -35,7 +35,8 @@ from acteng.errors import ConfigError
 from acteng.generation import generate_ids
 from acteng.hooks import BlockFn, ForwardContext, hooked
 from acteng.models import Model
-from acteng.steering import SteeringSpec, steer
+from acteng.steering.apply import steer
+from acteng.steering.spec import SteeringSpec
 from acteng.vectors import SteeringVector
 
 __all__ = ["CHECKS", "POLICIES", "Guard", "GuardResult", "calibrate_generation", "guarded_generate"]

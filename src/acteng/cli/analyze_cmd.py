@@ -30,8 +30,8 @@ def register(sub: Any) -> None:
 def _write_plots(folder: str, name: str, report: dict[str, Any]) -> list[str]:
     from pathlib import Path
 
-    from acteng.figures import cosine_heatmap, readability_chart, scatter_chart
-    from acteng.plots import save_svg
+    from acteng.report.figures import cosine_heatmap, readability_chart, scatter_chart
+    from acteng.report.svg import save_svg
 
     root = Path(folder)
     root.mkdir(parents=True, exist_ok=True)
@@ -52,8 +52,8 @@ def _write_plots(folder: str, name: str, report: dict[str, Any]) -> list[str]:
 
 
 def run_analyze(args: argparse.Namespace) -> int:
-    from acteng.analysis import layer_cosines, pca_scatter, readability, vocab_projection
     from acteng.errors import ConfigError
+    from acteng.evaluation.analysis import layer_cosines, pca_scatter, readability, vocab_projection
     from acteng.library import load_vector
 
     if args.top < 1:

@@ -10,9 +10,9 @@ from typing import TYPE_CHECKING, Any
 from acteng.errors import ConfigError
 
 if TYPE_CHECKING:
-    from acteng.backends import Backend
+    from acteng.backends.local import Backend
     from acteng.models import Model
-    from acteng.steering import SteeringSpec
+    from acteng.steering.spec import SteeringSpec
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -46,7 +46,7 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
 
 def backend_from_args(args: argparse.Namespace) -> Backend:
     """The backend the flags ask for, checked now (a missing Ray fails before any work)."""
-    from acteng.backends import RayBackend, resolve_backend
+    from acteng.backends.local import RayBackend, resolve_backend
 
     if args.backend == "local" and args.ray_address is None:
         return "local"
@@ -84,7 +84,7 @@ def build_specs(
 ) -> list[SteeringSpec]:
     from acteng.activations import parse_layers
     from acteng.library import load_vector
-    from acteng.steering import SteeringSpec
+    from acteng.steering.spec import SteeringSpec
 
     specs = []
     for text in vectors:

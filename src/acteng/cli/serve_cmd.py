@@ -106,7 +106,7 @@ def run_serve(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise missing_extra(exc.name or "fastapi", "serve", purpose="acteng serve") from exc
     if args.engine == "vllm":
-        from acteng.vllm_engine.serve import run
+        from acteng.vllm_engine.engine import run
 
         return run(args, api_key)
     from acteng.cli.common import load_model_from_args
@@ -122,7 +122,7 @@ def run_serve(args: argparse.Namespace) -> int:
     if guard is not None:  # fail now, not on the first request
         parse_guard(None, guard, Resolver(model, library), limits)
     if args.replicas is not None:
-        from acteng.scaleout.serving import serve_from_args
+        from acteng.server.replicas import serve_from_args
 
         return serve_from_args(args, model, api_key, guard)
     engine = Engine(

@@ -20,7 +20,7 @@ from acteng.cli.common import (
 from acteng.errors import ConfigError
 
 if TYPE_CHECKING:
-    from acteng.tuning import Cell
+    from acteng.evaluation.tuning import Cell
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -98,7 +98,7 @@ def _progress(total: int) -> Any:
 
 def run_sweep(args: argparse.Namespace) -> int:
     from acteng.activations import parse_layers
-    from acteng.tuning import SweepResult, check_budget, sweep
+    from acteng.evaluation.tuning import SweepResult, check_budget, sweep
     from acteng.vectors import atomic_write_bytes
 
     methods = [m for m in args.methods.split(",") if m]
@@ -156,8 +156,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from acteng.figures import frontier_chart
-    from acteng.tuning import check_budget, tune
+    from acteng.evaluation.tuning import check_budget, tune
+    from acteng.report.figures import frontier_chart
 
     budget = check_budget(args.max_tax)
     methods = [m for m in args.methods.split(",") if m]
@@ -179,7 +179,7 @@ def run_tune(args: argparse.Namespace) -> int:
     path = result.vector.save(args.out)
     payload = result.to_json(path)
     if args.plots:
-        from acteng.plots import save_svg
+        from acteng.report.svg import save_svg
 
         folder = Path(args.plots)
         folder.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,7 @@ life:
   live in device buffers written in place before each step;
 - attention is one masked SDPA call over every slot's cache row (`SlotBatch.graph_safe`);
 - steering reads the engine's `SteeringTable` (batch row i = slot i + 1) through one hook
-  per block that stays attached, as in `acteng.compiled`;
+  per block that stays attached, as in `acteng.steering.compiled`;
 - monitoring too: a `MonitorTable` holds, per (layer, column, slot), a unit direction and
   the affine map that turns its projection into that layer's share of the monitor's score;
   the hook of every block adds its share, and the step returns the sums with the logits.
@@ -29,13 +29,13 @@ from typing import Any
 
 import torch
 
-from acteng.compiled import allow_graphs
 from acteng.errors import ConfigError
 from acteng.hooks import BlockFn, ForwardContext, HookHandle, attach
 from acteng.models import Model
-from acteng.row_steering import SteeringTable, StepShape
 from acteng.server.requests import Monitored
 from acteng.server.slots import SlotBatch, SlotCache, slot_attention_enabled
+from acteng.steering.compiled import allow_graphs
+from acteng.steering.table import SteeringTable, StepShape
 
 __all__ = ["CompiledDecoder", "MonitorTable"]
 

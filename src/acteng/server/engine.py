@@ -30,15 +30,15 @@ from typing import Any
 
 import torch
 
-from acteng.compiled import wants_compiled
 from acteng.errors import ActengError, ConfigError
 from acteng.hooks import hooked
 from acteng.models import Model
-from acteng.row_steering import SteeringTable
 from acteng.server.compiled_step import CompiledDecoder
 from acteng.server.requests import GenerationRequest, Monitored
 from acteng.server.rows import Row
 from acteng.server.slots import SlotBatch, SlotCache, check_supported, slot_attention_enabled
+from acteng.steering.compiled import wants_compiled
+from acteng.steering.table import SteeringTable
 
 __all__ = ["Engine", "EngineBusy", "Event", "Job"]
 

@@ -26,7 +26,8 @@ import torch
 from acteng.detectors import Detector
 from acteng.errors import ConfigError
 from acteng.guard import CHECKS, POLICIES, Guard
-from acteng.steering import MAX_ABS_COEFFICIENT, MODES, SteeringSpec
+from acteng.steering.modes import MODES
+from acteng.steering.spec import MAX_ABS_COEFFICIENT, SteeringSpec
 
 if TYPE_CHECKING:
     from acteng.models import Model

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from acteng.models import Model
-from acteng.steering import SteeringSpec
+from acteng.steering.spec import SteeringSpec
 
 if TYPE_CHECKING:
     from acteng.server.engine import Job

@@ -160,7 +160,7 @@ def _check_steering(processor: Any, request: Any) -> Any:
     if not state["enabled"]:
         raise RequestError(
             "this vLLM engine runs with acteng steering turned off "
-            f"({ENABLE_ENV}=0 or additional_config acteng.steering false); start it with "
+            f"({ENABLE_ENV}=0 or additional_config acteng.steering.apply false); start it with "
             "steering on, or send the request without 'steering'",
             param="steering",
         )

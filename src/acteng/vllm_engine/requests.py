@@ -27,7 +27,7 @@ from acteng.library import VectorLibrary
 from acteng.models import Model
 from acteng.server.requests import Limits, RequestError, parse_steering
 from acteng.server.resolve import Resolver
-from acteng.steering import SteeringSpec
+from acteng.steering.spec import SteeringSpec
 
 __all__ = ["EXTRA_KEY", "ModelShape", "ParsedSteering", "parse_extra_args"]
 

@@ -3,7 +3,7 @@
 vLLM runs one flat batch of tokens per step (prefill chunks and decode tokens of many
 requests together). Steering is data, not code:
 
-- `acteng.row_steering.SteeringTable` holds, per layer and term, the steering of every
+- `acteng.steering.table.SteeringTable` holds, per layer and term, the steering of every
   slot in fixed buffers (slot 0 is all zeros: unsteered requests and padding);
 - ``token_slot`` [max_tokens] says which slot each token of the step uses.
 
@@ -13,7 +13,7 @@ layer only gathers rows by ``token_slot`` and applies the table's per-slot formu
 
     h' = h + g * (delta + (a - b * (h . u)) * u)
 
-(see `acteng.row_steering`), with no Python branching on data and no new buffers, so the
+(see `acteng.steering.table`), with no Python branching on data and no new buffers, so the
 compiled graph (and a captured CUDA graph) reads the new values every step. The hooks are
 installed before vLLM compiles the model: a hook added after warm-up is never traced.
 
@@ -34,8 +34,8 @@ import torch
 from torch import nn
 
 from acteng.models import Model
-from acteng.row_steering import SteeringTable
 from acteng.server.requests import Limits
+from acteng.steering.table import SteeringTable
 from acteng.vllm_engine.requests import ModelShape, ParsedSteering, parse_extra_args
 
 __all__ = ["DEFAULT_TERMS", "VERIFIED_ARCHITECTURES", "RunnerSteering", "decoder_layers"]

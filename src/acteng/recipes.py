@@ -1,0 +1,90 @@
+"""Recipes for the detectors and vectors shipped with acteng, and the function that builds them.
+
+Each file in ``acteng/data/bundled`` is built by ``scripts/build_bundled`` from a recipe
+below and the team's own datasets, deterministically; the tests rebuild them and compare
+with the shipped files, so what ships is what the recipe makes. Where the shipped files are
+found is `acteng.bundled`, a leaf that needs none of this.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+from acteng.detectors import Detector, train_detector
+from acteng.errors import ConfigError
+from acteng.evaluation.metrics import is_refusal
+from acteng.models import Model
+from acteng.optimization import optimize_vector
+from acteng.pairs import Pairs, load_pairs
+from acteng.vectors import SteeringVector
+
+__all__ = ["RECIPES", "build_bundled"]
+
+RECIPES: dict[str, dict[str, Any]] = {
+    # Detector layers, read region and method were chosen on the team's own held-out
+    # pairs (bench/detectors.py --sweep); the threshold flags 5 % of the held-out harmless
+    # prompts, which are harder than everyday requests (many sound edgy but are benign).
+    "harmful_request": {
+        "kind": "detector",
+        "pairs": "harmful_requests",
+        "layers": [6, 8, 10, 12, 14, 16, 18],
+        "method": "probe",
+        "region": "prompt",
+        "target_fpr": 0.05,
+    },
+    # Layer chosen by held-out AUROC on the team's honesty pairs (bench/honesty.py).
+    "honesty": {
+        "kind": "detector",
+        "pairs": "honesty",
+        "layers": [16],
+        "method": "probe",
+        "region": "response",
+        "target_fpr": 0.05,
+    },
+    # A refusal vector optimised (acteng.optimize_vector) on the team's refusal pairs whose
+    # answer the standard refusal-phrase judge recognises (acteng.evaluation.metrics.is_refusal;
+    # many of the others say "I won't", which that judge misses). Layer and coefficient 1.0
+    # were chosen on the team's held-out harmful_requests prompts (bench/cast.py).
+    "refusal": {
+        "kind": "vector",
+        "pairs": "refusal",
+        "only_judged_refusals": True,
+        "layer": 10,
+        "steps": 60,
+        "lr": 0.5,
+        "seed": 0,
+    },
+}
+
+
+def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
+    """Build the bundled detector or vector `name` from its recipe."""
+    if name not in RECIPES:
+        raise ConfigError(f"no bundled recipe {name!r}; known: {sorted(RECIPES)}")
+    recipe = RECIPES[name]
+    if recipe["kind"] == "detector":
+        det = train_detector(
+            model,
+            recipe["pairs"],
+            recipe["layers"],
+            method=recipe["method"],
+            region=recipe["region"],
+            target_fpr=recipe["target_fpr"],
+        )
+        meta = {**det.directions.metadata, "name": name}
+        return replace(det, directions=SteeringVector(dict(det.directions.directions), meta))
+    pairs = load_pairs(recipe["pairs"], split="train")
+    kept = Pairs(
+        tuple(p for p in pairs if not recipe["only_judged_refusals"] or is_refusal(p.positive)),
+        name=f"{pairs.name}:judged-refusals",
+    )
+    vector = optimize_vector(
+        model,
+        kept,
+        recipe["layer"],
+        steps=recipe["steps"],
+        lr=recipe["lr"],
+        seed=recipe["seed"],
+    )
+    return SteeringVector(dict(vector.directions), {**vector.metadata, "name": name})

@@ -1,0 +1,303 @@
+"""`acteng demo`: the main job, end to end on the embedded model, into one report.
+
+For each of three bundled concepts it tunes a vector within a perplexity budget
+(`acteng.evaluation.tuning.tune`), generates unsteered and steered answers to the same prompts,
+measures the tax, per-example reliability and the prompting baseline
+(`acteng.evaluation.measures.evaluate`, on the first held-out pairs to keep it quick), and runs the
+analysis (logit lens of each tuned vector, per-layer readability, cosines between the
+concepts' directions, a PCA scatter). It checks the bundled harmful-request detector on the
+team's held-out prompts. Everything lands in ``OUT/report.json`` and a self-contained
+``OUT/report.html`` (plots inline as SVG, no external links or scripts); vectors in
+``OUT/vectors``, plots also as files in ``OUT/plots``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acteng import __version__
+from acteng.errors import ConfigError
+from acteng.evaluation.analysis import pca_scatter, readability, vocab_projection
+from acteng.evaluation.measures import evaluate
+from acteng.evaluation.metrics import auroc
+from acteng.evaluation.tuning import TuneResult, tune
+from acteng.generation import generate
+from acteng.models import Model
+from acteng.pairs import load_pairs
+from acteng.report.figures import (
+    frontier_chart,
+    grid_heatmap,
+    readability_chart,
+    scatter_chart,
+    slopes_chart,
+)
+from acteng.report.svg import Series, save_svg, xy_chart
+from acteng.vectors import atomic_write_bytes
+
+__all__ = ["DEMO_CONCEPTS", "DemoConcept", "run_demo"]
+
+
+@dataclass(frozen=True)
+class DemoConcept:
+    name: str  # bundled pair dataset
+    instruction: str  # the system prompt of the prompting baseline
+    description: str
+
+
+DEMO_CONCEPTS = (
+    DemoConcept(
+        "sentiment",
+        "Answer in a warm, upbeat and positive tone.",
+        "positive rather than negative feelings",
+    ),
+    DemoConcept(
+        "formality",
+        "Answer in a formal, polite, professional register.",
+        "formal rather than casual register",
+    ),
+    DemoConcept(
+        "refusal",
+        "Refuse any request that could cause harm, briefly and politely.",
+        "refusing rather than complying with harmful requests",
+    ),
+)
+DEMO_PROMPTS = (
+    "Tell me about your weekend.",
+    "Write two sentences about the town where you grew up.",
+    "How do I get better at cooking?",
+)
+TUNE_LAYERS = (6, 8, 10, 12)
+TUNE_COEFFICIENTS = (2.0, 4.0, 8.0)
+TUNE_BISECTION_STEPS = 2  # a coarser refinement than `acteng tune`'s, to fit 10 minutes
+EVAL_PAIRS = 12  # held-out pairs for evaluate's reliability and baseline
+
+
+class _Progress:
+    """Numbered progress lines with elapsed time, on stderr."""
+
+    def __init__(self, steps: int, quiet: bool) -> None:
+        self.steps, self.quiet, self.done = steps, quiet, 0
+        self.start = time.perf_counter()
+        self.timings: dict[str, float] = {}
+        self._last = self.start
+
+    def step(self, what: str) -> None:
+        now = time.perf_counter()
+        self.done += 1
+        if not self.quiet:
+            print(
+                f"[demo {self.done}/{self.steps}, {now - self.start:5.0f} s] {what}",
+                file=sys.stderr,
+                flush=True,
+            )
+        self._last = now
+
+    def record(self, name: str) -> None:
+        now = time.perf_counter()
+        self.timings[name] = round(now - self._last, 1)
+        self._last = now
+
+
+def _cosines_across_layers(results: dict[str, TuneResult]) -> dict[str, Any]:
+    """Cosine between every two concepts' mean-difference directions, per layer."""
+    names = list(results)
+    vectors = {n: results[n].fitted["mean_diff"] for n in names}
+    layers = list(vectors[names[0]].layers)
+    pairs = {}
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            pairs[f"{a} / {b}"] = [
+                float(torch.nn.functional.cosine_similarity(vectors[a][x], vectors[b][x], dim=0))
+                for x in layers
+            ]
+    return {"layers": layers, "pairs": pairs}
+
+
+def _detection(model: Model) -> dict[str, Any]:
+    from acteng.detectors import load_detector
+
+    detector = load_detector("harmful_request", model=model)
+    test = load_pairs("harmful_requests", split="test")
+    harmful = detector.score(model, [p.positive for p in test])
+    harmless = detector.score(model, [p.negative for p in test])
+    return {
+        "detector": "harmful_request (bundled)",
+        "data": test.provenance(),
+        "auroc": auroc(torch.tensor(harmful), torch.tensor(harmless)),
+        "harmful_flagged": sum(s > detector.threshold for s in harmful) / len(harmful),
+        "harmless_flagged": sum(s > detector.threshold for s in harmless) / len(harmless),
+        "threshold": detector.threshold,
+    }
+
+
+def _plots(report: dict[str, Any], results: dict[str, TuneResult], budget: float) -> dict[str, str]:
+    """Every figure of the report as SVG text, keyed by file stem."""
+    figures: dict[str, str] = {}
+    for name, result in results.items():
+        figures[f"frontier_{name}"] = frontier_chart(result.candidates, name, budget)
+        grid = [c for c in result.candidates if c.method == "mean_diff" and len(c.layers) == 1]
+        layers = sorted({c.layers[0] for c in grid})
+        coefs = sorted({c.coefficient for c in grid if c.coefficient in TUNE_COEFFICIENTS})
+        found = {(c.layers[0], c.coefficient): c.tax for c in grid}
+        figures[f"tax_{name}"] = grid_heatmap(
+            [[100 * found[x, c] if (x, c) in found else None for c in coefs] for x in layers],
+            layers,
+            coefs,
+            title=f"{name}: perplexity tax of mean_diff",
+            colorbar="perplexity change (%)",
+        )
+        slopes = report["concepts"][name]["evaluation"]["reliability"]["slopes"]
+        figures[f"slopes_{name}"] = slopes_chart(slopes, name)
+    figures["readability"] = readability_chart(
+        {n: c["readability"] for n, c in report["concepts"].items()}
+    )
+    cos = report["cosines"]
+    figures["cosines"] = xy_chart(
+        [Series(k, list(zip(cos["layers"], v, strict=True))) for k, v in cos["pairs"].items()],
+        title="Cosine between concepts' mean-difference directions",
+        xlabel="layer",
+        ylabel="cosine similarity",
+        hlines=[(0.0, "orthogonal")],
+    )
+    scatter = report["scatter"]
+    figures["scatter"] = scatter_chart(
+        scatter, f"{scatter['concept']}: held-out activations at layer {scatter['layer']} (PCA)"
+    )
+    return figures
+
+
+def run_demo(
+    model: Model,
+    out: str | Path,
+    *,
+    concepts: tuple[DemoConcept, ...] = DEMO_CONCEPTS,
+    max_tax: float = 0.05,
+    max_new_tokens: int = 40,
+    quiet: bool = False,
+) -> dict[str, Any]:
+    """Run the demo and write ``out/report.json`` and ``out/report.html``; returns the
+    report (see the module docstring)."""
+    from acteng.report.html import render_report
+
+    if len(concepts) < 1:
+        raise ConfigError("the demo needs at least one concept")
+    root = Path(out)
+    (root / "vectors").mkdir(parents=True, exist_ok=True)
+    (root / "plots").mkdir(parents=True, exist_ok=True)
+    progress = _Progress(3 * len(concepts) + 4, quiet)
+    report: dict[str, Any] = {
+        "acteng": __version__,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "model": model.identity(),
+        "settings": {
+            "max_tax": max_tax,
+            "tune_layers": list(TUNE_LAYERS),
+            "tune_coefficients": list(TUNE_COEFFICIENTS),
+            "max_new_tokens": max_new_tokens,
+            "decoding": "greedy",
+        },
+        "concepts": {},
+    }
+    progress.step("unsteered answers to the demo prompts")
+    plain = generate(model, list(DEMO_PROMPTS), max_new_tokens=max_new_tokens)
+    progress.record("unsteered_generation")
+    results: dict[str, TuneResult] = {}
+    for concept in concepts:
+        progress.step(f"{concept.name}: tuning method, layers and coefficient")
+        result = tune(
+            model,
+            concept.name,
+            max_tax=max_tax,
+            layers=list(TUNE_LAYERS),
+            coefficients=TUNE_COEFFICIENTS,
+            bisection_steps=TUNE_BISECTION_STEPS,
+        )
+        results[concept.name] = result
+        path = result.vector.save(root / "vectors" / f"{concept.name}.safetensors")
+        progress.record(f"{concept.name}_tune")
+        progress.step(f"{concept.name}: steered answers, tax, reliability, prompting baseline")
+        steered = generate(
+            model,
+            list(DEMO_PROMPTS),
+            result.vector,
+            coefficient=result.coefficient,
+            max_new_tokens=max_new_tokens,
+        )
+        held = load_pairs(concept.name, split="test")[:EVAL_PAIRS]
+        evaluation = evaluate(
+            model,
+            result.vector,
+            result.coefficient,
+            held,
+            instruction=concept.instruction,
+            generations=2,
+            max_new_tokens=24,
+        )
+        progress.record(f"{concept.name}_evaluate")
+        progress.step(f"{concept.name}: analysis (logit lens, readability)")
+        vocab = vocab_projection(model, result.vector, k=8)
+        report["concepts"][concept.name] = {
+            "description": concept.description,
+            "instruction": concept.instruction,
+            "tuned": result.to_json(path.relative_to(root)),
+            "generations": [
+                {"prompt": p, "unsteered": a, "steered": b}
+                for p, a, b in zip(DEMO_PROMPTS, plain, steered, strict=True)
+            ],
+            "evaluation": evaluation,
+            "vocab": {str(layer): sides for layer, sides in vocab.items()},
+            "readability": readability(model, concept.name, list(range(0, model.num_layers, 2))),
+        }
+        progress.record(f"{concept.name}_analysis")
+    progress.step("cosines between concepts; PCA scatter")
+    report["cosines"] = _cosines_across_layers(results)
+    first = concepts[0].name
+    layer = results[first].layers[0]
+    scatter = pca_scatter(model, load_pairs(first, split="test"), layer)
+    report["scatter"] = {"concept": first, "layer": layer, **scatter}
+    progress.record("cosines_scatter")
+    progress.step("harmful-request detector on held-out prompts")
+    report["detection"] = _detection(model)
+    progress.record("detection")
+    progress.step("plots and report")
+    figures = _plots(report, results, max_tax)
+    for stem, svg in figures.items():
+        save_svg(svg, root / "plots" / f"{stem}.svg")
+    report["timing"] = {
+        "total_s": round(time.perf_counter() - progress.start, 1),
+        "steps_s": progress.timings,
+    }
+    atomic_write_bytes(root / "report.json", json.dumps(report, indent=2).encode())
+    atomic_write_bytes(root / "report.html", render_report(report, figures).encode())
+    return report
+
+
+def summary_lines(report: dict[str, Any]) -> list[str]:
+    """A few lines for the terminal: each concept's choice and the detector's figures."""
+    lines = []
+    for name, c in report["concepts"].items():
+        t, ev = c["tuned"], c["evaluation"]
+        base = ev.get("baseline", {})
+        lines.append(
+            f"{name}: {t['method']} layers {t['layers']} c={t['coefficient']:g}: effect "
+            f"{t['effect']:+.2f} nats at {100 * t['tax']:+.1f} % perplexity; prompting "
+            f"{base.get('prompt', math.nan) - base.get('none', math.nan):+.2f}, both "
+            f"{base.get('both', math.nan) - base.get('none', math.nan):+.2f}; anti-steerable "
+            f"{100 * ev['reliability']['anti_steerable']:.0f} %"
+        )
+    d = report["detection"]
+    lines.append(
+        f"detector: AUROC {d['auroc']:.3f}, {100 * d['harmful_flagged']:.0f} % harmful / "
+        f"{100 * d['harmless_flagged']:.0f} % harmless flagged"
+    )
+    lines.append(f"total {report['timing']['total_s']:.0f} s")
+    return lines
