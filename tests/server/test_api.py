@@ -15,7 +15,6 @@ openai = pytest.importorskip("openai")
 from starlette.testclient import TestClient  # noqa: E402
 
 import acteng  # noqa: E402
-
 from tests.helpers import hook_count  # noqa: E402
 from tests.server.serving import PROMPT, make_app, wait_until  # noqa: E402
 

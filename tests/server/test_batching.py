@@ -14,7 +14,6 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx2")
 
 import acteng  # noqa: E402
-
 from tests.server.serving import PROMPT, make_app, serve_on_loopback, wait_until  # noqa: E402
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]

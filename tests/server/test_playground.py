@@ -16,7 +16,6 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 import acteng  # noqa: E402
-
 from tests.server.serving import make_app, serve_on_loopback  # noqa: E402
 
 pytestmark = [pytest.mark.real, pytest.mark.browser, pytest.mark.slow]
