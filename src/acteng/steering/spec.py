@@ -15,10 +15,33 @@ from acteng.positions import Positions, parse_positions
 from acteng.steering.modes import MODES
 from acteng.vectors import SteeringVector
 
-__all__ = ["MAX_ABS_COEFFICIENT", "SteeringSpec", "as_specs"]
+__all__ = ["MAX_ABS_COEFFICIENT", "SteeringSpec", "as_specs", "check_coefficient"]
 
 # Coefficients beyond this are almost surely a typo (activations would overflow).
 MAX_ABS_COEFFICIENT = 1e4
+
+
+def check_coefficient(
+    value: Any, *, name: str = "coefficient", bound: float = MAX_ABS_COEFFICIENT
+) -> float:
+    """`value` as a float if it is a usable steering coefficient, else a ConfigError.
+
+    The one coefficient check: specs, HTTP and vLLM requests and sweeps all call it, so a
+    coefficient means the same and fails with the same words everywhere. `name` is what
+    the message calls the value (an HTTP field path, say); `bound` caps ``|value|``.
+
+    >>> check_coefficient(4)
+    4.0
+    >>> check_coefficient(float("nan"))  # ConfigError: ... give a finite number ...
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number) or abs(number) > bound:
+        raise ConfigError(
+            f"{name} is {value}; give a finite number between {-bound:g} and {bound:g}"
+        )
+    return number
 
 
 @dataclass(frozen=True)
@@ -46,15 +69,7 @@ class SteeringSpec:
                 f"a steering spec needs a SteeringVector, got {type(self.vector).__name__}; "
                 "load one with acteng.SteeringVector.load(path)"
             )
-        coefficient = self.coefficient
-        if isinstance(coefficient, bool) or not isinstance(coefficient, numbers.Real):
-            raise ConfigError(f"coefficient must be a number, got {coefficient!r}")
-        if not math.isfinite(coefficient) or abs(coefficient) > MAX_ABS_COEFFICIENT:
-            raise ConfigError(
-                f"coefficient {coefficient} is not usable; give a finite number with "
-                f"|c| <= {MAX_ABS_COEFFICIENT:g}"
-            )
-        object.__setattr__(self, "coefficient", float(coefficient))
+        object.__setattr__(self, "coefficient", check_coefficient(self.coefficient))
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         object.__setattr__(self, "positions", parse_positions(self.positions))
