@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from acteng.detectors import Detector
-from acteng.errors import ConfigError
+from acteng.errors import ConfigError, RequestError
 from acteng.guard import CHECKS, POLICIES, Guard
 from acteng.steering.modes import MODES
 from acteng.steering.spec import MAX_ABS_COEFFICIENT, SteeringSpec
@@ -34,15 +34,6 @@ if TYPE_CHECKING:
     from acteng.server.resolve import Resolver
 
 __all__ = ["GenerationRequest", "Limits", "Monitored", "RequestError", "parse_request"]
-
-
-class RequestError(ConfigError):
-    """A request the server will not run; `status` is the HTTP code, `param` the field."""
-
-    def __init__(self, message: str, param: str | None = None, *, status: int = 400) -> None:
-        super().__init__(message)
-        self.param = param
-        self.status = status
 
 
 @dataclass(frozen=True)

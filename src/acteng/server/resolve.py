@@ -13,10 +13,10 @@ from typing import Any
 
 from acteng.bundled import bundled_files
 from acteng.detectors import Detector
-from acteng.errors import ActengError, ConfigError
-from acteng.library import LibraryError, VectorLibrary, validate_name
+from acteng.errors import ActengError, ConfigError, LibraryError, RequestError
+from acteng.library import VectorLibrary, validate_name
 from acteng.models import Model
-from acteng.server.requests import Monitored, RequestError
+from acteng.server.requests import Monitored
 from acteng.vectors import SteeringVector
 
 __all__ = ["Resolver"]
