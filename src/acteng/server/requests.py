@@ -21,17 +21,14 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from acteng.detectors import Detector
 from acteng.errors import ConfigError, RequestError
 from acteng.guard import CHECKS, POLICIES, Guard
+from acteng.server.resolve import Monitored, Resolver
 from acteng.steering.modes import MODES
 from acteng.steering.spec import MAX_ABS_COEFFICIENT, SteeringSpec
 
 if TYPE_CHECKING:
     from acteng.models import Model
-    from acteng.server.resolve import Resolver
 
 __all__ = ["GenerationRequest", "Limits", "Monitored", "RequestError", "parse_request"]
 
@@ -48,17 +45,6 @@ class Limits:
     max_messages: int = 256
     max_stop: int = 4
     max_coefficient: float = MAX_ABS_COEFFICIENT
-
-
-@dataclass(frozen=True)
-class Monitored:
-    """A vector or detector whose per-token scores a request asked for."""
-
-    key: str  # unique per (name, layers)
-    name: str
-    layers: tuple[int, ...]
-    units: dict[int, torch.Tensor]  # layer -> unit direction on the model's device
-    detector: Detector | None = None
 
 
 @dataclass(frozen=True)
