@@ -18,7 +18,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "acteng"
 LAYERS: list[tuple[str, ...]] = [
     ("acteng.errors",),
     ("acteng.layouts", "acteng.positions", "acteng.pairs", "acteng.methods",
-     "acteng.batching", "acteng.hooks", "acteng.bundled"),
+     "acteng.batching", "acteng.hooks", "acteng.bundled", "acteng.layer_selection"),
     ("acteng.models", "acteng.vectors"),
     ("acteng.backends", "acteng.activations", "acteng.steering", "acteng.library",
      "acteng.gguf_vectors"),

@@ -82,7 +82,7 @@ def parse_vector_arg(text: str) -> tuple[str, float]:
 def build_specs(
     model: Model, vectors: list[str], *, layers: str | None, positions: str, mode: str
 ) -> list[SteeringSpec]:
-    from acteng.activations import parse_layers
+    from acteng.layer_selection import parse_layers
     from acteng.library import load_vector
     from acteng.steering.spec import SteeringSpec
 
