@@ -23,8 +23,8 @@ import torch
 
 import acteng
 from _common import interleaved, save, workload_pairs
-from acteng.activations import parse_layers
 from acteng.extraction import extract_many
+from acteng.layer_selection import parse_layers
 from acteng.pairs import ContrastivePair, Pairs
 
 

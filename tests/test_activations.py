@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import acteng
-from acteng.activations import ReadItem, pair_items, parse_layers
+from acteng.activations import ReadItem, pair_items
 from acteng.errors import ConfigError, InputTooLongError
+from acteng.layer_selection import parse_layers
 
 TEXTS = ["The cat sat on the mat.", "Hi", "A much longer sentence about the weather in spring."]
 

@@ -20,6 +20,7 @@ from acteng.backends.local import Backend, resolve_backend
 from acteng.batching import BatchPlan, plan_batches
 from acteng.errors import ConfigError
 from acteng.hooks import ForwardContext, run_until
+from acteng.layer_selection import parse_layers
 from acteng.models import Model
 from acteng.pairs import ContrastivePair
 from acteng.positions import READ_POSITIONS, ReadSpan, read_span
@@ -29,7 +30,6 @@ __all__ = [
     "ReadItem",
     "RecordBatch",
     "pair_items",
-    "parse_layers",
     "record_activations",
     "record_batch",
     "record_pairs",
@@ -63,43 +63,6 @@ class Activations:
 
     def __len__(self) -> int:
         return int(next(iter(self.rows.values())).shape[0]) if self.rows else 0
-
-
-def parse_layers(model: Model, layers: int | str | Sequence[int] | None) -> list[int]:
-    """Normalise a layer selection: None/"all", an int, "11-13", "5,7,9" or a list.
-
-    Negative integers count from the end (-1 is the last block).
-    """
-    n = model.num_layers
-    if layers is None or layers == "all":
-        return list(range(n))
-    if isinstance(layers, str):
-        chosen: list[int] = []
-        for part in layers.replace(" ", "").split(","):
-            lo, sep, hi = part.partition("-") if not part.startswith("-") else (part, "", "")
-            try:
-                if sep:
-                    chosen.extend(range(int(lo), (int(hi) if hi else n - 1) + 1))
-                else:
-                    chosen.append(int(lo))
-            except ValueError:
-                raise ConfigError(
-                    f"cannot read layers {layers!r}; write 'all', '12', '11-13' or '5,7,9'"
-                ) from None
-    elif isinstance(layers, int):
-        chosen = [layers]
-    else:
-        chosen = [int(x) for x in layers]
-    resolved = [x + n if x < 0 else x for x in chosen]
-    bad = [orig for orig, x in zip(chosen, resolved, strict=True) if not 0 <= x < n]
-    if bad:
-        raise ConfigError(
-            f"layer(s) {bad} out of range: {model.name} has layers 0-{n - 1} "
-            f"(layer i is the output of block i)"
-        )
-    if not resolved:
-        raise ConfigError("no layers selected; give at least one layer")
-    return sorted(set(resolved))
 
 
 def pair_items(

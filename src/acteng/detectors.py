@@ -22,8 +22,9 @@ from typing import Any
 
 import torch
 
-from acteng.activations import ReadItem, parse_layers, record_activations
+from acteng.activations import ReadItem, record_activations
 from acteng.errors import ConfigError, VectorFileError
+from acteng.layer_selection import parse_layers
 from acteng.methods import METHODS
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs

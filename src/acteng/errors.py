@@ -5,12 +5,15 @@ Each message names the problem, the value seen and the fix. Every class derives 
 
     ActengError
     ├── ConfigError            (ValueError)   a bad argument: layer, coefficient, mode, position
+    │   └── RequestError                      a bad field of a JSON request (HTTP body, vLLM
+    │                                         extra_args, a JSON SteeringSpec); has param, status
     ├── DataError              (ValueError)   a malformed or empty dataset, with file and line
     ├── InputTooLongError      (ValueError)   a text longer than the model's context
     ├── VectorFileError        (ValueError)   a vector file that is truncated, foreign or invalid
     ├── IncompatibleVectorError(ValueError)   a vector made for a model of another shape
     ├── ModelLoadError         (OSError)      a model source that cannot be found or read
     ├── LayoutError            (LookupError)  a model whose blocks / norm / unembedding are missing
+    ├── LibraryError           (LookupError)  a library entry that is missing, taken or broken
     ├── UnsupportedError       (NotImplementedError)  a valid request this model family cannot do
     └── MissingExtraError      (ImportError)  an optional dependency that is not installed
 """
@@ -24,8 +27,10 @@ __all__ = [
     "IncompatibleVectorError",
     "InputTooLongError",
     "LayoutError",
+    "LibraryError",
     "MissingExtraError",
     "ModelLoadError",
+    "RequestError",
     "UnsupportedError",
     "VectorFileError",
 ]
@@ -37,6 +42,17 @@ class ActengError(Exception):
 
 class ConfigError(ActengError, ValueError):
     """An argument value is invalid (unknown layer, NaN coefficient, unknown mode...)."""
+
+
+class RequestError(ConfigError):
+    """A field of a JSON request that will not be run: an HTTP body, vLLM ``extra_args``
+    or a JSON `SteeringSpec`. `param` names the field (``steering[1].coefficient``),
+    `status` is the HTTP code the server answers with."""
+
+    def __init__(self, message: str, param: str | None = None, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.param = param
+        self.status = status
 
 
 class DataError(ActengError, ValueError):
@@ -61,6 +77,10 @@ class ModelLoadError(ActengError, OSError):
 
 class LayoutError(ActengError, LookupError):
     """The blocks, final norm or unembedding of a model could not be located."""
+
+
+class LibraryError(ActengError, LookupError):
+    """A library entry is missing, already exists, or is broken."""
 
 
 class UnsupportedError(ActengError, NotImplementedError):

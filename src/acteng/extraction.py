@@ -14,9 +14,10 @@ from typing import Any
 
 import torch
 
-from acteng.activations import parse_layers, record_pairs
+from acteng.activations import record_pairs
 from acteng.backends.local import Backend
 from acteng.errors import ConfigError
+from acteng.layer_selection import parse_layers
 from acteng.methods import METHODS
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs

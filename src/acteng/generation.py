@@ -139,7 +139,11 @@ def generate_ids(
     if stopping_criteria is not None:
         options["stopping_criteria"] = stopping_criteria
     if use_compiled:
-        specs = [] if steering is None else as_specs(steering, coefficient, layers, positions, mode)
+        specs = (
+            []
+            if steering is None
+            else as_specs(steering, coefficient, layers, positions, mode, model=model)
+        )
         return _generate_compiled(model, batch, specs, options, seed)
     generator = cast("GenerationMixin", model.hf)  # a transformers causal LM
     with ExitStack() as stack:

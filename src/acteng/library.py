@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from acteng.errors import ActengError, ConfigError, VectorFileError
+from acteng.errors import ConfigError, LibraryError, VectorFileError
 from acteng.vectors import SteeringVector, atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -58,10 +58,6 @@ CREATE TABLE IF NOT EXISTS vectors (
     card TEXT
 )
 """
-
-
-class LibraryError(ActengError, LookupError):
-    """A library entry is missing, already exists, or is broken."""
 
 
 def _read_checked(path: Path, sha: str) -> tuple[SteeringVector | None, str | None]:

@@ -17,10 +17,11 @@ from typing import Literal
 
 import torch
 
-from acteng.activations import parse_layers, right_padded
+from acteng.activations import right_padded
 from acteng.detectors import Detector
 from acteng.errors import ConfigError
 from acteng.hooks import BlockFn, ForwardContext, hooked, run_until
+from acteng.layer_selection import parse_layers
 from acteng.models import Model
 from acteng.vectors import SteeringVector
 

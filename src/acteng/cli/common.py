@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from acteng.backends.local import Backend
     from acteng.models import Model
     from acteng.steering.spec import SteeringSpec
+    from acteng.vectors import SteeringVector
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
@@ -82,20 +83,27 @@ def parse_vector_arg(text: str) -> tuple[str, float]:
 def build_specs(
     model: Model, vectors: list[str], *, layers: str | None, positions: str, mode: str
 ) -> list[SteeringSpec]:
-    from acteng.activations import parse_layers
+    """``--vector PATH[:COEF]`` flags (with ``--layers``, ``--positions``, ``--mode``) as
+    specs: each becomes a steering item read by `SteeringSpec.from_json`, exactly as an
+    HTTP ``steering[i]`` item is, so flags and requests accept the same values."""
     from acteng.library import load_vector
     from acteng.steering.spec import SteeringSpec
 
+    def lookup(name: str) -> SteeringVector:
+        return load_vector(name, model=model)
+
     specs = []
-    for text in vectors:
+    for i, text in enumerate(vectors):
         path, coefficient = parse_vector_arg(text)
-        vector = load_vector(path, model=model)
-        chosen = tuple(parse_layers(model, layers)) if layers else None
-        specs.append(
-            SteeringSpec(
-                vector, coefficient=coefficient, layers=chosen, positions=positions, mode=mode
-            )
-        )
+        item: dict[str, Any] = {
+            "vector": path,
+            "coefficient": coefficient,
+            "positions": positions,
+            "mode": mode,
+        }
+        if layers:
+            item["layers"] = layers
+        specs.append(SteeringSpec.from_json(item, lookup, model, where=f"steering[{i}]"))
     return specs
 
 

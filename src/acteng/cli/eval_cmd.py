@@ -35,8 +35,8 @@ def register(sub: Any) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from acteng.activations import parse_layers
     from acteng.evaluation.measures import evaluate
+    from acteng.layer_selection import parse_layers
     from acteng.library import load_vector
 
     backend = backend_from_args(args)

@@ -7,7 +7,7 @@ import shutil
 import sys
 import textwrap
 from dataclasses import replace
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from acteng.cli.common import (
     add_model_args,
@@ -17,6 +17,9 @@ from acteng.cli.common import (
     print_json,
 )
 from acteng.errors import ActengError, ConfigError
+
+if TYPE_CHECKING:
+    from acteng.steering.spec import SteeringSpec
 
 
 def _add_steering_args(p: argparse.ArgumentParser) -> None:
@@ -183,14 +186,9 @@ def _run_guarded(args: argparse.Namespace, model: Any, specs: list[Any]) -> int:
     return 0
 
 
-def _describe(spec: Any) -> dict[str, Any]:
-    return {
-        "coefficient": spec.coefficient,
-        "layers": list(spec.active_layers),
-        "positions": str(spec.positions),
-        "mode": spec.mode,
-        "method": spec.vector.metadata.get("method"),
-    }
+def _describe(spec: SteeringSpec) -> dict[str, Any]:
+    """The spec's JSON form (`SteeringSpec.to_json`) plus how its vector was made."""
+    return {**spec.to_json(), "method": spec.vector.metadata.get("method")}
 
 
 def _describe_short(spec: Any) -> str:

@@ -5,10 +5,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from acteng.cli.common import add_model_args, parse_vector_arg
 from acteng.errors import ConfigError, missing_extra
+
+if TYPE_CHECKING:
+    from acteng.server.settings import ServeSettings
 
 API_KEY_ENV = "ACTENG_API_KEY"
 
@@ -96,6 +100,23 @@ def default_guard(args: argparse.Namespace) -> dict[str, Any] | None:
     return guard
 
 
+def serve_settings(args: argparse.Namespace, api_key: str | None) -> ServeSettings:
+    """The flags of ``acteng serve`` as the typed settings the server is built from."""
+    from acteng.server.settings import ServeSettings
+
+    return ServeSettings(
+        slots=args.slots,
+        context=args.context,
+        max_queue=args.queue,
+        fixed_batch=not args.no_fixed_batch,
+        max_tokens=args.max_tokens,
+        # absolute: Ray Serve replicas may start in another folder
+        home=None if args.home is None else os.fspath(Path(args.home).expanduser().resolve()),
+        api_key=api_key,
+        guard=default_guard(args),
+    )
+
+
 def run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
     check_binding(args.host, api_key)
@@ -105,34 +126,43 @@ def run_serve(args: argparse.Namespace) -> int:
         from acteng.server.app import create_app
     except ImportError as exc:
         raise missing_extra(exc.name or "fastapi", "serve", purpose="acteng serve") from exc
-    if args.engine == "vllm":
-        from acteng.vllm_engine.engine import run
-
-        return run(args, api_key)
     from acteng.cli.common import load_model_from_args
+
+    settings = serve_settings(args, api_key)
+    if args.engine == "vllm":
+        from acteng.vllm_engine.engine import check_serving, serve_with_vllm
+
+        check_serving(settings)  # before the model loads
+        return serve_with_vllm(
+            load_model_from_args(args), settings, host=args.host, port=args.port, dtype=args.dtype
+        )
     from acteng.library import VectorLibrary
     from acteng.server.engine import Engine
-    from acteng.server.requests import Limits, parse_guard
+    from acteng.server.requests import parse_guard
     from acteng.server.resolve import Resolver
 
     model = load_model_from_args(args)
-    library = VectorLibrary(args.home)
-    guard = default_guard(args)
-    limits = Limits(max_tokens=args.max_tokens, context=args.context)
-    if guard is not None:  # fail now, not on the first request
-        parse_guard(None, guard, Resolver(model, library), limits)
+    library = VectorLibrary(settings.home)
+    if settings.guard is not None:  # fail now, not on the first request
+        parse_guard(None, settings.guard, Resolver(model, library), settings.limits)
     if args.replicas is not None:
-        from acteng.server.replicas import serve_from_args
+        from acteng.server.replicas import run_replicas
 
-        return serve_from_args(args, model, api_key, guard)
+        return run_replicas(model, args.replicas, args.host, args.port, settings)
     engine = Engine(
         model,
-        slots=args.slots,
-        context=args.context,
-        max_queue=args.queue,
-        fixed_batch=not args.no_fixed_batch,
+        slots=settings.slots,
+        context=settings.context,
+        max_queue=settings.max_queue,
+        fixed_batch=settings.fixed_batch,
     )
-    app = create_app(engine, library=library, api_key=api_key, limits=limits, default_guard=guard)
+    app = create_app(
+        engine,
+        library=library,
+        api_key=api_key,
+        limits=settings.limits,
+        default_guard=settings.guard,
+    )
     print(f"acteng: serving {model.name} on http://{args.host}:{args.port} (playground at /)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

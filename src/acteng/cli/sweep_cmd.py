@@ -97,8 +97,8 @@ def _progress(total: int) -> Any:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from acteng.activations import parse_layers
     from acteng.evaluation.tuning import SweepResult, check_budget, sweep
+    from acteng.layer_selection import parse_layers
     from acteng.vectors import atomic_write_bytes
 
     methods = [m for m in args.methods.split(",") if m]

@@ -17,9 +17,10 @@ from typing import Any
 
 import torch
 
-from acteng.activations import parse_layers, record_pairs
+from acteng.activations import record_pairs
 from acteng.errors import ConfigError
 from acteng.evaluation.metrics import auroc
+from acteng.layer_selection import parse_layers
 from acteng.layouts import get_submodule
 from acteng.methods import METHODS
 from acteng.models import Model

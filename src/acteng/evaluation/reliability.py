@@ -19,9 +19,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from acteng.activations import parse_layers, record_pairs
+from acteng.activations import record_pairs
 from acteng.errors import ConfigError
 from acteng.evaluation.metrics import auroc, logprob_margin
+from acteng.layer_selection import parse_layers
 from acteng.models import Model
 from acteng.pairs import ContrastivePair
 from acteng.steering.spec import SteeringSpec

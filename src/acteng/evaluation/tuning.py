@@ -29,12 +29,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from acteng.activations import parse_layers
 from acteng.backends.local import Backend, RayBackend, connected, resolve_backend
 from acteng.errors import ConfigError, DataError
 from acteng.evaluation.metrics import ab_from_scores, pair_scores
 from acteng.evaluation.tax import load_eval, perplexity
 from acteng.extraction import extract_many
+from acteng.layer_selection import parse_layers
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
 from acteng.report.figures import frontier_chart, grid_heatmap

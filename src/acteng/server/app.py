@@ -13,8 +13,6 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import time
-import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager, suppress
 from importlib import resources
@@ -27,31 +25,17 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers, MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from acteng.errors import ActengError
+from acteng.errors import ActengError, RequestError
 from acteng.library import VectorLibrary
 from acteng.server.engine import Engine, EngineBusy, Event, Job
-from acteng.server.requests import GenerationRequest, Limits, RequestError, parse_request
+from acteng.server.openai_replies import Reply, error_response, stream
+from acteng.server.requests import GenerationRequest, Limits, parse_request
 from acteng.server.resolve import MAX_UPLOAD_BYTES, Resolver
 
 __all__ = ["create_app"]
 
 MAX_BODY_BYTES = 1024 * 1024
 MODEL_ALIASES = ("default",)
-
-
-def _error(status: int, message: str, *, param: str | None = None, kind: str = "") -> JSONResponse:
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
-    return JSONResponse(
-        {
-            "error": {
-                "message": message,
-                "type": kind or kinds.get(status, "server_error" if status >= 500 else "error"),
-                "param": param,
-                "code": status,
-            }
-        },
-        status_code=status,
-    )
 
 
 def _playground() -> str:
@@ -95,8 +79,8 @@ def create_app(
     app.add_middleware(_RequestGate, api_key=api_key)
 
     @app.exception_handler(RequestError)
-    async def request_error(_r: Request, exc: RequestError) -> JSONResponse:
-        return _error(exc.status, str(exc), param=exc.param)
+    async def requesterror_response(_r: Request, exc: RequestError) -> JSONResponse:
+        return error_response(exc.status, str(exc), param=exc.param)
 
     @app.exception_handler(RequestValidationError)
     async def bad_parameters(_r: Request, exc: RequestValidationError) -> JSONResponse:
@@ -104,15 +88,15 @@ def create_app(
             f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
             for e in exc.errors()
         )
-        return _error(400, f"bad parameters: {problems}")
+        return error_response(400, f"bad parameters: {problems}")
 
     @app.exception_handler(EngineBusy)
     async def busy(_r: Request, exc: EngineBusy) -> JSONResponse:
-        return _error(503, str(exc))
+        return error_response(503, str(exc))
 
     @app.exception_handler(ActengError)
-    async def acteng_error(_r: Request, exc: ActengError) -> JSONResponse:
-        return _error(400, str(exc))
+    async def actengerror_response(_r: Request, exc: ActengError) -> JSONResponse:
+        return error_response(400, str(exc))
 
     async def body_json(request: Request) -> Any:
         data = await request.body()
@@ -202,10 +186,10 @@ def create_app(
                 loop.call_soon_threadsafe(events.put_nowait, event)
 
         job = engine.submit(parsed, sink)
-        reply = _Reply(chat, model_id)
+        reply = Reply(chat, model_id)
         if parsed.stream:
             return StreamingResponse(
-                _stream(job, events, reply, parsed.include_usage),
+                stream(job, events, reply, parsed.include_usage),
                 media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache"},
             )
@@ -220,119 +204,6 @@ def create_app(
         return await generate(request, chat=False)
 
     return app
-
-
-class _Reply:
-    """OpenAI response and chunk objects for one request."""
-
-    def __init__(self, chat: bool, model: str) -> None:
-        self.chat = chat
-        self.model = model
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
-        self.created = int(time.time())
-
-    def _base(self, stream: bool) -> dict[str, Any]:
-        kind = "chat.completion" if self.chat else "text_completion"
-        return {
-            "id": self.id,
-            "object": kind + (".chunk" if stream and self.chat else ""),
-            "created": self.created,
-            "model": self.model,
-        }
-
-    def chunk(self, text: str | None, finish: str | None, acteng: dict[str, Any]) -> str:
-        if self.chat:
-            delta: dict[str, Any] = {} if text is None else {"content": text}
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "finish_reason": finish}
-        else:
-            choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
-        payload = {**self._base(True), "choices": [choice], "acteng": acteng}
-        return f"data: {json.dumps(payload)}\n\n"
-
-    def role_chunk(self) -> str:
-        payload = {
-            **self._base(True),
-            "choices": [
-                {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-            ],
-        }
-        return f"data: {json.dumps(payload)}\n\n"
-
-    def usage_chunk(self, usage: dict[str, int]) -> str:
-        payload = {**self._base(True), "choices": [], "usage": usage}
-        return f"data: {json.dumps(payload)}\n\n"
-
-    def full(self, text: str, finish: str | None, summary: dict[str, Any]) -> dict[str, Any]:
-        if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": finish,
-                "logprobs": None,
-            }
-        else:
-            choice = {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        return {
-            **self._base(False),
-            "choices": [choice],
-            "usage": _usage(summary),
-            "acteng": summary.get("acteng", {}),
-        }
-
-
-def _usage(summary: dict[str, Any]) -> dict[str, int]:
-    prompt, completion = summary.get("prompt_tokens", 0), summary.get("completion_tokens", 0)
-    return {
-        "prompt_tokens": prompt,
-        "completion_tokens": completion,
-        "total_tokens": prompt + completion,
-    }
-
-
-def _final_acteng(summary: dict[str, Any]) -> dict[str, Any]:
-    """The last chunk's extension: the guard verdict and each monitor's mean."""
-    ext = dict(summary.get("acteng", {}))
-    ext["monitor"] = {
-        name: {k: v for k, v in entry.items() if k not in ("tokens", "scores", "prompt_scores")}
-        for name, entry in ext.get("monitor", {}).items()
-    }
-    guard = ext.get("guard")
-    if guard is not None and guard.get("action") == "block":
-        ext["guard"] = {**guard, "replacement": summary.get("text", "")}
-    return ext
-
-
-async def _stream(
-    job: Job, events: asyncio.Queue[Event], reply: _Reply, include_usage: bool
-) -> AsyncIterator[str]:
-    """Server-sent events until the job ends; leaving early (a disconnect) cancels it."""
-    try:
-        if reply.chat:
-            yield reply.role_chunk()
-        while True:
-            event = await events.get()
-            if event.kind == "token":
-                ext = {"tokens": event.tokens, "monitor": event.scores} if event.tokens else {}
-                yield reply.chunk(event.text, None, ext)
-            elif event.kind == "done":
-                summary = event.summary
-                guard = summary.get("acteng", {}).get("guard") or {}
-                text = None
-                if guard.get("fired_on") == "prompt" and guard.get("action") == "block":
-                    text = summary.get("text")  # nothing was streamed: send the refusal
-                yield reply.chunk(text, event.finish_reason, _final_acteng(summary))
-                if include_usage:
-                    yield reply.usage_chunk(_usage(summary))
-                yield "data: [DONE]\n\n"
-                return
-            else:
-                error = {
-                    "error": {"message": event.text, "type": "server_error", "code": event.status}
-                }
-                yield f"data: {json.dumps(error)}\n\n"
-                return
-    finally:
-        job.cancel()  # a no-op once done; frees the slot when the client went away
 
 
 class _RequestGate:
@@ -370,16 +241,18 @@ class _RequestGate:
             header = headers.get("authorization", "")
             given = header[7:] if header.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'")
+                return error_response(
+                    401, "missing or wrong API key: send 'Authorization: Bearer KEY'"
+                )
         size = headers.get("content-length")
         limit = MAX_UPLOAD_BYTES if path == "/v1/vectors" else MAX_BODY_BYTES
         if size is not None and size.isdigit() and int(size) > limit:
-            return _error(413, f"the body has {size} bytes; the limit is {limit}")
+            return error_response(413, f"the body has {size} bytes; the limit is {limit}")
         return None
 
 
 async def _collect(
-    request: Request, job: Job, events: asyncio.Queue[Event], reply: _Reply
+    request: Request, job: Job, events: asyncio.Queue[Event], reply: Reply
 ) -> Response:
     """Wait for the whole answer, cancelling the job if the client disconnects."""
     parts: list[str] = []
@@ -410,6 +283,6 @@ async def _collect(
                     )
                 )
             else:
-                return _error(event.status, event.text)
+                return error_response(event.status, event.text)
     finally:
         job.cancel()

@@ -9,44 +9,27 @@ port 8000 on its own). Ray Serve balances requests over the replicas.
 
 from __future__ import annotations
 
-import argparse
 import os
 import signal
 import threading
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from acteng.backends.local import RayBackend, resolve_backend
 from acteng.backends.ray import load_on_worker, portable_recipe, ray_cluster, worker_resources
 from acteng.errors import ConfigError
 from acteng.models import Model, ModelRecipe
+from acteng.server.settings import ServeSettings
 
 __all__ = [
     "APP_NAME",
     "AppReplica",
     "ServeSettings",
     "run_replicas",
-    "serve_from_args",
     "start_replicas",
     "stop_replicas",
 ]
 
 APP_NAME = "acteng"
-
-
-@dataclass(frozen=True)
-class ServeSettings:
-    """What ``acteng serve`` builds its engine and app from (its flags)."""
-
-    slots: int = 16
-    context: int = 1024
-    max_queue: int = 256
-    fixed_batch: bool = True
-    max_tokens: int = 512
-    home: str | None = None
-    api_key: str | None = None
-    guard: dict[str, Any] | None = None
 
 
 class AppReplica:
@@ -58,7 +41,6 @@ class AppReplica:
         from acteng.library import VectorLibrary
         from acteng.server.app import create_app
         from acteng.server.engine import Engine
-        from acteng.server.requests import Limits
 
         model = load_on_worker(recipe, expected_hash, threads)
         engine = Engine(
@@ -72,7 +54,7 @@ class AppReplica:
             engine,
             library=VectorLibrary(settings.home),
             api_key=settings.api_key,
-            limits=Limits(max_tokens=settings.max_tokens, context=settings.context),
+            limits=settings.limits,
             default_guard=settings.guard,
         )
 
@@ -121,7 +103,13 @@ def run_replicas(
     address: str | None = None,
     threads: int = 1,
 ) -> int:
-    """Serve until SIGINT or SIGTERM, then stop everything started here."""
+    """Serve until SIGINT or SIGTERM, then stop everything started here.
+
+    `settings.home` should be an absolute path: replicas may run in other folders.
+    """
+    if replicas < 1:
+        raise ConfigError(f"replicas must be at least 1, got {replicas}; serve one or more copies")
+    resolve_backend("ray")  # a clear error naming the extra when Ray is missing
     stop = threading.Event()
     attached = bool(address or os.environ.get("RAY_ADDRESS"))
     with ray_cluster(RayBackend(address=address, cpus_per_worker=threads)):
@@ -144,23 +132,3 @@ def run_replicas(
 
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-
-def serve_from_args(
-    args: argparse.Namespace, model: Model, api_key: str | None, guard: dict[str, Any] | None
-) -> int:
-    """``acteng serve --replicas N`` after the flags were checked (see acteng.cli.serve_cmd)."""
-    if args.replicas < 1:
-        raise ConfigError(f"--replicas must be >= 1, got {args.replicas}")
-    resolve_backend("ray")  # a clear error naming the extra when Ray is missing
-    settings = ServeSettings(
-        slots=args.slots,
-        context=args.context,
-        max_queue=args.queue,
-        fixed_batch=not args.no_fixed_batch,
-        max_tokens=args.max_tokens,
-        home=None if args.home is None else os.fspath(Path(args.home).resolve()),
-        api_key=api_key,
-        guard=guard,
-    )
-    return run_replicas(model, args.replicas, args.host, args.port, settings)

@@ -5,7 +5,8 @@
 (``steering[1].coefficient``), the value seen and what to send instead; the app turns it
 into a 4xx answer in OpenAI's error format. Nothing here touches the model's weights.
 
-Extension fields (all optional)::
+Extension fields (all optional); a ``steering`` item is `SteeringSpec`'s JSON form, read by
+`SteeringSpec.from_json`, and ``layers`` read as everywhere (``-1`` last, ``"11-13"``)::
 
     "steering": [{"vector": NAME, "coefficient": 4.0, "layers": [8], "positions": "all",
                   "mode": "add"}]
@@ -17,32 +18,21 @@ Extension fields (all optional)::
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
-import torch
-
-from acteng.detectors import Detector
-from acteng.errors import ConfigError
+from acteng.errors import ConfigError, RequestError
 from acteng.guard import CHECKS, POLICIES, Guard
-from acteng.steering.modes import MODES
+from acteng.layer_selection import parse_layers
+from acteng.server.resolve import Monitored, Resolver
 from acteng.steering.spec import MAX_ABS_COEFFICIENT, SteeringSpec
 
 if TYPE_CHECKING:
     from acteng.models import Model
-    from acteng.server.resolve import Resolver
 
 __all__ = ["GenerationRequest", "Limits", "Monitored", "RequestError", "parse_request"]
-
-
-class RequestError(ConfigError):
-    """A request the server will not run; `status` is the HTTP code, `param` the field."""
-
-    def __init__(self, message: str, param: str | None = None, *, status: int = 400) -> None:
-        super().__init__(message)
-        self.param = param
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -57,17 +47,6 @@ class Limits:
     max_messages: int = 256
     max_stop: int = 4
     max_coefficient: float = MAX_ABS_COEFFICIENT
-
-
-@dataclass(frozen=True)
-class Monitored:
-    """A vector or detector whose per-token scores a request asked for."""
-
-    key: str  # unique per (name, layers)
-    name: str
-    layers: tuple[int, ...]
-    units: dict[int, torch.Tensor]  # layer -> unit direction on the model's device
-    detector: Detector | None = None
 
 
 @dataclass(frozen=True)
@@ -127,77 +106,29 @@ def _items(value: Any, param: str, limit: int) -> list[Any]:
 
 
 def _layers(value: Any, param: str, model: Model) -> tuple[int, ...] | None:
+    """A ``layers`` field (absent: None), read as everywhere else by `parse_layers`."""
     if value is None:
         return None
-    raw = [value] if isinstance(value, int) and not isinstance(value, bool) else value
-    if not isinstance(raw, list) or not raw:
-        raise RequestError(f"{param} must be a non-empty list of layer numbers", param=param)
-    bad = [x for x in raw if isinstance(x, bool) or not isinstance(x, int)]
-    if bad:
-        raise RequestError(f"{param} must hold whole numbers, got {bad}", param=param)
-    outside = [x for x in raw if not 0 <= x < model.num_layers]
-    if outside:
-        raise RequestError(
-            f"{param}: layer(s) {outside} are out of range; this model has layers 0 to "
-            f"{model.num_layers - 1}",
-            param=param,
-        )
-    return tuple(raw)
+    try:
+        return tuple(parse_layers(model, value))
+    except ConfigError as exc:
+        raise RequestError(f"{param}: {exc}", param=param) from exc
 
 
 def parse_steering(
     value: Any, param: str, resolver: Resolver, limits: Limits
-) -> tuple[list[SteeringSpec], list[dict[str, Any]]]:
-    specs, echo = [], []
-    for i, item in enumerate(_items(value, param, limits.max_steering)):
-        where = f"{param}[{i}]"
-        if not isinstance(item, dict):
-            raise RequestError(
-                f'{where} must be an object like {{"vector": "name", "coefficient": 4}}',
-                param=where,
-            )
-        unknown = sorted(set(item) - {"vector", "coefficient", "layers", "positions", "mode"})
-        if unknown:
-            raise RequestError(
-                f"{where} has unknown field(s) {unknown}; use vector, coefficient, layers, "
-                "positions, mode",
-                param=where,
-            )
-        if "vector" not in item:
-            raise RequestError(f"{where}.vector is missing: name a library vector", param=where)
-        vector = resolver.vector(item["vector"], f"{where}.vector")
-        bound = limits.max_coefficient
-        coefficient = _number(
-            item.get("coefficient", 1.0), f"{where}.coefficient", low=-bound, high=bound
+) -> list[SteeringSpec]:
+    """A list of steering items (`SteeringSpec`'s JSON form), each read by `from_json`."""
+    return [
+        SteeringSpec.from_json(
+            item,
+            functools.partial(resolver.vector, param=f"{param}[{i}].vector"),
+            resolver.model,
+            where=f"{param}[{i}]",
+            max_coefficient=limits.max_coefficient,
         )
-        layers = _layers(item.get("layers"), f"{where}.layers", resolver.model)
-        mode = item.get("mode", "add")
-        if mode not in MODES:
-            raise RequestError(
-                f"{where}.mode {mode!r} is unknown; use one of {', '.join(MODES)}",
-                param=f"{where}.mode",
-            )
-        positions = item.get("positions", "all")
-        if not isinstance(positions, str):
-            raise RequestError(
-                f"{where}.positions must be 'all', 'prompt', 'generated' or 'start:end'",
-                param=f"{where}.positions",
-            )
-        try:
-            spec = SteeringSpec(vector, coefficient, layers, positions, mode)
-        except ConfigError as exc:
-            raise RequestError(f"{where}: {exc}", param=where) from exc
-        specs.append(spec)
-        echo.append(
-            {
-                "vector": item["vector"],
-                "coefficient": coefficient,
-                "layers": list(spec.active_layers),
-                "positions": str(spec.positions),
-                "mode": mode,
-            }
-        )
-    return specs, echo
+        for i, item in enumerate(_items(value, param, limits.max_steering))
+    ]
 
 
 def parse_monitors(value: Any, resolver: Resolver, limits: Limits) -> list[Monitored]:
@@ -257,7 +188,7 @@ def parse_guard(
     for key in ("threshold", "generation_threshold"):
         if fields.get(key) is not None:
             thresholds[key] = _number(fields[key], f"guard.{key}", low=-1e6, high=1e6)
-    counter, _ = parse_steering(fields.get("counter"), "guard.counter", resolver, limits)
+    counter = parse_steering(fields.get("counter"), "guard.counter", resolver, limits)
     if policy == "steer" and not counter:
         raise RequestError(
             'guard policy "steer" needs counter-steering: "counter": [{"vector": ..., '
@@ -375,7 +306,7 @@ def parse_request(
     if not isinstance(stream, bool):
         raise RequestError("stream must be true or false", "stream")
     options = body.get("stream_options") or {}
-    specs, echo = parse_steering(body.get("steering"), "steering", resolver, limits)
+    specs = parse_steering(body.get("steering"), "steering", resolver, limits)
     monitors = parse_monitors(body.get("monitor"), resolver, limits)
     guard, guard_name, guard_monitor = parse_guard(
         body.get("guard"), default_guard, resolver, limits
@@ -389,7 +320,7 @@ def parse_request(
         seed=seed,
         stop=stops,
         steering=tuple(specs),
-        steering_echo=echo,
+        steering_echo=[spec.to_json() for spec in specs],
         monitors=tuple(monitors),
         guard=guard,
         guard_name=guard_name,

@@ -9,19 +9,32 @@ serves ``/v1/vectors``: list, show, upload (checked against the served model) an
 from __future__ import annotations
 
 import builtins
+from dataclasses import dataclass
 from typing import Any
+
+import torch
 
 from acteng.bundled import bundled_files
 from acteng.detectors import Detector
-from acteng.errors import ActengError, ConfigError
-from acteng.library import LibraryError, VectorLibrary, validate_name
+from acteng.errors import ActengError, ConfigError, LibraryError, RequestError
+from acteng.library import VectorLibrary, validate_name
 from acteng.models import Model
-from acteng.server.requests import Monitored, RequestError
 from acteng.vectors import SteeringVector
 
-__all__ = ["Resolver"]
+__all__ = ["Monitored", "Resolver"]
 
 MAX_UPLOAD_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Monitored:
+    """A vector or detector whose per-token scores a request asked for."""
+
+    key: str  # unique per (name, layers)
+    name: str
+    layers: tuple[int, ...]
+    units: dict[int, torch.Tensor]  # layer -> unit direction on the model's device
+    detector: Detector | None = None
 
 
 class Resolver:

@@ -89,7 +89,7 @@ def apply_steering(
     """
     if rows is not None and (rows.dtype != torch.bool or rows.dim() != 1):
         raise ConfigError("rows must be a 1-D bool tensor with one entry per batch row")
-    specs = as_specs(steering, coefficient, layers, positions, mode)
+    specs = as_specs(steering, coefficient, layers, positions, mode, model=model)
     fns: dict[int, list[BlockFn]] = {}
     blocks = model.blocks
     for spec in specs:

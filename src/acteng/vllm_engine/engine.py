@@ -25,14 +25,15 @@ import queue
 import threading
 from typing import Any
 
-from acteng.errors import ActengError, ConfigError
+from acteng.errors import ActengError, ConfigError, RequestError
 from acteng.models import Model
 from acteng.server.engine import EngineBusy, Event, Job, Sink
-from acteng.server.requests import GenerationRequest, RequestError
+from acteng.server.requests import GenerationRequest
 from acteng.server.rows import Row
+from acteng.server.settings import ServeSettings
 from acteng.vllm_engine import require_vllm
 
-__all__ = ["VllmEngine", "model_location"]
+__all__ = ["VllmEngine", "check_serving", "model_location", "serve_with_vllm"]
 
 log = logging.getLogger(__name__)
 
@@ -228,39 +229,49 @@ class VllmEngine:
             row.job.sink(Event("error", status=500, text=message))
 
 
-def run(args: Any, api_key: str | None) -> int:
-    """``acteng serve --engine vllm`` (the CLI has checked the binding and the extras)."""
-    import os
-    from typing import cast
-
-    import uvicorn
-
-    from acteng.cli.common import load_model_from_args
-    from acteng.library import VectorLibrary
-    from acteng.server.app import create_app
-    from acteng.server.engine import Engine
-    from acteng.server.requests import Limits
-
-    if args.guard is not None:
+def check_serving(settings: ServeSettings) -> None:
+    """Fail before anything loads when `settings` cannot be served with vLLM."""
+    if settings.guard is not None:
         raise ConfigError(
             "--guard needs per-token detector scores, which only the transformers engine "
             "serves; leave out --engine vllm or --guard"
         )
     require_vllm("acteng serve --engine vllm")
-    library = VectorLibrary(args.home)
+
+
+def serve_with_vllm(
+    model: Model, settings: ServeSettings, *, host: str, port: int, dtype: str | None = None
+) -> int:
+    """Serve `model` over HTTP with vLLM decoding until interrupted (``acteng serve
+    --engine vllm``); `dtype` is vLLM's (default: the model's)."""
+    import os
+    from typing import cast
+
+    import uvicorn
+
+    from acteng.library import VectorLibrary
+    from acteng.server.app import create_app
+    from acteng.server.engine import Engine
+
+    check_serving(settings)
+    library = VectorLibrary(settings.home)
     # vLLM's processes resolve the same vector names through the same library.
     os.environ["ACTENG_HOME"] = str(library.home)
-    model = load_model_from_args(args)
-    limits = Limits(max_tokens=args.max_tokens, context=args.context)
     engine = VllmEngine(
-        model, dtype=args.dtype, slots=args.slots, context=args.context, max_queue=args.queue
+        model,
+        dtype=dtype,
+        slots=settings.slots,
+        context=settings.context,
+        max_queue=settings.max_queue,
     )
     # create_app needs only the interface VllmEngine shares with Engine (model, context,
     # queue, active, start, stop, submit).
-    app = create_app(cast(Engine, engine), library=library, api_key=api_key, limits=limits)
-    print(f"acteng: serving {model.name} with vLLM on http://{args.host}:{args.port}")
+    app = create_app(
+        cast(Engine, engine), library=library, api_key=settings.api_key, limits=settings.limits
+    )
+    print(f"acteng: serving {model.name} with vLLM on http://{host}:{port}")
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning")
     finally:
         engine.close()
     return 0

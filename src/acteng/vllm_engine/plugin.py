@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from acteng.server.requests import RequestError
+from acteng.errors import RequestError
 from acteng.vllm_engine import VLLM_VERSION
 from acteng.vllm_engine.requests import EXTRA_KEY, ModelShape, parse_extra_args
 from acteng.vllm_engine.worker import DEFAULT_TERMS, RunnerSteering, decoder_layers

@@ -5,9 +5,11 @@ A request names library vectors exactly as in ``acteng serve``::
     SamplingParams(extra_args={"steering": [{"vector": "happy", "coefficient": 4.0}]})
 
 vLLM's own OpenAI server only passes flat values in ``vllm_xargs``, so the list may also
-come as a JSON string (``vllm_xargs={"steering": json.dumps([...])}``). Parsing reuses
+come as a JSON string (``vllm_xargs={"steering": json.dumps([...])}``). Each item is
+`SteeringSpec`'s JSON form, read by `SteeringSpec.from_json` through the server's
 `acteng.server.requests.parse_steering`, so names, coefficients, layers and modes are
-checked by the same code and with the same messages as the transformers engine.
+checked by the same code and with the same messages as the transformers engine; the
+canonical echo (`SteeringSpec.to_json`) is what the workers read again.
 
 Nothing here imports vLLM: the plugin hands in the model's shape (`ModelShape`).
 """
@@ -23,9 +25,10 @@ from typing import Any, cast
 
 import torch
 
+from acteng.errors import RequestError
 from acteng.library import VectorLibrary
 from acteng.models import Model
-from acteng.server.requests import Limits, RequestError, parse_steering
+from acteng.server.requests import Limits, parse_steering
 from acteng.server.resolve import Resolver
 from acteng.steering.spec import SteeringSpec
 
@@ -95,7 +98,8 @@ def parse_extra_args(
                 '[{"vector": "name", "coefficient": 4}]',
                 param="steering",
             ) from exc
-    specs, echo = parse_steering(value, "steering", _resolver(shape, home), limits or Limits())
+    specs = tuple(parse_steering(value, "steering", _resolver(shape, home), limits or Limits()))
     if not specs:
         return None
-    return ParsedSteering(tuple(specs), echo, _salt(tuple(specs), echo))
+    echo = [spec.to_json() for spec in specs]
+    return ParsedSteering(specs, echo, _salt(specs, echo))
