@@ -19,7 +19,7 @@ and each mode says how v and c become those numbers (its `TableTerm`): add is
 parts, so a new mode runs in every executor; one without a table term is refused there,
 at registration, rather than by some executors later.
 
->>> @register_mode("push", term=lambda v, norm, c: TableTerm(delta=c * v / norm))
+>>> @register_mode("push", term=lambda v, norms, c: TableTerm(delta=c * v / norms[:, None]))
 ... def push(hidden, direction, coefficient):
 ...     return hidden + coefficient * direction / direction.norm()
 """

@@ -48,8 +48,9 @@ class StepShape:
     """What a compiled step computes, as plain Python values it is traced with.
 
     terms: steering terms applied per layer (0: none, the plain model's graph).
-    full: the whole formula (projection and per-token gate), needed when a term ablates,
-        clamps or is limited to some positions; otherwise only ``h + delta``.
+    full: the whole formula (projection and per-token gate), needed when a term projects
+        (ablate, clamp: `TableTerm.projects`) or is limited to some positions; otherwise
+        only ``h + delta``.
     Each combination is one graph; changing vectors, coefficients or rows changes none.
     """
 
@@ -204,7 +205,7 @@ class SteeringTable:
         return max((max(self._used.get(s, {}).values(), default=0) for s in slots), default=0)
 
     def needs_full(self, slots: Sequence[int]) -> bool:
-        """Whether any of `slots` ablates, clamps or steers only some token positions."""
+        """Whether any of `slots` has a projecting term or steers only some positions."""
         return any(self._projecting.get(s) or s in self._windowed for s in slots)
 
     def clear(self, slot: int) -> None:
