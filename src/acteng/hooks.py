@@ -11,6 +11,11 @@ row's prompt length. The context is computed by a pre-hook on the top-level mode
 ``attention_mask`` and the KV-cache length, so it is right for prefill, cached decoding
 steps and left-padded batches alike.
 
+Engines that run their own model code (vLLM) hook their decoder layers with
+`attach_residual_pairs`: such a layer is called with the token positions first and returns
+``(hidden, residual)``, whose sum is the residual stream after the block; a `PairFn` sees
+both and the positions and returns the new ``hidden`` (the residual passes through).
+
 A compiled decoding step cannot run that pre-hook (it reads lengths into Python ints, a
 graph break on every step). With ``graph_safe=True`` each block hook instead builds its
 context from the ``position_ids`` the block receives (``generate`` derives them from the
@@ -35,8 +40,10 @@ __all__ = [
     "ForwardContext",
     "HookHandle",
     "ModuleFn",
+    "PairFn",
     "StopForward",
     "attach",
+    "attach_residual_pairs",
     "hooked",
     "run_until",
 ]
@@ -62,6 +69,8 @@ class ForwardContext:
 BlockFn = Callable[[int, torch.Tensor, ForwardContext], "torch.Tensor | None"]
 # fn(module output) -> replacement output, or None to keep it.
 ModuleFn = Callable[[Any], Any]
+# fn(layer, hidden [tokens, d], residual [tokens, d], positions [tokens]) -> new hidden.
+PairFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -180,6 +189,16 @@ def _make_module_hook(fn: ModuleFn) -> Callable[..., Any]:
     return hook
 
 
+@contextmanager
+def _all_or_none(handle: HookHandle) -> Iterator[None]:
+    """Register hooks into `handle` inside the block; on any failure remove them all."""
+    try:
+        yield
+    except BaseException:
+        handle.remove()
+        raise
+
+
 def attach(
     model: nn.Module,
     blocks: Sequence[nn.Module],
@@ -199,7 +218,7 @@ def attach(
     if graph_safe and track_positions:
         raise ValueError("graph_safe hooks build their own context; drop track_positions")
     handle = HookHandle()
-    try:
+    with _all_or_none(handle):
         if track_positions:
 
             def pre_hook(_m: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -217,9 +236,35 @@ def attach(
                 handle.handles.append(blocks[layer].register_forward_hook(hook))
         for module, fn in module_fns:
             handle.handles.append(module.register_forward_hook(_make_module_hook(fn)))
-    except BaseException:
-        handle.remove()
-        raise
+    return handle
+
+
+def _make_pair_hook(layer: int, fn: PairFn) -> Callable[..., Any]:
+    def hook(
+        _module: nn.Module,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        output: tuple[torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, residual = output  # [tokens, d] each; their sum is the stream
+        positions = args[0] if args else kwargs["positions"]  # [tokens]
+        return fn(layer, hidden, residual, positions), residual
+
+    return hook
+
+
+def attach_residual_pairs(layers: Sequence[nn.Module], fns: Mapping[int, PairFn]) -> HookHandle:
+    """Hook decoder layers that return ``(hidden, residual)`` (vLLM's), `fns[i]` on ``layers[i]``.
+
+    Each layer must take the token positions as its first argument (or ``positions=``).
+    As with `attach`, a failure part-way leaves nothing registered. Hooks registered
+    before an engine compiles its model are traced into the compiled graph.
+    """
+    handle = HookHandle()
+    with _all_or_none(handle):
+        for layer, fn in sorted(fns.items()):
+            hook = _make_pair_hook(layer, fn)
+            handle.handles.append(layers[layer].register_forward_hook(hook, with_kwargs=True))
     return handle
 
 

@@ -12,6 +12,7 @@ import os
 from typing import Any
 
 import pytest
+import torch
 
 HAVE_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(
@@ -38,6 +39,16 @@ ENGINE_ARGS: dict[str, Any] = {
     "gpu_memory_utilization": 0.3,
     "disable_log_stats": True,
 }
+
+
+class PairLayer(torch.nn.Module):
+    """A stand-in for a vLLM decoder layer (no vLLM needed): it takes the token positions
+    first and returns ``(hidden, residual)``, here as given, so a hook's change shows."""
+
+    def forward(
+        self, positions: torch.Tensor, hidden: torch.Tensor, residual: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return hidden, residual
 
 
 def make_llm(model_dir: str, **overrides: Any) -> Any:

@@ -18,7 +18,7 @@ import torch
 from acteng.server.requests import RequestError
 from acteng.vllm_engine.requests import ModelShape, parse_extra_args
 from acteng.vllm_engine.worker import RunnerSteering
-from tests.vllm_engine.support import HAVE_VLLM
+from tests.vllm_engine.support import HAVE_VLLM, PairLayer
 
 SMOLLM2 = ModelShape("SmolLM2-135M-Instruct", num_layers=30, hidden_size=576)
 
@@ -111,10 +111,12 @@ def test_hook_adds_to_steered_tokens_only_and_ablates_on_the_stream() -> None:
     honesty = SteeringVector.load(bundled_files()["honesty"])[16]
     refusal = SteeringVector.load(bundled_files()["refusal"])[10]
 
+    layers = [PairLayer() for _ in range(shape.num_layers)]
+    steering.install(layers)
+    assert len(steering.handles) == shape.num_layers
+
     def run(layer: int) -> torch.Tensor:
-        out, res = steering._hook(layer)(
-            None, (positions, hidden, residual), {}, (hidden, residual)
-        )
+        out, res = layers[layer](positions, hidden, residual)
         assert res is residual
         return out + residual  # the residual stream after the block
 
@@ -126,3 +128,22 @@ def test_hook_adds_to_steered_tokens_only_and_ablates_on_the_stream() -> None:
     unit = refusal / refusal.norm()
     torch.testing.assert_close((at10[4:] @ unit), torch.zeros(2), atol=1e-4, rtol=0)
     assert torch.equal(at10[:4], stream[:4])
+    steering.remove()
+    assert not steering.handles and all(not layer._forward_hooks for layer in layers)
+
+
+def test_layer_hooks_go_through_hooks_py_and_never_leak() -> None:
+    """Installing on layers of which one cannot be hooked leaves no hook behind, and
+    installing again replaces the hooks instead of adding a second set."""
+    steering = RunnerSteering(SMOLLM2, slots=2, max_tokens=8)
+    layers: list[torch.nn.Module] = [PairLayer() for _ in range(SMOLLM2.num_layers)]
+    broken = layers[:]
+    broken[7] = object()  # type: ignore[assignment]
+    with pytest.raises(AttributeError):
+        steering.install(broken)
+    assert all(not layer._forward_hooks for layer in layers)
+    steering.install(layers)
+    steering.install(layers)
+    assert all(len(layer._forward_hooks) == 1 for layer in layers)
+    steering.remove()
+    assert all(not layer._forward_hooks for layer in layers)

@@ -18,7 +18,7 @@ from acteng.errors import ConfigError
 from acteng.hooks import BlockFn, ForwardContext, HookHandle, attach
 from acteng.models import Model
 from acteng.positions import Positions, parse_positions
-from acteng.steering.modes import MODES, register_mode
+from acteng.steering.modes import MODES, mode_named, register_mode
 from acteng.steering.spec import SteeringSpec, as_specs
 from acteng.vectors import SteeringVector
 
@@ -35,7 +35,7 @@ def _row_mask(rows: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
 
 
 def _block_fn(spec: SteeringSpec, direction: torch.Tensor, rows: torch.Tensor | None) -> BlockFn:
-    mode, coefficient = MODES[spec.mode], spec.coefficient
+    mode, coefficient = mode_named(spec.mode), spec.coefficient
     positions = parse_positions(spec.positions)  # already a Positions: returned as is
     if positions.kind == "all" and rows is None:
 

@@ -11,8 +11,9 @@ never changes them. Each hook reads a `SteeringTable` (fixed buffers of terms pe
 (layer, term, slot); batch row i reads slot i + 1); steering a request means writing
 those buffers in place. A `StepShape` of plain Python values picks the traced code: how
 many terms per layer (0 when no row is steered: exactly the plain model's graph) and
-whether any term needs the full formula (ablate, clamp, or limited to some positions;
-plain additions skip the projection and the per-token gate). Each
+whether any term needs the full formula (a mode that projects, such as ablate or clamp,
+or a term limited to some positions; plain additions skip the projection and the
+per-token gate). Each
 shape is compiled once per batch size; changing vectors, coefficients, modes within a
 shape, positions or which rows are steered never recompiles (tests assert it with
 torch._dynamo's counters). Unused terms of a row hold zeros.

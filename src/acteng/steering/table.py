@@ -9,10 +9,13 @@ applies, for each row, the terms of its slot:
 
     h' = h + g * (delta + (a - b * (h . u)) * u)
 
-where ``g`` is 1 on the row's steered positions and 0 elsewhere, and per mode
+where ``g`` is 1 on the row's steered positions and 0 elsewhere and u is the unit
+direction. Each mode gives its delta, a and b (its `acteng.steering.modes.TableTerm`):
 ``add``: delta = c v, a = b = 0 (so exactly ``h + c v``, what `steer` computes);
-``ablate``: a = 0, b = c; ``clamp``: a = c |v|, b = 1; u is the unit direction.
-Terms apply in the order given, like specs on a shared layer in `steer`.
+``ablate``: a = 0, b = c; ``clamp``: a = c |v|, b = 1; a mode added with `register_mode`
+brings its own. `SteeringTable.add_terms` is the one implementation of the formula: the
+eager and fixed (compiled) block functions here, the server's compiled step and the vLLM
+worker all call it. Terms apply in the order given, like specs on a shared layer in `steer`.
 
 >>> table = SteeringTable(model, slots=8)
 >>> table.set(1, [SteeringSpec(vector, 4.0)], prompt_len=12)
@@ -33,6 +36,7 @@ from acteng.errors import ConfigError
 from acteng.hooks import BlockFn, ForwardContext, hooked
 from acteng.models import Model
 from acteng.positions import parse_positions
+from acteng.steering.modes import mode_named
 from acteng.steering.spec import SteeringSpec
 from acteng.vectors import SteeringVector
 
@@ -44,8 +48,9 @@ class StepShape:
     """What a compiled step computes, as plain Python values it is traced with.
 
     terms: steering terms applied per layer (0: none, the plain model's graph).
-    full: the whole formula (projection and per-token gate), needed when a term ablates,
-        clamps or is limited to some positions; otherwise only ``h + delta``.
+    full: the whole formula (projection and per-token gate), needed when a term projects
+        (ablate, clamp: `TableTerm.projects`) or is limited to some positions; otherwise
+        only ``h + delta``.
     Each combination is one graph; changing vectors, coefficients or rows changes none.
     """
 
@@ -103,7 +108,8 @@ class SteeringTable:
     def set_many(self, items: Sequence[tuple[int, Sequence[SteeringSpec], int]]) -> None:
         """`set` for several ``(slot, specs, prompt_len)`` at once.
 
-        Every item is checked before any buffer changes. A batch costs the same dozen
+        Every item is checked and encoded (each spec's mode gives its `TableTerm`) before
+        any buffer changes. A batch costs the same dozen
         device writes whatever its size: every index and position bound travels in one
         host-to-device copy, the old terms are cleared with one indexed write per buffer
         and the new ones written with another (on a GPU, per-row writes and small copies
@@ -113,40 +119,38 @@ class SteeringTable:
             self._check_slot(slot)
             self.check(specs)
             for spec in specs:
-                if spec.mode not in ("add", "ablate", "clamp"):
-                    raise ConfigError(
-                        f"mode {spec.mode!r} cannot be served per row; use add, ablate or clamp"
-                    )
-        cleared = self._forget([slot for slot, _, _ in items])  # (layer, slot) to zero
+                mode_named(spec.mode)  # refuses a mode without a table term, before any write
         where: list[tuple[int, int, int]] = []  # (layer, term, slot) per written term
         bounds: list[tuple[int, int]] = []  # (lo, hi) per written term
         deltas, units, coefs_a, coefs_b = [], [], [], []
+        books: list[tuple[int, dict[int, int], set[int], bool]] = []  # kept once all encode
         for slot, specs, prompt_len in items:
             used: dict[int, int] = {}
             projecting: set[int] = set()
+            windowed = False
             for spec in specs:
                 positions = parse_positions(spec.positions)
-                if positions.kind != "all":
-                    self._windowed.add(slot)
-                c, layers = spec.coefficient, tuple(spec.active_layers)
+                windowed |= positions.kind != "all"
+                layers = tuple(spec.active_layers)
                 directions, unit, norms = self._on_device(spec.vector, layers)
-                units.append(unit)
-                zeros = torch.zeros_like(norms)
-                if spec.mode == "add":  # h + c v
-                    deltas.append(c * directions)
-                    coefs_a.append(zeros)
-                    coefs_b.append(zeros)
-                else:  # ablate: h - c (h.u) u;  clamp: h + (c |v| - h.u) u
+                term = mode_named(spec.mode).term(directions, norms, spec.coefficient)
+                if term.projects:
                     projecting.update(layers)
-                    deltas.append(torch.zeros_like(directions))
-                    coefs_a.append(c * norms if spec.mode == "clamp" else zeros)
-                    coefs_b.append(zeros + (1.0 if spec.mode == "clamp" else c))
+                units.append(unit)
+                deltas.append(_filled(term.delta, directions, spec.mode, "delta"))
+                coefs_a.append(_filled(term.a, norms, spec.mode, "a"))
+                coefs_b.append(_filled(term.b, norms, spec.mode, "b"))
                 bounds.extend([positions.bounds(prompt_len)] * len(layers))
                 for layer in layers:
                     where.append((layer, used.get(layer, 0), slot))
                     used[layer] = used.get(layer, 0) + 1
+            books.append((slot, used, projecting, windowed))
+        cleared = self._forget([slot for slot, _, _ in items])  # (layer, slot) to zero
+        for slot, used, projecting, windowed in books:
             self._used[slot] = used
             self._projecting[slot] = projecting
+            if windowed:
+                self._windowed.add(slot)
         # One copy of all the integers: columns (layer, slot) to clear, then per written
         # term (layer, term, slot, lo, hi).
         flat = [x for pair in cleared for x in pair] + [
@@ -201,7 +205,7 @@ class SteeringTable:
         return max((max(self._used.get(s, {}).values(), default=0) for s in slots), default=0)
 
     def needs_full(self, slots: Sequence[int]) -> bool:
-        """Whether any of `slots` ablates, clamps or steers only some token positions."""
+        """Whether any of `slots` has a projecting term or steers only some positions."""
         return any(self._projecting.get(s) or s in self._windowed for s in slots)
 
     def clear(self, slot: int) -> None:
@@ -214,6 +218,49 @@ class SteeringTable:
     def _check_slot(self, slot: int) -> None:
         if not 1 <= slot <= self.slots:
             raise ConfigError(f"slot {slot} is out of range 1..{self.slots} (slot 0 is unsteered)")
+
+    def add_terms(
+        self,
+        layer: int,
+        terms: int,
+        rows: torch.Tensor | slice,
+        hidden: torch.Tensor,
+        token: torch.Tensor | None,
+        *,
+        project: bool = True,
+        residual: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`hidden` after the first `terms` terms at `layer` of each row's slot.
+
+        The one place the formula is computed, for every executor (eager and fixed block
+        functions here, the compiled paths through those, and the vLLM worker).
+        hidden: [rows, q, d], or [rows, d] for vLLM's flat batch of tokens; `rows` gives
+        each row's slot (an index tensor [rows], or a slice of consecutive slots); `token`
+        [rows, q] or [rows] the token positions the windows read (None: no gate, every
+        token steered). ``project=False`` reads only delta: right when no row's term on
+        this layer projects (`TableTerm.projects`). With `residual`, the projection reads
+        the stream ``hidden + residual`` (vLLM's decoder layers return that pair) and the
+        change is added to `hidden` alone. Tensor operations only, no branching on data,
+        so the code traced into a compiled graph is the same whatever the buffers hold.
+        """
+        between = hidden.dim() - 2  # token axes between the row and d: 1 (q) or 0 (vLLM)
+        stream = hidden if residual is None else hidden + residual
+        for k in range(terms):
+            change = _per_row(self.delta[layer, k][rows], between)  # [rows, (1,) d]
+            if project:
+                unit = _per_row(self.unit[layer, k][rows], between)  # [rows, (1,) d]
+                a = _per_row(self.a[layer, k][rows].unsqueeze(-1), between)  # [rows, (1,) 1]
+                b = _per_row(self.b[layer, k][rows].unsqueeze(-1), between)
+                along = (stream * unit).sum(-1, keepdim=True)  # [rows, (q,) 1]
+                change = change + (a - b * along) * unit
+            if token is not None:
+                lo = _per_row(self.lo[layer, k][rows], between)  # [rows, (1)]
+                hi = _per_row(self.hi[layer, k][rows], between)
+                gate = (token >= lo) & (token < hi)  # [rows, (q)]
+                change = change * gate.unsqueeze(-1).to(hidden.dtype)
+            hidden = hidden + change
+            stream = hidden if residual is None else stream + change
+        return hidden
 
     def block_fns(self, rows: torch.Tensor) -> dict[int, list[BlockFn]]:
         """Block functions steering batch row i with slot ``rows[i]`` (0: unsteered)."""
@@ -228,23 +275,10 @@ class SteeringTable:
 
         def make(layer: int, terms: int, project: bool) -> BlockFn:
             def apply(_layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> torch.Tensor:
-                # hidden: [batch, q, d]; token_index: [batch, q]
-                token = ctx.token_index
+                token = ctx.token_index  # [batch, q]; hidden: [batch, q, d]
                 if token is None or token.shape != hidden.shape[:2]:
                     raise ConfigError("per-row steering needs the forward pass through model.hf")
-                for k in range(terms):
-                    lo = self.lo[layer, k, index].unsqueeze(1)  # [batch, 1]
-                    hi = self.hi[layer, k, index].unsqueeze(1)
-                    gate = ((token >= lo) & (token < hi)).unsqueeze(-1).to(hidden.dtype)
-                    change = self.delta[layer, k, index].unsqueeze(1)  # [batch, 1, d]
-                    if project:
-                        unit = self.unit[layer, k, index].unsqueeze(1)  # [batch, 1, d]
-                        along = (hidden * unit).sum(-1, keepdim=True)  # [batch, q, 1]
-                        a = self.a[layer, k, index].view(-1, 1, 1)
-                        b = self.b[layer, k, index].view(-1, 1, 1)
-                        change = change + (a - b * along) * unit
-                    hidden = hidden + gate * change
-                return hidden
+                return self.add_terms(layer, terms, index, hidden, token, project=project)
 
             return apply
 
@@ -275,21 +309,8 @@ class SteeringTable:
                         "compiled=False"
                     )
                 rows = slice(1, hidden.shape[0] + 1)
-                for k in range(shape.terms):
-                    change = self.delta[layer, k, rows].unsqueeze(1)  # [batch, 1, d]
-                    if shape.full:
-                        unit = self.unit[layer, k, rows].unsqueeze(1)
-                        along = (hidden * unit).sum(-1, keepdim=True)  # [batch, q, 1]
-                        a = self.a[layer, k, rows].view(-1, 1, 1)
-                        b = self.b[layer, k, rows].view(-1, 1, 1)
-                        change = change + (a - b * along) * unit
-                    if shape.full and token is not None:
-                        lo = self.lo[layer, k, rows].unsqueeze(1)  # [batch, 1]
-                        hi = self.hi[layer, k, rows].unsqueeze(1)
-                        gate = (token >= lo) & (token < hi)
-                        change = change * gate.unsqueeze(-1).to(hidden.dtype)
-                    hidden = hidden + change
-                return hidden
+                gate = token if shape.full else None  # plain additions steer every token
+                return self.add_terms(layer, shape.terms, rows, hidden, gate, project=shape.full)
 
             return apply
 
@@ -308,3 +329,28 @@ class SteeringTable:
             return
         with hooked(model.hf, model.blocks, fns, track_positions=True):
             yield
+
+
+def _per_row(values: torch.Tensor, axes: int) -> torch.Tensor:
+    """Per-row values [rows, ...] with `axes` size-1 axes after the row axis, so they
+    broadcast over each row's tokens."""
+    for _ in range(axes):
+        values = values.unsqueeze(1)
+    return values
+
+
+def _filled(
+    value: torch.Tensor | float | None, like: torch.Tensor, mode: str, name: str
+) -> torch.Tensor:
+    """A `TableTerm` field as a tensor shaped like `like` (None is zero)."""
+    if value is None:
+        return torch.zeros_like(like)
+    if not isinstance(value, torch.Tensor):
+        return torch.zeros_like(like) + value
+    if value.shape != like.shape:
+        raise ConfigError(
+            f"mode {mode!r}'s table term gives {name} of shape {tuple(value.shape)}, expected "
+            f"{tuple(like.shape)} (one row per steered layer); fix the term function "
+            "passed to register_mode"
+        )
+    return value

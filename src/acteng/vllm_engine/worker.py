@@ -13,9 +13,11 @@ layer only gathers rows by ``token_slot`` and applies the table's per-slot formu
 
     h' = h + g * (delta + (a - b * (h . u)) * u)
 
-(see `acteng.steering.table`), with no Python branching on data and no new buffers, so the
+through `SteeringTable.add_terms`, the same code as the transformers executors (see
+`acteng.steering.table`), with no Python branching on data and no new buffers, so the
 compiled graph (and a captured CUDA graph) reads the new values every step. The hooks are
-installed before vLLM compiles the model: a hook added after warm-up is never traced.
+registered by `acteng.hooks.attach_residual_pairs` before vLLM compiles the model: a hook
+added after warm-up is never traced.
 
 Layer contract: vLLM's decoder layers return ``(hidden_states, residual)`` whose sum is the
 residual stream after the block (transformers' ``hidden_states[i + 1]``); the change is
@@ -33,6 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from acteng.hooks import HookHandle, attach_residual_pairs
 from acteng.models import Model
 from acteng.server.requests import Limits
 from acteng.steering.table import SteeringTable
@@ -96,46 +99,29 @@ class RunnerSteering:
         self._key_slot: dict[str, int] = {}  # steering key -> slot
         self._users: dict[int, int] = {}  # slot -> requests using it
         self._free = list(range(slots, 0, -1))
-        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+        self.hooks = HookHandle()  # the decoder layer hooks, once installed
 
     # --- hooks (traced into the compiled graph) ------------------------------------------
+    @property
+    def handles(self) -> list[torch.utils.hooks.RemovableHandle]:
+        """The torch hook handles, one per hooked layer."""
+        return self.hooks.handles
+
     def install(self, layers: Sequence[nn.Module]) -> None:
         """Hook every layer; call before vLLM compiles or captures the model."""
-        for index, layer in enumerate(layers):
-            self.handles.append(layer.register_forward_hook(self._hook(index), with_kwargs=True))
+        self.remove()
+        self.hooks = attach_residual_pairs(layers, dict.fromkeys(range(len(layers)), self._steer))
 
     def remove(self) -> None:
-        for handle in self.handles:
-            handle.remove()
-        self.handles.clear()
+        self.hooks.remove()
 
-    def _hook(self, layer: int) -> Any:
-        table, token_slot, terms = self.table, self.token_slot, self.terms
-
-        def steer(
-            _module: nn.Module,
-            args: tuple[Any, ...],
-            kwargs: dict[str, Any],
-            output: tuple[torch.Tensor, torch.Tensor],
-        ) -> tuple[torch.Tensor, torch.Tensor]:
-            hidden, residual = output  # [tokens, d] each; their sum is the stream
-            positions = args[0] if args else kwargs["positions"]  # [tokens]
-            slot = token_slot[: hidden.shape[0]]  # [tokens]
-            stream = hidden + residual
-            for k in range(terms):
-                lo = table.lo[layer, k][slot]  # [tokens]
-                hi = table.hi[layer, k][slot]
-                gate = ((positions >= lo) & (positions < hi)).unsqueeze(-1).to(hidden.dtype)
-                unit = table.unit[layer, k][slot]  # [tokens, d]
-                along = (stream * unit).sum(-1, keepdim=True)  # [tokens, 1]
-                a = table.a[layer, k][slot].unsqueeze(-1)
-                b = table.b[layer, k][slot].unsqueeze(-1)
-                change = gate * (table.delta[layer, k][slot] + (a - b * along) * unit)
-                hidden = hidden + change
-                stream = stream + change
-            return hidden, residual
-
-        return steer
+    def _steer(
+        self, layer: int, hidden: torch.Tensor, residual: torch.Tensor, positions: torch.Tensor
+    ) -> torch.Tensor:
+        # hidden, residual: [tokens, d]; positions: [tokens]. Every term, no data-dependent
+        # branch: the traced graph stays the same whatever the table holds.
+        slot = self.token_slot[: hidden.shape[0]]  # [tokens]
+        return self.table.add_terms(layer, self.terms, slot, hidden, positions, residual=residual)
 
     # --- per step, outside the graph -----------------------------------------------------
     def before_step(
