@@ -119,6 +119,19 @@ def test_generation_scores_equal_rescoring(smollm2: acteng.Model, harm: Detector
         assert result.generation_scores == pytest.approx(expected, abs=2e-3)
 
 
+def test_a_row_that_ended_is_scored_no_further(smollm2: acteng.Model, harm: Detector) -> None:
+    """A short answer's end-of-sequence token and the padding after it are not text: its
+    running score stops where it ends, as when it runs alone (and as in the server)."""
+    short, long = "What is the capital of France?", HARMLESS[0]
+    probe = Guard(harm, check="generation", threshold=1e9)
+    [alone] = guarded_generate(smollm2, [short], probe, max_new_tokens=TOKENS)
+    together = guarded_generate(smollm2, [short, long], probe, max_new_tokens=TOKENS)
+    assert len(alone.generation_scores) < TOKENS - 1  # it ended early
+    assert together[0].text == alone.text
+    assert together[0].generation_scores == pytest.approx(alone.generation_scores, abs=1e-4)
+    assert len(together[1].generation_scores) == TOKENS - 1
+
+
 def _threshold_crossing_at(scores: list[float]) -> tuple[float, int]:
     """A threshold the running score first crosses at a token after the first."""
     k = max(range(1, len(scores)), key=lambda i: scores[i] - max(scores[:i]))

@@ -15,7 +15,8 @@ Each message names the problem, the value seen and the fix. Every class derives 
     ├── LayoutError            (LookupError)  a model whose blocks / norm / unembedding are missing
     ├── LibraryError           (LookupError)  a library entry that is missing, taken or broken
     ├── UnsupportedError       (NotImplementedError)  a valid request this model family cannot do
-    └── MissingExtraError      (ImportError)  an optional dependency that is not installed
+    ├── MissingExtraError      (ImportError)  an optional dependency that is not installed
+    └── EngineBusy             (RuntimeError) a full request queue: retry later (HTTP 503)
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ __all__ = [
     "ActengError",
     "ConfigError",
     "DataError",
+    "EngineBusy",
     "IncompatibleVectorError",
     "InputTooLongError",
     "LayoutError",
@@ -89,6 +91,10 @@ class UnsupportedError(ActengError, NotImplementedError):
 
 class MissingExtraError(ActengError, ImportError):
     """An optional dependency is missing; the message gives the exact install line."""
+
+
+class EngineBusy(ActengError, RuntimeError):
+    """The serving engine's request queue is full; the client should retry later (HTTP 503)."""
 
 
 def missing_extra(package: str, extra: str, *, purpose: str) -> MissingExtraError:

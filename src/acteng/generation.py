@@ -28,7 +28,7 @@ from acteng.vectors import SteeringVector
 if TYPE_CHECKING:
     from transformers import GenerationMixin
 
-__all__ = ["generate", "generate_ids"]
+__all__ = ["eos_ids", "generate", "generate_ids"]
 
 Prompt = str | Sequence[dict[str, str]]
 
@@ -203,3 +203,15 @@ def _render(model: Model, prompt: Prompt, system: str | None) -> str:
     if system and not (messages and messages[0].get("role") == "system"):
         messages.insert(0, {"role": "system", "content": system})
     return model.render_chat(messages)
+
+
+def eos_ids(model: Model) -> set[int]:
+    """The token ids that end a generation: the tokenizer's and the generation config's."""
+    ids: set[int] = set()
+    config: Any = getattr(model.hf, "generation_config", None)
+    for value in (model.tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list | tuple):
+            ids.update(int(v) for v in value)
+    return ids

@@ -19,6 +19,11 @@ k generated tokens is the detector's score of those k tokens as a region: the me
 them of the per-token standardised projections, i.e. what `Detector.score` computes for a
 region, updated token by token from hooks on the detector's layers during decoding. A row
 that fires changes only itself; the others in the batch decode as if alone.
+
+The policy itself is `GuardState`, one per row, fed scores and answering go / steer /
+stop; the server's rows (`acteng.server.rows`) run the same class, and the per-token
+scores come from the same `acteng.monitoring.Readout`, so a library run and a served
+request reach the same verdict at the same token (tests/server/test_guard_parity.py).
 """
 
 from __future__ import annotations
@@ -26,20 +31,30 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
 from acteng.detectors import Detector
 from acteng.errors import ConfigError
-from acteng.generation import generate_ids
-from acteng.hooks import BlockFn, ForwardContext, hooked
+from acteng.generation import eos_ids, generate_ids
+from acteng.hooks import ForwardContext, hooked
 from acteng.models import Model
+from acteng.monitoring import LayerMeans, Readout
 from acteng.steering.apply import steer
 from acteng.steering.spec import SteeringSpec
 from acteng.vectors import SteeringVector
 
-__all__ = ["CHECKS", "POLICIES", "Guard", "GuardResult", "calibrate_generation", "guarded_generate"]
+__all__ = [
+    "CHECKS",
+    "POLICIES",
+    "Guard",
+    "GuardResult",
+    "GuardState",
+    "Verdict",
+    "calibrate_generation",
+    "guarded_generate",
+]
 
 POLICIES = ("flag", "block", "steer", "stop")
 CHECKS = ("prompt", "generation", "both")
@@ -126,61 +141,144 @@ class GuardResult:
         }
 
 
-class _Watch:
-    """Running detector scores of generated tokens, one row per batch row.
+Verdict = Literal["go", "steer", "stop"]
 
-    Hooks on the detector's layers add each layer's standardised projection of the
-    generated tokens; at the deepest layer the per-token score (mean over layers) updates
-    the row's running mean. Firing is recorded here and acted on between decoding steps by
-    `__call__`, a transformers stopping criterion, so a row's steering or stop takes effect
-    from the next token and never halfway through a forward pass.
+
+class GuardState:
+    """The guard's policy for one row, one event at a time (no model, no tensors).
+
+    The caller scores (the prompt with `Detector.score`, each generated token with the
+    detector's `Readout`) and acts on the verdict: "steer" turns the row's counter-steering
+    on from its next forward pass, "stop" ends the row (before its first token when the
+    prompt fired). `guarded_generate` and the server's rows both run this one policy.
+
+    >>> state = GuardState(guard)
+    >>> state.on_prompt(0.3), state.on_token(1.7)   # ("go", "stop") for a "stop" guard
+    >>> state.result(text)
     """
 
-    def __init__(self, model: Model, guard: Guard, rows: int) -> None:
-        det = guard.detector
-        self.limit = guard.generation_limit
-        self.policy = guard.policy
-        self.units = {x: det.directions[x].to(model.device, model.dtype) for x in det.layers}
-        self.detector = det
-        self.last = max(det.layers)
-        self.sums = [0.0] * rows
-        self.counts = [0] * rows
-        self.scores: list[list[float]] = [[] for _ in range(rows)]
-        self.fired_at: list[int | None] = [None] * rows
-        self.gate = torch.zeros(rows, dtype=torch.bool)  # rows to counter-steer
-        self.stopped = torch.zeros(rows, dtype=torch.bool)
-        self._pending: torch.Tensor | None = None
+    def __init__(self, guard: Guard) -> None:
+        self.guard = guard
+        self.prompt_score: float | None = None  # None until `on_prompt`
+        self.fired_on: str | None = None  # "prompt" or "generation"
+        self.fired_at: int | None = None  # generated token where the running score crossed
+        self.scores: list[float] = []  # the running score after each generated token
+        self.steering = False  # counter-steering is on
+        self.stopped = False
+        self._sum = 0.0
 
-    def read(self, layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> None:
-        z = self.detector.standardise(layer, (hidden @ self.units[layer]).double().cpu())
-        self._pending = z if self._pending is None else self._pending + z
-        if layer != self.last:
-            return
-        per_token, self._pending = self._pending / len(self.units), None
+    @property
+    def checks_prompt(self) -> bool:
+        return self.guard.check in ("prompt", "both")
+
+    @property
+    def watches(self) -> bool:
+        """Whether the generated tokens are scored (`on_token`)."""
+        return self.guard.check in ("generation", "both")
+
+    def on_prompt(self, score: float) -> Verdict:
+        """The detector's score of the prompt."""
+        self.prompt_score = float(score)
+        if not score > self.guard.limit:
+            return "go"
+        self.fired_on = "prompt"
+        return self._fire()
+
+    def on_token(self, score: float) -> Verdict:
+        """The detector's score of the next generated token (the mean over its layers of
+        the standardised projections); the running score is the mean of these so far."""
+        if self.stopped:
+            return "stop"
+        self._sum += score
+        self.scores.append(self._sum / (len(self.scores) + 1))
+        if self.fired_at is not None or not self.scores[-1] > self.guard.generation_limit:
+            return "go"
+        self.fired_at = len(self.scores) - 1
+        if self.fired_on is None:
+            self.fired_on = "generation"
+        return self._fire()
+
+    def _fire(self) -> Verdict:
+        policy = self.guard.policy
+        if policy == "steer" and not self.steering:
+            self.steering = True
+            return "steer"
+        if policy in ("block", "stop"):
+            self.stopped = True
+            return "stop"
+        return "go"
+
+    @property
+    def action(self) -> str:
+        return self.guard.policy if self.fired_on is not None else "none"
+
+    def kept(self, generated: int) -> int:
+        """How many of the row's `generated` tokens its text keeps: when the running score
+        stopped it, those up to and including the crossing; none when the prompt did."""
+        if not self.stopped:
+            return generated
+        return 0 if self.fired_at is None else min(generated, self.fired_at + 1)
+
+    def result(self, text: str) -> GuardResult:
+        """The row's outcome, given the text it generated (cut to `kept` tokens)."""
+        if self.action == "block":
+            text = self.guard.refusal
+        scores = list(self.scores)
+        return GuardResult(
+            text, self.prompt_score, self.fired_on, self.action, scores, self.fired_at
+        )
+
+
+class _Watch:
+    """Feeds each row's generated tokens to its `GuardState` during ``generate``.
+
+    Hooks on the detector's layers read every token (`LayerMeans`); at the deepest layer
+    the generated tokens' scores go to their rows' states. Verdicts are acted on between
+    decoding steps by `__call__`, a transformers stopping criterion, so a row's steering or
+    stop takes effect from the next token and never halfway through a forward pass. A row
+    that sampled an end-of-sequence token is scored no further (its padding is not text),
+    as in the server, where such a row leaves the batch.
+    """
+
+    def __init__(self, model: Model, states: list[GuardState]) -> None:
+        detector = states[0].guard.detector
+        self.states = states
+        self.means = LayerMeans({"guard": Readout.of(model, detector)})
+        self.last = max(detector.layers)
+        self.eos = eos_ids(model)
+        self.gate = torch.tensor([s.steering for s in states], dtype=torch.bool)
+        self.stopped = torch.zeros(len(states), dtype=torch.bool)
+        self.ended = [False] * len(states)
+        self.verdicts: list[Verdict] = ["go"] * len(states)  # to act on after this step
+
+    def update(self, layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> None:
         index, prompt_len = ctx.token_index, ctx.prompt_len
         if index is None or prompt_len is None or index.shape != hidden.shape[:2]:
             raise ConfigError("the guard needs the forward pass to go through model.hf")
+        per_token = self.means.scores()["guard"]  # [batch, q]
         generated = (index >= prompt_len.view(-1, 1)).cpu()
-        for row in range(per_token.shape[0]):
+        for row, state in enumerate(self.states):
+            if self.ended[row]:
+                continue
             for value in per_token[row][generated[row]].tolist():
-                self.sums[row] += value
-                self.counts[row] += 1
-                running = self.sums[row] / self.counts[row]
-                self.scores[row].append(running)
-                if self.fired_at[row] is None and running > self.limit:
-                    self.fired_at[row] = self.counts[row] - 1
+                verdict = state.on_token(value)
+                if verdict != "go":
+                    self.verdicts[row] = verdict
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor, **_: Any) -> torch.Tensor:
-        for row, at in enumerate(self.fired_at):
-            if at is not None:
-                if self.policy == "steer":
-                    self.gate[row] = True
-                elif self.policy in ("stop", "block"):
-                    self.stopped[row] = True
+        for row, verdict in enumerate(self.verdicts):
+            if verdict == "steer":
+                self.gate[row] = True
+            elif verdict == "stop":
+                self.stopped[row] = True
+        self.verdicts = ["go"] * len(self.states)
+        for row, token in enumerate(input_ids[:, -1].tolist()):
+            self.ended[row] = self.ended[row] or token in self.eos
         return self.stopped.to(input_ids.device).clone()
 
     def hooks(self, model: Model) -> Any:
-        fns: dict[int, list[BlockFn]] = {x: [self.read] for x in self.units}
+        fns = self.means.block_fns()
+        fns[self.last].append(self.update)
         return hooked(model.hf, model.blocks, fns, track_positions=True)
 
 
@@ -204,27 +302,18 @@ def guarded_generate(
     if not texts:
         raise ConfigError("no prompts given; pass at least one prompt")
     guard.detector.directions.check_compatible(model)
-    limit = guard.limit
-    check_prompt = guard.check in ("prompt", "both")
-    watch = guard.check in ("generation", "both")
-    prompt_scores: list[float | None] = [None] * len(texts)
-    if check_prompt:
-        prompt_scores = list(guard.detector.score(model, texts))
-    fired = [s is not None and s > limit for s in prompt_scores]
-    skip = {i for i, f in enumerate(fired) if f and guard.policy in ("block", "stop")}
-    run = [i for i in range(len(texts)) if i not in skip]
-
-    results: dict[int, GuardResult] = {}
-    for i in skip:
-        text = guard.refusal if guard.policy == "block" else ""
-        results[i] = GuardResult(text, prompt_scores[i], "prompt", guard.policy)
+    states = [GuardState(guard) for _ in texts]
+    if states[0].checks_prompt:
+        for state, score in zip(states, guard.detector.score(model, texts), strict=True):
+            state.on_prompt(score)
+    run = [i for i, state in enumerate(states) if not state.stopped]
+    answers = [""] * len(texts)
     if run:
-        watcher = _Watch(model, guard, len(run))
-        watcher.gate[:] = torch.tensor([fired[i] for i in run], dtype=torch.bool)
+        watcher = _Watch(model, [states[i] for i in run])
         contexts: list[Any] = []
         if guard.policy == "steer":
             contexts.append(steer(model, list(guard.steering), rows=watcher.gate))
-        if watch:
+        if states[0].watches:
             contexts.append(watcher.hooks(model))
         rows = generate_ids(
             model,
@@ -235,11 +324,12 @@ def guarded_generate(
             temperature=temperature,
             seed=seed,
             contexts=contexts,
-            stopping_criteria=_stopping(watcher) if watch else None,
+            stopping_criteria=_stopping(watcher) if states[0].watches else None,
         )
-        for r, i in enumerate(run):
-            results[i] = _result(model, guard, rows[r], prompt_scores[i], fired[i], watcher, r)
-    return [results[i] for i in range(len(texts))]
+        for ids, i in zip(rows, run, strict=True):
+            kept = ids[: states[i].kept(len(ids))]
+            answers[i] = model.tokenizer.decode(kept, skip_special_tokens=True)
+    return [state.result(text) for state, text in zip(states, answers, strict=True)]
 
 
 def _stopping(watcher: _Watch) -> Any:
@@ -250,32 +340,6 @@ def _stopping(watcher: _Watch) -> Any:
             return watcher(input_ids, scores, **kw)
 
     return StoppingCriteriaList([WatchCriterion()])
-
-
-def _result(
-    model: Model,
-    guard: Guard,
-    ids: list[int],
-    prompt_score: float | None,
-    prompt_fired: bool,
-    watcher: _Watch,
-    row: int,
-) -> GuardResult:
-    at = watcher.fired_at[row]
-    scores = watcher.scores[row]
-    if prompt_fired:
-        fired_on, action = "prompt", guard.policy
-    elif at is not None:
-        fired_on, action = "generation", guard.policy
-    else:
-        fired_on, action = None, "none"
-    if at is not None and not prompt_fired and guard.policy in ("stop", "block"):
-        ids = ids[: at + 1]  # the tokens scored up to and including the crossing
-        scores = scores[: at + 1]
-    text = model.tokenizer.decode(ids, skip_special_tokens=True)
-    if action == "block":
-        text = guard.refusal
-    return GuardResult(text, prompt_score, fired_on, action, scores, at)
 
 
 def calibrate_generation(

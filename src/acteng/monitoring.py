@@ -10,7 +10,7 @@ steering uses, so left padding and the KV cache are handled.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Literal
@@ -25,7 +25,7 @@ from acteng.layer_selection import parse_layers
 from acteng.models import Model
 from acteng.vectors import SteeringVector
 
-__all__ = ["Monitor", "TokenScores", "monitor", "score_tokens"]
+__all__ = ["LayerMeans", "Monitor", "Readout", "TokenScores", "monitor", "score_tokens"]
 
 Metric = Literal["projection", "cosine"]
 METRICS = ("projection", "cosine")
@@ -60,31 +60,110 @@ class TokenScores:
         }
 
 
-def _units(model: Model, vector: SteeringVector, layers: list[int]) -> dict[int, torch.Tensor]:
-    vector.check_compatible(model)
-    missing = [x for x in layers if x not in vector.directions]
-    if missing:
-        raise ConfigError(
-            f"the vector has no layer(s) {missing} (it has {list(vector.layers)}); monitor "
-            "layers the vector was made for"
-        )
-    zero = [x for x in layers if float(vector[x].norm()) == 0.0]
-    if zero:
-        raise ConfigError(f"cannot score along a zero direction at layer(s) {zero}")
-    return {x: (vector[x] / vector[x].norm()).to(model.device, model.dtype) for x in layers}
+@dataclass(frozen=True)
+class Readout:
+    """How a vector or detector is read token by token: the one readout of acteng.
+
+    `units` holds the unit direction of each read layer on the model's device and dtype;
+    a detector's readings are its standardised projections ``(h . v̂ - offset) / scale``,
+    so their mean over layers is on the scale of its threshold. `monitor`, `score_tokens`,
+    the guard, the server's eager readout and its compiled `MonitorTable` all read
+    through this value, so they score the same thing.
+
+    >>> readout = Readout.of(model, detector)
+    >>> readout.per_token(layer, hidden)   # [batch, q] float64 on the CPU
+    """
+
+    units: dict[int, torch.Tensor]  # layer -> [d_model] unit direction
+    detector: Detector | None = None
+
+    @classmethod
+    def of(
+        cls, model: Model, source: SteeringVector | Detector, layers: Sequence[int] | None = None
+    ) -> Readout:
+        """Unit directions of `source` at `layers` (default: all of its layers), checked."""
+        detector = source if isinstance(source, Detector) else None
+        vector = source.directions if isinstance(source, Detector) else source
+        chosen = list(vector.layers) if layers is None else list(layers)
+        vector.check_compatible(model)
+        missing = [x for x in chosen if x not in vector.directions]
+        if missing:
+            raise ConfigError(
+                f"the vector has no layer(s) {missing} (it has {list(vector.layers)}); monitor "
+                "layers the vector was made for"
+            )
+        zero = [x for x in chosen if float(vector[x].norm()) == 0.0]
+        if zero:
+            raise ConfigError(f"cannot score along a zero direction at layer(s) {zero}")
+        units = {x: (vector[x] / vector[x].norm()).to(model.device, model.dtype) for x in chosen}
+        return cls(units, detector)
+
+    @property
+    def layers(self) -> tuple[int, ...]:
+        return tuple(self.units)
+
+    def project(self, layer: int, hidden: torch.Tensor, metric: str = "projection") -> torch.Tensor:
+        """[batch, q, d] -> [batch, q] projections (or cosines), in the hidden's dtype."""
+        projection = hidden @ self.units[layer]
+        if metric == "cosine":
+            projection = projection / hidden.norm(dim=-1).clamp_min(1e-12)
+        return projection
+
+    def standardise(self, layer: int, values: torch.Tensor) -> torch.Tensor:
+        """A detector's threshold scale; a vector's projections are kept as they are."""
+        return values if self.detector is None else self.detector.standardise(layer, values)
+
+    def per_token(self, layer: int, hidden: torch.Tensor) -> torch.Tensor:
+        """This layer's reading of every token, [batch, q] float64 on the CPU."""
+        return self.standardise(layer, self.project(layer, hidden).double().cpu())
+
+    def affine(self, layer: int) -> tuple[float, float]:
+        """(weight, bias) with ``weight * (h . v̂) + bias`` = this layer's share of the mean
+        over layers of `per_token`: the form a fixed-shape table stores."""
+        share = 1.0 / len(self.units)
+        if self.detector is None:
+            return share, 0.0
+        scale = self.detector.scales[layer]
+        return share / scale, -share * self.detector.offsets[layer] / scale
+
+
+class LayerMeans:
+    """Per-token scores of several readouts over one forward call: the mean over each
+    readout's layers of `Readout.per_token`, summed as the hooks of its layers fire.
+
+    >>> means = LayerMeans({"honesty": readout})
+    >>> with hooked(model.hf, model.blocks, means.block_fns()): model.hf(ids)
+    >>> means.scores()["honesty"]   # [batch, q]
+    """
+
+    def __init__(self, readouts: Mapping[str, Readout]) -> None:
+        self.readouts = dict(readouts)
+        self._sums: dict[str, torch.Tensor] = {}
+
+    def block_fns(self) -> dict[int, list[BlockFn]]:
+        fns: dict[int, list[BlockFn]] = {}
+        for key, readout in self.readouts.items():
+            for layer in readout.layers:
+                fns.setdefault(layer, []).append(self._reader(key, readout))
+        return fns
+
+    def _reader(self, key: str, readout: Readout) -> BlockFn:
+        def read(layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
+            values = readout.per_token(layer, hidden)  # [batch, q]
+            previous = self._sums.get(key)
+            self._sums[key] = values if previous is None else previous + values
+
+        return read
+
+    def scores(self) -> dict[str, torch.Tensor]:
+        """Key -> [batch, q] mean over the readout's layers; starts the next call afresh."""
+        sums, self._sums = self._sums, {}
+        return {k: v / len(self.readouts[k].units) for k, v in sums.items()}
 
 
 def _check_metric(metric: str) -> None:
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; use 'projection' or 'cosine'")
-
-
-def _score(hidden: torch.Tensor, unit: torch.Tensor, metric: str) -> torch.Tensor:
-    """[batch, q, d] -> [batch, q] scores (float32)."""
-    projection = hidden @ unit
-    if metric == "cosine":
-        projection = projection / hidden.norm(dim=-1).clamp_min(1e-12)
-    return projection.float()
 
 
 @torch.no_grad()
@@ -108,7 +187,7 @@ def score_tokens(
     if not items or any(not t for t in items):
         raise ConfigError("score_tokens needs non-empty texts")
     chosen = parse_layers(model, layers if layers is not None else list(vector.layers))
-    units = _units(model, vector, chosen)
+    readout = Readout.of(model, vector, chosen)
     rendered = [model.render_prompt(t) if chat else t for t in items]
     encoded = [model.tokenizer(t, add_special_tokens=not chat)["input_ids"] for t in rendered]
     for i, ids in enumerate(encoded):
@@ -126,7 +205,7 @@ def score_tokens(
             _ctx: ForwardContext,
             scores: dict[int, torch.Tensor] = scores,
         ) -> None:
-            scores[layer] = _score(hidden, units[layer], metric).cpu()
+            scores[layer] = readout.project(layer, hidden, metric).float().cpu()
 
         run_until(
             model.hf,
@@ -186,10 +265,8 @@ def monitor(
     detector = vector if isinstance(vector, Detector) else None
     if detector is not None and metric != "projection":
         raise ConfigError("a detector's scores are projections; leave metric unset")
-    directions = detector.directions if detector is not None else vector
-    assert isinstance(directions, SteeringVector)
-    chosen = parse_layers(model, layers if layers is not None else list(directions.layers))
-    units = _units(model, directions, chosen)
+    chosen = parse_layers(model, layers if layers is not None else list(vector.layers))
+    readout = Readout.of(model, vector, chosen)
     record = Monitor(layers=chosen, metric="detector" if detector is not None else metric)
 
     def read(layer: int, hidden: torch.Tensor, ctx: ForwardContext) -> None:
@@ -206,9 +283,7 @@ def monitor(
                 f"the batch changed from {len(record.rows)} to {index.shape[0]} rows inside one "
                 "monitor block; use one `with monitor(...)` per batch"
             )
-        values = _score(hidden, units[layer], metric).cpu()
-        if detector is not None:
-            values = detector.standardise(layer, values)
+        values = readout.standardise(layer, readout.project(layer, hidden, metric).float().cpu())
         real = (index >= 0).cpu()
         for row in range(values.shape[0]):
             record.rows[row][layer].extend(values[row][real[row]].tolist())

@@ -12,8 +12,8 @@ from typing import Any
 import acteng
 from acteng.library import VectorLibrary
 from acteng.server.app import create_app
-from acteng.server.engine import Engine
-from acteng.server.requests import Limits
+from acteng.server.engine import Engine, Event
+from acteng.server.requests import GenerationRequest, Limits
 
 PROMPT = "Tell me about your weekend."
 
@@ -56,3 +56,29 @@ def wait_until(condition: Any, timeout: float = 30.0) -> bool:
             return True
         time.sleep(0.05)
     return bool(condition())
+
+
+def serve_all(engine: Engine, requests: list[GenerationRequest]) -> list[list[Event]]:
+    """Submit every request at once (they share decoding steps) and collect the events."""
+    events: list[list[Event]] = [[] for _ in requests]
+    left = threading.Semaphore(0)
+
+    def sink_for(i: int) -> Any:
+        def sink(event: Event) -> None:
+            events[i].append(event)
+            if event.kind in ("done", "error"):
+                left.release()
+
+        return sink
+
+    for i, request in enumerate(requests):
+        engine.submit(request, sink_for(i))
+    for _ in requests:
+        assert left.acquire(timeout=300)
+    return events
+
+
+def summary(events: list[Event]) -> dict[str, Any]:
+    """The summary of a request's "done" event (its last)."""
+    assert events[-1].kind == "done", events[-1]
+    return events[-1].summary

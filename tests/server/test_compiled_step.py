@@ -8,7 +8,6 @@ monitored requests, and changing any of that must never compile a new graph.
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +19,11 @@ from torch._dynamo.utils import counters
 import acteng
 from acteng.errors import ConfigError
 from acteng.library import VectorLibrary
-from acteng.server.engine import Engine, Event
+from acteng.server.engine import Engine
 from acteng.server.requests import GenerationRequest, Limits, parse_request
 from acteng.server.resolve import Resolver
 from tests.helpers import random_vector
+from tests.server.serving import serve_all, summary
 
 EAGER_COMPILE = {"backend": "eager"}
 
@@ -78,31 +78,6 @@ def _requests(model: acteng.Model, home: Path) -> list[GenerationRequest]:
     ]
 
 
-def _serve_all(engine: Engine, requests: list[GenerationRequest]) -> list[list[Event]]:
-    """Submit every request at once (they share decoding steps) and collect the events."""
-    events: list[list[Event]] = [[] for _ in requests]
-    left = threading.Semaphore(0)
-
-    def sink_for(i: int) -> Any:
-        def sink(event: Event) -> None:
-            events[i].append(event)
-            if event.kind in ("done", "error"):
-                left.release()
-
-        return sink
-
-    for i, request in enumerate(requests):
-        engine.submit(request, sink_for(i))
-    for _ in requests:
-        assert left.acquire(timeout=300)
-    return events
-
-
-def _summary(events: list[Event]) -> dict[str, Any]:
-    assert events[-1].kind == "done", events[-1]
-    return events[-1].summary
-
-
 @pytest.mark.real
 def test_compiled_engine_equals_the_eager_engine_on_the_real_model(
     smollm2: acteng.Model, tmp_path: Path
@@ -115,7 +90,7 @@ def test_compiled_engine_equals_the_eager_engine_on_the_real_model(
         )
         engine.start()
         try:
-            results[compiled] = [_summary(e) for e in _serve_all(engine, requests)]
+            results[compiled] = [summary(e) for e in serve_all(engine, requests)]
         finally:
             engine.stop()
         assert engine.decoder is None or not engine.decoder.handle.active  # hooks gone
@@ -170,7 +145,7 @@ def test_requests_coming_and_going_never_recompile(
         ablate = {"vector": "two", "coefficient": 1, "mode": "ablate"}
         for steering in ([], [add], [ablate], [add, add], [add, ablate]):
             for monitor in ([], ["two"]):
-                _serve_all(engine, [request("a b c", steering=steering, monitor=monitor)])
+                serve_all(engine, [request("a b c", steering=steering, monitor=monitor)])
         warm = _graphs()
         assert warm == 10
         texts = []
@@ -187,8 +162,8 @@ def test_requests_coming_and_going_never_recompile(
             request("one two three"),
             request("q", steering=[{"vector": "one", "coefficient": 2, "mode": "clamp"}]),
         ]
-        for events in _serve_all(engine, mixed):
-            texts.append(_summary(events)["text"])
+        for events in serve_all(engine, mixed):
+            texts.append(summary(events)["text"])
         assert _graphs() == warm
         assert texts[0] != texts[3]  # same prompt, steered vs not
     finally:

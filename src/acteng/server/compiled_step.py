@@ -32,6 +32,7 @@ import torch
 from acteng.errors import ConfigError
 from acteng.hooks import BlockFn, ForwardContext, HookHandle, attach
 from acteng.models import Model
+from acteng.monitoring import Readout
 from acteng.server.requests import Monitored
 from acteng.server.slots import SlotBatch, SlotCache, slot_attention_enabled
 from acteng.steering.compiled import allow_graphs
@@ -44,10 +45,8 @@ class MonitorTable:
     """Monitor directions per (layer, column, slot) in fixed float32 buffers.
 
     The score of the monitor in column k of slot s is ``sum over layers of
-    weight * (h . unit) + bias``. For a monitor over layers L that is the mean over L of
-    the projection (a vector) or of the standardised projection ``(p - offset) / scale``
-    (a detector), exactly what the eager readout computes: weight ``1 / (|L| scale)``,
-    bias ``-offset / (|L| scale)`` at its layers, zero elsewhere.
+    weight * (h . unit) + bias``, with each layer's (weight, bias) from `Readout.affine`:
+    the mean over the monitor's layers of what the eager readout computes, zero elsewhere.
     """
 
     def __init__(self, model: Model, slots: int, width: int) -> None:
@@ -71,13 +70,10 @@ class MonitorTable:
             )
         self.clear(slot)
         for k, monitor in enumerate(monitored):
-            share = 1.0 / len(monitor.layers)
-            for layer in monitor.layers:
-                unit = monitor.units[layer].to(self.unit.device, torch.float32)
-                weight, bias = share, 0.0
-                if monitor.detector is not None:
-                    scale = monitor.detector.scales[layer]
-                    weight, bias = share / scale, -share * monitor.detector.offsets[layer] / scale
+            readout = Readout(monitor.units, monitor.detector)
+            for layer in readout.layers:
+                unit = readout.units[layer].to(self.unit.device, torch.float32)
+                weight, bias = readout.affine(layer)
                 self.unit[layer, k, slot] = unit
                 self.weight[layer, k, slot] = weight
                 self.bias[layer, k, slot] = bias

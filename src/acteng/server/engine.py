@@ -6,9 +6,10 @@ decoding step for all slots at once. A row leaves when it finishes, is cancelled
 client went away) or fails, and its slot is free for the next request at once.
 
 Per-row steering comes from a `SteeringTable` (one slot per row); monitors and the guard's
-running score read the residual stream through hooks on the same forward calls. Hooks and
-the slot attention are attached for the length of one forward call only, so the model is
-untouched between steps and a failing step cannot leave anything applied.
+running score read the residual stream through hooks on the same forward calls (the
+library's `Readout`, via `LayerMeans`). Hooks and the slot attention are attached for the
+length of one forward call only, so the model is untouched between steps and a failing
+step cannot leave anything applied.
 
 Greedy results do not depend on the batch: see `acteng.server.slots` for why and how.
 
@@ -22,65 +23,28 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
-from collections.abc import Callable
 from contextlib import ExitStack
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from acteng.errors import ActengError, ConfigError
+from acteng.errors import ActengError, ConfigError, EngineBusy
 from acteng.hooks import hooked
 from acteng.models import Model
+from acteng.monitoring import LayerMeans, Readout
 from acteng.server.compiled_step import CompiledDecoder
-from acteng.server.requests import GenerationRequest, Monitored
+from acteng.server.events import Event, Job, Sink
+from acteng.server.requests import GenerationRequest
 from acteng.server.rows import Row
 from acteng.server.slots import SlotBatch, SlotCache, check_supported, slot_attention_enabled
 from acteng.steering.compiled import wants_compiled
 from acteng.steering.table import SteeringTable
 
-__all__ = ["Engine", "EngineBusy", "Event", "Job"]
+# EngineBusy, Event, Job and Sink live in acteng.errors and acteng.server.events; they
+# are re-exported here, where the servers and tests have always imported them.
+__all__ = ["Engine", "EngineBusy", "Event", "Job", "Sink"]
 
 log = logging.getLogger(__name__)
-
-
-class EngineBusy(ActengError, RuntimeError):
-    """The request queue is full; the client should retry later (HTTP 503)."""
-
-
-@dataclass
-class Event:
-    """What the engine tells a waiting request: new text, the end, or an error.
-
-    kind: "token" (text + tokens + per-token monitor scores), "done" (finish reason and
-    the summary), or "error" (status and message).
-    """
-
-    kind: str
-    text: str = ""
-    tokens: list[str] = field(default_factory=list)
-    scores: dict[str, list[float]] = field(default_factory=dict)
-    finish_reason: str | None = None
-    summary: dict[str, Any] = field(default_factory=dict)
-    status: int = 200
-
-
-Sink = Callable[[Event], None]
-
-
-class Job:
-    """One submitted request: its sink for events and a cancel flag read between steps."""
-
-    def __init__(self, request: GenerationRequest, sink: Sink) -> None:
-        self.request = request
-        self.sink = sink
-        self.cancelled = threading.Event()
-        self.submitted = time.perf_counter()
-
-    def cancel(self) -> None:
-        """Stop generating for this job; its slot is freed at the next step boundary."""
-        self.cancelled.set()
 
 
 class Engine:
@@ -225,8 +189,7 @@ class Engine:
         """Guard check, steering and prefill of one new request in cache row `index`."""
         request = job.request
         row = Row(job, index, self.model)
-        verdict = row.check_prompt_guard()
-        if verdict == "skip":  # blocked or stopped before generating
+        if row.check_prompt_guard() == "stop":  # blocked or stopped before generating
             row.finish("content_filter")
             return
         self.rows[index] = row
@@ -304,7 +267,8 @@ class Engine:
         row, the monitor scores (key -> [q]).
         """
         model = self.model
-        readout = Readout([m for r in live for m in r.monitored()], ids.shape[0])
+        monitored = {m.key: Readout(m.units, m.detector) for r in live for m in r.monitored()}
+        readout = LayerMeans(monitored)
         self.cache.batch = batch
         try:
             with torch.no_grad(), ExitStack() as stack:
@@ -338,39 +302,3 @@ class Engine:
             if row is not None:
                 self._free(i)  # before telling the client, which may look at once
                 row.job.sink(Event("error", status=500, text=message))
-
-
-class Readout:
-    """Per-token scores of the monitors (and guard detectors) that the live rows asked for.
-
-    Each distinct monitor is read once per forward call for the whole batch, one
-    matrix-vector product per layer (a row's values never depend on the other rows).
-    """
-
-    def __init__(self, monitored: list[Monitored], rows: int) -> None:
-        self.monitors = {m.key: m for m in monitored}
-        self.rows = rows
-        self._sums: dict[str, torch.Tensor] = {}
-
-    def block_fns(self) -> dict[int, list[Any]]:
-        fns: dict[int, list[Any]] = {}
-        for monitor in self.monitors.values():
-            for layer in monitor.layers:
-                fns.setdefault(layer, []).append(self._reader(monitor, layer))
-        return fns
-
-    def _reader(self, monitor: Monitored, layer: int) -> Callable[..., None]:
-        unit = monitor.units[layer]
-
-        def read(_layer: int, hidden: torch.Tensor, _ctx: Any) -> None:
-            values = (hidden @ unit).double().cpu()  # [batch, q]
-            if monitor.detector is not None:
-                values = monitor.detector.standardise(layer, values)
-            previous = self._sums.get(monitor.key)
-            self._sums[monitor.key] = values if previous is None else previous + values
-
-        return read
-
-    def scores(self) -> dict[str, torch.Tensor]:
-        """Monitor key -> [batch, q] mean over the monitor's layers."""
-        return {k: v / len(self.monitors[k].layers) for k, v in self._sums.items()}

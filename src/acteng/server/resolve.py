@@ -19,6 +19,7 @@ from acteng.detectors import Detector
 from acteng.errors import ActengError, ConfigError, LibraryError, RequestError
 from acteng.library import VectorLibrary, validate_name
 from acteng.models import Model
+from acteng.monitoring import Readout
 from acteng.vectors import SteeringVector
 
 __all__ = ["Monitored", "Resolver"]
@@ -85,21 +86,12 @@ class Resolver:
         if isinstance(vector.metadata.get("detector"), dict):
             detector = self.detector(name, param)
         chosen = layers or vector.layers
-        missing = [x for x in chosen if x not in vector.directions]
-        if missing:
-            raise RequestError(
-                f"{param}: {name!r} has no layer(s) {missing} (it has {list(vector.layers)})",
-                param=param,
-            )
-        zero = [x for x in chosen if float(vector[x].norm()) == 0.0]
-        if zero:
-            raise RequestError(f"{param}: {name!r} is zero at layer(s) {zero}", param=param)
-        units = {
-            x: (vector[x] / vector[x].norm()).to(self.model.device, self.model.dtype)
-            for x in chosen
-        }
+        try:
+            readout = Readout.of(self.model, vector if detector is None else detector, chosen)
+        except ActengError as exc:
+            raise RequestError(f"{param}: {name!r}: {exc}", param=param) from exc
         key = f"{name}@{','.join(map(str, chosen))}"
-        return Monitored(key, str(name), tuple(chosen), units, detector)
+        return Monitored(key, str(name), tuple(chosen), readout.units, detector)
 
     # --- /v1/vectors ---------------------------------------------------------------------
     def _describe(self, name: str, vector: SteeringVector | None, source: str) -> dict[str, Any]:

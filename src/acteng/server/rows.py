@@ -15,25 +15,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from acteng.generation import eos_ids
+from acteng.guard import GuardState, Verdict
 from acteng.models import Model
+from acteng.server.events import Event, Job
 from acteng.steering.spec import SteeringSpec
 
 if TYPE_CHECKING:
-    from acteng.server.engine import Job
     from acteng.server.requests import Monitored
 
 __all__ = ["Row"]
-
-
-def _eos_ids(model: Model) -> set[int]:
-    ids: set[int] = set()
-    config: Any = getattr(model.hf, "generation_config", None)
-    for value in (model.tokenizer.eos_token_id, getattr(config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return ids
 
 
 class Row:
@@ -42,7 +33,7 @@ class Row:
     def __init__(self, job: Job, index: int, model: Model) -> None:
         self.job, self.index, self.model = job, index, model
         self.request = request = job.request
-        self.eos = _eos_ids(model)
+        self.eos = eos_ids(model)
         self.length = 0  # tokens in this row's cache
         self.generated: list[int] = []
         self.fed = 0  # generated tokens fed back (and so scored)
@@ -59,23 +50,17 @@ class Row:
             self.generator = torch.Generator().manual_seed(seed)
         self.prompt_scores: dict[str, list[float]] = {}
         self.token_scores: dict[str, list[float]] = {m.key: [] for m in request.monitors}
-        # guard state
-        guard = request.guard
-        self.watch = guard is not None and guard.check in ("generation", "both")
+        # the guard's policy is `GuardState`'s, as in `guarded_generate`
+        self.guard_state = None if request.guard is None else GuardState(request.guard)
+        self.watch = self.guard_state is not None and self.guard_state.watches
         self.needs_scores = bool(request.monitors) or self.watch
-        self.prompt_score: float | None = None
-        self.fired_on: str | None = None
-        self.fired_at: int | None = None
-        self.running: list[float] = []
-        self._sum = 0.0
-        self.counter_steering = False
-        self.guard_steer_pending = False
+        self.guard_steer_pending = False  # counter-steering starts: rewrite the table row
 
     # --- what the engine asks ------------------------------------------------------------
     def steering(self) -> list[SteeringSpec]:
         specs = list(self.request.steering)
-        if self.counter_steering and self.request.guard is not None:
-            specs += list(self.request.guard.steering)
+        if self.guard_state is not None and self.guard_state.steering:
+            specs += list(self.guard_state.guard.steering)
         return specs
 
     def monitored(self) -> list[Monitored]:
@@ -84,19 +69,12 @@ class Row:
             found.append(self.request.guard_monitor)
         return found
 
-    def check_prompt_guard(self) -> str:
-        """Score the prompt when the guard checks it; "skip" means do not generate."""
-        guard = self.request.guard
-        if guard is None or guard.check not in ("prompt", "both"):
+    def check_prompt_guard(self) -> Verdict:
+        """Score the prompt when the guard checks it; "stop" means do not generate."""
+        if self.guard_state is None or not self.guard_state.checks_prompt:
             return "go"
-        [score] = guard.detector.score(self.model, [self.request.guard_text])
-        self.prompt_score = float(score)
-        if score <= guard.limit:
-            return "go"
-        self.fired_on = "prompt"
-        if guard.policy == "steer":
-            self.counter_steering = True
-        return "skip" if guard.policy in ("block", "stop") else "go"
+        [score] = self.guard_state.guard.detector.score(self.model, [self.request.guard_text])
+        return self.guard_state.on_prompt(score)
 
     # --- results of forward calls --------------------------------------------------------
     def prefilled(self, logits: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
@@ -114,8 +92,14 @@ class Row:
             self.token_scores[key].append(float(scores[key][0]))
         self.fed += 1
         guard_key = self.request.guard_monitor.key if self.request.guard_monitor else None
-        if self.watch and guard_key is not None and self._watch(float(scores[guard_key][0])):
-            return
+        if self.guard_state is not None and self.watch and guard_key is not None:
+            verdict = self.guard_state.on_token(float(scores[guard_key][0]))
+            if verdict == "steer":
+                self.guard_steer_pending = True
+            elif verdict == "stop":
+                self._emit(self.fed)  # the tokens up to and including the crossing
+                self.finish("content_filter")
+                return
         if self.final_feed:
             self._emit(self.fed)
             self.finish("length")
@@ -157,26 +141,6 @@ class Row:
             else:
                 self.finish("length")
 
-    def _watch(self, value: float) -> bool:
-        """Update the guard's running score; True when the row ends here."""
-        guard = self.request.guard
-        assert guard is not None  # only called when watching
-        self._sum += value
-        self.running.append(self._sum / (len(self.running) + 1))
-        if self.fired_at is not None or self.running[-1] <= guard.generation_limit:
-            return False
-        self.fired_at = self.fed - 1
-        if self.fired_on is None:
-            self.fired_on = "generation"
-        if guard.policy == "steer" and not self.counter_steering:
-            self.counter_steering = True
-            self.guard_steer_pending = True
-        elif guard.policy in ("stop", "block"):
-            self._emit(self.fed)  # the tokens up to and including the crossing
-            self.finish("content_filter")
-            return True
-        return False
-
     def _emit(self, upto: int) -> None:
         """Send generated tokens [emitted, upto) and the new text they complete."""
         if upto <= self.emitted or self.done:
@@ -198,7 +162,7 @@ class Row:
         self.sent += delta
         scores = {k: v[start:upto] for k, v in self.token_scores.items() if v}
         self.job.sink(
-            _event(
+            Event(
                 "token",
                 text=delta,
                 tokens=[tokenizer.decode([t]) for t in new],
@@ -218,10 +182,10 @@ class Row:
             if text.startswith(self.sent) and len(text) > len(self.sent):
                 tail = text[len(self.sent) :]
                 self.sent += tail
-                self.job.sink(_event("token", text=tail))
+                self.job.sink(Event("token", text=tail))
         self.done = True
         self.finish_reason = reason
-        self.job.sink(_event("done", finish_reason=reason, summary=self.summary()))
+        self.job.sink(Event("done", finish_reason=reason, summary=self.summary()))
 
     def summary(self) -> dict[str, Any]:
         request = self.request
@@ -248,31 +212,23 @@ class Row:
             "completion_tokens": len(self.generated),
             "acteng": {"steering": request.steering_echo, "monitor": monitors},
         }
-        guard = request.guard
-        if guard is not None:
-            action = guard.policy if self.fired_on is not None else "none"
-            if action == "block":
-                out["text"] = guard.refusal
+        if self.guard_state is not None:
+            guard, verdict = self.guard_state.guard, self.guard_state.result(text)
+            out["text"] = verdict.text
             out["acteng"]["guard"] = {
                 "detector": request.guard_name,
                 "policy": guard.policy,
                 "check": guard.check,
-                "flagged": self.fired_on is not None,
-                "fired_on": self.fired_on,
-                "action": action,
-                "prompt_score": self.prompt_score,
+                "flagged": verdict.flagged,
+                "fired_on": verdict.fired_on,
+                "action": verdict.action,
+                "prompt_score": verdict.prompt_score,
                 "threshold": guard.limit,
                 "generation_threshold": guard.generation_limit if self.watch else None,
-                "generation_scores": self.running,
-                "fired_at": self.fired_at,
+                "generation_scores": verdict.generation_scores,
+                "fired_at": verdict.fired_at,
             }
         return out
-
-
-def _event(kind: str, **fields: Any) -> Any:
-    from acteng.server.engine import Event
-
-    return Event(kind, **fields)
 
 
 def _find_stop(text: str, stops: list[str], sent: int) -> int | None:

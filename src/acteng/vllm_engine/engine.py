@@ -25,9 +25,9 @@ import queue
 import threading
 from typing import Any
 
-from acteng.errors import ActengError, ConfigError, RequestError
+from acteng.errors import ActengError, ConfigError, EngineBusy, RequestError
 from acteng.models import Model
-from acteng.server.engine import EngineBusy, Event, Job, Sink
+from acteng.server.events import Event, Job, Sink
 from acteng.server.requests import GenerationRequest
 from acteng.server.rows import Row
 from acteng.server.settings import ServeSettings
