@@ -17,8 +17,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from acteng.backends.local import RayBackend, resolve_backend
-from acteng.backends.ray import load_on_worker, portable_recipe, ray_cluster, worker_resources
+from acteng.backends import resolve_backend
+from acteng.backends.ray import (
+    RayBackend,
+    load_on_worker,
+    portable_recipe,
+    ray_cluster,
+    worker_resources,
+)
 from acteng.errors import ConfigError
 from acteng.models import Model, ModelRecipe
 

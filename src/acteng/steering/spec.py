@@ -15,10 +15,22 @@ from acteng.positions import Positions, parse_positions
 from acteng.steering.modes import MODES
 from acteng.vectors import SteeringVector
 
-__all__ = ["MAX_ABS_COEFFICIENT", "SteeringSpec", "as_specs"]
+__all__ = ["MAX_ABS_COEFFICIENT", "SteeringSpec", "as_specs", "check_coefficient"]
 
 # Coefficients beyond this are almost surely a typo (activations would overflow).
 MAX_ABS_COEFFICIENT = 1e4
+
+
+def check_coefficient(coefficient: float) -> float:
+    """A steering coefficient as a float: a real number, finite, |c| <= MAX_ABS_COEFFICIENT."""
+    if isinstance(coefficient, bool) or not isinstance(coefficient, numbers.Real):
+        raise ConfigError(f"coefficient must be a number, got {coefficient!r}")
+    if not math.isfinite(coefficient) or abs(coefficient) > MAX_ABS_COEFFICIENT:
+        raise ConfigError(
+            f"coefficient {coefficient} is not usable; give a finite number with "
+            f"|c| <= {MAX_ABS_COEFFICIENT:g}"
+        )
+    return float(coefficient)
 
 
 @dataclass(frozen=True)
@@ -46,15 +58,7 @@ class SteeringSpec:
                 f"a steering spec needs a SteeringVector, got {type(self.vector).__name__}; "
                 "load one with acteng.SteeringVector.load(path)"
             )
-        coefficient = self.coefficient
-        if isinstance(coefficient, bool) or not isinstance(coefficient, numbers.Real):
-            raise ConfigError(f"coefficient must be a number, got {coefficient!r}")
-        if not math.isfinite(coefficient) or abs(coefficient) > MAX_ABS_COEFFICIENT:
-            raise ConfigError(
-                f"coefficient {coefficient} is not usable; give a finite number with "
-                f"|c| <= {MAX_ABS_COEFFICIENT:g}"
-            )
-        object.__setattr__(self, "coefficient", float(coefficient))
+        object.__setattr__(self, "coefficient", check_coefficient(self.coefficient))
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         object.__setattr__(self, "positions", parse_positions(self.positions))
