@@ -24,8 +24,9 @@ import acteng
 from _common import save
 from acteng.evaluation.analysis import readability
 from acteng.evaluation.metrics import ab_match
+from acteng.evaluation.scoring import held_out
 from acteng.evaluation.tax import load_eval, mc_accuracy, perplexity
-from acteng.evaluation.tuning import held_out, tune
+from acteng.evaluation.tune import tune
 
 EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
 BEHAVIOURS = (

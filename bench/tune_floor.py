@@ -25,7 +25,8 @@ from typing import Any
 import acteng
 from _common import RESULTS, save
 from acteng.errors import ConfigError
-from acteng.evaluation.tuning import Scorer, TuneResult, held_out, tune
+from acteng.evaluation.scoring import Scorer, held_out
+from acteng.evaluation.tune import TuneResult, tune
 from acteng.extraction import extract_many
 from acteng.pairs import Pairs
 from mwe import EXTERNAL

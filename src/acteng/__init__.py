@@ -35,7 +35,7 @@ _EXPORTS = {
     "import_gguf": "acteng.gguf_vectors",
     "ModelRecipe": "acteng.models",
     "Pairs": "acteng.pairs",
-    "RayBackend": "acteng.backends.local",
+    "RayBackend": "acteng.backends.ray",
     "ReadItem": "acteng.activations",
     "SteeringSpec": "acteng.steering.spec",
     "SteeringVector": "acteng.vectors",
@@ -65,7 +65,7 @@ if TYPE_CHECKING:
     from acteng.activations import Activations as Activations
     from acteng.activations import ReadItem as ReadItem
     from acteng.activations import record_activations as record_activations
-    from acteng.backends.local import RayBackend as RayBackend
+    from acteng.backends.ray import RayBackend as RayBackend
     from acteng.baking import bake as bake
     from acteng.detectors import Detector as Detector
     from acteng.detectors import load_detector as load_detector

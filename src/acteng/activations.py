@@ -10,13 +10,13 @@ or the mean over a token span), so memory is ``[N, d_model]`` per layer, never
 from __future__ import annotations
 
 import inspect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from acteng.backends.local import Backend, resolve_backend
+from acteng.backends import BackendChoice, resolve_backend
 from acteng.batching import BatchPlan, plan_batches
 from acteng.errors import ConfigError
 from acteng.hooks import ForwardContext, run_until
@@ -132,12 +132,14 @@ def record_activations(
     batch_size: int = 32,
     progress: bool = False,
     share_prefix: bool = True,
-    backend: Backend = "local",
+    backend: BackendChoice = "local",
 ) -> Activations:
     """Activations of `texts` at `layers`, reduced at `position`, from one pass per batch.
 
     With `share_prefix` (the default) tokens that several texts share and that are not
     read (the chat template, a pair's prompt) are computed once (see `acteng.batching`).
+    `backend` runs the batches (``"local"``, ``"ray"``, a `RayBackend`; see
+    `acteng.backends`): each is one `record_batch` call, so the rows are the same.
 
     >>> acts = acteng.record_activations(model, ["I love it", "I hate it"], layers=[12])
     >>> acts.rows[12].shape
@@ -145,7 +147,7 @@ def record_activations(
     """
     if position not in READ_POSITIONS:
         raise ConfigError(f"unknown read position {position!r}; use one of {READ_POSITIONS}")
-    ray = resolve_backend(backend)
+    runner = resolve_backend(backend)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     items = _as_items(texts)
@@ -176,32 +178,14 @@ def record_activations(
         RecordBatch(plan, tuple(spans[t] for t in plan.texts), global_ids, tuple(chosen))
         for plan in plans
     ]
-    results: Iterable[tuple[list[int], dict[int, torch.Tensor]]]
-    if ray is not None:  # the same batches, each run by `record_batch` on a Ray worker
-        from acteng.backends.ray_recording import record_on_ray
-
-        results = record_on_ray(model, batches, ray, progress)
-    else:
-        results = _record_here(model, batches, progress)
-    for done, reduced in results:
-        index = torch.tensor(done)
+    label = "recording activations" if progress else None
+    for batch, reduced in zip(
+        batches, runner.map(model, record_batch, batches, progress=label), strict=True
+    ):
+        index = torch.tensor(batch.plan.texts)
         for layer in chosen:
             rows[layer][index] = reduced[layer]
     return Activations(rows=rows, position=position)
-
-
-def _record_here(
-    model: Model, batches: list[RecordBatch], progress: bool
-) -> Iterator[tuple[list[int], dict[int, torch.Tensor]]]:
-    bar = _progress(len(batches), progress)
-    try:
-        for batch in batches:
-            yield list(batch.plan.texts), record_batch(model, batch)
-            if bar is not None:
-                bar.update(1)
-    finally:
-        if bar is not None:
-            bar.close()
 
 
 def _prompt_tokens(offsets: list[tuple[int, int]], completion_start: int) -> int:
@@ -322,11 +306,3 @@ def record_batch(model: Model, batch: RecordBatch) -> dict[int, torch.Tensor]:
 
     run_until(model.hf, model.blocks, last, {layer: [read] for layer in chosen}, **inputs)
     return out
-
-
-def _progress(total: int, enabled: bool):  # type: ignore[no-untyped-def]
-    if not enabled:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc="recording activations", unit="batch", leave=False)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from acteng.activations import record_pairs
-from acteng.backends.local import Backend
+from acteng.backends import BackendChoice
 from acteng.errors import ConfigError
 from acteng.layer_selection import parse_layers
 from acteng.methods import METHODS
@@ -36,14 +36,14 @@ def extract(
     normalize: str | None = None,
     batch_size: int = 32,
     progress: bool = False,
-    backend: Backend = "local",
+    backend: BackendChoice = "local",
 ) -> SteeringVector:
     """Build a steering vector from contrastive pairs.
 
     `method` is one of ``actadd``, ``mean_diff``, ``pca``, ``probe`` (see
     `acteng.methods`); `position` is ``last``, ``mean`` or ``answer``; `normalize` is None
     (keep the method's scale) or ``"unit"``. `backend` ``"ray"`` records the activations
-    on a Ray cluster (see `acteng.backends.local`); the vector is the same.
+    on a Ray cluster (see `acteng.backends`); the vector is the same.
 
     >>> pairs = acteng.load_pairs("sentiment", split="train")
     >>> vector = acteng.extract(model, pairs, method="mean_diff", layers=[12])
@@ -82,7 +82,7 @@ def extract_many(
     normalize: str | None = None,
     batch_size: int = 32,
     progress: bool = False,
-    backend: Backend = "local",
+    backend: BackendChoice = "local",
 ) -> dict[str, SteeringVector]:
     """One vector per method from a single recording pass (what sweeps and tuning use)."""
     unknown = [m for m in methods if m not in METHODS]

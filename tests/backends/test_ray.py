@@ -26,7 +26,8 @@ import pytest
 import torch
 
 import acteng
-from acteng.backends.local import RayBackend, resolve_backend
+from acteng.backends import LocalBackend, resolve_backend
+from acteng.backends.ray import RayBackend
 from acteng.cli import main
 from acteng.errors import ConfigError, MissingExtraError
 from acteng.evaluation.tax import load_eval
@@ -67,7 +68,7 @@ def max_abs_diff(a: acteng.SteeringVector, b: acteng.SteeringVector) -> float:
 
 
 def test_backend_names_and_ray_client_are_checked() -> None:
-    assert resolve_backend("local") is None
+    assert resolve_backend("local") == LocalBackend()
     with pytest.raises(ConfigError, match="unknown backend 'spark'"):
         resolve_backend("spark")
     with pytest.raises(ConfigError, match="Ray Client"):
@@ -78,11 +79,13 @@ def test_backend_names_and_ray_client_are_checked() -> None:
 
 def test_ray_is_imported_only_when_asked_for() -> None:
     code = (
-        "import sys, acteng, acteng.cli, acteng.evaluation.tuning, acteng.evaluation.measures; "
+        "import sys, acteng, acteng.cli, acteng.evaluation.sweep, acteng.evaluation.tune, "
+        "acteng.evaluation.measures, acteng.extraction; "
+        "print('acteng.backends.ray' in sys.modules); "
         "acteng.RayBackend(); print('ray' in sys.modules)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+    assert out.stdout.split() == ["False", "False"]  # core modules never import Ray code
 
 
 def test_missing_ray_names_the_install_line(
@@ -160,7 +163,7 @@ def test_extraction_on_ray_equals_local_for_every_method(
 def test_sweep_and_tune_on_ray_equal_local(
     cluster: None, smollm2: acteng.Model, tmp_path: Path
 ) -> None:
-    from acteng.evaluation.tuning import sweep, tune
+    from acteng.evaluation import sweep, tune
 
     data = _small()
     grid: dict[str, Any] = {"layers": [8, 10], "coefficients": (2.0, 6.0), "neutral": NEUTRAL}

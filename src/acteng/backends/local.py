@@ -1,80 +1,78 @@
-"""Where the heavy loops run: ``"local"`` (this process) or ``"ray"`` (a Ray cluster).
-
-`record_activations`, `extract`, `sweep`, `tune` and `evaluate` take ``backend="local"``
-(the default), ``backend="ray"``, or a `RayBackend` to choose the cluster and the workers.
-Nothing here imports Ray; `acteng.scaleout` does, only when a Ray backend is used.
-
->>> vector = acteng.extract(model, "sentiment", layers=[12], backend="ray")
->>> vector = acteng.extract(model, "sentiment", backend=RayBackend(workers=4))
-"""
+"""The local backend: every call runs in this process, one after another (the default)."""
 
 from __future__ import annotations
 
-import importlib.util
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Generator, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
-from acteng.errors import ConfigError, missing_extra
+if TYPE_CHECKING:
+    from acteng.models import Model
 
-__all__ = ["BACKENDS", "Backend", "RayBackend", "connected", "resolve_backend"]
+__all__ = ["LocalBackend", "LocalPool"]
 
-BACKENDS = ("local", "ray")
+T = TypeVar("T")
+R = TypeVar("R")
+W = TypeVar("W")
+
+
+class LocalPool(Generic[W]):
+    """One worker, in this process: its value is `here`."""
+
+    def __init__(self, value: W) -> None:
+        self._value = value
+
+    @property
+    def here(self) -> W:
+        return self._value
+
+    def call_one(self, fn: Callable[[W], R]) -> R:
+        return fn(self._value)
+
+    def map(self, fn: Callable[[W, T], R], items: Sequence[T]) -> Iterator[R]:
+        for item in items:
+            yield fn(self._value, item)
 
 
 @dataclass(frozen=True)
-class RayBackend:
-    """A Ray cluster to run on, and how many workers to use there.
+class LocalBackend:
+    """Runs `map` and `pool` in this process (see `acteng.backends.base.Backend`).
 
-    `address` None attaches to ``$RAY_ADDRESS`` when set, else starts a local cluster sized
-    to this machine (stopped again when the call returns). `workers` None uses one worker
-    per `cpus_per_worker` CPUs of the cluster. Each worker loads the model once and runs
-    torch with `cpus_per_worker` threads.
+    >>> backend = LocalBackend()
+    >>> list(backend.map(model, lambda m, text: len(text), ["a", "bc"]))
+    [1, 2]
     """
 
-    address: str | None = None
-    workers: int | None = None
-    cpus_per_worker: int = 1
+    def session(self) -> nullcontext[None]:
+        return nullcontext()
 
-    def __post_init__(self) -> None:
-        if self.workers is not None and self.workers < 1:
-            raise ConfigError(f"workers must be >= 1, got {self.workers}")
-        if self.cpus_per_worker < 1:
-            raise ConfigError(f"cpus_per_worker must be >= 1, got {self.cpus_per_worker}")
-        if self.address is not None and self.address.startswith("ray://"):
-            raise ConfigError(
-                f"cannot run through Ray Client ({self.address!r}): Ray Data does not work "
-                "over it; run acteng on the head node (address 'auto' or the GCS address "
-                "host:6379) or submit it as a Ray Job"
-            )
+    def map(
+        self,
+        model: Model,
+        fn: Callable[[Model, T], R],
+        items: Sequence[T],
+        *,
+        progress: str | None = None,
+    ) -> Generator[R]:
+        bar = _progress_bar(len(items), progress)
+        try:
+            for item in items:
+                yield fn(model, item)
+                if bar is not None:
+                    bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+
+    @contextmanager
+    def pool(self, model: Model, factory: Callable[[Model], W]) -> Iterator[LocalPool[W]]:
+        yield LocalPool(factory(model))
 
 
-Backend = str | RayBackend
-
-
-def resolve_backend(backend: Backend) -> RayBackend | None:
-    """None for the local backend, a `RayBackend` for Ray (checking Ray is installed)."""
-    if isinstance(backend, RayBackend):
-        chosen = backend
-    elif backend == "local":
+def _progress_bar(total: int, label: str | None) -> Any:
+    if label is None:
         return None
-    elif backend == "ray":
-        chosen = RayBackend()
-    else:
-        raise ConfigError(f"unknown backend {backend!r}; use one of {', '.join(BACKENDS)}")
-    if importlib.util.find_spec("ray") is None:
-        raise missing_extra("ray", "ray", purpose="backend 'ray'")
-    return chosen
+    from tqdm.auto import tqdm
 
-
-@contextmanager
-def connected(ray: RayBackend | None) -> Iterator[None]:
-    """Hold one Ray connection for a block of work (nothing for the local backend), so
-    the steps inside share it instead of each starting a cluster."""
-    if ray is None:
-        yield
-        return
-    from acteng.backends.ray import ray_cluster
-
-    with ray_cluster(ray):
-        yield
+    return tqdm(total=total, desc=label, unit="batch", leave=False)

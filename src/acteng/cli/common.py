@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from acteng.errors import ConfigError
 
 if TYPE_CHECKING:
-    from acteng.backends.local import Backend
+    from acteng.backends import BackendChoice
     from acteng.models import Model
     from acteng.steering.spec import SteeringSpec
     from acteng.vectors import SteeringVector
@@ -45,9 +45,10 @@ def add_backend_args(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def backend_from_args(args: argparse.Namespace) -> Backend:
+def backend_from_args(args: argparse.Namespace) -> BackendChoice:
     """The backend the flags ask for, checked now (a missing Ray fails before any work)."""
-    from acteng.backends.local import RayBackend, resolve_backend
+    from acteng.backends import resolve_backend
+    from acteng.backends.ray import RayBackend
 
     if args.backend == "local" and args.ray_address is None:
         return "local"

@@ -27,7 +27,7 @@ def register(sub: Any) -> None:
 
 
 def run_demo_cmd(args: argparse.Namespace) -> int:
-    from acteng.evaluation.tuning import check_budget
+    from acteng.evaluation.scoring import check_budget
     from acteng.report.demo import run_demo, summary_lines
 
     check_budget(args.max_tax)

@@ -20,7 +20,7 @@ from acteng.cli.common import (
 from acteng.errors import ConfigError
 
 if TYPE_CHECKING:
-    from acteng.evaluation.tuning import Cell
+    from acteng.evaluation.scoring import Cell
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -97,7 +97,8 @@ def _progress(total: int) -> Any:
 
 
 def run_sweep(args: argparse.Namespace) -> int:
-    from acteng.evaluation.tuning import SweepResult, check_budget, sweep
+        from acteng.evaluation.scoring import check_budget
+    from acteng.evaluation.sweep import SweepResult, sweep
     from acteng.layer_selection import parse_layers
     from acteng.vectors import atomic_write_bytes
 
@@ -156,7 +157,8 @@ def run_sweep(args: argparse.Namespace) -> int:
 
 
 def run_tune(args: argparse.Namespace) -> int:
-    from acteng.evaluation.tuning import check_budget, tune
+    from acteng.evaluation.scoring import check_budget
+    from acteng.evaluation.tune import tune
     from acteng.report.figures import frontier_chart
 
     budget = check_budget(args.max_tax)

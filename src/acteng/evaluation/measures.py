@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from acteng.backends.local import Backend, resolve_backend
+from acteng.backends import BackendChoice, resolve_backend
 from acteng.errors import ConfigError
 from acteng.evaluation.metrics import ab_match, logprob_margin, next_token_kl, prompting_baseline
 from acteng.evaluation.reliability import pair_diagnostics, steerability
@@ -51,12 +51,13 @@ def evaluate(
     instruction: str | None = None,
     generations: int = 8,
     max_new_tokens: int = 32,
-    backend: Backend = "local",
+    backend: BackendChoice = "local",
 ) -> dict[str, Any]:
     """Every measure for one steering setting (see the module docstring).
 
     `backend` ``"ray"`` measures behaviour, tax, reliability and the baseline as separate
-    tasks on Ray actors that load the model from its recipe; the report is the same.
+    tasks on Ray actors that load the model from its recipe (`Backend.map` over the
+    parts); the report is the same.
     """
     if not math.isfinite(coefficient):
         raise ConfigError(f"coefficient must be a finite number, got {coefficient}")
@@ -76,13 +77,7 @@ def evaluate(
     ]
     if instruction:
         parts.append((prompting_baseline, (test, spec, instruction)))
-    ray = resolve_backend(backend)
-    if ray is None:
-        results: Generator[Any] = (fn(model, *args) for fn, args in parts)
-    else:
-        from acteng.backends.ray_tasks import run_with_model
-
-        results = run_with_model(model, parts, ray)
+    results = resolve_backend(backend).map(model, run_part, parts)
     try:  # the first result is checked before the others are waited for
         behaviour, steered_margin = next(results)
         if not any(math.isfinite(x) for x in steered_margin):
@@ -104,12 +99,18 @@ def evaluate(
         if instruction:
             report["baseline"] = next(results)
     finally:
-        results.close()  # stops the Ray actors at once when a check fails
+        results.close()  # stops the remaining parts at once when a check fails
     return report
 
 
 # One measure: a function of the model and these arguments (run here or on a Ray actor).
 Part = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+def run_part(model: Model, part: Part) -> Any:
+    """One measure's result: what a backend maps over the parts."""
+    fn, args = part
+    return fn(model, *args)
 
 
 def measure_behaviour(

@@ -1,7 +1,7 @@
 """`acteng demo`: the main job, end to end on the embedded model, into one report.
 
 For each of three bundled concepts it tunes a vector within a perplexity budget
-(`acteng.evaluation.tuning.tune`), generates unsteered and steered answers to the same prompts,
+(`acteng.evaluation.tune`), generates unsteered and steered answers to the same prompts,
 measures the tax, per-example reliability and the prompting baseline
 (`acteng.evaluation.measures.evaluate`, on the first held-out pairs to keep it quick), and runs the
 analysis (logit lens of each tuned vector, per-layer readability, cosines between the
@@ -29,7 +29,7 @@ from acteng.errors import ConfigError
 from acteng.evaluation.analysis import pca_scatter, readability, vocab_projection
 from acteng.evaluation.measures import evaluate
 from acteng.evaluation.metrics import auroc
-from acteng.evaluation.tuning import TuneResult, tune
+from acteng.evaluation.tune import TuneResult, tune
 from acteng.generation import generate
 from acteng.models import Model
 from acteng.pairs import load_pairs

@@ -14,8 +14,14 @@ import signal
 import threading
 from typing import Any
 
-from acteng.backends.local import RayBackend, resolve_backend
-from acteng.backends.ray import load_on_worker, portable_recipe, ray_cluster, worker_resources
+from acteng.backends import resolve_backend
+from acteng.backends.ray import (
+    RayBackend,
+    load_on_worker,
+    portable_recipe,
+    ray_cluster,
+    worker_resources,
+)
 from acteng.errors import ConfigError
 from acteng.models import Model, ModelRecipe
 from acteng.server.settings import ServeSettings
