@@ -18,6 +18,8 @@ from acteng.evaluation.metrics import logprob_margin
 from acteng.evaluation.tax import load_eval
 from acteng.evaluation.tuning import Scorer, check_budget, held_out, sweep, tune
 from acteng.pairs import Pairs
+from acteng.report.export import save_figures
+from acteng.report.figures import sweep_figures
 
 
 def _small(name: str = "sentiment", train: int = 16, test: int = 6) -> Pairs:
@@ -71,7 +73,7 @@ def test_sweep_scores_every_cell_and_plots(smollm2: acteng.Model, tmp_path: Path
     assert all(math.isfinite(c.tax) for c in result.cells)
     payload = json.loads(json.dumps(result.to_json()))
     assert payload["unsteered"]["perplexity"] > 1 and len(payload["cells"]) == 4
-    names = sorted(p.name for p in result.plots(tmp_path, max_tax=0.05))
+    names = sorted(p.name for p in save_figures(sweep_figures(result, max_tax=0.05), tmp_path))
     assert names == [
         "effect_mean_diff.svg",
         "effect_pca.svg",
@@ -244,11 +246,14 @@ def test_cli_sweep_and_tune_write_their_results(
                 "0.5",
                 "--out",
                 str(vector),
+                "--plots",
+                str(tmp_path / "tune_plots"),
                 "--json",
             ]
         )
         == 0
     )
+    assert [p.name for p in (tmp_path / "tune_plots").iterdir()] == ["frontier.svg"]
     report = json.loads(capsys.readouterr().out)
     assert {"vector", "coefficient", "layers", "effect", "tax"} <= report.keys()
     assert report["vector"] == str(vector) and report["tax"] <= 0.5
