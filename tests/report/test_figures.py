@@ -159,6 +159,17 @@ def test_line_charts_have_their_labels_series_and_reference_lines() -> None:
     assert "orthogonal" in _texts(ax)
 
 
+def test_charts_without_series_are_drawn_empty_without_a_legend() -> None:
+    # the demo with one concept has no pair of concepts to compare; warnings are errors here
+    for fig in (concept_cosines_chart({"layers": [2, 4], "pairs": {}}), readability_chart({})):
+        assert _axes(fig).get_legend() is None
+        ET.fromstring(figure_svg(fig))
+    broken = [Cell("pca", (8,), 4.0, effect=math.nan, tax=math.nan)]
+    fig = frontier_chart(broken, "s", 0.05)
+    assert _legend(_axes(fig)) == ["Pareto frontier"]  # its empty line, as before
+    ET.fromstring(figure_svg(fig))
+
+
 def test_sweep_figures_draw_each_method_and_the_frontier(tmp_path: Path) -> None:
     result = SweepResult(
         {"name": "sentiment"}, ("mean_diff", "pca"), (8, 10), (2.0, 4.0), 0.0, 10.0, None

@@ -125,8 +125,11 @@ def _chart(
 
 
 def _legend(ax: Axes) -> None:
-    """The legend outside the plot, on the right, so it never hides a point."""
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
+    """The legend outside the plot, on the right, so it never hides a point; none for a
+    chart with no series (the demo's concept cosines with one concept), where matplotlib
+    would warn that it has nothing to show."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, fontsize=9)
 
 
 def _finite(points: Sequence[Sequence[float]]) -> tuple[list[float], list[float]]:
