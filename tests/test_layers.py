@@ -17,7 +17,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "acteng"
 # Earlier layers first. A name covers the module and, for a package, all its modules.
 LAYERS: list[tuple[str, ...]] = [
     ("acteng.errors",),
-    ("acteng.layouts", "acteng.model_files", "acteng.positions", "acteng.pairs",
+    ("acteng.layouts", "acteng.home", "acteng.model_files", "acteng.positions", "acteng.pairs",
      "acteng.methods", "acteng.batching", "acteng.hooks", "acteng.bundled",
      "acteng.layer_selection"),
     ("acteng.models", "acteng.vectors"),

@@ -18,7 +18,6 @@ import json
 import os
 import re
 import sqlite3
-import sys
 from collections.abc import Iterator, Sequence
 from contextlib import closing, contextmanager
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from acteng.errors import ConfigError, LibraryError, VectorFileError
+from acteng.home import default_home
 from acteng.vectors import SteeringVector, atomic_write_bytes
 
 if TYPE_CHECKING:
@@ -87,20 +87,6 @@ def _index_error(index: Path, exc: sqlite3.DatabaseError) -> LibraryError:
             "vectors from their files"
         )
     return LibraryError(f"the library index {index} cannot be used: {exc} ({code or 'error'})")
-
-
-def default_home() -> Path:
-    """``$ACTENG_HOME``, else the platform's user data folder for acteng."""
-    env = os.environ.get("ACTENG_HOME")
-    if env:
-        return Path(env).expanduser()
-    if sys.platform == "win32":
-        base = Path(os.environ.get("APPDATA") or Path.home() / "AppData" / "Roaming")
-    elif sys.platform == "darwin":
-        base = Path.home() / "Library" / "Application Support"
-    else:
-        base = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
-    return base / "acteng"
 
 
 def validate_name(name: str) -> str:

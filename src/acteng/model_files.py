@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from acteng.errors import ModelLoadError
+from acteng.home import cache_dir
 
 __all__ = [
     "BUNDLED_MODELS",
@@ -79,15 +80,6 @@ BUNDLED_MODELS: dict[str, Callable[[], Path]] = {
     "smollm2-135m": _smollm2_gguf,
     "gemma3-270m": _gemma3_gguf,
 }
-
-
-def cache_dir() -> Path:
-    """acteng's cache folder: ``$ACTENG_CACHE``, else ``$XDG_CACHE_HOME/acteng``."""
-    env = os.environ.get("ACTENG_CACHE")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "acteng"
 
 
 def sha256_of(path: Path) -> str:

@@ -174,7 +174,12 @@ def test_sweep_and_tune_on_ray_equal_local(
     )
     assert on_ray.to_json() == local.to_json()
     assert seen == on_ray.cells
-    for a, b in zip(local.plots(tmp_path / "local"), on_ray.plots(tmp_path / "ray"), strict=True):
+    from acteng.report.export import save_figures
+    from acteng.report.figures import sweep_figures
+
+    here = save_figures(sweep_figures(local), tmp_path / "local")
+    there = save_figures(sweep_figures(on_ray), tmp_path / "ray")
+    for a, b in zip(here, there, strict=True):
         assert a.read_bytes() == b.read_bytes()
 
     small: dict[str, Any] = {**grid, "methods": ("mean_diff", "pca"), "bisection_steps": 1}

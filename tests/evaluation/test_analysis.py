@@ -71,8 +71,12 @@ def test_analyze_cli(
 
     path = acteng.extract(smollm2, "sentiment", layers=[16, 24]).save(tmp_path / "s.safetensors")
     args = ["analyze", str(path), "--pairs", "sentiment", "--layers", "16", "--scatter-layer"]
-    assert main([*args, "16", "--top", "3", "--json"]) == 0
+    plots = tmp_path / "plots"
+    assert main([*args, "16", "--top", "3", "--plots", str(plots), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
+    names = ["layer_cosines.svg", "readability.svg", "scatter.svg"]
+    assert report["plots"] == [str(plots / n) for n in names]
+    assert sorted(p.name for p in plots.iterdir()) == names
     assert set(report["vocab"]) == {"16", "24"} and len(report["vocab"]["24"]["promoted"]) == 3
     assert report["readability"][0]["layer"] == 16 and len(report["layer_cosines"]) == 2
     assert len(report["scatter"]["positive"][0]) == 2

@@ -14,6 +14,8 @@ from acteng.cli import main
 from acteng.errors import ConfigError
 from acteng.evaluation import SweepResult, sweep
 from acteng.evaluation.scoring import Cell, Scorer
+from acteng.report.export import save_figures
+from acteng.report.figures import sweep_figures
 from tests.evaluation.grid_data import NEUTRAL, small_pairs, write_pairs
 
 
@@ -68,7 +70,7 @@ def test_sweep_scores_every_cell_and_plots(smollm2: acteng.Model, tmp_path: Path
         for c in result.cells
     ]
     assert frame["p_match"].isna().all()  # sentiment pairs are not A/B items
-    names = sorted(p.name for p in result.plots(tmp_path, max_tax=0.05))
+    names = sorted(p.name for p in save_figures(sweep_figures(result, max_tax=0.05), tmp_path))
     assert names == [
         "effect_mean_diff.svg",
         "effect_pca.svg",

@@ -170,11 +170,14 @@ def test_cli_sweep_and_tune_write_their_results(
                 "0.5",
                 "--out",
                 str(vector),
+                "--plots",
+                str(tmp_path / "tune_plots"),
                 "--json",
             ]
         )
         == 0
     )
+    assert [p.name for p in (tmp_path / "tune_plots").iterdir()] == ["frontier.svg"]
     report = json.loads(capsys.readouterr().out)
     assert {"vector", "coefficient", "layers", "effect", "tax"} <= report.keys()
     assert report["vector"] == str(vector) and report["tax"] <= 0.5

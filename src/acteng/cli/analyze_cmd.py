@@ -30,25 +30,21 @@ def register(sub: Any) -> None:
 def _write_plots(folder: str, name: str, report: dict[str, Any]) -> list[str]:
     from pathlib import Path
 
+    from acteng.report.export import save_figures
     from acteng.report.figures import cosine_heatmap, readability_chart, scatter_chart
-    from acteng.report.svg import save_svg
 
-    root = Path(folder)
-    root.mkdir(parents=True, exist_ok=True)
     labels = [str(x) for x in report["layers"]]
-    written = [
-        save_svg(
-            cosine_heatmap(report["layer_cosines"], labels, f"{name}: cosine across layers"),
-            root / "layer_cosines.svg",
+    figures = {
+        "layer_cosines": cosine_heatmap(
+            report["layer_cosines"], labels, f"{name}: cosine across layers"
         )
-    ]
+    }
     if "readability" in report:
-        chart = readability_chart({name: report["readability"]})
-        written.append(save_svg(chart, root / "readability.svg"))
+        figures["readability"] = readability_chart({name: report["readability"]})
     if "scatter" in report:
         title = f"{name}: activations at layer {report['scatter_layer']} (PCA)"
-        written.append(save_svg(scatter_chart(report["scatter"], title), root / "scatter.svg"))
-    return [str(p) for p in written]
+        figures["scatter"] = scatter_chart(report["scatter"], title)
+    return [str(p) for p in save_figures(figures, Path(folder))]
 
 
 def run_analyze(args: argparse.Namespace) -> int:

@@ -21,6 +21,7 @@ from acteng.errors import ConfigError
 
 if TYPE_CHECKING:
     from acteng.evaluation.scoring import Cell
+    from acteng.evaluation.sweep import SweepResult
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -96,8 +97,15 @@ def _progress(total: int) -> Any:
     return report
 
 
+def _save_plots(result: SweepResult, out: Path, max_tax: float | None) -> list[Path]:
+    from acteng.report.export import save_figures
+    from acteng.report.figures import sweep_figures
+
+    return save_figures(sweep_figures(result, max_tax=max_tax), out)
+
+
 def run_sweep(args: argparse.Namespace) -> int:
-        from acteng.evaluation.scoring import check_budget
+    from acteng.evaluation.scoring import check_budget
     from acteng.evaluation.sweep import SweepResult, sweep
     from acteng.layer_selection import parse_layers
     from acteng.vectors import atomic_write_bytes
@@ -132,7 +140,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         )
     except KeyboardInterrupt:
         if result.cells:
-            result.plots(out, max_tax=args.max_tax)
+            _save_plots(result, out, args.max_tax)
         print(
             f"acteng sweep: interrupted; {len(result.cells)} scored cells kept in "
             f"{out / 'sweep.json'} (complete: false)",
@@ -140,7 +148,7 @@ def run_sweep(args: argparse.Namespace) -> int:
         )
         return 130
     atomic_write_bytes(out / "sweep.json", json.dumps(result.to_json(), indent=2).encode())
-    plots = result.plots(out, max_tax=args.max_tax)
+    plots = _save_plots(result, out, args.max_tax)
     if args.json:
         print_json(result.to_json())
         return 0
@@ -181,12 +189,10 @@ def run_tune(args: argparse.Namespace) -> int:
     path = result.vector.save(args.out)
     payload = result.to_json(path)
     if args.plots:
-        from acteng.report.svg import save_svg
+        from acteng.report.export import save_figures
 
-        folder = Path(args.plots)
-        folder.mkdir(parents=True, exist_ok=True)
         name = Path(args.pairs).stem
-        save_svg(frontier_chart(result.candidates, name, budget), folder / "frontier.svg")
+        save_figures({"frontier": frontier_chart(result.candidates, name, budget)}, args.plots)
     if args.json:
         print_json(payload)
         return 0

@@ -27,8 +27,6 @@ from acteng.extraction import extract_many
 from acteng.layer_selection import parse_layers
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
-from acteng.report.figures import frontier_chart, grid_heatmap
-from acteng.report.svg import save_svg
 from acteng.vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -101,29 +99,6 @@ class SweepResult:
                 row.append(value)
             out.append(row)
         return out
-
-    def plots(self, folder: str | Path, *, max_tax: float | None = None) -> list[Path]:
-        """Write effect and tax heatmaps per method and the effect-vs-tax frontier."""
-        root = Path(folder)
-        root.mkdir(parents=True, exist_ok=True)
-        name = self.dataset.get("name", "dataset")
-        written = []
-        for method in self.methods:
-            for what, label, colorbar in (
-                ("effect", "behaviour effect", "margin shift (nats)"),
-                ("tax", "perplexity tax", "perplexity change (%)"),
-            ):
-                chart = grid_heatmap(
-                    self.grid(method, what),
-                    self.layers,
-                    self.coefficients,
-                    title=f"{name}: {label} of {method}",
-                    colorbar=colorbar,
-                    diverging=what == "effect",
-                )
-                written.append(save_svg(chart, root / f"{what}_{method}.svg"))
-        written.append(save_svg(frontier_chart(self.cells, name, max_tax), root / "frontier.svg"))
-        return written
 
 
 def prepare_grid(

@@ -7,8 +7,8 @@ measures the tax, per-example reliability and the prompting baseline
 analysis (logit lens of each tuned vector, per-layer readability, cosines between the
 concepts' directions, a PCA scatter). It checks the bundled harmful-request detector on the
 team's held-out prompts. Everything lands in ``OUT/report.json`` and a self-contained
-``OUT/report.html`` (plots inline as SVG, no external links or scripts); vectors in
-``OUT/vectors``, plots also as files in ``OUT/plots``.
+``OUT/report.html`` (matplotlib figures inline as SVG, no external links or scripts);
+vectors in ``OUT/vectors``, plots also as files in ``OUT/plots``.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -33,15 +33,19 @@ from acteng.evaluation.tune import TuneResult, tune
 from acteng.generation import generate
 from acteng.models import Model
 from acteng.pairs import load_pairs
+from acteng.report.export import figure_svg
 from acteng.report.figures import (
+    concept_cosines_chart,
     frontier_chart,
     grid_heatmap,
     readability_chart,
     scatter_chart,
     slopes_chart,
 )
-from acteng.report.svg import Series, save_svg, xy_chart
 from acteng.vectors import atomic_write_bytes
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 __all__ = ["DEMO_CONCEPTS", "DemoConcept", "run_demo"]
 
@@ -139,9 +143,11 @@ def _detection(model: Model) -> dict[str, Any]:
     }
 
 
-def _plots(report: dict[str, Any], results: dict[str, TuneResult], budget: float) -> dict[str, str]:
-    """Every figure of the report as SVG text, keyed by file stem."""
-    figures: dict[str, str] = {}
+def _figures(
+    report: dict[str, Any], results: dict[str, TuneResult], budget: float
+) -> dict[str, Figure]:
+    """Every figure of the report, keyed by file stem."""
+    figures: dict[str, Figure] = {}
     for name, result in results.items():
         figures[f"frontier_{name}"] = frontier_chart(result.candidates, name, budget)
         grid = [c for c in result.candidates if c.method == "mean_diff" and len(c.layers) == 1]
@@ -160,14 +166,7 @@ def _plots(report: dict[str, Any], results: dict[str, TuneResult], budget: float
     figures["readability"] = readability_chart(
         {n: c["readability"] for n, c in report["concepts"].items()}
     )
-    cos = report["cosines"]
-    figures["cosines"] = xy_chart(
-        [Series(k, list(zip(cos["layers"], v, strict=True))) for k, v in cos["pairs"].items()],
-        title="Cosine between concepts' mean-difference directions",
-        xlabel="layer",
-        ylabel="cosine similarity",
-        hlines=[(0.0, "orthogonal")],
-    )
+    figures["cosines"] = concept_cosines_chart(report["cosines"])
     scatter = report["scatter"]
     figures["scatter"] = scatter_chart(
         scatter, f"{scatter['concept']}: held-out activations at layer {scatter['layer']} (PCA)"
@@ -269,9 +268,10 @@ def run_demo(
     report["detection"] = _detection(model)
     progress.record("detection")
     progress.step("plots and report")
-    figures = _plots(report, results, max_tax)
+    # one SVG text per figure, both the file in plots/ and the report's inline copy
+    figures = {stem: figure_svg(fig) for stem, fig in _figures(report, results, max_tax).items()}
     for stem, svg in figures.items():
-        save_svg(svg, root / "plots" / f"{stem}.svg")
+        atomic_write_bytes(root / "plots" / f"{stem}.svg", svg.encode())
     report["timing"] = {
         "total_s": round(time.perf_counter() - progress.start, 1),
         "steps_s": progress.timings,

@@ -1,8 +1,8 @@
 """The demo's report as one self-contained HTML file.
 
-Figures are inline SVG and the style sheet is inline, so the file opens anywhere, offline,
-and can be mailed as is: no scripts, fonts or links to fetch. Every piece of text from the
-model or the data is HTML-escaped.
+Figures are inline SVG (`acteng.report.export.figure_svg`) and the style sheet is inline,
+so the file opens anywhere, offline, and can be mailed as is: no scripts, fonts or links to
+fetch. Every piece of text from the model or the data is HTML-escaped.
 """
 
 from __future__ import annotations
@@ -156,7 +156,8 @@ def _concept(name: str, c: dict[str, Any], figures: dict[str, str]) -> str:
 
 
 def render_report(report: dict[str, Any], figures: dict[str, str]) -> str:
-    """The HTML page for a demo report (see the module docstring)."""
+    """The HTML page for a demo report (see the module docstring); `figures` maps a
+    figure's file stem to its SVG text (`acteng.report.export.figure_svg`)."""
     model = report["model"]
     det = report["detection"]
     summary_rows = []
