@@ -13,24 +13,39 @@ def test_all_is_pinned() -> None:
     assert acteng.__all__ == [
         "ActengError",
         "Activations",
+        "ConfigError",
         "ContrastivePair",
+        "DataError",
         "Detector",
+        "EngineBusy",
         "Guard",
         "GuardResult",
+        "IncompatibleVectorError",
+        "InputTooLongError",
         "Layout",
+        "LayoutError",
+        "LibraryError",
         "METHODS",
         "MODES",
+        "MissingExtraError",
         "Model",
+        "ModelLoadError",
         "ModelRecipe",
         "Pairs",
         "RayBackend",
         "ReadItem",
+        "RequestError",
         "SteeringSpec",
         "SteeringVector",
+        "SweepResult",
+        "TuneResult",
+        "UnsupportedError",
+        "VectorFileError",
         "VectorLibrary",
         "__version__",
         "apply_steering",
         "bake",
+        "evaluate",
         "export_gguf",
         "extract",
         "generate",
@@ -45,12 +60,33 @@ def test_all_is_pinned() -> None:
         "optimize_vector",
         "record_activations",
         "refusal_direction",
+        "register_mode",
         "score_tokens",
         "steer",
+        "sweep",
         "train_detector",
+        "tune",
     ]
     for name in acteng.__all__:
         assert getattr(acteng, name) is not None
+
+
+def test_every_error_class_is_exported_at_the_root() -> None:
+    tree = [c for c in vars(errors).values() if isinstance(c, type) and issubclass(c, Exception)]
+    assert {c.__name__ for c in tree} <= set(acteng.__all__)
+    assert set(errors.__all__) == {c.__name__ for c in tree}
+
+
+def test_subpackages_export_what_the_readme_teaches() -> None:
+    import re
+    from importlib import import_module
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for module, names in re.findall(r"^from (acteng[.\w]*) import ([\w, ]+)$", readme, re.M):
+        exported = import_module(module).__all__
+        missing = [n.strip() for n in names.split(",") if n.strip() not in exported]
+        assert not missing, f"README imports {missing} from {module}, not in its __all__"
 
 
 def test_unknown_attribute() -> None:

@@ -20,6 +20,24 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _EXPORTS = {
+    "evaluate": "acteng.evaluation.measures",
+    "sweep": "acteng.evaluation.sweep",
+    "tune": "acteng.evaluation.tune",
+    "SweepResult": "acteng.evaluation.sweep",
+    "TuneResult": "acteng.evaluation.tune",
+    "register_mode": "acteng.steering.modes",
+    "ConfigError": "acteng.errors",
+    "DataError": "acteng.errors",
+    "EngineBusy": "acteng.errors",
+    "IncompatibleVectorError": "acteng.errors",
+    "InputTooLongError": "acteng.errors",
+    "LayoutError": "acteng.errors",
+    "LibraryError": "acteng.errors",
+    "MissingExtraError": "acteng.errors",
+    "ModelLoadError": "acteng.errors",
+    "RequestError": "acteng.errors",
+    "UnsupportedError": "acteng.errors",
+    "VectorFileError": "acteng.errors",
     "ActengError": "acteng.errors",
     "Activations": "acteng.activations",
     "ContrastivePair": "acteng.pairs",
@@ -72,6 +90,23 @@ if TYPE_CHECKING:
     from acteng.detectors import refusal_direction as refusal_direction
     from acteng.detectors import train_detector as train_detector
     from acteng.errors import ActengError as ActengError
+    from acteng.errors import ConfigError as ConfigError
+    from acteng.errors import DataError as DataError
+    from acteng.errors import EngineBusy as EngineBusy
+    from acteng.errors import IncompatibleVectorError as IncompatibleVectorError
+    from acteng.errors import InputTooLongError as InputTooLongError
+    from acteng.errors import LayoutError as LayoutError
+    from acteng.errors import LibraryError as LibraryError
+    from acteng.errors import MissingExtraError as MissingExtraError
+    from acteng.errors import ModelLoadError as ModelLoadError
+    from acteng.errors import RequestError as RequestError
+    from acteng.errors import UnsupportedError as UnsupportedError
+    from acteng.errors import VectorFileError as VectorFileError
+    from acteng.evaluation.measures import evaluate as evaluate
+    from acteng.evaluation.sweep import SweepResult as SweepResult
+    from acteng.evaluation.sweep import sweep as sweep
+    from acteng.evaluation.tune import TuneResult as TuneResult
+    from acteng.evaluation.tune import tune as tune
     from acteng.extraction import extract as extract
     from acteng.generation import generate as generate
     from acteng.gguf_vectors import export_gguf as export_gguf
@@ -96,6 +131,7 @@ if TYPE_CHECKING:
     from acteng.steering.apply import apply_steering as apply_steering
     from acteng.steering.apply import steer as steer
     from acteng.steering.modes import MODES as MODES
+    from acteng.steering.modes import register_mode as register_mode
     from acteng.steering.spec import SteeringSpec as SteeringSpec
     from acteng.vectors import SteeringVector as SteeringVector
 
