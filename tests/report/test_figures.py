@@ -11,12 +11,12 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from acteng.evaluation.tuning import Cell
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 from acteng.errors import DataError
 from acteng.evaluation import SweepResult
+from acteng.evaluation.scoring import Cell
 from acteng.report.export import figure_svg, save_figure, save_figures
 from acteng.report.figures import (
     concept_cosines_chart,

@@ -212,7 +212,7 @@ def _heatmap(
 
 
 def frontier_chart(cells: Sequence[Any], name: str, max_tax: float | None) -> Figure:
-    """Effect against tax for every scored `acteng.evaluation.tuning.Cell`, per method, with the
+    """Effect against tax for every scored `acteng.evaluation.scoring.Cell`, per method, with the
     Pareto frontier and the budget."""
     scored = [c for c in cells if math.isfinite(c.effect) and math.isfinite(c.tax)]
     frontier, best = [], -math.inf
