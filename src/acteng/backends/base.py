@@ -7,8 +7,9 @@
 
 Callers pass their own functions and factories in, so this package knows nothing of what
 is computed: recording, scoring and evaluation live above it and only call these. On a
-remote backend the functions, factories, items and results travel by pickling, so they
-must be module-level functions (or `functools.partial` of them) and plain data.
+remote backend the functions, factories, items and results travel by cloudpickle (as Ray
+sends task arguments), so they must be plain data and functions that need nothing of the
+calling process (no open files, no locks).
 """
 
 from __future__ import annotations

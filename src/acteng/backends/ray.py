@@ -99,13 +99,17 @@ class RayBackend:
         import numpy as np
         import ray
         import ray.data
+        from ray import cloudpickle  # as Ray sends task arguments: closures, mappingproxy
 
         if not items:
             return
         recipe = portable_recipe(model)
         with ray_cluster(self) as workers:
             size = min(workers, len(items))
-            calls = [{"call": pickle.dumps((fn, item))} for item in items]
+            calls = [
+                {"call": cloudpickle.dumps((fn, item))}  # type: ignore[no-untyped-call]
+                for item in items
+            ]
             dataset = ray.data.from_items(calls)
             context: Any = dataset.context  # this dataset's own copy
             context.enable_progress_bars = progress is not None
@@ -168,8 +172,12 @@ class ModelWorker:
     def __call__(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         import numpy as np
         import ray
+        from ray import cloudpickle
 
-        out = [pickle.dumps(self.call(*pickle.loads(blob))) for blob in rows["call"]]
+        out = [
+            cloudpickle.dumps(self.call(*pickle.loads(blob)))  # type: ignore[no-untyped-call]
+            for blob in rows["call"]
+        ]
         node = ray.get_runtime_context().get_node_id()
         return {"out": np.array(out, dtype=object), "node": np.asarray([node] * len(out))}
 
