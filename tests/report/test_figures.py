@@ -161,7 +161,9 @@ def test_line_charts_have_their_labels_series_and_reference_lines() -> None:
 
 def test_charts_without_series_are_drawn_empty_without_a_legend() -> None:
     # the demo with one concept has no pair of concepts to compare; warnings are errors here
-    for fig in (concept_cosines_chart({"layers": [2, 4], "pairs": {}}), readability_chart({})):
+    lonely = concept_cosines_chart({"layers": [2, 4], "pairs": {}})
+    assert "one concept: no pair to compare" in _texts(_axes(lonely))
+    for fig in (lonely, readability_chart({})):
         assert _axes(fig).get_legend() is None
         ET.fromstring(figure_svg(fig))
     broken = [Cell("pca", (8,), 4.0, effect=math.nan, tax=math.nan)]

@@ -45,6 +45,8 @@ __all__ = [
 PALETTE = ("#0072B2", "#D55E00", "#009E73", "#CC79A7", "#E69F00", "#56B4E9", "#000000")
 _REFERENCE_COLOUR = "#888888"
 _REFERENCE_DASHES = (0, (5, 4))
+# behind a reference line's label, so a point or line under it does not blur the text
+_LABEL_BOX = {"facecolor": "white", "edgecolor": "none", "alpha": 0.8, "pad": 1.0}
 
 
 def _is_missing(value: float | None) -> bool:
@@ -90,10 +92,17 @@ def _chart(
     ylabel: str,
     hlines: Sequence[tuple[float, str]] = (),
     vlines: Sequence[tuple[float, str]] = (),
+    *,
+    whole_x: bool = False,
 ) -> tuple[Figure, Axes]:
     """An empty x-y chart: labelled axes, a light grid, dashed reference lines (a budget,
-    chance level) labelled where they sit."""
+    chance level) labelled where they sit; `whole_x` for counts (layers, pairs), which
+    have no ticks between whole numbers."""
+    from matplotlib.ticker import MaxNLocator
+
     fig, ax = _figure(7.2, 4.0, title)
+    if whole_x:
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.grid(True, color="#eeeeee", linewidth=0.8)
@@ -109,6 +118,7 @@ def _chart(
             ha="right",
             fontsize=8,
             color="#555555",
+            bbox=_LABEL_BOX,
         )
     for value, label in vlines:
         ax.axvline(value, color=_REFERENCE_COLOUR, linestyle=_REFERENCE_DASHES, linewidth=1.0)
@@ -116,10 +126,13 @@ def _chart(
             label,
             (value, 1),
             xycoords=("data", "axes fraction"),
-            xytext=(4, -12),
+            # left of the line: a budget often sits at the right edge, next to the legend
+            xytext=(-4, -12),
             textcoords="offset points",
+            ha="right",
             fontsize=8,
             color="#555555",
+            bbox=_LABEL_BOX,
         )
     return fig, ax
 
@@ -244,6 +257,7 @@ def readability_chart(rows: Mapping[str, Sequence[Mapping[str, float]]]) -> Figu
         "layer",
         "AUROC on held-out pairs",
         hlines=[(0.5, "chance")],
+        whole_x=True,
     )
     for k, (name, found) in enumerate(rows.items()):
         xs, ys = _finite([(r["layer"], r["auroc"]) for r in found])
@@ -270,10 +284,13 @@ def concept_cosines_chart(cosines: Mapping[str, Any]) -> Figure:
         "layer",
         "cosine similarity",
         hlines=[(0.0, "orthogonal")],
+        whole_x=True,
     )
     for k, (pair, values) in enumerate(cosines["pairs"].items()):
         xs, ys = _finite(list(zip(cosines["layers"], values, strict=True)))
         ax.plot(xs, ys, "-o", color=PALETTE[k % len(PALETTE)], markersize=4, label=pair)
+    if not cosines["pairs"]:
+        ax.text(0.5, 0.5, "one concept: no pair to compare", ha="center", transform=ax.transAxes)
     _legend(ax)
     return fig
 
@@ -299,6 +316,7 @@ def slopes_chart(slopes: Sequence[float], name: str) -> Figure:
         "pair (sorted by slope)",
         "margin change per unit coefficient",
         hlines=[(0.0, "0 = not steered")],
+        whole_x=True,
     )
     xs, ys = _finite(list(enumerate(sorted(slopes), start=1)))
     ax.plot(xs, ys, "o", color=PALETTE[0], markersize=4, label="per-pair slope")
