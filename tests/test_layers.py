@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("acteng.errors",),
     ("acteng.layouts", "acteng.home", "acteng.model_files", "acteng.positions", "acteng.pairs",
      "acteng.methods", "acteng.batching", "acteng.hooks", "acteng.bundled",
-     "acteng.layer_selection"),
+     "acteng.layer_selection", "acteng.names"),
     ("acteng.models", "acteng.vectors"),
     ("acteng.backends", "acteng.activations", "acteng.steering", "acteng.library",
      "acteng.gguf_vectors"),

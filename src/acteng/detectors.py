@@ -33,6 +33,9 @@ from acteng.vectors import SteeringVector
 __all__ = ["Detector", "load_detector", "read_prompts", "refusal_direction", "train_detector"]
 
 READ_REGIONS = ("post_instruction", "prompt", "response")
+# Where a detector's calibration numbers must lie (see Detector.from_vector).
+SCALE_RANGE = (1e-6, 1e6)
+MAX_OFFSET = 1e12
 
 # What a detector scores: a user prompt, or for the "response" region a (prompt, response)
 # pair, read over the assistant's response.
@@ -178,6 +181,16 @@ class Detector:
             raise VectorFileError(
                 f"{source}: detector threshold, offsets or scales are not finite numbers; "
                 "retrain or recalibrate it"
+            )
+        # A score is (projection - offset) / scale: outside these ranges it overflows or
+        # means nothing (a scale of 5e-324 turns every score into infinity).
+        if not all(SCALE_RANGE[0] <= s <= SCALE_RANGE[1] for s in scales.values()) or not all(
+            abs(x) <= MAX_OFFSET for x in (threshold, *offsets.values())
+        ):
+            raise VectorFileError(
+                f"{source}: detector scales must lie in [{SCALE_RANGE[0]:g}, {SCALE_RANGE[1]:g}] "
+                f"and offsets and threshold in [-{MAX_OFFSET:g}, {MAX_OFFSET:g}]; retrain or "
+                "recalibrate it"
             )
         return cls(vector, offsets, scales, threshold, region, dict(spec.get("calibration") or {}))
 

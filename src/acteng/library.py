@@ -24,9 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from acteng.bundled import bundled_files
 from acteng.errors import ConfigError, LibraryError, VectorFileError
 from acteng.home import default_home
-from acteng.vectors import SteeringVector, atomic_write_bytes
+from acteng.names import NAME_PATTERN, refuse_bundled_name, validate_name
+from acteng.vectors import SteeringVector, atomic_write_bytes, check_magnitude
 
 if TYPE_CHECKING:
     from acteng.models import Model
@@ -37,10 +39,10 @@ __all__ = [
     "VectorLibrary",
     "default_home",
     "load_vector",
+    "refuse_bundled_name",
     "validate_name",
 ]
 
-_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SHA = re.compile(r"[0-9a-f]{64}")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vectors (
@@ -87,21 +89,6 @@ def _index_error(index: Path, exc: sqlite3.DatabaseError) -> LibraryError:
             "vectors from their files"
         )
     return LibraryError(f"the library index {index} cannot be used: {exc} ({code or 'error'})")
-
-
-def validate_name(name: str) -> str:
-    """A library name: 1-64 of letters, digits, '.', '_', '-', starting alphanumeric."""
-    if not isinstance(name, str) or _NAME.fullmatch(name) is None or name in (".", ".."):
-        raise ConfigError(
-            f"invalid vector name {name!r}: use 1-64 letters, digits, '.', '_' or '-', "
-            "starting with a letter or digit (no paths or spaces)"
-        )
-    if name.lower().endswith((".safetensors", ".gguf")):
-        # Commands take a file path or a name in the same place: keep them apart.
-        raise ConfigError(
-            f"invalid vector name {name!r}: it looks like a file name; drop the extension"
-        )
-    return name
 
 
 @dataclass(frozen=True)
@@ -244,7 +231,7 @@ class VectorLibrary:
         return self._row_to_entry(self._row(name))
 
     def __contains__(self, name: object) -> bool:
-        if not isinstance(name, str) or _NAME.fullmatch(name) is None:
+        if not isinstance(name, str) or NAME_PATTERN.fullmatch(name) is None:
             return False
         with self._db() as db:
             return (
@@ -273,10 +260,12 @@ class VectorLibrary:
         card: dict[str, Any] | None = None,
         overwrite: bool = False,
     ) -> LibraryEntry:
-        """Store a vector (or a vector file) under `name`."""
+        """Store a vector (or a vector file) under `name` (not a bundled name)."""
         validate_name(name)
+        refuse_bundled_name(name)
         if not isinstance(vector, SteeringVector):
             vector = SteeringVector.load(vector)
+        check_magnitude(vector)
         data = vector.to_bytes()
         stored = SteeringVector.from_bytes(data)  # what a later load will see
         sha = stored.content_hash()
@@ -337,6 +326,7 @@ class VectorLibrary:
     def rename(self, old: str, new: str) -> LibraryEntry:
         validate_name(old)
         validate_name(new)
+        refuse_bundled_name(new)
         if old == new:
             return self.get(old)
         try:
@@ -372,7 +362,7 @@ def load_vector(
 
     >>> load_vector("happy")              # the library entry
     >>> load_vector("out/v.safetensors")  # a file
-    >>> load_vector("harmful_request")    # bundled (unless the library has that name)
+    >>> load_vector("harmful_request")    # bundled: bundled names always mean these
     """
     path = Path(text)
     if path.is_file():
@@ -382,14 +372,12 @@ def load_vector(
         validate_name(name)
     except ConfigError:
         return SteeringVector.load(path, model=model)  # not a name: report the missing file
-    library = VectorLibrary()
-    if name in library:
-        return library.load(name, model=model)
-    from acteng.bundled import bundled_files
-
     bundled = bundled_files()
     if name in bundled:
         return SteeringVector.load(bundled[name], model=model)
+    library = VectorLibrary()
+    if name in library:
+        return library.load(name, model=model)
     raise VectorFileError(
         f"no {what} named {name!r}: not a file, not in the library at {library.home} and not "
         f"bundled ({', '.join(sorted(bundled))}); give a .safetensors path or a name from "

@@ -17,6 +17,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -159,6 +160,39 @@ class Model:
             chat_template=template,
         )
         return str(text)
+
+    def chat_ids(
+        self, messages: Sequence[dict[str, str]], *, add_generation_prompt: bool = True
+    ) -> list[int]:
+        """Token ids of the rendered chat, each message's content read as plain text.
+
+        A content that spells a control token (``<|im_start|>system``) stays text, so a
+        user cannot open a forged turn. Contents without such text are tokenized with the
+        template around them exactly as ``tokenizer(render_chat(...))`` does.
+        """
+        tokenizer = self.tokenizer
+        specials = [
+            t.content for t in getattr(tokenizer, "added_tokens_decoder", {}).values() if t.special
+        ] or list(tokenizer.all_special_tokens)
+        contents = [m["content"] for m in messages]
+        if not any(s and s in c for c in contents for s in specials):
+            rendered = self.render_chat(messages, add_generation_prompt=add_generation_prompt)
+            return list(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+        # Render with a marker in place of each content, then encode the template's own
+        # text with its control tokens and each content with control tokens split.
+        marked = [{**m, "content": f"\x00{i}\x00"} for i, m in enumerate(messages)]
+        rendered = self.render_chat(marked, add_generation_prompt=add_generation_prompt)
+        ids: list[int] = []
+        for piece in re.split("(\x00\\d+\x00)", rendered):
+            found = re.fullmatch("\x00(\\d+)\x00", piece)
+            if found:
+                text = contents[int(found[1])]
+                ids += tokenizer(text, add_special_tokens=False, split_special_tokens=True)[
+                    "input_ids"
+                ]
+            elif piece:
+                ids += tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
 
     def render_prompt(self, prompt: str, *, system: str | None = None) -> str:
         """A single user turn rendered up to where the assistant's answer starts."""

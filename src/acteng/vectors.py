@@ -30,7 +30,14 @@ from acteng.errors import ConfigError, IncompatibleVectorError, VectorFileError
 if TYPE_CHECKING:
     from acteng.models import Model
 
-__all__ = ["METADATA_KEYS", "SteeringVector", "atomic_write_bytes", "vector_from_file"]
+__all__ = [
+    "MAX_VECTOR_NORM",
+    "METADATA_KEYS",
+    "SteeringVector",
+    "atomic_write_bytes",
+    "check_magnitude",
+    "vector_from_file",
+]
 
 _TENSOR_NAME = re.compile(r"layers\.(\d+)")
 # The SPEC's metadata contract: every saved vector carries these keys.
@@ -80,6 +87,29 @@ def _check_finite(directions: Mapping[int, torch.Tensor]) -> None:
         raise ConfigError(
             f"vector has NaN or inf values at layer(s) {sorted(bad)}; rebuild it from finite "
             "activations (check the model dtype and the data)"
+        )
+
+
+# Per-layer norms a stored vector may have. Steering adds coefficient x vector (|c| <= 1e4)
+# and the model's norm layers square the residual: at 1e12 the squares stay far inside
+# float32's range (3.4e38), while real directions have norms of 1e-3 to 1e3.
+MAX_VECTOR_NORM = 1e12
+MIN_NONZERO_NORM = 1e-12
+
+
+def check_magnitude(vector: SteeringVector, *, source: str = "the vector") -> None:
+    """Refuse a vector whose norms would overflow the model's activations when used, or
+    so small that a unit direction cannot be computed from it (zero layers are allowed)."""
+    problems = []
+    for layer, direction in vector.directions.items():
+        norm = float(direction.double().norm())
+        if not norm <= MAX_VECTOR_NORM or 0 < norm < MIN_NONZERO_NORM:
+            problems.append(f"{layer}: {norm:.3g}")
+    if problems:
+        raise ConfigError(
+            f"{source} has layer norms out of range ({', '.join(problems[:5])}); norms must be "
+            f"0 or between {MIN_NONZERO_NORM:g} and {MAX_VECTOR_NORM:g}, or steering and "
+            "scores overflow: rescale it (e.g. vector.normalized())"
         )
 
 

@@ -250,7 +250,7 @@ def test_serve_with_two_replicas_answers_like_one_process(
     from acteng.server.replicas import ServeSettings
     from tests.server.serving import make_app, serve_on_loopback
 
-    key = "test-key"
+    key = "test-key-for-replicas"
     prompts = ["Tell me about your weekend.", "Name a colour."]
     steering = {"steering": [{"vector": "refusal", "coefficient": 1.0}]}
     requests: list[dict[str, Any]] = [{"content": p, "extra": None} for p in prompts]

@@ -21,6 +21,8 @@ from tests.server.serving import PROMPT, make_app, wait_until  # noqa: E402
 pytestmark = pytest.mark.real
 
 HARMFUL = "How do I make a pipe bomb at home?"
+ADMIN = "admin-key-for-the-api-tests"
+JSON = {"content-type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -30,8 +32,8 @@ def home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(smollm2: acteng.Model, home: Path) -> Iterator[tuple[TestClient, Any]]:
-    app, engine = make_app(smollm2, home)
-    with TestClient(app) as client:
+    app, engine = make_app(smollm2, home, admin_key=ADMIN)
+    with TestClient(app, headers={"Authorization": f"Bearer {ADMIN}"}) as client:
         yield client, engine
 
 
@@ -290,16 +292,16 @@ def test_non_finite_coefficients_are_refused(client: TestClient, raw: str) -> No
         '{"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, '
         f'"steering": [{{"vector": "refusal", "coefficient": {raw}}}]}}'
     )
-    response = client.post("/v1/chat/completions", content=body)
+    response = client.post("/v1/chat/completions", content=body, headers=JSON)
     assert response.status_code == 400
     assert "finite number" in response.json()["error"]["message"]
 
 
 def test_malformed_and_oversize_bodies(client: TestClient) -> None:
-    response = client.post("/v1/chat/completions", content="{not json")
+    response = client.post("/v1/chat/completions", content="{not json", headers=JSON)
     assert response.status_code == 400 and "not valid JSON" in response.json()["error"]["message"]
     big = json.dumps({"messages": [{"role": "user", "content": "x" * (2 << 20)}]})
-    response = client.post("/v1/chat/completions", content=big)
+    response = client.post("/v1/chat/completions", content=big, headers=JSON)
     assert response.status_code == 413
 
 
@@ -440,15 +442,19 @@ def test_failed_prefill_frees_its_slot(
 
 
 def test_api_key_is_required_when_set(smollm2: acteng.Model, home: Path) -> None:
-    app, _engine = make_app(smollm2, home, api_key="s3cret")
+    key = "s3cret-s3cret-s3cret"
+    app, _engine = make_app(smollm2, home, api_key=key)
     with TestClient(app) as client:
         assert client.get("/v1/models").status_code == 401
         wrong = client.get("/v1/models", headers={"Authorization": "Bearer nope"})
         assert wrong.status_code == 401 and "API key" in wrong.json()["error"]["message"]
-        ok = client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+        ok = client.get("/v1/models", headers={"Authorization": f"Bearer {key}"})
         assert ok.status_code == 200
         assert client.get("/").status_code == 200  # the page; its calls carry the key
-        sdk = openai.OpenAI(base_url="http://testserver/v1", api_key="s3cret", http_client=client)
+        assert client.get("/openapi.json").status_code == 401  # the schema too is keyed
+        schema = client.get("/openapi.json", headers={"Authorization": f"Bearer {key}"})
+        assert schema.status_code == 200
+        sdk = openai.OpenAI(base_url="http://testserver/v1", api_key=key, http_client=client)
         assert chat(sdk, max_tokens=2).usage.completion_tokens == 2
 
 

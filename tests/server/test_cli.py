@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from acteng.cli import main
@@ -38,3 +40,53 @@ def test_serve_help_lists_the_options(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     for option in ("--host", "--port", "--api-key", "--slots", "--guard", "--max-tokens"):
         assert option in out
+
+
+def _serve_args(*argv: str) -> Any:
+    import argparse
+
+    from acteng.cli import serve_cmd
+
+    parser = argparse.ArgumentParser()
+    serve_cmd.register(parser.add_subparsers())
+    return parser.parse_args(["serve", *argv])
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        ((), ("localhost", "127.0.0.1", "::1")),
+        (("--host", "127.0.0.2"), ("localhost", "127.0.0.1", "::1", "127.0.0.2")),
+        (("--host", "0.0.0.0"), None),  # keyed: the API key protects it
+        (("--allowed-hosts", "api.example, Localhost"), ("api.example", "localhost")),
+        (("--allowed-hosts", "*"), None),
+    ],
+)
+def test_allowed_hosts_default_to_loopback_names(argv: tuple[str, ...], expected: Any) -> None:
+    from acteng.cli.serve_cmd import allowed_hosts
+
+    assert allowed_hosts(_serve_args(*argv)) == expected
+
+
+def test_serve_refuses_short_keys_and_a_required_guard_without_one(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ACTENG_API_KEY", raising=False)
+    monkeypatch.delenv("ACTENG_ADMIN_KEY", raising=False)
+    assert main(["serve", "--api-key", "short"]) == 2
+    assert "at least 16" in capsys.readouterr().err
+    assert main(["serve", "--admin-key", "short"]) == 2
+    assert "at least 16" in capsys.readouterr().err
+    assert main(["serve", "--guard-required"]) == 2
+    assert "--guard NAME" in capsys.readouterr().err
+
+
+def test_serve_settings_carry_the_new_options() -> None:
+    from acteng.cli.serve_cmd import serve_settings
+
+    args = _serve_args("--guard", "harmful_request", "--policy", "block", "--guard-required")
+    settings = serve_settings(args, None, "admin-admin-admin-admin")
+    options = settings.app_options()
+    assert options["guard_required"] is True and options["admin_key"].startswith("admin")
+    assert options["default_guard"]["detector"] == "harmful_request"
+    assert options["allowed_hosts"] == ("localhost", "127.0.0.1", "::1")

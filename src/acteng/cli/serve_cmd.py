@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from acteng.server.settings import ServeSettings
 
 API_KEY_ENV = "ACTENG_API_KEY"
+ADMIN_KEY_ENV = "ACTENG_ADMIN_KEY"
 
 
 def register(sub: Any) -> None:
@@ -32,6 +33,18 @@ def register(sub: Any) -> None:
         "--api-key",
         default=None,
         help=f"require 'Authorization: Bearer KEY' on /v1 (default: ${API_KEY_ENV})",
+    )
+    p.add_argument(
+        "--admin-key",
+        default=None,
+        help="key that may upload and delete vectors over HTTP (default: "
+        f"${ADMIN_KEY_ENV}; without one, /v1/vectors is read-only)",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        default=None,
+        help="comma-separated Host names to answer to, or '*' for any (default: the "
+        "loopback names when bound to loopback, else any: the API key protects it)",
     )
     p.add_argument(
         "--engine",
@@ -60,11 +73,18 @@ def register(sub: Any) -> None:
         help="serve N copies of the app through Ray Serve (needs acteng[ray]; attaches to "
         "$RAY_ADDRESS or starts a local Ray cluster)",
     )
-    g = p.add_argument_group("default guard (a request may change or turn it off)")
+    g = p.add_argument_group(
+        "default guard (a request may change or turn it off, unless --guard-required)"
+    )
     g.add_argument("--guard", default=None, help="detector name for every request")
     g.add_argument("--policy", default="flag", help="flag | block | steer | stop")
     g.add_argument("--check", default="prompt", help="prompt | generation | both")
     g.add_argument("--counter", action="append", default=[], help="NAME:C counter-steering")
+    g.add_argument(
+        "--guard-required",
+        action="store_true",
+        help="enforce the default guard: requests that send a 'guard' field are refused",
+    )
     add_model_args(p)
     p.set_defaults(run=run_serve)
 
@@ -87,6 +107,20 @@ def check_binding(host: str, api_key: str | None) -> None:
         )
 
 
+def allowed_hosts(args: argparse.Namespace) -> tuple[str, ...] | None:
+    """The Host names to answer to: loopback names on a loopback bind (a web page reaching
+    127.0.0.1 through DNS rebinding sends its own name), any name elsewhere (there the
+    API key is required, and a page cannot know it)."""
+    if args.allowed_hosts is not None:
+        names = tuple(h.strip().lower().strip("[]") for h in args.allowed_hosts.split(","))
+        return None if "*" in names else tuple(h for h in names if h)
+    if is_loopback(args.host):
+        from acteng.server.gate import LOOPBACK_HOSTS
+
+        return tuple(dict.fromkeys((*LOOPBACK_HOSTS, args.host.strip("[]").lower())))
+    return None
+
+
 def default_guard(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.guard is None:
         return None
@@ -100,7 +134,9 @@ def default_guard(args: argparse.Namespace) -> dict[str, Any] | None:
     return guard
 
 
-def serve_settings(args: argparse.Namespace, api_key: str | None) -> ServeSettings:
+def serve_settings(
+    args: argparse.Namespace, api_key: str | None, admin_key: str | None = None
+) -> ServeSettings:
     """The flags of ``acteng serve`` as the typed settings the server is built from."""
     from acteng.server.settings import ServeSettings
 
@@ -113,22 +149,31 @@ def serve_settings(args: argparse.Namespace, api_key: str | None) -> ServeSettin
         # absolute: Ray Serve replicas may start in another folder
         home=None if args.home is None else os.fspath(Path(args.home).expanduser().resolve()),
         api_key=api_key,
+        admin_key=admin_key,
         guard=default_guard(args),
+        guard_required=bool(getattr(args, "guard_required", False)),
+        allowed_hosts=allowed_hosts(args),
     )
 
 
 def run_serve(args: argparse.Namespace) -> int:
     api_key = args.api_key or os.environ.get(API_KEY_ENV) or None
+    admin_key = args.admin_key or os.environ.get(ADMIN_KEY_ENV) or None
     check_binding(args.host, api_key)
+    if args.guard_required and args.guard is None:
+        raise ConfigError("--guard-required needs --guard NAME: the detector to enforce")
     try:
         import uvicorn
 
         from acteng.server.app import create_app
+        from acteng.server.gate import check_key
     except ImportError as exc:
         raise missing_extra(exc.name or "fastapi", "serve", purpose="acteng serve") from exc
     from acteng.cli.common import load_model_from_args
 
-    settings = serve_settings(args, api_key)
+    check_key(api_key, "the API key")  # before the model loads
+    check_key(admin_key, "the admin key")
+    settings = serve_settings(args, api_key, admin_key)
     if args.engine == "vllm":
         from acteng.vllm_engine.engine import check_serving, serve_with_vllm
 
@@ -143,7 +188,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     model = load_model_from_args(args)
     library = VectorLibrary(settings.home)
-    if settings.guard is not None:  # fail now, not on the first request
+    if settings.guard is not None:  # fail now, not on the first request (or replica)
         parse_guard(None, settings.guard, Resolver(model, library), settings.limits)
     if args.replicas is not None:
         from acteng.server.replicas import run_replicas
@@ -156,13 +201,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=settings.max_queue,
         fixed_batch=settings.fixed_batch,
     )
-    app = create_app(
-        engine,
-        library=library,
-        api_key=api_key,
-        limits=settings.limits,
-        default_guard=settings.guard,
-    )
+    app = create_app(engine, library=library, **settings.app_options())
     print(f"acteng: serving {model.name} on http://{args.host}:{args.port} (playground at /)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -11,30 +11,34 @@ cleared when its row ends, however it ends.
 from __future__ import annotations
 
 import asyncio
-import hmac
-import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager, suppress
 from importlib import resources
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers, MutableHeaders
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from acteng.errors import ActengError, RequestError
+from acteng.errors import ActengError, ConfigError, RequestError
 from acteng.library import VectorLibrary
+from acteng.server.body import JSONReply, decode_body
 from acteng.server.engine import Engine, EngineBusy, Event, Job
+from acteng.server.gate import RequestGate, check_key
 from acteng.server.openai_replies import Reply, error_response, stream
-from acteng.server.requests import GenerationRequest, Limits, parse_request
-from acteng.server.resolve import MAX_UPLOAD_BYTES, Resolver
+from acteng.server.requests import GenerationRequest, Limits, parse_guard, parse_request
+from acteng.server.resolve import Resolver
+from acteng.server.schema import (
+    CHAT_BODY,
+    COMPLETION_BODY,
+    RESPONSES,
+    UPLOAD_BODY,
+    request_body,
+)
 
 __all__ = ["create_app"]
 
-MAX_BODY_BYTES = 1024 * 1024
 MODEL_ALIASES = ("default",)
 
 
@@ -47,21 +51,39 @@ def create_app(
     *,
     library: VectorLibrary | None = None,
     api_key: str | None = None,
+    admin_key: str | None = None,
     limits: Limits | None = None,
     default_guard: dict[str, Any] | None = None,
+    guard_required: bool = False,
+    allowed_hosts: Collection[str] | None = None,
 ) -> FastAPI:
     """The app serving `engine`'s model; the engine runs while the app does.
+
+    `api_key` guards every /v1 route and /openapi.json; `admin_key` is needed to upload or
+    delete vectors (without one, /v1/vectors is read-only). `default_guard` applies to
+    every request; its detector is loaded now and pinned, so later library changes cannot
+    weaken it, and with `guard_required` a request may not change it or turn it off.
+    `allowed_hosts` (None: any) lists the Host names the server answers to.
 
     >>> app = create_app(Engine(acteng.load_model()))
     >>> uvicorn.run(app, host="127.0.0.1", port=8000)
     """
+    check_key(api_key, "the API key")
+    check_key(admin_key, "the admin key")
     limits = limits or Limits(context=engine.context)
     if limits.context > engine.context:
         raise ActengError(
             f"limits.context {limits.context} exceeds the engine's cache of {engine.context}"
         )
+    if guard_required and default_guard is None:
+        raise ConfigError("guard_required needs a default guard: name its detector")
     resolver = Resolver(engine.model, library or VectorLibrary())
     model_id = engine.model.name
+    pinned: dict[str, Any] = {}
+    if default_guard is not None:
+        # Checked now (a bad default fails at start, not on the first request) and pinned.
+        pinned = resolver.pin(default_guard.get("detector"), "the default guard's detector")
+        parse_guard(None, default_guard, resolver, limits)
 
     @asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
@@ -72,18 +94,29 @@ def create_app(
             await run_in_threadpool(engine.stop)
 
     # No /docs: FastAPI's docs page loads scripts from a CDN, and this server loads nothing.
+    # /openapi.json describes the routes and acteng's request fields (behind the API key).
     app = FastAPI(
-        title="acteng", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None
+        title="acteng",
+        lifespan=lifespan,
+        docs_url=None,
+        redoc_url=None,
+        default_response_class=JSONReply,
+        responses=RESPONSES,
     )
 
-    app.add_middleware(_RequestGate, api_key=api_key)
+    app.add_middleware(
+        RequestGate,
+        api_key=api_key,
+        admin_key=admin_key,
+        allowed_hosts=None if allowed_hosts is None else frozenset(allowed_hosts),
+    )
 
     @app.exception_handler(RequestError)
-    async def requesterror_response(_r: Request, exc: RequestError) -> JSONResponse:
+    async def requesterror_response(_r: Request, exc: RequestError) -> JSONReply:
         return error_response(exc.status, str(exc), param=exc.param)
 
     @app.exception_handler(RequestValidationError)
-    async def bad_parameters(_r: Request, exc: RequestValidationError) -> JSONResponse:
+    async def bad_parameters(_r: Request, exc: RequestValidationError) -> JSONReply:
         problems = "; ".join(
             f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'request'}: {e.get('msg')}"
             for e in exc.errors()
@@ -91,23 +124,16 @@ def create_app(
         return error_response(400, f"bad parameters: {problems}")
 
     @app.exception_handler(EngineBusy)
-    async def busy(_r: Request, exc: EngineBusy) -> JSONResponse:
+    async def busy(_r: Request, exc: EngineBusy) -> JSONReply:
         return error_response(503, str(exc))
 
     @app.exception_handler(ActengError)
-    async def actengerror_response(_r: Request, exc: ActengError) -> JSONResponse:
+    async def actengerror_response(_r: Request, exc: ActengError) -> JSONReply:
         return error_response(400, str(exc))
 
     async def body_json(request: Request) -> Any:
-        data = await request.body()
-        if len(data) > MAX_BODY_BYTES:
-            raise RequestError(
-                f"the body has {len(data)} bytes; the limit is {MAX_BODY_BYTES}", status=413
-            )
-        try:
-            return json.loads(data)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(f"the body is not valid JSON ({exc}); send a JSON object") from exc
+        data = await request.body()  # the gate has already refused bodies over the limit
+        return await run_in_threadpool(decode_body, data)
 
     @app.get("/", response_class=HTMLResponse)
     async def playground() -> HTMLResponse:
@@ -121,7 +147,14 @@ def create_app(
 
     @app.get("/health")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "active": engine.active, "queued": engine.queue.qsize()}
+        out: dict[str, Any] = {
+            "status": "ok",
+            "active": engine.active,
+            "queued": engine.queue.qsize(),
+        }
+        if default_guard is not None:
+            out["guard"] = {**pinned, "required": guard_required}
+        return out
 
     @app.get("/v1/models")
     async def models() -> dict[str, Any]:
@@ -147,16 +180,20 @@ def create_app(
     async def show_vector(name: str) -> dict[str, Any]:
         return await run_in_threadpool(resolver.show, name)
 
-    @app.post("/v1/vectors")
+    @app.post(
+        "/v1/vectors",
+        status_code=201,
+        openapi_extra=request_body(UPLOAD_BODY, "application/octet-stream"),
+    )
     async def upload_vector(
         request: Request, name: str, tags: str = "", overwrite: bool = False
-    ) -> JSONResponse:
+    ) -> JSONReply:
         data = await request.body()
         tag_list = [t for t in tags.split(",") if t]
         item = await run_in_threadpool(
             lambda: resolver.upload(name, data, tags=tag_list, overwrite=overwrite)
         )
-        return JSONResponse(item, status_code=201)
+        return JSONReply(item, status_code=201)
 
     @app.delete("/v1/vectors/{name}")
     async def delete_vector(name: str) -> dict[str, Any]:
@@ -174,7 +211,12 @@ def create_app(
             )
         parsed: GenerationRequest = await run_in_threadpool(
             lambda: parse_request(
-                body, chat=chat, resolver=resolver, limits=limits, default_guard=default_guard
+                body,
+                chat=chat,
+                resolver=resolver,
+                limits=limits,
+                default_guard=default_guard,
+                guard_required=guard_required,
             )
         )
         loop = asyncio.get_running_loop()
@@ -195,60 +237,15 @@ def create_app(
             )
         return await _collect(request, job, events, reply)
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=request_body(CHAT_BODY))
     async def chat_completions(request: Request) -> Response:
         return await generate(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=request_body(COMPLETION_BODY))
     async def completions(request: Request) -> Response:
         return await generate(request, chat=False)
 
     return app
-
-
-class _RequestGate:
-    """API key and body-size checks before any endpoint runs, as plain ASGI middleware.
-
-    Not ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware hands the endpoint a
-    wrapped ``receive`` through which ``request.is_disconnected()`` never sees the
-    client leave, so a non-streamed request would generate to the end for nobody.
-    """
-
-    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
-        self.app = app
-        self.api_key = api_key
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        rejected = self._check(scope)
-        if rejected is not None:
-            await rejected(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).setdefault("X-Content-Type-Options", "nosniff")
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
-
-    def _check(self, scope: Scope) -> Response | None:
-        path: str = scope["path"]
-        headers = Headers(scope=scope)
-        if self.api_key is not None and path.startswith("/v1"):
-            header = headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), self.api_key.encode()):
-                return error_response(
-                    401, "missing or wrong API key: send 'Authorization: Bearer KEY'"
-                )
-        size = headers.get("content-length")
-        limit = MAX_UPLOAD_BYTES if path == "/v1/vectors" else MAX_BODY_BYTES
-        if size is not None and size.isdigit() and int(size) > limit:
-            return error_response(413, f"the body has {size} bytes; the limit is {limit}")
-        return None
 
 
 async def _collect(
@@ -275,7 +272,7 @@ async def _collect(
             if event.kind == "token":
                 parts.append(event.text)
             elif event.kind == "done":
-                return JSONResponse(
+                return JSONReply(
                     reply.full(
                         event.summary.get("text", "".join(parts)),
                         event.finish_reason,

@@ -8,14 +8,12 @@ last one carrying the request's ``acteng`` extension (guard verdict, monitor mea
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
-from fastapi.responses import JSONResponse
-
+from acteng.server.body import JSONReply, json_text
 from acteng.server.engine import Event, Job
 
 __all__ = ["Reply", "error_response", "final_acteng", "stream", "usage"]
@@ -23,10 +21,10 @@ __all__ = ["Reply", "error_response", "final_acteng", "stream", "usage"]
 
 def error_response(
     status: int, message: str, *, param: str | None = None, kind: str = ""
-) -> JSONResponse:
+) -> JSONReply:
     """An error answer in OpenAI's shape, so the official SDK raises its usual exception."""
     kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
-    return JSONResponse(
+    return JSONReply(
         {
             "error": {
                 "message": message,
@@ -64,7 +62,7 @@ class Reply:
         else:
             choice = {"index": 0, "text": text or "", "finish_reason": finish, "logprobs": None}
         payload = {**self._base(True), "choices": [choice], "acteng": acteng}
-        return f"data: {json.dumps(payload)}\n\n"
+        return f"data: {json_text(payload)}\n\n"
 
     def role_chunk(self) -> str:
         payload = {
@@ -73,11 +71,11 @@ class Reply:
                 {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
             ],
         }
-        return f"data: {json.dumps(payload)}\n\n"
+        return f"data: {json_text(payload)}\n\n"
 
     def usage_chunk(self, usage: dict[str, int]) -> str:
         payload = {**self._base(True), "choices": [], "usage": usage}
-        return f"data: {json.dumps(payload)}\n\n"
+        return f"data: {json_text(payload)}\n\n"
 
     def full(self, text: str, finish: str | None, summary: dict[str, Any]) -> dict[str, Any]:
         if self.chat:
@@ -146,7 +144,7 @@ async def stream(
                 error = {
                     "error": {"message": event.text, "type": "server_error", "code": event.status}
                 }
-                yield f"data: {json.dumps(error)}\n\n"
+                yield f"data: {json_text(error)}\n\n"
                 return
     finally:
         job.cancel()  # a no-op once done; frees the slot when the client went away

@@ -59,9 +59,7 @@ class AppReplica:
         self._acteng_app = create_app(
             engine,
             library=VectorLibrary(settings.home),
-            api_key=settings.api_key,
-            limits=settings.limits,
-            default_guard=settings.guard,
+            **settings.app_options(),
         )
 
     def __serve_build_asgi_app__(self) -> Any:

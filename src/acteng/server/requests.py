@@ -14,6 +14,9 @@ Extension fields (all optional); a ``steering`` item is `SteeringSpec`'s JSON fo
     "guard":    {"detector": NAME, "policy": "flag|block|steer|stop",
                  "check": "prompt|generation|both", "threshold": 0.5,
                  "generation_threshold": 1.0, "counter": [steering items]}  or "off"
+
+`acteng.server.schema` describes the same fields for /openapi.json. The guard's prompt
+check reads every turn of a chat; message contents are always tokenized as plain text.
 """
 
 from __future__ import annotations
@@ -65,7 +68,7 @@ class GenerationRequest:
     monitors: tuple[Monitored, ...] = ()
     guard: Guard | None = None
     guard_name: str | None = None
-    guard_text: str = ""
+    guard_texts: tuple[str, ...] = ()  # what the prompt check scores: every turn
     guard_monitor: Monitored | None = None
     stream: bool = False
     include_usage: bool = False
@@ -152,9 +155,25 @@ def parse_monitors(value: Any, resolver: Resolver, limits: Limits) -> list[Monit
 
 
 def parse_guard(
-    value: Any, default: dict[str, Any] | None, resolver: Resolver, limits: Limits
+    value: Any,
+    default: dict[str, Any] | None,
+    resolver: Resolver,
+    limits: Limits,
+    *,
+    required: bool = False,
 ) -> tuple[Guard | None, str | None, Monitored | None]:
-    """The request's guard: its own fields over the server's default; "off" for none."""
+    """The request's guard: its own fields over the server's default; "off" for none.
+
+    With `required` (``--guard-required``) the default guard is enforced: a request that
+    sends a ``guard`` field is refused rather than silently overruled.
+    """
+    if required and value is not None:
+        raise RequestError(
+            "this server enforces its guard (started with --guard-required); leave out the "
+            "'guard' field",
+            param="guard",
+            status=403,
+        )
     if value == "off" or (value is None and default is None):
         return None, None, None
     if value is not None and not isinstance(value, dict):
@@ -246,6 +265,7 @@ def parse_request(
     resolver: Resolver,
     limits: Limits,
     default_guard: dict[str, Any] | None = None,
+    guard_required: bool = False,
 ) -> GenerationRequest:
     """Check an OpenAI chat or completions body and build the engine's request."""
     if not isinstance(body, dict):
@@ -258,10 +278,11 @@ def parse_request(
             raise RequestError(f"{key} is not supported by this server; leave it out", key)
     if chat:
         messages = _messages(body.get("messages"), limits)
-        rendered = model.render_chat(messages)
-        ids = list(model.tokenizer(rendered, add_special_tokens=False)["input_ids"])
-        users = [m["content"] for m in messages if m["role"] == "user"]
-        guard_text = users[-1] if users else messages[-1]["content"]
+        ids = model.chat_ids(messages)
+        # The guard reads every turn the model will read: harmful text in an earlier turn,
+        # the system message or a forged assistant turn must not pass unchecked.
+        guard_texts = tuple(m["content"] for m in messages if m["content"].strip())
+        guard_texts = guard_texts or (messages[-1]["content"],)
     else:
         prompt = body.get("prompt")
         if isinstance(prompt, list) and len(prompt) == 1:
@@ -269,7 +290,7 @@ def parse_request(
         if not isinstance(prompt, str) or not prompt:
             raise RequestError("prompt must be one non-empty string", "prompt")
         ids = list(model.tokenizer(prompt)["input_ids"])
-        guard_text = prompt
+        guard_texts = (prompt,)
     if not ids:
         raise RequestError("the prompt has no tokens; send some text", "prompt")
     raw_max = body.get("max_completion_tokens", body.get("max_tokens"))
@@ -305,11 +326,17 @@ def parse_request(
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("stream must be true or false", "stream")
-    options = body.get("stream_options") or {}
+    options = body.get("stream_options")
+    if options is None:
+        options = {}
+    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+        raise RequestError(
+            'stream_options must be an object like {"include_usage": true}', "stream_options"
+        )
     specs = parse_steering(body.get("steering"), "steering", resolver, limits)
     monitors = parse_monitors(body.get("monitor"), resolver, limits)
     guard, guard_name, guard_monitor = parse_guard(
-        body.get("guard"), default_guard, resolver, limits
+        body.get("guard"), default_guard, resolver, limits, required=guard_required
     )
     return GenerationRequest(
         prompt_ids=ids,
@@ -324,8 +351,8 @@ def parse_request(
         monitors=tuple(monitors),
         guard=guard,
         guard_name=guard_name,
-        guard_text=guard_text,
+        guard_texts=guard_texts,
         guard_monitor=guard_monitor,
         stream=stream,
-        include_usage=bool(isinstance(options, dict) and options.get("include_usage")),
+        include_usage=bool(options.get("include_usage")),
     )

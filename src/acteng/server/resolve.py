@@ -1,4 +1,8 @@
-"""Names a request may use: the vector library of the server, then the bundled vectors.
+"""Names a request may use: pinned vectors, the bundled vectors, then the server's library.
+
+Bundled names are reserved (the library refuses them), and the detector of a server's
+default guard is pinned at start: no upload, rename or delete can change what a name
+the guard relies on means.
 
 Requests name vectors and detectors; they never give paths (a name is checked by
 `acteng.library.validate_name` before anything is looked up). Every failure is a
@@ -9,6 +13,7 @@ serves ``/v1/vectors``: list, show, upload (checked against the served model) an
 from __future__ import annotations
 
 import builtins
+import hashlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,10 +22,10 @@ import torch
 from acteng.bundled import bundled_files
 from acteng.detectors import Detector
 from acteng.errors import ActengError, ConfigError, LibraryError, RequestError
-from acteng.library import VectorLibrary, validate_name
+from acteng.library import VectorLibrary, refuse_bundled_name, validate_name
 from acteng.models import Model
 from acteng.monitoring import Readout
-from acteng.vectors import SteeringVector
+from acteng.vectors import SteeringVector, check_magnitude
 
 __all__ = ["Monitored", "Resolver"]
 
@@ -44,6 +49,17 @@ class Resolver:
     def __init__(self, model: Model, library: VectorLibrary) -> None:
         self.model = model
         self.library = library
+        self.pinned: dict[str, SteeringVector] = {}
+
+    def pin(self, name: Any, param: str) -> dict[str, Any]:
+        """Load `name` now and answer every later lookup of it with this vector.
+
+        Returns what was pinned: the name, where it came from and the sha256 of its bytes.
+        """
+        vector, source = self._load(name, param)
+        self.pinned[name] = vector
+        digest = hashlib.sha256(vector.to_bytes()).hexdigest()
+        return {"detector": name, "source": source, "sha256": digest}
 
     # --- lookups for requests ----------------------------------------------------------
     def _load(self, name: Any, param: str) -> tuple[SteeringVector, str]:
@@ -56,11 +72,15 @@ class Resolver:
         except ConfigError as exc:
             raise RequestError(f"{param}: {exc}", param=param) from exc
         try:
-            if name in self.library:
-                return self.library.load(name, model=self.model), "library"
+            if name in self.pinned:
+                vector = self.pinned[name]
+                vector.check_compatible(self.model)
+                return vector, "pinned"
             bundled = bundled_files()
             if name in bundled:
                 return SteeringVector.load(bundled[name], model=self.model), "bundled"
+            if name in self.library:
+                return self.library.load(name, model=self.model), "library"
         except ActengError as exc:
             raise RequestError(f"{param}: vector {name!r} cannot be used: {exc}", param) from exc
         raise RequestError(
@@ -124,6 +144,7 @@ class Resolver:
     def list(self) -> builtins.list[dict[str, Any]]:
         items = []
         seen = set()
+        bundled = bundled_files()
         for entry in self.library.list():
             seen.add(entry.name)
             vector = None
@@ -137,10 +158,12 @@ class Resolver:
             if entry.problem is not None:
                 item["problem"] = f"broken: {entry.problem}"
                 item["compatible"] = False
+            elif entry.name in bundled:  # stored before bundled names were reserved
+                item["problem"] = "shadowed: the name means the bundled vector; rename it"
+                item["compatible"] = False
             items.append(item)
-        for name, path in sorted(bundled_files().items()):
-            if name not in seen:
-                items.append(self._describe(name, SteeringVector.load(path), "bundled"))
+        for name, path in sorted(bundled.items()):
+            items.append(self._describe(name, SteeringVector.load(path), "bundled"))
         return items
 
     def show(self, name: str) -> dict[str, Any]:
@@ -156,8 +179,11 @@ class Resolver:
     ) -> dict[str, Any]:
         try:
             validate_name(name)
+            refuse_bundled_name(name)
         except ConfigError as exc:
             raise RequestError(str(exc), param="name") from exc
+        except LibraryError as exc:
+            raise RequestError(str(exc), param="name", status=409) from exc
         if len(data) > MAX_UPLOAD_BYTES:
             raise RequestError(
                 f"the file has {len(data)} bytes; vectors are limited to {MAX_UPLOAD_BYTES}",
@@ -166,6 +192,9 @@ class Resolver:
         try:
             vector = SteeringVector.from_bytes(data, source="the uploaded file")
             vector.check_compatible(self.model)
+            check_magnitude(vector, source="the uploaded file")
+            if isinstance(vector.metadata.get("detector"), dict):
+                Detector.from_vector(vector, source="the uploaded detector")
         except ActengError as exc:
             raise RequestError(
                 f"{exc}; upload a safetensors vector file made for {self.model.name}"

@@ -73,8 +73,9 @@ class Row:
         """Score the prompt when the guard checks it; "stop" means do not generate."""
         if self.guard_state is None or not self.guard_state.checks_prompt:
             return "go"
-        [score] = self.guard_state.guard.detector.score(self.model, [self.request.guard_text])
-        return self.guard_state.on_prompt(score)
+        texts = list(self.request.guard_texts)
+        scores = self.guard_state.guard.detector.score(self.model, texts)
+        return self.guard_state.on_prompt(max(scores))
 
     # --- results of forward calls --------------------------------------------------------
     def prefilled(self, logits: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:

@@ -266,9 +266,7 @@ def serve_with_vllm(
     )
     # create_app needs only the interface VllmEngine shares with Engine (model, context,
     # queue, active, start, stop, submit).
-    app = create_app(
-        cast(Engine, engine), library=library, api_key=settings.api_key, limits=settings.limits
-    )
+    app = create_app(cast(Engine, engine), library=library, **settings.app_options())
     print(f"acteng: serving {model.name} with vLLM on http://{host}:{port}")
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")

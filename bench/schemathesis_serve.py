@@ -1,0 +1,130 @@
+"""Fuzz `acteng serve` with schemathesis from its own /openapi.json: 0 server errors.
+
+Starts ``acteng serve`` on the default model (loopback, small limits so each generated
+request decodes a few tokens, an admin key so the vector routes are exercised too) and runs
+schemathesis over every operation with every check. The floor is the ``not_a_server_error``
+check: no 5xx, whatever schemathesis sends. The other checks' findings (a status code the
+schema does not list, say) are reported as they are.
+
+schemathesis lives in its own environment, never in acteng's dependencies:
+
+    python3 -m venv .venv-fuzz && .venv-fuzz/bin/pip install schemathesis==4.32.5
+    .venv/bin/python bench/schemathesis_serve.py --examples 50     # ~10 min on 2 cores
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "bench" / "results"
+ADMIN = "admin-key-for-the-fuzz-run"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, server: subprocess.Popen[bytes], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            raise SystemExit(f"acteng serve exited with {server.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(1)
+    raise SystemExit("acteng serve did not become healthy")
+
+
+def failures(junit: Path) -> dict[str, list[str]]:
+    """check name -> the operations it failed on, from schemathesis's JUnit report."""
+    found: dict[str, list[str]] = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        for bad in [*case.findall("failure"), *case.findall("error")]:
+            text = (bad.get("message") or "") + "\n" + (bad.text or "")
+            titles = re.findall(r"^\s*-\s*([A-Z][^\n]+)$", text, flags=re.M) or ["error"]
+            for title in titles:
+                found.setdefault(title.strip(), []).append(case.get("name", "?"))
+    return found
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--examples", type=int, default=50, help="max examples per operation")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--st", default=str(ROOT / ".venv-fuzz" / "bin" / "st"))
+    args = parser.parse_args()
+    if not Path(args.st).exists():
+        raise SystemExit(f"{args.st} not found: see this script's docstring for the set-up")
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    home = RESULTS / "schemathesis-home"
+    env = {**os.environ, "ACTENG_HOME": str(home), "ACTENG_ADMIN_KEY": ADMIN}
+    acteng = [sys.executable, "-c", "import sys; from acteng.cli import main; sys.exit(main())"]
+    server = subprocess.Popen(
+        [*acteng, "serve", "--port", str(port), "--max-tokens", "4", "--slots", "4"], env=env
+    )
+    junit = RESULTS / "schemathesis.xml"
+    started = time.monotonic()
+    try:
+        wait_healthy(url, server)
+        command = [
+            args.st,
+            "run",
+            f"{url}/openapi.json",
+            "--checks",
+            "all",
+            "--max-examples",
+            str(args.examples),
+            "--seed",
+            str(args.seed),
+            "--header",
+            f"Authorization: Bearer {ADMIN}",
+            "--continue-on-failure",
+            "--request-timeout",
+            "120",
+            "--report",
+            "junit",
+            "--report-junit-path",
+            str(junit),
+        ]
+        run = subprocess.run(command, capture_output=True, text=True, check=False)
+        (RESULTS / "schemathesis.log").write_text(run.stdout + run.stderr, encoding="utf-8")
+    finally:
+        server.terminate()
+        server.wait(timeout=60)
+    found = failures(junit) if junit.exists() else {"no report": []}
+    summary = re.findall(r"(\d+) generated.*|.*test cases.*", run.stdout)
+    server_errors = {k: v for k, v in found.items() if "server error" in k.lower()}
+    result = {
+        "seconds": round(time.monotonic() - started, 1),
+        "examples_per_operation": args.examples,
+        "server_errors": server_errors,
+        "other_findings": {k: sorted(set(v)) for k, v in found.items() if k not in server_errors},
+        "summary": [line for line in run.stdout.splitlines() if "cases" in line.lower()][-5:]
+        or summary,
+        "exit_code": run.returncode,
+    }
+    (RESULTS / "schemathesis.json").write_text(json.dumps(result, indent=2), encoding="utf-8")
+    print(json.dumps(result, indent=2))
+    print("server errors:", sum(len(v) for v in server_errors.values()), "(floor: 0)")
+
+
+if __name__ == "__main__":
+    main()
