@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
      "acteng.gguf_vectors"),
     ("acteng.extraction", "acteng.optimization", "acteng.baking", "acteng.generation",
      "acteng.detectors"),
-    ("acteng.monitoring", "acteng.guard", "acteng.evaluation"),
+    ("acteng.monitoring", "acteng.guard", "acteng.evaluation", "acteng.detector_training"),
     ("acteng.report", "acteng.recipes"),
     ("acteng.server",),
     ("acteng.vllm_engine",),

@@ -30,7 +30,15 @@ from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
 from acteng.vectors import SteeringVector
 
-__all__ = ["Detector", "load_detector", "read_prompts", "refusal_direction", "train_detector"]
+__all__ = [
+    "Detector",
+    "load_detector",
+    "read_prompts",
+    "refusal_direction",
+    "sides",
+    "train_detector",
+    "train_rows",
+]
 
 READ_REGIONS = ("post_instruction", "prompt", "response")
 # Where a detector's calibration numbers must lie (see Detector.from_vector).
@@ -234,7 +242,7 @@ def train_detector(
         )
     has_split = any(p.split == "test" for p in dataset)
     chosen = parse_layers(model, layers)
-    rows = _train_rows(model, dataset, chosen, region)
+    rows = train_rows(model, dataset, chosen, region)
     units, offsets, scales = {}, {}, {}
     for layer in chosen:
         pos, neg = rows[layer]
@@ -263,7 +271,7 @@ def train_detector(
     if negatives is None:
         if not has_split:
             raise ConfigError("give negatives=... to calibrate: the dataset has no test split")
-        negatives = _sides(dataset.split("test"), region)[1]
+        negatives = sides(dataset.split("test"), region)[1]
         source = f"{dataset.name}:test negatives"
     else:
         source = "custom negatives"
@@ -295,7 +303,7 @@ def refusal_direction(
             "= harmless), like the bundled 'harmful_requests'; these pairs have a 'prompt'"
         )
     chosen = parse_layers(model, layers)
-    rows = _train_rows(model, dataset, chosen, region)
+    rows = train_rows(model, dataset, chosen, region)
     diffs = {x: (pos.mean(0) - neg.mean(0)).float() for x, (pos, neg) in rows.items()}
     return SteeringVector(
         diffs,
@@ -308,13 +316,13 @@ def refusal_direction(
     )
 
 
-def _train_rows(
+def train_rows(
     model: Model, dataset: Pairs, layers: list[int], region: str
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
     """Per layer, (positive, negative) mean activations over `region` of the train split
     (the whole dataset when it has no split), float64."""
     train = dataset.split("train") if any(p.split == "test" for p in dataset) else dataset
-    pos_text, neg_text = _sides(train, region)
+    pos_text, neg_text = sides(train, region)
     acts = record_activations(
         model, _read_items(model, pos_text + neg_text, region), layers, "mean"
     )
@@ -322,7 +330,8 @@ def _train_rows(
     return {x: (acts.rows[x][:n].double(), acts.rows[x][n:].double()) for x in layers}
 
 
-def _sides(pairs: Pairs, region: str) -> tuple[list[Scored], list[Scored]]:
+def sides(pairs: Pairs, region: str) -> tuple[list[Scored], list[Scored]]:
+    """What a detector reading `region` scores for each pair: (positives, negatives)."""
     if region == "response":
         return (
             [(str(p.prompt), p.positive) for p in pairs],

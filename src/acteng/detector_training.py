@@ -1,0 +1,192 @@
+"""`fit_detector`: a detector from a pairs file, its layers chosen without touching test data.
+
+What ``acteng train-detector`` runs. The pairs' ``test`` split (or, in a file without
+splits, a seeded 30 % of the pairs) is held out: it calibrates the threshold and gives the
+reported AUROC, and nothing else sees it. With ``layers="auto"`` the train split is cut
+again (seeded, 25 % for validation): every layer's direction is fitted on the rest and
+scored on the validation pairs in one recording pass, and the three consecutive layers with
+the best mean validation AUROC are kept. The detector is then fitted on the whole train
+split and its choice, validation scores and held-out figures travel in its metadata.
+
+Every check on the input runs before the model does any work.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acteng.detectors import READ_REGIONS, Detector, sides, train_detector, train_rows
+from acteng.errors import ConfigError, DataError
+from acteng.evaluation.metrics import auroc
+from acteng.layer_selection import parse_layers
+from acteng.methods import METHODS
+from acteng.models import Model
+from acteng.pairs import Pairs, load_pairs
+from acteng.vectors import SteeringVector
+
+__all__ = ["DetectorFit", "check_detector_pairs", "fit_detector"]
+
+MIN_HELD_OUT = 10  # negatives needed to calibrate a threshold (Detector.calibrate)
+MIN_TRAIN = 8  # train pairs needed to fit and, for "auto", to validate layers
+WINDOW = 3  # layers kept by "auto"
+
+
+@dataclass(frozen=True)
+class DetectorFit:
+    """A fitted detector and what was measured on the way."""
+
+    detector: Detector
+    layers: tuple[int, ...]
+    validation_auroc: dict[int, float]  # per candidate layer ("auto" only)
+    heldout_auroc: float
+    heldout_positive_flagged: float  # share of held-out positives above the threshold
+    heldout_negative_flagged: float
+    train_pairs: int
+    heldout_pairs: int
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "layers": list(self.layers),
+            "heldout_auroc": self.heldout_auroc,
+            "threshold": self.detector.threshold,
+            "heldout_positive_flagged": self.heldout_positive_flagged,
+            "heldout_negative_flagged": self.heldout_negative_flagged,
+            "train_pairs": self.train_pairs,
+            "heldout_pairs": self.heldout_pairs,
+            "validation_auroc": {str(k): v for k, v in self.validation_auroc.items()},
+        }
+
+
+def check_detector_pairs(pairs: Pairs | str | Path | Sequence[Any], region: str) -> Pairs:
+    """The pairs, split for training, or a clear error: runs no model."""
+    if region not in READ_REGIONS:
+        raise ConfigError(f"unknown region {region!r}; use one of {', '.join(READ_REGIONS)}")
+    dataset = load_pairs(pairs)
+    if len(dataset) == 0:
+        raise DataError(f"{dataset.name}: no pairs; a detector needs positive/negative pairs")
+    same = [i for i, p in enumerate(dataset) if p.positive.strip() == p.negative.strip()]
+    if same:
+        raise DataError(
+            f"{dataset.name}: pairs {same[:5]} have the same text on both sides; each pair "
+            "needs a positive (concept present) and a different negative"
+        )
+    if len({p.positive for p in dataset}) == 1 or len({p.negative for p in dataset}) == 1:
+        raise DataError(
+            f"{dataset.name}: every pair has the same positive or the same negative text; a "
+            "detector needs varied examples of both classes"
+        )
+    prompted = [i for i, p in enumerate(dataset) if p.prompt is not None]
+    if region == "response" and len(prompted) != len(dataset):
+        raise ConfigError(
+            "region 'response' reads answers: every pair needs a 'prompt' (positive and "
+            "negative are two answers to it); for bare prompts use region 'post_instruction'"
+        )
+    if region != "response" and prompted:
+        raise ConfigError(
+            f"region {region!r} reads user prompts, but pairs {prompted[:5]} have a 'prompt' "
+            "field (answers to it): use --region response, or drop the field"
+        )
+    if not any(p.split == "test" for p in dataset):
+        dataset = _seeded_split(dataset, test_share=0.3)
+    held_out = len(dataset.split("test"))
+    if held_out < MIN_HELD_OUT:
+        raise DataError(
+            f"{dataset.name}: {held_out} held-out pairs; calibrating a threshold needs at least "
+            f"{MIN_HELD_OUT} held-out negatives: mark more pairs 'split': 'test' or add pairs"
+        )
+    if len(dataset.split("train")) < MIN_TRAIN:
+        raise DataError(
+            f"{dataset.name}: {len(dataset.split('train'))} train pairs; give at least {MIN_TRAIN}"
+        )
+    return dataset
+
+
+def _seeded_split(dataset: Pairs, test_share: float, seed: int = 0) -> Pairs:
+    order = list(range(len(dataset)))
+    random.Random(seed).shuffle(order)
+    test = set(order[: max(1, round(len(order) * test_share))])
+    items = tuple(replace(p, split="test" if i in test else "train") for i, p in enumerate(dataset))
+    return Pairs(items, name=dataset.name)
+
+
+def _choose_layers(
+    model: Model, train: Pairs, method: str, region: str
+) -> tuple[tuple[int, ...], dict[int, float]]:
+    """Three consecutive layers with the best mean AUROC on a validation cut of `train`."""
+    order = list(range(len(train)))
+    random.Random(1).shuffle(order)
+    n_val = max(2, len(order) // 4)
+    val_idx = set(order[:n_val])
+    fit = Pairs(tuple(p for i, p in enumerate(train) if i not in val_idx), name=train.name)
+    val = Pairs(tuple(p for i, p in enumerate(train) if i in val_idx), name=train.name)
+    candidates = list(range(model.num_layers))
+    fit_rows = train_rows(model, fit, candidates, region)
+    val_rows = train_rows(model, val, candidates, region)
+    scores: dict[int, float] = {}
+    for layer in candidates:
+        pos, neg = fit_rows[layer]
+        direction = METHODS[method](pos, neg)
+        unit = direction / direction.norm().clamp_min(1e-12)
+        vpos, vneg = val_rows[layer]
+        scores[layer] = round(auroc(vpos @ unit, vneg @ unit), 4)
+    width = min(WINDOW, len(candidates))
+    starts = range(len(candidates) - width + 1)
+    best = max(starts, key=lambda s: (sum(scores[x] for x in candidates[s : s + width]), -s))
+    return tuple(candidates[best : best + width]), scores
+
+
+def fit_detector(
+    model: Model,
+    pairs: Pairs | str | Path | Sequence[Any],
+    *,
+    layers: str | int | Sequence[int] = "auto",
+    method: str = "probe",
+    region: str = "post_instruction",
+    target_fpr: float = 0.05,
+) -> DetectorFit:
+    """Fit and calibrate a detector; layers ``"auto"`` are chosen on the train split only.
+
+    >>> fit = fit_detector(model, "my_pairs.jsonl")
+    >>> fit.heldout_auroc, fit.detector.threshold
+    """
+    if method not in METHODS or method == "actadd":
+        raise ConfigError(f"detector method must be mean_diff, pca or probe, got {method!r}")
+    if not 0.0 <= target_fpr < 1.0:
+        raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    dataset = check_detector_pairs(pairs, region)
+    train, test = dataset.split("train"), dataset.split("test")
+    validation: dict[int, float] = {}
+    if layers == "auto":
+        chosen, validation = _choose_layers(model, train, method, region)
+    else:
+        chosen = tuple(parse_layers(model, layers))
+    detector = train_detector(
+        model, dataset, list(chosen), method=method, region=region, target_fpr=target_fpr
+    )
+    pos, neg = sides(test, region)
+    pos_scores = torch.tensor(detector.score(model, pos), dtype=torch.float64)
+    neg_scores = torch.tensor(detector.score(model, neg), dtype=torch.float64)
+    fit = DetectorFit(
+        detector=detector,
+        layers=chosen,
+        validation_auroc=validation,
+        heldout_auroc=round(auroc(pos_scores, neg_scores), 4),
+        heldout_positive_flagged=float((pos_scores > detector.threshold).double().mean()),
+        heldout_negative_flagged=float((neg_scores > detector.threshold).double().mean()),
+        train_pairs=len(train),
+        heldout_pairs=len(test),
+    )
+    meta = dict(detector.directions.metadata)
+    meta["training"] = {
+        "layers": "auto (best 3 consecutive by validation AUROC)" if validation else "given",
+        "target_fpr": target_fpr,
+        **fit.summary(),
+    }
+    directions = SteeringVector(dict(detector.directions.directions), meta)
+    return replace(fit, detector=replace(detector, directions=directions))
