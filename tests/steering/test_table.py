@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 
 import acteng
-from acteng.errors import ConfigError, UnsupportedError
+from acteng.errors import ConfigError
 from acteng.positions import parse_positions
 from acteng.steering.table import SteeringTable
 from tests.helpers import hook_count, random_vector
@@ -204,12 +203,3 @@ def test_engine_equals_generate_on_a_tiny_model(
     finally:
         engine.stop()
     assert tiny_llama.hf.config._attn_implementation != "acteng_slots"
-
-
-def test_engine_refuses_sliding_window_models(
-    make_tiny: Callable[[str], acteng.Model],
-) -> None:
-    from acteng.server.engine import Engine
-
-    with pytest.raises(UnsupportedError, match="sliding window"):
-        Engine(make_tiny("gemma3_text"), slots=2, context=64)

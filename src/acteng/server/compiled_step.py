@@ -34,7 +34,7 @@ from acteng.hooks import BlockFn, ForwardContext, HookHandle, attach
 from acteng.models import Model
 from acteng.monitoring import Readout
 from acteng.server.requests import Monitored
-from acteng.server.slots import SlotBatch, SlotCache, slot_attention_enabled
+from acteng.server.slots import InnerAttention, SlotBatch, SlotCache, slot_attention_enabled
 from acteng.steering.compiled import allow_graphs
 from acteng.steering.table import SteeringTable, StepShape
 
@@ -129,6 +129,7 @@ class CompiledDecoder:
         *,
         monitors: int,
         cache_arg: str,
+        inner: InnerAttention,
         backend: str = "inductor",
         mode: str | None = None,
     ) -> None:
@@ -147,6 +148,7 @@ class CompiledDecoder:
             starts=torch.zeros(slots, dtype=torch.long, device=device),
             active=torch.ones(slots, dtype=torch.bool, device=device),
             graph_safe=True,
+            inner=inner,
         )
         self.on_cuda = device.type == "cuda"
         if self.on_cuda:

@@ -76,7 +76,7 @@ class Engine:
         monitors: int = 9,
         compile_options: dict[str, Any] | None = None,
     ) -> None:
-        check_supported(model)
+        self.inner = check_supported(model)  # the attention each row runs
         if slots < 1 or context < 8:
             raise ActengError(f"need slots >= 1 and context >= 8, got {slots} and {context}")
         use_compiled = wants_compiled(model) if compiled is None else compiled
@@ -107,6 +107,7 @@ class Engine:
                 self.cache,
                 monitors=monitors,
                 cache_arg=self._cache_arg,
+                inner=self.inner,
                 **(compile_options or {}),
             )
 
@@ -199,7 +200,10 @@ class Engine:
         ids = torch.tensor([request.prompt_ids], device=self.model.device)
         positions = torch.arange(ids.shape[1], device=self.model.device)[None]
         batch = SlotBatch(
-            slots=torch.tensor([index]), starts=torch.tensor([0]), active=torch.tensor([True])
+            slots=torch.tensor([index]),
+            starts=torch.tensor([0]),
+            active=torch.tensor([True]),
+            inner=self.inner,
         )
         table_rows = torch.tensor([index + 1])
         logits, scores = self._forward(ids, positions, batch, table_rows, [row])
@@ -231,6 +235,7 @@ class Engine:
                 slots=torch.tensor(order),
                 starts=starts,
                 active=torch.tensor([r is not None for r in picked]),
+                inner=self.inner,
             )
             live = [r for r in picked if r is not None]
             table_rows = torch.tensor([i + 1 if rows[i] is not None else 0 for i in order])
