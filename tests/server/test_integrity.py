@@ -201,20 +201,15 @@ def test_writing_vectors_needs_the_admin_key_not_the_api_key(
     app, _ = make_app(smollm2, tmp_path, api_key=api, admin_key=admin)
     data = _detector_copy().to_bytes()
     with TestClient(app) as client:
-        as_user = client.post(
-            "/v1/vectors",
-            params={"name": "d"},
-            content=data,
-            headers={"Authorization": f"Bearer {api}"},
-        )
-        assert as_user.status_code == 403
-        as_admin = client.post(
-            "/v1/vectors",
-            params={"name": "d"},
-            content=data,
-            headers={"Authorization": f"Bearer {admin}"},
-        )
-        assert as_admin.status_code == 201
+
+        def upload(key: str) -> int:
+            bearer = {"Authorization": f"Bearer {key}"}
+            return client.post(
+                "/v1/vectors", params={"name": "d"}, content=data, headers=bearer
+            ).status_code
+
+        assert upload(api) == 403
+        assert upload(admin) == 201
         listed = client.get("/v1/vectors", headers={"Authorization": f"Bearer {api}"})
         assert listed.status_code == 200
 
