@@ -104,7 +104,8 @@ def main() -> None:
             "--report-junit-path",
             str(junit),
         ]
-        run = subprocess.run(command, capture_output=True, text=True, check=False)
+        # run in bench/results: schemathesis keeps a .schemathesis cache where it runs
+        run = subprocess.run(command, capture_output=True, text=True, check=False, cwd=RESULTS)
         (RESULTS / "schemathesis.log").write_text(run.stdout + run.stderr, encoding="utf-8")
     finally:
         server.terminate()
