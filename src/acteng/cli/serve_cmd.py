@@ -130,7 +130,7 @@ def run_serve(args: argparse.Namespace) -> int:
 
     settings = serve_settings(args, api_key)
     if args.engine == "vllm":
-        from acteng.vllm_engine.engine import check_serving, serve_with_vllm
+        from acteng.vllm_engine.serving import check_serving, serve_with_vllm
 
         check_serving(settings)  # before the model loads
         return serve_with_vllm(

@@ -14,7 +14,9 @@ the ``guard`` need the residual stream read back every step, which the plugin do
 such requests get a 400 that says to use the transformers engine.
 
 >>> engine = VllmEngine(acteng.load_model(), dtype="float32")
->>> uvicorn.run(create_app(engine), host="127.0.0.1", port=8000)
+>>> uvicorn.run(create_app(engine), host="127.0.0.1", port=8000); engine.close()
+
+``acteng serve --engine vllm`` itself is `acteng.vllm_engine.serving`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from acteng.errors import ActengError, ConfigError, EngineBusy, RequestError
@@ -30,12 +33,14 @@ from acteng.models import Model
 from acteng.server.events import Event, Job, Sink
 from acteng.server.requests import GenerationRequest
 from acteng.server.rows import Row
-from acteng.server.settings import ServeSettings
 from acteng.vllm_engine import require_vllm
 
-__all__ = ["VllmEngine", "check_serving", "model_location", "serve_with_vllm"]
+__all__ = ["STOP_TIMEOUT_S", "VllmEngine", "end_children", "model_location"]
 
 log = logging.getLogger(__name__)
+
+# How long each part of the shutdown may take (the loop, then vLLM's processes).
+STOP_TIMEOUT_S = 10.0
 
 
 def model_location(model: Model) -> str:
@@ -115,15 +120,17 @@ class VllmEngine:
         """Stop the loop (requests still running get an error); the vLLM engine stays."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=STOP_TIMEOUT_S)
             self._thread = None
 
     def close(self) -> None:
-        """Stop and shut the vLLM engine down."""
+        """Stop and shut the vLLM engine down: its engine-core process and, through it,
+        its workers; whatever child of this process is still alive after that is ended."""
         self.stop()
-        shutdown = getattr(self.vllm.engine_core, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        try:
+            self.vllm.engine_core.shutdown(timeout=STOP_TIMEOUT_S)
+        finally:
+            end_children(STOP_TIMEOUT_S)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> Job:
         if request.monitors or request.guard is not None:
@@ -229,49 +236,24 @@ class VllmEngine:
             row.job.sink(Event("error", status=500, text=message))
 
 
-def check_serving(settings: ServeSettings) -> None:
-    """Fail before anything loads when `settings` cannot be served with vLLM."""
-    if settings.guard is not None:
-        raise ConfigError(
-            "--guard needs per-token detector scores, which only the transformers engine "
-            "serves; leave out --engine vllm or --guard"
+def end_children(timeout: float) -> None:
+    """Terminate, then kill, the processes this one started that are still alive.
+
+    The last resort after vLLM's own shutdown: its engine core is this process's child
+    (started through multiprocessing) and ends its workers itself, which also watch it and
+    exit when it dies.
+    """
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        log.warning(
+            "ending %s (pid %s), still running after vLLM's shutdown", child.name, child.pid
         )
-    require_vllm("acteng serve --engine vllm")
-
-
-def serve_with_vllm(
-    model: Model, settings: ServeSettings, *, host: str, port: int, dtype: str | None = None
-) -> int:
-    """Serve `model` over HTTP with vLLM decoding until interrupted (``acteng serve
-    --engine vllm``); `dtype` is vLLM's (default: the model's)."""
-    import os
-    from typing import cast
-
-    import uvicorn
-
-    from acteng.library import VectorLibrary
-    from acteng.server.app import create_app
-    from acteng.server.engine import Engine
-
-    check_serving(settings)
-    library = VectorLibrary(settings.home)
-    # vLLM's processes resolve the same vector names through the same library.
-    os.environ["ACTENG_HOME"] = str(library.home)
-    engine = VllmEngine(
-        model,
-        dtype=dtype,
-        slots=settings.slots,
-        context=settings.context,
-        max_queue=settings.max_queue,
-    )
-    # create_app needs only the interface VllmEngine shares with Engine (model, context,
-    # queue, active, start, stop, submit).
-    app = create_app(
-        cast(Engine, engine), library=library, api_key=settings.api_key, limits=settings.limits
-    )
-    print(f"acteng: serving {model.name} with vLLM on http://{host}:{port}")
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
-        engine.close()
-    return 0
+        child.terminate()
+    deadline = time.monotonic() + timeout
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(1.0)
