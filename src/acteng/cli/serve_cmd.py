@@ -38,7 +38,7 @@ def register(sub: Any) -> None:
         choices=("transformers", "vllm"),
         default="transformers",
         help="transformers (default) or vllm: decode with upstream vLLM and acteng's plugin "
-        "(needs acteng[vllm]; no monitor or guard)",
+        "(needs acteng[vllm])",
     )
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (16)")
     p.add_argument(

@@ -19,7 +19,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
 
-from acteng.errors import ConfigError
 from acteng.models import Model
 from acteng.server.settings import ServeSettings
 from acteng.vllm_engine import require_vllm
@@ -33,11 +32,6 @@ GRACE_S = 5
 
 def check_serving(settings: ServeSettings) -> None:
     """Fail before anything loads when `settings` cannot be served with vLLM."""
-    if settings.guard is not None:
-        raise ConfigError(
-            "--guard needs per-token detector scores, which only the transformers engine "
-            "serves; leave out --engine vllm or --guard"
-        )
     require_vllm("acteng serve --engine vllm")
 
 
@@ -57,9 +51,13 @@ def serve_with_vllm(
     from acteng.library import VectorLibrary
     from acteng.server.app import create_app
     from acteng.server.engine import Engine
+    from acteng.server.requests import parse_guard
+    from acteng.server.resolve import Resolver
 
     check_serving(settings)
     library = VectorLibrary(settings.home)
+    if settings.guard is not None:  # fail now, not on the first request
+        parse_guard(None, settings.guard, Resolver(model, library), settings.limits)
     # vLLM's processes resolve the same vector names through the same library.
     os.environ["ACTENG_HOME"] = str(library.home)
     engine: VllmEngine | None = None
@@ -79,6 +77,7 @@ def serve_with_vllm(
                 library=library,
                 api_key=settings.api_key,
                 limits=settings.limits,
+                default_guard=settings.guard,
             )
             print(f"acteng: serving {model.name} with vLLM on http://{host}:{port}", flush=True)
             # Streams still open at shutdown get GRACE_S to end, then are cut.
