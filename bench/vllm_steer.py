@@ -52,7 +52,7 @@ MONITORS: list[Any] = [
     "honesty",
     "refusal",
     "harmful_request",
-    {"vector": "honesty", "layers": [8]},
+    {"vector": "harmful_request", "layers": [8]},
 ]
 
 

@@ -41,6 +41,7 @@ from acteng.server.rows import Row
 from acteng.vllm_engine import require_vllm
 from acteng.vllm_engine.feeds import MonitorFeed
 from acteng.vllm_engine.monitors import GUARD_KEY, MONITOR_KEY
+from acteng.vllm_engine.plugin import SERVER_MONITORS
 
 __all__ = ["STOP_TIMEOUT_S", "VllmEngine", "end_children", "model_location"]
 
@@ -106,6 +107,10 @@ class VllmEngine:
             # enough for acteng's limits and leaves the machine usable.
             args.update(kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=0.3)
         args.update(engine_args or {})
+        # Monitor columns in the plugin's hooks (offline vLLM reads none by default).
+        config = dict(args.get("additional_config") or {})
+        config["acteng"] = {"monitors": SERVER_MONITORS, **config.get("acteng", {})}
+        args["additional_config"] = config
         self.vllm = LLMEngine.from_engine_args(EngineArgs(**args))
         self._rows: dict[str, Row] = {}
         self._feeds: dict[str, MonitorFeed] = {}  # the monitored rows' pending results

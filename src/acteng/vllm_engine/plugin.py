@@ -20,8 +20,9 @@ builds anything. `register` wraps three methods, once per process:
   method the plugin adds to vLLM's workers.
 
 Monitors are columns of a fixed table, ``ACTENG_VLLM_MONITORS`` (or additional_config
-``acteng.monitors``) per request, 9 by default: the HTTP server's 8 and a guard's
-detector; 0 compiles the hooks without reading anything.
+``acteng.monitors``) per request. The default, 0, compiles the hooks without reading
+anything (steering alone pays nothing for monitors); ``acteng serve --engine vllm`` asks
+for `SERVER_MONITORS`, the HTTP server's 8 and a guard's detector.
 
 Turn steering off for one engine with ``additional_config={"acteng": {"steering": False}}``
 or for a process tree with ``ACTENG_VLLM_STEERING=0``; ``VLLM_PLUGINS`` (a list of plugin
@@ -54,7 +55,14 @@ from acteng.vllm_engine.monitors import (
 from acteng.vllm_engine.requests import EXTRA_KEY, ModelShape, parse_extra_args
 from acteng.vllm_engine.worker import DEFAULT_TERMS, RunnerSteering, decoder_layers
 
-__all__ = ["CACHE_FACTOR_KEY", "PLUGIN_VERSION", "check_internals", "register", "settings"]
+__all__ = [
+    "CACHE_FACTOR_KEY",
+    "PLUGIN_VERSION",
+    "SERVER_MONITORS",
+    "check_internals",
+    "register",
+    "settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +71,8 @@ CACHE_FACTOR_KEY = "acteng_steering"
 ENABLE_ENV = "ACTENG_VLLM_STEERING"
 TERMS_ENV = "ACTENG_VLLM_TERMS"
 MONITORS_ENV = "ACTENG_VLLM_MONITORS"
-DEFAULT_MONITORS = 9
+DEFAULT_MONITORS = 0
+SERVER_MONITORS = 9
 _PATCHED = "_acteng_patched"
 
 
