@@ -8,6 +8,8 @@ all submitted at once through the serving engines' own interface (the code behin
 - **plain**: a vLLM engine with acteng's plugin turned off (no hooks);
 - **hooked 0 % / 50 % / 100 %**: a vLLM engine with all 30 layers hooked, with none, half
   or all of the requests steered (mixed vectors and modes, as in serve_load.py);
+- **hooked 100 % + 4 monitors**: the hooked engine, every request steered and reading 4
+  monitors (a detector among them) token by token (issue 19);
 - **acteng serve**: acteng's transformers engine (16 slots) on the same 16 requests,
   100 % steered.
 
@@ -19,7 +21,8 @@ faster here (measured both ways: hooked built second 1.05-1.08x the plain engine
 first 0.95-0.96x). So by default the script runs twice, each order in a fresh process, and the
 figures are the geometric mean of the two orders' ratios, which cancels a factor that
 favours one position. Floor: every hooked condition >= 0.95x the plain engine's
-throughput. Saves bench/results/vllm_steer.json.
+throughput, and 100 % steered with 4 monitors >= 0.95x 100 % steered alone. Saves
+bench/results/vllm_steer.json.
 
     .venv-vllm/bin/python bench/vllm_steer.py [--tokens 64] [--rounds 3] [--order both]
 """
@@ -45,9 +48,17 @@ from _common import RESULTS, interleaved, save
 from serve_load import PROMPTS, SETTINGS
 
 FLOOR = 0.95
+MONITORS: list[Any] = [
+    "honesty",
+    "refusal",
+    "harmful_request",
+    {"vector": "harmful_request", "layers": [8]},
+]
 
 
-def _requests(model: Any, steered: list[bool], tokens: int) -> list[Any]:
+def _requests(
+    model: Any, steered: list[bool], tokens: int, monitors: list[Any] | None = None
+) -> list[Any]:
     from acteng.library import VectorLibrary
     from acteng.server.requests import Limits, parse_request
     from acteng.server.resolve import Resolver
@@ -63,6 +74,8 @@ def _requests(model: Any, steered: list[bool], tokens: int) -> list[Any]:
         }
         if steered[i]:
             body["steering"] = SETTINGS[i % len(SETTINGS)]
+        if monitors:
+            body["monitor"] = monitors
         out.append(parse_request(body, chat=True, resolver=resolver, limits=Limits()))
     return out
 
@@ -121,6 +134,7 @@ def main() -> int:
         "hooked_100pct": [True] * n,
     }
     requests = {name: _requests(model, plan, args.tokens) for name, plan in plans.items()}
+    monitored = _requests(model, [True] * n, args.tokens, MONITORS)
 
     def build(steering: bool) -> tuple[Any, float]:
         started = time.perf_counter()
@@ -146,6 +160,7 @@ def main() -> int:
         conditions = {
             "plain": lambda: _run_all(plain, requests["hooked_0pct"]),
             **{name: (lambda r=r: _run_all(hooked, r)) for name, r in requests.items()},
+            "hooked_100pct_4monitors": lambda: _run_all(hooked, monitored),
             "acteng_serve_100pct": lambda: _run_all(own, requests["hooked_100pct"]),
         }
         times = interleaved(conditions, args.rounds)
@@ -160,7 +175,8 @@ def main() -> int:
     tok_s = {name: tokens / s for name, s in median.items()}
     ratios = {name: tok_s[name] / tok_s["plain"] for name in plans}
     vllm_vs_acteng = tok_s["hooked_100pct"] / tok_s["acteng_serve_100pct"]
-    ok = all(r >= FLOOR for r in ratios.values())
+    monitors_vs_steering = tok_s["hooked_100pct_4monitors"] / tok_s["hooked_100pct"]
+    ok = all(r >= FLOOR for r in ratios.values()) and monitors_vs_steering >= FLOOR
     payload = {
         "model": model.name,
         "dtype": "float32",
@@ -175,6 +191,7 @@ def main() -> int:
         "floor": FLOOR,
         "floor_met": ok,
         "vllm_100pct_vs_acteng_serve_100pct": vllm_vs_acteng,
+        "monitors_vs_steering": monitors_vs_steering,
     }
     path = save(f"vllm_steer_{args.order}", payload)
     print(f"engine start: plain {plain_start_s:.0f} s, hooked {hooked_start_s:.0f} s")
@@ -183,6 +200,7 @@ def main() -> int:
     for name, ratio in ratios.items():
         print(f"{name} vs plain vLLM: {ratio:.3f}x (floor {FLOOR}x)")
     print(f"vLLM (100 % steered) vs acteng serve (100 % steered): {vllm_vs_acteng:.2f}x")
+    print(f"+ 4 monitors vs steering alone: {monitors_vs_steering:.3f}x (floor {FLOOR}x)")
     print(f"saved {path}")
     return 0 if ok else 1
 
@@ -210,7 +228,8 @@ def _both_orders(args: argparse.Namespace) -> int:
         name: geomean([run["hooked_vs_plain"][name] for run in runs.values()]) for name in names
     }
     vllm_vs_acteng = geomean([run["vllm_100pct_vs_acteng_serve_100pct"] for run in runs.values()])
-    ok = all(r >= FLOOR for r in ratios.values())
+    monitors = geomean([run["monitors_vs_steering"] for run in runs.values()])
+    ok = all(r >= FLOOR for r in ratios.values()) and monitors >= FLOOR
     path = save(
         "vllm_steer",
         {
@@ -219,6 +238,7 @@ def _both_orders(args: argparse.Namespace) -> int:
             "floor": FLOOR,
             "floor_met": ok,
             "vllm_100pct_vs_acteng_serve_100pct": vllm_vs_acteng,
+            "monitors_vs_steering": monitors,
         },
     )
     print("--- both orders (geometric mean of the two ratios)")
@@ -226,6 +246,7 @@ def _both_orders(args: argparse.Namespace) -> int:
         each = " / ".join(f"{run['hooked_vs_plain'][name]:.3f}x" for run in runs.values())
         print(f"{name} vs plain vLLM: {ratios[name]:.3f}x ({each}; floor {FLOOR}x)")
     print(f"vLLM (100 % steered) vs acteng serve (100 % steered): {vllm_vs_acteng:.2f}x")
+    print(f"+ 4 monitors vs steering alone: {monitors:.3f}x (floor {FLOOR}x)")
     print(f"saved {path}")
     return 0 if ok else 1
 

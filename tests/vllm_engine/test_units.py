@@ -147,3 +147,56 @@ def test_layer_hooks_go_through_hooks_py_and_never_leak() -> None:
     assert all(len(layer._forward_hooks) == 1 for layer in layers)
     steering.remove()
     assert all(not layer._forward_hooks for layer in layers)
+
+
+def test_monitor_scores_are_the_readouts_filed_by_position() -> None:
+    """The worker's per-token scores equal what acteng serve's `monitor` reads (`Readout`,
+    the mean over the monitor's layers, standardised for a detector) on the steered
+    stream, filed by request and token position."""
+    from acteng.monitoring import Readout
+    from acteng.vllm_engine.requests import resolver_for
+
+    shape = SMOLLM2
+    steering = RunnerSteering(shape, slots=4, max_tokens=16, monitors=4)
+    items = [
+        {"vector": "honesty"},
+        {"vector": "harmful_request"},
+        {"vector": "harmful_request", "layers": [8, 18]},
+    ]
+    monitored = _state([{"vector": "honesty", "coefficient": 3.0}], 4)
+    monitored.sampling_params.extra_args["acteng_monitor"] = items
+    requests = {"plain": _state(None, 2), "watched": monitored}
+    # plain decodes one token at position 7; watched prefills its last 3 prompt tokens (1-3)
+    steering.before_step(
+        ["plain", "watched"], np.array([0, 1, 4]), requests, computed=np.array([7, 1])
+    )
+    assert steering.slot_of["watched"] > 0
+    generator = torch.Generator().manual_seed(0)
+    layers = [PairLayer() for _ in range(shape.num_layers)]
+    steering.install(layers)
+    positions = torch.tensor([7, 1, 2, 3])
+    hidden = torch.randn(4, shape.hidden_size, generator=generator)
+    residual = torch.randn(4, shape.hidden_size, generator=generator)
+    streams = {}
+    for layer in range(shape.num_layers):  # each block passes the stream on, steered
+        out, residual = layers[layer](positions, hidden, residual)
+        hidden = out
+        streams[layer] = (hidden + residual)[1:]  # watched's tokens
+    steering.after_step()
+    steering.remove()
+
+    resolver = resolver_for(shape)  # what acteng serve's `monitor` field reads
+    expected = []
+    for item in items:
+        layers = item.get("layers")
+        monitored = resolver.monitored(item["vector"], layers and tuple(layers), "monitor")
+        readout = Readout(monitored.units, monitored.detector)
+        per_layer = [readout.per_token(x, streams[x][None])[0] for x in readout.layers]
+        expected.append(torch.stack(per_layer).mean(0))
+    taken = steering.monitors.take(["watched", "plain"])  # type: ignore[union-attr]
+    assert taken["plain"] == []
+    [(position, rows)] = taken["watched"]
+    assert position == 1 and len(rows) == 3 and len(rows[0]) == 3
+    got = torch.tensor(rows, dtype=torch.float64)  # [token, column]
+    torch.testing.assert_close(got, torch.stack(expected, 1), atol=1e-4, rtol=0)
+    assert steering.monitors.take(["watched"]) == {"watched": []}  # type: ignore[union-attr]

@@ -51,7 +51,7 @@ def register(sub: Any) -> None:
         choices=("transformers", "vllm"),
         default="transformers",
         help="transformers (default) or vllm: decode with upstream vLLM and acteng's plugin "
-        "(needs acteng[vllm]; no monitor or guard)",
+        "(needs acteng[vllm])",
     )
     p.add_argument("--slots", type=int, default=16, help="requests decoded together (16)")
     p.add_argument(
@@ -175,7 +175,7 @@ def run_serve(args: argparse.Namespace) -> int:
     check_key(admin_key, "the admin key")
     settings = serve_settings(args, api_key, admin_key)
     if args.engine == "vllm":
-        from acteng.vllm_engine.engine import check_serving, serve_with_vllm
+        from acteng.vllm_engine.serving import check_serving, serve_with_vllm
 
         check_serving(settings)  # before the model loads
         return serve_with_vllm(

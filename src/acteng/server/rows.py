@@ -80,14 +80,26 @@ class Row:
     # --- results of forward calls --------------------------------------------------------
     def prefilled(self, logits: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
         """After the prompt's forward call: `logits` [vocab], `scores` key -> [prompt_len]."""
-        self.length = len(self.request.prompt_ids)
-        for key in self.token_scores:
-            if key in scores:
-                self.prompt_scores[key] = scores[key].tolist()
+        self.prompt_scored(scores)
         self._accept(self._sample(logits))
 
     def decoded(self, logits: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
         """After a decoding step that fed `next_input`: `scores` key -> [1]."""
+        if self.scored(scores):
+            self.sampled(self._sample(logits))
+
+    # The two halves of `prefilled` and `decoded`, for an engine that samples itself (vLLM):
+    # scores first, then the token sampled in the same forward call.
+    def prompt_scored(self, scores: dict[str, torch.Tensor]) -> None:
+        """The prompt's scores, key -> [prompt_len]."""
+        self.length = len(self.request.prompt_ids)
+        for key in self.token_scores:
+            if key in scores:
+                self.prompt_scores[key] = scores[key].tolist()
+
+    def scored(self, scores: dict[str, torch.Tensor]) -> bool:
+        """The scores of `next_input`, key -> [1]; False when the row ends on them (the
+        guard stopped it, or they were the last token's), so that no token follows."""
         self.length += 1
         for key in self.token_scores:
             self.token_scores[key].append(float(scores[key][0]))
@@ -100,12 +112,16 @@ class Row:
             elif verdict == "stop":
                 self._emit(self.fed)  # the tokens up to and including the crossing
                 self.finish("content_filter")
-                return
+                return False
         if self.final_feed:
             self._emit(self.fed)
             self.finish("length")
-            return
-        self._accept(self._sample(logits))
+            return False
+        return True
+
+    def sampled(self, token: int) -> None:
+        """The token sampled after the prompt or after `next_input`."""
+        self._accept(token)
         if self.needs_scores and not self.done:
             self._emit(self.fed)
 

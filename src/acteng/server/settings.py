@@ -2,7 +2,7 @@
 
 ``acteng serve`` turns its flags into one (argparse stays in `acteng.cli`); the
 transformers engine, the Ray Serve replicas (`acteng.server.replicas`) and the vLLM engine
-(`acteng.vllm_engine.engine`) are all built from it.
+(`acteng.vllm_engine.serving`) are all built from it.
 """
 
 from __future__ import annotations

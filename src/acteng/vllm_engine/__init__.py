@@ -8,9 +8,14 @@
   does (names through the vector library) and derives the cache salt.
 - `worker.RunnerSteering` is the graph-safe part: fixed per-layer tables indexed by a
   per-token slot, refreshed in place once per step outside the graph.
-- `serve` is ``acteng serve --engine vllm``: acteng's own HTTP app over a vLLM engine.
+- `monitors` reads per-token monitor scores in the same hooks (``acteng_monitor`` in
+  ``extra_args``) and runs a counter-steering guard in the worker.
+- `engine.VllmEngine` drives a vLLM engine with the transformers engine's rows, `feeds`
+  pairs vLLM's tokens with the worker's scores, and `serving` is ``acteng serve --engine
+  vllm``: acteng's own HTTP app over a vLLM engine, with a clean exit on SIGTERM.
 
-vLLM is imported only by `plugin`, `worker` and `serve`; `import acteng` never imports it.
+vLLM is imported only inside functions of `plugin`, `engine` and `serving`; `import
+acteng` never imports it.
 The plugin touches vLLM internals (model runner, input batch), so it is pinned to one
 release (`VLLM_VERSION`) and refuses any other.
 

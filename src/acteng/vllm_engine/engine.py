@@ -9,12 +9,19 @@ vLLM's tokens back into text with the same `acteng.server.rows.Row` the transfor
 uses (stop strings, end of text, streaming deltas), so both engines answer alike.
 
 The transformers model is loaded too: it tokenizes and renders chats exactly like
-``acteng serve`` and checks vectors against the model. Per-token ``monitor`` scores and
-the ``guard`` need the residual stream read back every step, which the plugin does not do:
-such requests get a 400 that says to use the transformers engine.
+``acteng serve``, checks vectors against the model and scores prompts for the guard
+(`Row.check_prompt_guard`, before the request reaches vLLM). Per-token ``monitor`` scores
+(and the guard's running score) are read by the plugin's hooks in vLLM's worker and
+collected after each step (`acteng.vllm_engine.feeds`); the rows turn them into the
+transformers engine's events and verdicts. vLLM decodes ahead of the front end, so a
+guard that counter-steers mid-generation runs its `GuardState` in the worker as well
+(`acteng.vllm_engine.monitors.GuardWatch`), which starts the steering at the token where
+the transformers engine starts it.
 
 >>> engine = VllmEngine(acteng.load_model(), dtype="float32")
->>> uvicorn.run(create_app(engine), host="127.0.0.1", port=8000)
+>>> uvicorn.run(create_app(engine), host="127.0.0.1", port=8000); engine.close()
+
+``acteng serve --engine vllm`` itself is `acteng.vllm_engine.serving`.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ import itertools
 import logging
 import queue
 import threading
+import time
 from typing import Any
 
 from acteng.errors import ActengError, ConfigError, EngineBusy, RequestError
@@ -30,12 +38,17 @@ from acteng.models import Model
 from acteng.server.events import Event, Job, Sink
 from acteng.server.requests import GenerationRequest
 from acteng.server.rows import Row
-from acteng.server.settings import ServeSettings
 from acteng.vllm_engine import require_vllm
+from acteng.vllm_engine.feeds import MonitorFeed
+from acteng.vllm_engine.monitors import GUARD_KEY, MONITOR_KEY
+from acteng.vllm_engine.plugin import SERVER_MONITORS
 
-__all__ = ["VllmEngine", "check_serving", "model_location", "serve_with_vllm"]
+__all__ = ["STOP_TIMEOUT_S", "VllmEngine", "end_children", "model_location"]
 
 log = logging.getLogger(__name__)
+
+# How long each part of the shutdown may take (the loop, then vLLM's processes).
+STOP_TIMEOUT_S = 10.0
 
 
 def model_location(model: Model) -> str:
@@ -94,8 +107,14 @@ class VllmEngine:
             # enough for acteng's limits and leaves the machine usable.
             args.update(kv_cache_memory_bytes=1 << 30, gpu_memory_utilization=0.3)
         args.update(engine_args or {})
+        # Monitor columns in the plugin's hooks (offline vLLM reads none by default).
+        config = dict(args.get("additional_config") or {})
+        config["acteng"] = {"monitors": SERVER_MONITORS, **config.get("acteng", {})}
+        args["additional_config"] = config
         self.vllm = LLMEngine.from_engine_args(EngineArgs(**args))
         self._rows: dict[str, Row] = {}
+        self._feeds: dict[str, MonitorFeed] = {}  # the monitored rows' pending results
+        self._drop: list[str] = []  # vLLM ids whose filed scores the worker may forget
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -115,25 +134,19 @@ class VllmEngine:
         """Stop the loop (requests still running get an error); the vLLM engine stays."""
         self._stopping.set()
         if self._thread is not None:
-            self._thread.join()
+            self._thread.join(timeout=STOP_TIMEOUT_S)
             self._thread = None
 
     def close(self) -> None:
-        """Stop and shut the vLLM engine down."""
+        """Stop and shut the vLLM engine down: its engine-core process and, through it,
+        its workers; whatever child of this process is still alive after that is ended."""
         self.stop()
-        shutdown = getattr(self.vllm.engine_core, "shutdown", None)
-        if callable(shutdown):
-            shutdown()
+        try:
+            self.vllm.engine_core.shutdown(timeout=STOP_TIMEOUT_S)
+        finally:
+            end_children(STOP_TIMEOUT_S)
 
     def submit(self, request: GenerationRequest, sink: Sink) -> Job:
-        if request.monitors or request.guard is not None:
-            field = "monitor" if request.monitors else "guard"
-            raise RequestError(
-                f"{field} needs per-token readouts, which only the transformers engine "
-                "serves; start the server without --engine vllm, or leave out "
-                f"'{field}'",
-                param=field,
-            )
         job = Job(request, sink)
         try:
             self.queue.put_nowait(job)
@@ -153,6 +166,8 @@ class VllmEngine:
                 self._cancel()
                 for output in self.vllm.step():
                     self._deliver(output)
+                if self._feeds:
+                    self._collect()
             except Exception as exc:  # the engine failed: tell everyone, keep serving
                 log.exception("vLLM step failed")
                 self._fail_all(f"the vLLM engine failed: {exc}")
@@ -173,53 +188,102 @@ class VllmEngine:
             if job.cancelled.is_set():
                 continue
             request = job.request
-            params = SamplingParams(
-                max_tokens=request.max_tokens,
-                min_tokens=request.min_tokens,
-                temperature=request.temperature,
-                top_p=request.top_p,
-                seed=request.seed,
-                detokenize=False,
-                output_kind=RequestOutputKind.DELTA,
-                extra_args={"steering": request.steering_echo} if request.steering else None,
-            )
+            row = Row(job, 0, self.model)
             request_id = f"acteng-{next(self._ids)}"
             try:
-                self.vllm.add_request(request_id, {"prompt_token_ids": request.prompt_ids}, params)
+                if row.check_prompt_guard() == "stop":  # blocked or stopped before decoding
+                    row.finish("content_filter")
+                    continue
+                extra: dict[str, Any] = {}
+                steering = row.steering()  # the guard's counter-steering when the prompt fired
+                if steering:
+                    extra["steering"] = [spec.to_json() for spec in steering]
+                monitored = row.monitored()
+                prompt: dict[str, Any] = {"prompt_token_ids": request.prompt_ids}
+                if monitored:
+                    extra[MONITOR_KEY] = [
+                        {"vector": m.name, "layers": list(m.layers)} for m in monitored
+                    ]
+                    # its own prefix-cache key: positions found in the cache are not scored
+                    prompt["cache_salt"] = f"acteng-monitor:{request_id}"
+                    if row.watch and row.guard_state and row.guard_state.guard.policy == "steer":
+                        extra[GUARD_KEY] = _guard_watch(row, column=len(monitored) - 1)
+                params = SamplingParams(
+                    # one more for the scores of the last token (`acteng.vllm_engine.feeds`)
+                    max_tokens=request.max_tokens + (1 if monitored else 0),
+                    min_tokens=request.min_tokens,
+                    temperature=request.temperature,
+                    top_p=request.top_p,
+                    seed=request.seed,
+                    detokenize=False,
+                    output_kind=RequestOutputKind.DELTA,
+                    extra_args=extra or None,
+                )
+                vllm_id = self.vllm.add_request(request_id, prompt, params)
             except (ActengError, ValueError, VLLMClientError) as exc:
                 # the plugin's refusals arrive as vLLM's client error, caused by ours
                 cause = exc.__cause__ if isinstance(exc.__cause__, RequestError) else exc
                 status = cause.status if isinstance(cause, RequestError) else 400
                 job.sink(Event("error", status=status, text=str(cause)))
                 continue
-            self._rows[request_id] = Row(job, 0, self.model)
+            self._rows[request_id] = row
+            if monitored:
+                self._feeds[request_id] = MonitorFeed(str(vllm_id), [m.key for m in monitored])
 
     def _cancel(self) -> None:
         gone = [rid for rid, row in self._rows.items() if row.job.cancelled.is_set()]
         if gone:
             self.vllm.abort_request(gone)
             for rid in gone:
-                del self._rows[rid]
+                self._forget(rid)
+
+    def _forget(self, rid: str) -> None:
+        del self._rows[rid]
+        feed = self._feeds.pop(rid, None)
+        if feed is not None:
+            self._drop.append(feed.req_id)
 
     def _deliver(self, output: Any) -> None:
         row = self._rows.get(output.request_id)
         if row is None:
             return
         completion = output.outputs[0]
+        reason = completion.finish_reason if output.finished else None
+        feed = self._feeds.get(output.request_id)
+        if feed is not None:  # the tokens wait for their scores (`_collect`)
+            feed.tokens.extend(int(t) for t in completion.token_ids)
+            feed.finished = (reason or "stop") if output.finished else None
+            return
         for token in completion.token_ids:
             if row.done:
                 break
-            row._accept(int(token))  # eos, max_tokens, stop strings and streaming
+            row.sampled(int(token))  # eos, max_tokens, stop strings and streaming
         if not row.done and output.finished:
-            reason = completion.finish_reason
             row.finish("length" if reason == "length" else "stop")
         if row.done:
-            del self._rows[output.request_id]
-            if not output.finished:
-                self.vllm.abort_request([output.request_id])
+            self._end(output.request_id, vllm_done=output.finished)
+
+    def _end(self, rid: str, *, vllm_done: bool) -> None:
+        self._forget(rid)
+        if not vllm_done:
+            self.vllm.abort_request([rid])
+
+    def _collect(self) -> None:
+        """Fetch the scores the worker filed since the last call and advance those rows."""
+        ids = [feed.req_id for feed in self._feeds.values()]
+        drop, self._drop = self._drop, []
+        [scores, *_] = self.vllm.collective_rpc("acteng_monitor_scores", args=(ids, drop))
+        for rid, feed in list(self._feeds.items()):
+            feed.add_scores(scores.get(feed.req_id, []))
+            row = self._rows[rid]
+            feed.advance(row)
+            if row.done:
+                self._end(rid, vllm_done=feed.finished is not None)
 
     def _fail_all(self, message: str) -> None:
         rows, self._rows = self._rows, {}
+        self._drop += [feed.req_id for feed in self._feeds.values()]
+        self._feeds = {}
         if rows:
             try:
                 self.vllm.abort_request(list(rows))
@@ -229,47 +293,40 @@ class VllmEngine:
             row.job.sink(Event("error", status=500, text=message))
 
 
-def check_serving(settings: ServeSettings) -> None:
-    """Fail before anything loads when `settings` cannot be served with vLLM."""
-    if settings.guard is not None:
-        raise ConfigError(
-            "--guard needs per-token detector scores, which only the transformers engine "
-            "serves; leave out --engine vllm or --guard"
+def _guard_watch(row: Row, column: int) -> dict[str, Any]:
+    """What the worker needs to run the row's counter-steering guard (`parse_guard_watch`):
+    the guard as the request gave it, its detector's column, the prompt's score."""
+    assert row.guard_state is not None
+    guard = row.guard_state.guard
+    return {
+        "detector": row.request.guard_name,
+        "check": guard.check,
+        "threshold": guard.threshold,
+        "generation_threshold": guard.generation_threshold,
+        "counter": [spec.to_json() for spec in guard.steering],
+        "column": column,  # the guard's monitor is the last of `Row.monitored`
+        "prompt_score": row.guard_state.prompt_score,
+    }
+
+
+def end_children(timeout: float) -> None:
+    """Terminate, then kill, the processes this one started that are still alive.
+
+    The last resort after vLLM's own shutdown: its engine core is this process's child
+    (started through multiprocessing) and ends its workers itself, which also watch it and
+    exit when it dies.
+    """
+    import multiprocessing
+
+    children = multiprocessing.active_children()
+    for child in children:
+        log.warning(
+            "ending %s (pid %s), still running after vLLM's shutdown", child.name, child.pid
         )
-    require_vllm("acteng serve --engine vllm")
-
-
-def serve_with_vllm(
-    model: Model, settings: ServeSettings, *, host: str, port: int, dtype: str | None = None
-) -> int:
-    """Serve `model` over HTTP with vLLM decoding until interrupted (``acteng serve
-    --engine vllm``); `dtype` is vLLM's (default: the model's)."""
-    import os
-    from typing import cast
-
-    import uvicorn
-
-    from acteng.library import VectorLibrary
-    from acteng.server.app import create_app
-    from acteng.server.engine import Engine
-
-    check_serving(settings)
-    library = VectorLibrary(settings.home)
-    # vLLM's processes resolve the same vector names through the same library.
-    os.environ["ACTENG_HOME"] = str(library.home)
-    engine = VllmEngine(
-        model,
-        dtype=dtype,
-        slots=settings.slots,
-        context=settings.context,
-        max_queue=settings.max_queue,
-    )
-    # create_app needs only the interface VllmEngine shares with Engine (model, context,
-    # queue, active, start, stop, submit).
-    app = create_app(cast(Engine, engine), library=library, **settings.app_options())
-    print(f"acteng: serving {model.name} with vLLM on http://{host}:{port}")
-    try:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
-    finally:
-        engine.close()
-    return 0
+        child.terminate()
+    deadline = time.monotonic() + timeout
+    for child in children:
+        child.join(max(0.0, deadline - time.monotonic()))
+        if child.is_alive():
+            child.kill()
+            child.join(1.0)

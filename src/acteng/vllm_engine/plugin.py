@@ -14,7 +14,15 @@ builds anything. `register` wraps three methods, once per process:
   of vLLM's compile-cache key: a graph compiled without the hooks is never reloaded where
   steering is expected (and the other way round).
 - ``GPUModelRunner._prepare_inputs`` (worker): after vLLM lays out the step's tokens,
-  writes each token's steering slot.
+  writes each token's steering slot; ``GPUModelRunner.execute_model`` (worker): after the
+  forward call, files the monitored requests' scores (`acteng.vllm_engine.monitors`),
+  which the front end collects with ``collective_rpc("acteng_monitor_scores", ...)``, a
+  method the plugin adds to vLLM's workers.
+
+Monitors are columns of a fixed table, ``ACTENG_VLLM_MONITORS`` (or additional_config
+``acteng.monitors``) per request. The default, 0, compiles the hooks without reading
+anything (steering alone pays nothing for monitors); ``acteng serve --engine vllm`` asks
+for `SERVER_MONITORS`, the HTTP server's 8 and a guard's detector.
 
 Turn steering off for one engine with ``additional_config={"acteng": {"steering": False}}``
 or for a process tree with ``ACTENG_VLLM_STEERING=0``; ``VLLM_PLUGINS`` (a list of plugin
@@ -38,10 +46,23 @@ import torch
 
 from acteng.errors import RequestError
 from acteng.vllm_engine import VLLM_VERSION
+from acteng.vllm_engine.monitors import (
+    MONITOR_KEY,
+    monitor_items,
+    parse_guard_watch,
+    parse_monitors,
+)
 from acteng.vllm_engine.requests import EXTRA_KEY, ModelShape, parse_extra_args
 from acteng.vllm_engine.worker import DEFAULT_TERMS, RunnerSteering, decoder_layers
 
-__all__ = ["CACHE_FACTOR_KEY", "PLUGIN_VERSION", "check_internals", "register", "settings"]
+__all__ = [
+    "CACHE_FACTOR_KEY",
+    "PLUGIN_VERSION",
+    "SERVER_MONITORS",
+    "check_internals",
+    "register",
+    "settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +70,9 @@ PLUGIN_VERSION = "1"
 CACHE_FACTOR_KEY = "acteng_steering"
 ENABLE_ENV = "ACTENG_VLLM_STEERING"
 TERMS_ENV = "ACTENG_VLLM_TERMS"
+MONITORS_ENV = "ACTENG_VLLM_MONITORS"
+DEFAULT_MONITORS = 0
+SERVER_MONITORS = 9
 _PATCHED = "_acteng_patched"
 
 
@@ -59,7 +83,8 @@ def settings(vllm_config: Any) -> dict[str, Any]:
     enabled = bool(own.get("steering", os.environ.get(ENABLE_ENV, "1") != "0"))
     terms = int(own.get("terms", os.environ.get(TERMS_ENV, DEFAULT_TERMS)))
     slots = int(own.get("slots", 2 * vllm_config.scheduler_config.max_num_seqs))
-    return {"enabled": enabled, "terms": terms, "slots": slots}
+    monitors = int(own.get("monitors", os.environ.get(MONITORS_ENV, DEFAULT_MONITORS)))
+    return {"enabled": enabled, "terms": terms, "slots": slots, "monitors": monitors}
 
 
 def _shape(vllm_config: Any, device: torch.device | None = None) -> ModelShape:
@@ -90,6 +115,7 @@ def check_internals() -> None:
         (InputProcessor, "process_inputs"),
         (GPUModelRunner, "load_model"),
         (GPUModelRunner, "_prepare_inputs"),
+        (GPUModelRunner, "execute_model"),
         (CPUModelRunner, "load_model"),
     ):
         if not callable(getattr(owner, name, None)):
@@ -125,6 +151,11 @@ def register() -> None:
 
     _wrap(CPUModelRunner, "load_model", _load_model)
     _wrap(GPUModelRunner, "_prepare_inputs", _prepare_inputs)
+    _wrap(GPUModelRunner, "execute_model", _execute_model)
+    from vllm.v1.worker.worker_base import WorkerBase
+
+    # The front end's way to the scores: collective_rpc("acteng_monitor_scores", ...).
+    setattr(WorkerBase, "acteng_monitor_scores", _monitor_scores)  # noqa: B010
     setattr(GPUModelRunner, _PATCHED, True)
 
 
@@ -153,9 +184,13 @@ def _process_inputs(original: Any, processor: Any, *args: Any, **kwargs: Any) ->
 def _check_steering(processor: Any, request: Any) -> Any:
     params = request.sampling_params
     extra = getattr(params, "extra_args", None)
+    config = processor.vllm_config
+    items = monitor_items(extra)
+    if items:
+        _check_monitors(items, config)
+        parse_guard_watch(extra, _shape(config), 0)  # a RequestError when not usable
     if not extra or extra.get(EXTRA_KEY) in (None, [], ""):
         return request
-    config = processor.vllm_config
     state = settings(config)
     if not state["enabled"]:
         raise RequestError(
@@ -183,6 +218,18 @@ def _check_steering(processor: Any, request: Any) -> Any:
     return request
 
 
+def _check_monitors(items: list[dict[str, Any]], config: Any) -> None:
+    state = settings(config)
+    if not state["enabled"] or len(items) > state["monitors"]:
+        raise RequestError(
+            f"{len(items)} monitors asked for; this vLLM engine reads at most "
+            f"{state['monitors'] if state['enabled'] else 0} per request (set {MONITORS_ENV} "
+            "or additional_config acteng.monitors, with steering on)",
+            param=MONITOR_KEY,
+        )
+    parse_monitors(items, _shape(config))  # names and layers, checked as the server does
+
+
 # --- worker ------------------------------------------------------------------------------
 def _load_model(original: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
     config = runner.vllm_config
@@ -197,6 +244,7 @@ def _load_model(original: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
         # is built, so the compiled graph is stored under a key that says it has the hooks.
         config.additional_config[CACHE_FACTOR_KEY] = (
             f"v{PLUGIN_VERSION}-terms{state['terms']}-slots{state['slots']}"
+            f"-monitors{state['monitors']}"
         )
     result = original(runner, *args, **kwargs)
     if not state["enabled"]:
@@ -208,6 +256,7 @@ def _load_model(original: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
         slots=state["slots"],
         max_tokens=int(runner.max_num_tokens),
         terms=state["terms"],
+        monitors=state["monitors"],
     )
     steering.install(decoder_layers(runner.get_model(), architecture, shape.num_layers))
     runner._acteng_steering = steering
@@ -230,5 +279,22 @@ def _prepare_inputs(original: Any, runner: Any, *args: Any, **kwargs: Any) -> An
             runner.input_batch.req_ids[:num_reqs],
             runner.query_start_loc.np[: num_reqs + 1],
             runner.requests,
+            runner.input_batch.num_computed_tokens_cpu[:num_reqs],
         )
     return result
+
+
+def _execute_model(original: Any, runner: Any, *args: Any, **kwargs: Any) -> Any:
+    result = original(runner, *args, **kwargs)
+    steering: RunnerSteering | None = getattr(runner, "_acteng_steering", None)
+    if steering is not None:
+        steering.after_step()
+    return result
+
+
+def _monitor_scores(worker: Any, req_ids: list[str], drop: list[str]) -> dict[str, Any]:
+    """Scores filed for `req_ids` since the last call (`RunnerMonitors.take`)."""
+    steering: RunnerSteering | None = getattr(worker.model_runner, "_acteng_steering", None)
+    if steering is None or steering.monitors is None:
+        return {req_id: [] for req_id in req_ids}
+    return steering.monitors.take(req_ids, drop)

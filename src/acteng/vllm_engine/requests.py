@@ -32,7 +32,7 @@ from acteng.server.requests import Limits, parse_steering
 from acteng.server.resolve import Resolver
 from acteng.steering.spec import SteeringSpec
 
-__all__ = ["EXTRA_KEY", "ModelShape", "ParsedSteering", "parse_extra_args"]
+__all__ = ["EXTRA_KEY", "ModelShape", "ParsedSteering", "parse_extra_args", "resolver_for"]
 
 EXTRA_KEY = "steering"
 # Where the vector library lives for the vLLM processes (they inherit the environment).
@@ -59,7 +59,8 @@ class ParsedSteering:
     salt: str
 
 
-def _resolver(shape: ModelShape, home: str | None) -> Resolver:
+def resolver_for(shape: ModelShape, home: str | None = None) -> Resolver:
+    """The server's `Resolver` over the vector library, for a model known by its shape."""
     # Resolver and parse_steering read only name, num_layers, hidden_size, device and
     # dtype from the model, which ModelShape provides.
     return Resolver(cast(Model, shape), VectorLibrary(home or os.environ.get(HOME_ENV)))
@@ -98,7 +99,7 @@ def parse_extra_args(
                 '[{"vector": "name", "coefficient": 4}]',
                 param="steering",
             ) from exc
-    specs = tuple(parse_steering(value, "steering", _resolver(shape, home), limits or Limits()))
+    specs = tuple(parse_steering(value, "steering", resolver_for(shape, home), limits or Limits()))
     if not specs:
         return None
     echo = [spec.to_json() for spec in specs]

@@ -39,6 +39,14 @@ from acteng.hooks import HookHandle, attach_residual_pairs
 from acteng.models import Model
 from acteng.server.requests import Limits
 from acteng.steering.table import SteeringTable
+from acteng.vllm_engine.monitors import (
+    GuardWatch,
+    RunnerMonitors,
+    Span,
+    monitor_items,
+    parse_guard_watch,
+    parse_monitors,
+)
 from acteng.vllm_engine.requests import ModelShape, ParsedSteering, parse_extra_args
 
 __all__ = ["DEFAULT_TERMS", "VERIFIED_ARCHITECTURES", "RunnerSteering", "decoder_layers"]
@@ -85,6 +93,7 @@ class RunnerSteering:
         slots: int,
         max_tokens: int,
         terms: int = DEFAULT_TERMS,
+        monitors: int = 0,
         home: str | None = None,
     ) -> None:
         self.shape = shape
@@ -92,11 +101,19 @@ class RunnerSteering:
         self.terms = terms
         # The table reads only num_layers, hidden_size, device, dtype and name.
         self.table = SteeringTable(cast(Model, shape), slots, terms=terms)
+        # Monitor columns per slot (0: the hooks read nothing, as before monitors existed).
+        self.monitors = (
+            RunnerMonitors(shape, slots=slots, width=monitors, max_tokens=max_tokens)
+            if monitors
+            else None
+        )
         self.token_slot = torch.zeros(max_tokens, dtype=torch.long, device=shape.device)
         self._staging = np.zeros(max_tokens, dtype=np.int64)
         self._dirty = 0  # tokens of token_slot that may be non-zero
         self.slot_of: dict[str, int] = {}  # request id -> slot (0: unsteered)
-        self._key_slot: dict[str, int] = {}  # steering key -> slot
+        self._key_slot: dict[str, int] = {}  # steering and monitors key -> slot
+        self._columns: dict[str, int] = {}  # request id -> its monitor columns
+        self._watches: dict[str, GuardWatch] = {}  # request id -> its counter-steering guard
         self._users: dict[int, int] = {}  # slot -> requests using it
         self._free = list(range(slots, 0, -1))
         self.hooks = HookHandle()  # the decoder layer hooks, once installed
@@ -121,7 +138,10 @@ class RunnerSteering:
         # hidden, residual: [tokens, d]; positions: [tokens]. Every term, no data-dependent
         # branch: the traced graph stays the same whatever the table holds.
         slot = self.token_slot[: hidden.shape[0]]  # [tokens]
-        return self.table.add_terms(layer, self.terms, slot, hidden, positions, residual=residual)
+        hidden = self.table.add_terms(layer, self.terms, slot, hidden, positions, residual=residual)
+        if self.monitors is not None:  # a per-engine setting, fixed before tracing
+            self.monitors.read(layer, hidden + residual, slot)
+        return hidden
 
     # --- per step, outside the graph -----------------------------------------------------
     def before_step(
@@ -129,13 +149,15 @@ class RunnerSteering:
         req_ids: Sequence[str],
         query_start_loc: np.ndarray,
         requests: Mapping[str, Any],
+        computed: np.ndarray | None = None,
     ) -> None:
         """Point each token of the coming step at its request's slot.
 
         `req_ids` are the batch's requests in order, `query_start_loc` [len + 1] where
         each one's tokens start in the flat batch, `requests` the runner's request states
         (for new requests' ``sampling_params`` and prompt; a request no longer there has
-        finished and gives its slot back).
+        finished and gives its slot back), `computed` [len] each one's tokens already in
+        the cache (the position of its first token this step; needed for monitors).
         """
         for req_id in [r for r in self.slot_of if r not in requests]:
             self.release(req_id)
@@ -145,6 +167,8 @@ class RunnerSteering:
             if slot is None:
                 slot = self._assign(req_id, requests[req_id])
             slots[i] = slot
+        if self.monitors is not None:
+            self._plan_monitors(req_ids, query_start_loc, computed)
         if not slots.any() and not self._dirty:
             return
         counts = np.diff(query_start_loc[: len(req_ids) + 1])
@@ -160,14 +184,25 @@ class RunnerSteering:
         params = getattr(state, "sampling_params", None)
         extra = getattr(params, "extra_args", None)
         parsed = parse_extra_args(extra, self.shape, home=self.home, limits=_NO_LIMITS)
-        slot = 0 if parsed is None else self._slot_for(parsed, len(state.prompt_token_ids or []))
+        items = monitor_items(extra) if self.monitors is not None else []
+        slot = 0
+        prompt_len = len(state.prompt_token_ids or [])
+        if parsed is not None or items:
+            slot = self._slot_for(parsed, items, prompt_len)
+        if items:
+            self._columns[req_id] = len(items)
+            watch = parse_guard_watch(extra, self.shape, prompt_len, self.home)
+            if watch is not None:
+                self._watches[req_id] = watch
         self.slot_of[req_id] = slot
         return slot
 
-    def _slot_for(self, parsed: ParsedSteering, prompt_len: int) -> int:
+    def _slot_for(
+        self, parsed: ParsedSteering | None, items: list[dict[str, Any]], prompt_len: int
+    ) -> int:
         # Requests with the same steering (and prompt length, which positions depend on)
-        # share one slot.
-        key = json.dumps([parsed.salt, prompt_len])
+        # and the same monitors share one slot.
+        key = json.dumps([parsed.salt if parsed else "", prompt_len, items], sort_keys=True)
         slot = self._key_slot.get(key)
         if slot is None:
             if not self._free:
@@ -176,19 +211,66 @@ class RunnerSteering:
                     "with more room (ACTENG_VLLM_SLOTS) or fewer concurrent requests"
                 )
             slot = self._free.pop()
-            self.table.set(slot, parsed.specs, prompt_len=prompt_len)
+            if parsed is not None:
+                self.table.set(slot, parsed.specs, prompt_len=prompt_len)
+            if items and self.monitors is not None:
+                self.monitors.table.set(slot, parse_monitors(items, self.shape, self.home))
             self._key_slot[key] = slot
         self._users[slot] = self._users.get(slot, 0) + 1
         return slot
 
+    def _plan_monitors(
+        self, req_ids: Sequence[str], query_start_loc: np.ndarray, computed: np.ndarray | None
+    ) -> None:
+        assert self.monitors is not None
+        spans = []
+        for i, req_id in enumerate(req_ids):
+            columns = self._columns.get(req_id)
+            if columns is None:
+                continue
+            if computed is None:
+                raise RuntimeError("acteng: monitors need each request's computed tokens")
+            start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
+            spans.append(Span(req_id, start, end - start, int(computed[i]), columns))
+        self.monitors.plan(spans, int(query_start_loc[len(req_ids)]))
+
+    def after_step(self) -> None:
+        """After the forward call: file the monitored requests' scores, and feed each
+        counter-steering guard its generated tokens' scores (a "steer" verdict steers the
+        request from its next step on, as in the transformers engine)."""
+        if self.monitors is None:
+            return
+        for span, chunk in self.monitors.after_step():
+            watch = self._watches.get(span.req_id)
+            if watch is None:
+                continue
+            for j in range(span.count):
+                if span.position + j < watch.prompt_len:
+                    continue
+                if watch.state.on_token(float(chunk[j, watch.column])) == "steer":
+                    self._counter_steer(span.req_id, watch)
+
+    def _counter_steer(self, req_id: str, watch: GuardWatch) -> None:
+        columns = self._columns[req_id]
+        self.release(req_id)
+        parsed = parse_extra_args(watch.steered, self.shape, home=self.home, limits=_NO_LIMITS)
+        items = monitor_items(watch.steered)
+        self.slot_of[req_id] = self._slot_for(parsed, items, watch.prompt_len)
+        self._columns[req_id] = columns
+        self._watches[req_id] = watch
+
     def release(self, req_id: str) -> None:
         slot = self.slot_of.pop(req_id, 0)
+        self._columns.pop(req_id, None)
+        self._watches.pop(req_id, None)
         if slot == 0:
             return
         self._users[slot] -= 1
         if self._users[slot] == 0:
             del self._users[slot]
             self.table.clear(slot)
+            if self.monitors is not None:
+                self.monitors.table.clear(slot)
             self._key_slot = {k: s for k, s in self._key_slot.items() if s != slot}
             self._free.append(slot)
 
