@@ -63,7 +63,13 @@ def running(process: psutil.Process) -> bool:
         return False
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+# SIGTERM is the signal that used to leave vLLM's processes behind. SIGINT runs the same
+# shutdown (and passed here, 2026-12-03); set ACTENG_TEST_SIGINT=1 to check it too: each
+# case starts vLLM, about 3.5 minutes on CI's two cores.
+SIGNALS = [signal.SIGTERM] + ([signal.SIGINT] if os.environ.get("ACTENG_TEST_SIGINT") else [])
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=[s.name for s in SIGNALS])
 def test_a_signal_ends_the_server_and_every_process_it_started(
     tmp_path: Path, sig: signal.Signals
 ) -> None:
