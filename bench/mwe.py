@@ -24,7 +24,7 @@ import acteng
 from _common import save
 from acteng.evaluation.analysis import readability
 from acteng.evaluation.metrics import ab_match
-from acteng.evaluation.scoring import held_out
+from acteng.evaluation.splits import held_out
 from acteng.evaluation.tax import load_eval, mc_accuracy, perplexity
 from acteng.evaluation.tune import tune
 

@@ -25,7 +25,8 @@ from typing import Any
 import acteng
 from _common import RESULTS, save
 from acteng.errors import ConfigError
-from acteng.evaluation.scoring import Scorer, held_out
+from acteng.evaluation.scoring import Scorer
+from acteng.evaluation.splits import held_out
 from acteng.evaluation.tune import TuneResult, tune
 from acteng.extraction import extract_many
 from acteng.pairs import Pairs

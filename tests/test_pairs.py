@@ -7,7 +7,7 @@ import pytest
 
 import acteng
 from acteng.errors import DataError
-from acteng.pairs import dataset_card, list_datasets
+from acteng.pairs import dataset_card, list_datasets, pair_form
 
 BUNDLED = {
     "sentiment",
@@ -101,3 +101,16 @@ def test_missing_file_and_non_utf8(tmp_path: Path) -> None:
     path.write_bytes('{"positive": "caf\xe9", "negative": "b"}'.encode("latin-1"))
     with pytest.raises(DataError, match="not UTF-8"):
         acteng.load_pairs(path)
+
+
+def test_pair_form_names_the_odd_items() -> None:
+    assert pair_form(acteng.load_pairs([("good", "bad")] * 3), "x") == "bare"
+    assert pair_form(acteng.load_pairs("sentiment")[:3], "x") == "prompted"
+    assert pair_form(acteng.load_pairs("myopia")[:3], "x") == "ab"
+    prompted = {"prompt": "q", "positive": "a", "negative": "b"}
+    rows = [prompted, {"positive": "a", "negative": "b"}, prompted, prompted]
+    with pytest.raises(DataError, match=r"'f' mixes .* item\(s\) 2 .* have no 'prompt'"):
+        pair_form(acteng.load_pairs(rows), "'f'")
+    rows = [{"positive": "a", "negative": "b"}] * 3 + [prompted]
+    with pytest.raises(DataError, match=r"item\(s\) 40 .* have a 'prompt' while the other 3"):
+        pair_form(acteng.load_pairs(rows), "'f'", numbers=[10, 20, 30, 40])

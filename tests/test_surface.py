@@ -122,3 +122,21 @@ def test_error_tree(cls: type, builtin: type) -> None:
 def test_missing_extra_names_install_line() -> None:
     err = errors.missing_extra("peft", "peft", purpose="loading a LoRA adapter")
     assert "pip install 'acteng[peft]'" in str(err)
+
+
+def test_tune_and_sweep_take_in_python_what_their_cli_flags_take() -> None:
+    import argparse
+    import inspect
+
+    from acteng.cli import build_parser
+
+    commands = next(
+        a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)
+    ).choices
+    # flags that choose where results go, how they print, or the model and backend objects
+    outside = {"help", "out", "json", "plots", "model", "adapter", "dtype", "device"}
+    outside |= {"backend", "ray_address", "run"}
+    for name, fn, plot_only in (("tune", acteng.tune, set()), ("sweep", acteng.sweep, {"max_tax"})):
+        flags = {a.dest for a in commands[name]._actions} - outside - plot_only
+        assert flags <= set(inspect.signature(fn).parameters), name
+        assert "test" in flags

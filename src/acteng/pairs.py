@@ -21,9 +21,18 @@ from typing import Any, Literal, overload
 
 from acteng.errors import DataError
 
-__all__ = ["ContrastivePair", "Pairs", "dataset_card", "list_datasets", "load_pairs"]
+__all__ = [
+    "ContrastivePair",
+    "PairForm",
+    "Pairs",
+    "dataset_card",
+    "list_datasets",
+    "load_pairs",
+    "pair_form",
+]
 
 Split = Literal["train", "test", "all"]
+PairForm = Literal["prompted", "ab", "bare"]
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,33 @@ class Pairs(Sequence[ContrastivePair]):
 
     def provenance(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "size": len(self.items)}
+
+
+def pair_form(
+    pairs: Sequence[ContrastivePair], where: str, numbers: Sequence[int] | None = None
+) -> PairForm:
+    """The one form of `pairs`: ``"ab"`` (all CAA A/B items), ``"prompted"`` (every pair has
+    a prompt) or ``"bare"`` (no pair has one). A measure averaged over pairs means one thing
+    per form, so a set mixing bare and prompted pairs is refused, naming the items of the
+    smaller group by their 1-based number in `where` (or by `numbers`, one per pair).
+    """
+    numbered = list(zip(numbers or range(1, len(pairs) + 1), pairs, strict=True))
+    bare = [i for i, p in numbered if p.prompt is None]
+    if not bare:
+        return "ab" if all(p.ab for p in pairs) else "prompted"
+    if len(bare) == len(pairs):
+        return "bare"
+    prompted = [i for i, p in numbered if p.prompt is not None]
+    if len(bare) <= len(prompted):
+        odd, what, rest = bare, "have no 'prompt'", "have one"
+    else:
+        odd, what, rest = prompted, "have a 'prompt'", "have none"
+    shown = ", ".join(str(i) for i in odd[:10]) + (", ..." if len(odd) > 10 else "")
+    raise DataError(
+        f"{where} mixes pairs with and without a 'prompt': item(s) {shown} (numbered from 1 "
+        f"in file order) {what} while the other {len(pairs) - len(odd)} {rest}; the effect "
+        "of a set is measured one way, so give every pair a 'prompt' or none"
+    )
 
 
 def _hash_items(items: Sequence[ContrastivePair]) -> str:

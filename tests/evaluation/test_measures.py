@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
 import acteng
 from acteng.cli import main
-from acteng.errors import ConfigError
-from acteng.evaluation.measures import evaluate
+from acteng.errors import ConfigError, DataError
+from acteng.evaluation.measures import evaluate, measure_behaviour
+from acteng.pairs import Pairs
+from tests.helpers import random_vector
 
 
 @pytest.mark.real
@@ -28,10 +31,29 @@ def test_evaluate_reports_every_measure(smollm2: acteng.Model) -> None:
     assert len(r["slopes"]) == 6 and r["diagnostics"][0]["layer"] == 10
     assert set(report["baseline"]) == {"none", "steering", "prompt", "both"}
     assert report["setting"] == {"coefficient": 2.0, "layers": [10], "method": "mean_diff"}
-    with pytest.raises(ConfigError, match="needs pairs with a 'prompt'"):
-        evaluate(smollm2, vector, 2.0, acteng.load_pairs("harmful_requests")[:4])
     with pytest.raises(ConfigError, match="finite"):
         evaluate(smollm2, vector, float("nan"), items)
+
+
+def test_evaluate_refuses_a_set_mixing_bare_and_prompted_pairs(tiny_llama: acteng.Model) -> None:
+    vector = random_vector(tiny_llama, [1])
+    rows = [*acteng.load_pairs("harmful_requests")[:2], *acteng.load_pairs("sentiment")[:2]]
+    mixed = Pairs(tuple(replace(p, split=None) for p in rows))
+    with pytest.raises(DataError, match=r"mixes .* item\(s\) 1, 2 .* have no 'prompt'"):
+        evaluate(tiny_llama, vector, 2.0, mixed)
+    # with split marks, the test split is what must be of one form
+    marked = Pairs((replace(rows[2], split="test"), replace(rows[0], split="test"), rows[1]))
+    with pytest.raises(DataError, match=r"test split of 'custom' mixes .* item\(s\) 2 "):
+        evaluate(tiny_llama, vector, 2.0, marked)
+
+
+@pytest.mark.real
+def test_behaviour_of_bare_pairs(smollm2: acteng.Model) -> None:
+    pairs = acteng.load_pairs([("I love this, it is wonderful.", "I hate this, it is awful.")])
+    vector = acteng.extract(smollm2, "sentiment", layers=[8])
+    behaviour, _ = measure_behaviour(smollm2, pairs, acteng.SteeringSpec(vector, 4.0))
+    assert behaviour["pair_form"] == "bare" and behaviour["margin_shift"] > 0
+    assert "p_match_steered" not in behaviour
 
 
 @pytest.mark.real

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import acteng
-from acteng.errors import ConfigError, DataError, MissingExtraError
+from acteng.errors import ConfigError, MissingExtraError
 from acteng.evaluation.scoring import (
     Cell,
     LocalScoring,
@@ -22,24 +22,11 @@ from acteng.evaluation.scoring import (
     check_budget,
     check_coefficients,
     data_frame,
-    held_out,
 )
 from tests.evaluation.grid_data import NEUTRAL, small_pairs
 
 T = TypeVar("T")
 R = TypeVar("R")
-
-
-def test_held_out_split_and_bad_data() -> None:
-    rows = [{"prompt": f"q{i}", "positive": f"yes {i}", "negative": f"no {i}"} for i in range(10)]
-    fit, test = held_out(acteng.load_pairs(rows))
-    assert (len(fit), len(test)) == (8, 2)  # every fifth pair held out when there is no split
-    with pytest.raises(DataError, match="without a 'prompt'"):
-        held_out(acteng.load_pairs([("good", "bad")] * 5))
-    with pytest.raises(DataError, match="no contrast"):
-        held_out(acteng.load_pairs([{"prompt": "q", "positive": "a", "negative": "a"}] * 5))
-    with pytest.raises(DataError, match="at least 2 and 1"):
-        held_out(acteng.load_pairs(rows[:2]))
 
 
 @pytest.mark.parametrize("budget", [0.0, -0.1, 1.5, math.nan, math.inf])

@@ -16,7 +16,7 @@ from acteng.evaluation import SweepResult, sweep
 from acteng.evaluation.scoring import Cell, Scorer
 from acteng.report.export import save_figures
 from acteng.report.figures import sweep_figures
-from tests.evaluation.grid_data import NEUTRAL, small_pairs, write_pairs
+from tests.evaluation.grid_data import NEUTRAL, bare_pairs, small_pairs, write_pairs
 
 
 def test_to_pandas_has_one_row_per_cell() -> None:
@@ -117,3 +117,36 @@ def test_cli_sweep_keeps_results_on_ctrl_c(
     saved = json.loads((out / "sweep.json").read_text())
     assert saved["complete"] is False and len(saved["cells"]) == 1
     assert (out / "frontier.svg").is_file()
+
+
+def test_sweep_measures_on_a_separate_test_set(tiny_llama: acteng.Model) -> None:
+    bare = bare_pairs(small_pairs(train=6, test=0))
+    prompted = small_pairs(train=0, test=3)
+    result = sweep(
+        tiny_llama, bare, layers=[1], coefficients=(1.0,), neutral=NEUTRAL, test=prompted
+    )
+    assert result.complete and len(result.cells) == 1
+    assert result.dataset == bare.provenance()  # fit on every bare pair
+    measured = prompted.split("test")
+    assert result.to_json()["measured_on"] == {
+        **measured.provenance(),
+        "effect_measure": "mean log-prob margin shift (nats) on the test pairs",
+    }
+    held = sweep(
+        tiny_llama,
+        bare_pairs(small_pairs(train=6, test=2)),
+        layers=[1],
+        coefficients=(1.0,),
+        neutral=NEUTRAL,
+    )
+    assert "user turn 'Say something.'" in held.measured_on["effect_measure"]
+    assert math.isfinite(held.cells[0].effect)
+
+
+def test_cli_sweep_checks_the_test_file_before_any_work(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "sweep"
+    args = ["sweep", "--pairs", "sentiment", "--out", str(out), "--test"]
+    assert main([*args, str(tmp_path / "missing.jsonl")]) == 2
+    assert "no dataset at" in capsys.readouterr().err and not out.exists()

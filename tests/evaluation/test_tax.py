@@ -9,7 +9,13 @@ import torch
 
 import acteng
 from acteng.errors import ConfigError, DataError
-from acteng.evaluation.metrics import ab_match, completion_logprobs, logprob_margin
+from acteng.evaluation.metrics import (
+    BARE_PROMPT,
+    ab_match,
+    completion_logprobs,
+    logprob_margin,
+    pair_scores,
+)
 from acteng.evaluation.tax import (
     MCItem,
     distinct_n,
@@ -18,7 +24,9 @@ from acteng.evaluation.tax import (
     perplexity,
     repeated_ngrams,
 )
+from acteng.pairs import ContrastivePair
 from acteng.steering.spec import SteeringSpec
+from tests.evaluation.grid_data import bare_pairs
 from tests.helpers import random_vector
 
 
@@ -72,6 +80,25 @@ def test_ab_match_is_normalised(tiny_llama: acteng.Model) -> None:
         ab_match(tiny_llama, acteng.load_pairs("harmful_requests")[:2])
 
 
+def test_a_bare_pair_is_scored_as_the_answer_to_the_neutral_user_turn(
+    tiny_llama: acteng.Model,
+) -> None:
+    bare = ContrastivePair("I love it.", "I hate it.")
+    asked = ContrastivePair("I love it.", "I hate it.", prompt=BARE_PROMPT)
+    spec = SteeringSpec(random_vector(tiny_llama, [1], scale=4.0), coefficient=1.0)
+    for steering in (None, spec):
+        [(pos, neg)] = pair_scores(tiny_llama, [bare], steering)
+        (want_pos, _), (want_neg, _) = completion_logprobs(
+            tiny_llama, [BARE_PROMPT] * 2, [bare.positive, bare.negative], steering
+        )
+        assert (pos, neg) == pytest.approx((want_pos, want_neg), abs=1e-9)
+        assert pair_scores(tiny_llama, [asked], steering) == [(pos, neg)]
+        assert logprob_margin(tiny_llama, [bare], steering) == [pos - neg]
+    assert tiny_llama.render_prompt(BARE_PROMPT).endswith(
+        "<|im_start|>user\nSay something.<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
 def test_perplexity_is_the_model_loss(tiny_llama: acteng.Model) -> None:
     text = "The river runs to the sea and the sea runs to the sky."
     ids = tiny_llama.tokenizer(text, return_tensors="pt")["input_ids"]
@@ -117,6 +144,17 @@ def test_tax_and_behaviour_on_the_real_model(smollm2: acteng.Model) -> None:
     # a sentiment vector moves the margin of positive over negative answers both ways
     vector = acteng.extract(smollm2, "sentiment", layers=[8])
     test = acteng.load_pairs("sentiment", split="test")[:12]
+    plus = logprob_margin(smollm2, test, SteeringSpec(vector, coefficient=4.0))
+    base = logprob_margin(smollm2, test)
+    minus = logprob_margin(smollm2, test, SteeringSpec(vector, coefficient=-4.0))
+    assert sum(minus) < sum(base) < sum(plus)
+
+
+@pytest.mark.real
+def test_steering_toward_positive_raises_the_bare_margin(smollm2: acteng.Model) -> None:
+    data = bare_pairs(acteng.load_pairs("sentiment"))
+    vector = acteng.extract(smollm2, data.split("train")[:24], layers=[8])
+    test = data.split("test")[:8]
     plus = logprob_margin(smollm2, test, SteeringSpec(vector, coefficient=4.0))
     base = logprob_margin(smollm2, test)
     minus = logprob_margin(smollm2, test, SteeringSpec(vector, coefficient=-4.0))

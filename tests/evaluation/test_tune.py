@@ -17,7 +17,7 @@ from acteng.errors import ConfigError
 from acteng.evaluation import TuneResult, tune
 from acteng.evaluation.metrics import logprob_margin
 from acteng.evaluation.scoring import Cell
-from tests.evaluation.grid_data import NEUTRAL, small_pairs, write_pairs
+from tests.evaluation.grid_data import NEUTRAL, bare_pairs, small_pairs, write_pairs
 
 
 def test_to_pandas_has_one_row_per_searched_setting() -> None:
@@ -183,3 +183,69 @@ def test_cli_sweep_and_tune_write_their_results(
     assert report["vector"] == str(vector) and report["tax"] <= 0.5
     loaded = acteng.SteeringVector.load(vector, model=smollm2)
     assert list(loaded.layers) == report["layers"]
+
+
+def test_cli_tune_checks_the_test_file_before_any_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_model(args: object) -> None:
+        raise AssertionError("the model must not load for bad input")
+
+    monkeypatch.setattr("acteng.cli.sweep_cmd.load_model_from_args", no_model)
+    vector = tmp_path / "out" / "v.safetensors"
+    args = ["tune", "--pairs", "harmful_requests", "--out", str(vector), "--test"]
+    assert main([*args, str(tmp_path / "missing.jsonl")]) == 2
+    assert "no dataset at" in capsys.readouterr().err
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main([*args, str(tmp_path / "empty.jsonl")]) == 2
+    assert "is empty" in capsys.readouterr().err
+    mixed = tmp_path / "mixed.jsonl"
+    rows = [{"prompt": "How was it?", "positive": "Great.", "negative": "Awful."}] * 3
+    rows.insert(1, {"positive": "Great.", "negative": "Awful."})
+    mixed.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert main([*args, str(mixed)]) == 2
+    err = capsys.readouterr().err
+    assert "test set 'mixed' mixes" in err and "item(s) 2 " in err
+    assert not (tmp_path / "out").exists()  # nothing written
+
+
+@pytest.mark.real
+@pytest.mark.slow
+def test_tune_on_bare_pairs(
+    smollm2: acteng.Model,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    data = bare_pairs(small_pairs(train=24, test=6))
+    result = tune(
+        smollm2,
+        data,
+        max_tax=0.2,
+        methods=("mean_diff",),
+        layers=[12],
+        coefficients=(2.0,),
+        bisection_steps=1,
+        neutral=NEUTRAL,
+    )
+    assert result.effect > 0 and result.tax <= 0.2
+    assert "user turn 'Say something.'" in result.to_json()["effect_measure"]
+    test = data.split("test")  # the held-out bare pairs, scored as answers to no question
+    spec = acteng.SteeringSpec(result.vector, result.coefficient)
+    shift = statistics.fmean(logprob_margin(smollm2, test, spec)) - statistics.fmean(
+        logprob_margin(smollm2, test)
+    )
+    assert shift == pytest.approx(result.effect, abs=1e-9)
+    # the CLI: bare training pairs, the effect measured on a separate prompted test file
+    bare_file = write_pairs(tmp_path / "bare.jsonl", data.split("train"))  # none tested
+    test_file = write_pairs(tmp_path / "prompted.jsonl", small_pairs(train=0, test=4))
+    monkeypatch.setattr("acteng.cli.sweep_cmd.load_model_from_args", lambda args: smollm2)
+    monkeypatch.setattr("acteng.evaluation.scoring.load_eval", lambda *a, **k: NEUTRAL)
+    vector = tmp_path / "tuned.safetensors"
+    argv = ["tune", "--pairs", str(bare_file), "--test", str(test_file), "--out", str(vector)]
+    argv += ["--layers", "12", "--coefficients", "2", "--methods", "mean_diff", "--max-tax", "0.2"]
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["selected_on"] == acteng.load_pairs(test_file, split="test").provenance()
+    assert report["effect_measure"] == "mean log-prob margin shift (nats) on the test pairs"
+    assert report["effect"] > 0 and report["tax"] <= 0.2

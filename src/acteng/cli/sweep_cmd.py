@@ -22,6 +22,7 @@ from acteng.errors import ConfigError
 if TYPE_CHECKING:
     from acteng.evaluation.scoring import Cell
     from acteng.evaluation.sweep import SweepResult
+    from acteng.pairs import Pairs
 
 
 def _floats(text: str, what: str) -> list[float]:
@@ -36,6 +37,12 @@ def _floats(text: str, what: str) -> list[float]:
 
 def _grid_args(p: argparse.ArgumentParser, methods: str, layers: str) -> None:
     p.add_argument("--pairs", required=True, help="JSONL/JSON file or bundled dataset name")
+    p.add_argument(
+        "--test",
+        default=None,
+        help="measure the effect on this pairs file (its test split if marked, else all of "
+        "it) and fit on every pair of --pairs, instead of holding out part of --pairs",
+    )
     p.add_argument("--methods", default=methods, help=f"comma-separated (default: {methods})")
     p.add_argument("--layers", default=layers, help=f"layers to try (default: {layers})")
     p.add_argument(
@@ -51,10 +58,11 @@ def register(sub: Any) -> None:
         "sweep",
         help="score methods x layers x coefficients: effect, tax, plots",
         description="Fit each method at every layer from one pass over the training pairs, "
-        "then score every method x layer x coefficient on the held-out pairs: behaviour "
-        "effect (log-prob margin shift) and perplexity tax on bundled neutral text. Writes "
-        "OUT/sweep.json after every cell (Ctrl-C keeps what was scored) and heatmaps plus "
-        "an effect-vs-tax frontier as SVG.",
+        "then score every method x layer x coefficient on the held-out pairs (or --test): "
+        "behaviour effect (log-prob margin shift of positive over negative answers; bare "
+        "pairs answer the user turn 'Say something.') and perplexity tax on bundled neutral text. "
+        "Writes OUT/sweep.json after every cell (Ctrl-C keeps what was scored) and heatmaps "
+        "plus an effect-vs-tax frontier as SVG.",
     )
     _grid_args(p, "mean_diff", "all")
     p.add_argument("--out", required=True, help="folder for sweep.json and the plots")
@@ -66,8 +74,10 @@ def register(sub: Any) -> None:
         "tune",
         help="choose method, layers and coefficient within a tax budget",
         description="Choose the method, layer(s) and coefficient that steer the held-out "
-        "pairs most while the perplexity tax stays within --max-tax; write the vector "
-        "(only its chosen layers) so that adding coefficient * vector reproduces the effect.",
+        "pairs (or --test) most while the perplexity tax stays within --max-tax; write the "
+        "vector (only its chosen layers) so that adding coefficient * vector reproduces the "
+        "effect. Pairs with a prompt are measured as answers to it, bare pairs (no prompt) "
+        "as the assistant's answer to the user turn 'Say something.'",
     )
     _grid_args(t, "mean_diff,pca,probe", "2-20")
     t.add_argument(
@@ -77,6 +87,18 @@ def register(sub: Any) -> None:
     t.add_argument("--plots", default=None, help="also write the frontier plot to this folder")
     t.add_argument("--json", action="store_true", help="print the choice as JSON")
     t.set_defaults(run=run_tune)
+
+
+def _data(args: argparse.Namespace) -> tuple[Pairs, Pairs | None]:
+    """--pairs and --test, loaded and checked before the model loads or a file is written
+    (a missing or empty file, a mixed test set, too few pairs)."""
+    from acteng.evaluation.splits import fit_and_test
+    from acteng.pairs import load_pairs
+
+    pairs = load_pairs(args.pairs)
+    test = load_pairs(args.test) if args.test is not None else None
+    fit_and_test(pairs, test)
+    return pairs, test
 
 
 def _progress(total: int) -> Any:
@@ -114,6 +136,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     coefficients = _floats(args.coefficients, "--coefficients")
     if args.max_tax is not None:
         check_budget(args.max_tax)
+    pairs, test = _data(args)
     out = Path(args.out)
     check_writable(str(out / "sweep.json"))
     backend = backend_from_args(args)
@@ -129,7 +152,7 @@ def run_sweep(args: argparse.Namespace) -> int:
     try:
         sweep(
             model,
-            args.pairs,
+            pairs,
             methods=methods,
             layers=layers,
             coefficients=coefficients,
@@ -137,6 +160,7 @@ def run_sweep(args: argparse.Namespace) -> int:
             on_cell=save,
             result=result,
             backend=backend,
+            test=test,
         )
     except KeyboardInterrupt:
         if result.cells:
@@ -172,12 +196,13 @@ def run_tune(args: argparse.Namespace) -> int:
     budget = check_budget(args.max_tax)
     methods = [m for m in args.methods.split(",") if m]
     coefficients = _floats(args.coefficients, "--coefficients")
+    pairs, test = _data(args)
     check_writable(args.out)
     backend = backend_from_args(args)
     model = load_model_from_args(args)
     result = tune(
         model,
-        args.pairs,
+        pairs,
         max_tax=budget,
         methods=methods,
         layers=args.layers,
@@ -185,6 +210,7 @@ def run_tune(args: argparse.Namespace) -> int:
         position=args.position,
         on_cell=_progress(0),
         backend=backend,
+        test=test,
     )
     path = result.vector.save(args.out)
     payload = result.to_json(path)
@@ -202,6 +228,7 @@ def run_tune(args: argparse.Namespace) -> int:
         f"{result.coefficient:g}: effect {result.effect:+.3f} nats, tax "
         f"{100 * result.tax:+.2f} % (budget {100 * budget:g} %)"
     )
+    print(f"effect: {result.vector.metadata['tuning']['effect_measure']}")
     if grid is not None:
         print(
             f"best single-layer mean_diff grid point: layer {grid.layers[0]}, c="

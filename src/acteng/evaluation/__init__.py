@@ -3,6 +3,7 @@
 - `metrics`, `tax`, `reliability`: behaviour shift, the alignment tax, reliability.
 - `analysis`: what a vector promotes, where a concept is readable, how vectors relate.
 - `measures`: `evaluate`, all of the above for one setting.
+- `splits`: which pairs are fit on and which measured on (held out, or a test set).
 - `scoring`: a setting's held-out effect and perplexity tax, here or on a backend's pool.
 - `sweep`: every method x layer x coefficient; `tune`: the best setting within a budget.
 """

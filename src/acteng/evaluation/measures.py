@@ -5,7 +5,10 @@ prompting baseline) and a dataset, and measures on the dataset's test split (all
 there is no split):
 
 - behaviour: the mean log-prob margin of positive over negative answers, unsteered and
-  steered (for A/B items also p(match) and the answer-format mass);
+  steered (for A/B items also p(match) and the answer-format mass); each side is the
+  assistant's answer to the pair's prompt, or for bare pairs (no prompt) to the neutral
+  user turn `metrics.BARE_PROMPT`, as in sweeps and tuning (`acteng.evaluation.splits`);
+  a mix of the two is refused;
 - tax: perplexity of the bundled neutral text and accuracy on the bundled general-knowledge
   questions (test splits), unsteered and steered, the next-token KL on those questions,
   and distinct-2 / repeated 4-grams of greedy answers to them;
@@ -27,10 +30,11 @@ from acteng.backends import BackendChoice, resolve_backend
 from acteng.errors import ConfigError
 from acteng.evaluation.metrics import ab_match, logprob_margin, next_token_kl, prompting_baseline
 from acteng.evaluation.reliability import pair_diagnostics, steerability
+from acteng.evaluation.splits import measured_part
 from acteng.evaluation.tax import distinct_n, load_eval, mc_accuracy, perplexity, repeated_ngrams
 from acteng.generation import generate
 from acteng.models import Model
-from acteng.pairs import Pairs, load_pairs
+from acteng.pairs import Pairs, load_pairs, pair_form
 from acteng.steering.spec import SteeringSpec
 from acteng.vectors import SteeringVector
 
@@ -62,13 +66,7 @@ def evaluate(
     if not math.isfinite(coefficient):
         raise ConfigError(f"coefficient must be a finite number, got {coefficient}")
     spec = SteeringSpec(vector, coefficient=coefficient, layers=tuple(layers) if layers else None)
-    dataset = load_pairs(data)
-    test = dataset.split("test") if any(p.split == "test" for p in dataset) else dataset
-    if any(p.prompt is None for p in test):
-        raise ConfigError(
-            "eval measures answers to prompts: the dataset needs pairs with a 'prompt' "
-            "(or CAA A/B items)"
-        )
+    test = measured_part(load_pairs(data))
     chosen = list(layers) if layers else list(vector.layers)
     parts: list[Part] = [
         (measure_behaviour, (test, spec)),
@@ -121,6 +119,7 @@ def measure_behaviour(
     steered_margin = logprob_margin(model, test, spec)
     behaviour: dict[str, Any] = {
         "dataset": test.provenance(),
+        "pair_form": pair_form(test, f"dataset {test.name!r}"),
         "margin_unsteered": _mean(base_margin),
         "margin_steered": _mean(steered_margin),
         "margin_shift": _mean(steered_margin) - _mean(base_margin),

@@ -6,7 +6,10 @@
 - `ab_match`: for CAA A/B items, p(answer matching the behaviour) normalised over the two
   answers, ``p(match) / (p(match) + p(other))`` (as CAA does), and the mass ``p(match) +
   p(other)`` that shows whether the model follows the answer format at all.
-- `logprob_margin`: for pairs with a prompt, log p(positive) - log p(negative).
+- `logprob_margin`: log p(positive) - log p(negative), each side scored as the assistant's
+  answer to the pair's prompt. A bare pair (no prompt: the ActAdd / CAA / repeng form) is
+  scored the same way as the answer to a neutral user turn (`BARE_PROMPT`), so its margin
+  says how much more readily the model, in its chat voice, says the positive text.
 - `prompting_baseline`: that margin with no intervention, with steering, with an
   instruction in the system prompt, and with both (AxBench found prompting often beats
   steering; this says so per concept).
@@ -41,6 +44,7 @@ from acteng.steering.spec import SteeringSpec, as_specs
 from acteng.vectors import SteeringVector
 
 __all__ = [
+    "BARE_PROMPT",
     "REFUSAL_PHRASES",
     "ab_from_scores",
     "ab_match",
@@ -70,6 +74,12 @@ REFUSAL_PHRASES = (
     "I am not able to",
     "I'm not able to",
 )
+
+# The user turn a bare pair's sides answer: a request for any text, so no question favours
+# either side. Not an empty turn: chat models never see one, and on SmolLM2 margins after
+# it moved erratically with the coefficient (a vector from bare sentiment texts at layer 8
+# lowered them at c=4 while it raised them at c=1 and 2; after this turn, all three rose).
+BARE_PROMPT = "Say something."
 
 Steering = SteeringVector | SteeringSpec | Sequence[SteeringSpec] | None  # None: unsteered
 
@@ -241,12 +251,12 @@ def _shared_completion_logprobs(
     return out
 
 
-def _prompted(pairs: Sequence[ContrastivePair], what: str) -> list[ContrastivePair]:
+def _checked(pairs: Sequence[ContrastivePair], what: str, bare: bool) -> list[ContrastivePair]:
     items = list(pairs)
     if not items:
         raise ConfigError(f"{what} needs at least one pair")
     missing = [i for i, p in enumerate(items) if p.prompt is None]
-    if missing:
+    if missing and not bare:
         raise ConfigError(f"{what} needs pairs with a prompt; items {missing[:5]} have none")
     return items
 
@@ -258,10 +268,12 @@ def _pair_scores(
     system: str | None,
     batch_size: int,
     what: str,
+    bare: bool = True,
 ) -> list[tuple[float, float]]:
-    """(log p(positive), log p(negative)) of each prompted pair, one scoring pass."""
-    items = _prompted(pairs, what)
-    prompts = [str(p.prompt) for p in items]
+    """(log p(positive), log p(negative)) of each pair, one scoring pass; a bare pair's
+    sides answer `BARE_PROMPT` (refused when not `bare`)."""
+    items = _checked(pairs, what, bare)
+    prompts = [BARE_PROMPT if p.prompt is None else p.prompt for p in items]
     scores = completion_logprobs(
         model,
         prompts + prompts,
@@ -282,7 +294,8 @@ def ab_match(
     batch_size: int = 16,
 ) -> list[tuple[float, float]]:
     """Per A/B item: (p(match) normalised over the two answers, p(match) + p(other))."""
-    return ab_from_scores(_pair_scores(model, pairs, steering, None, batch_size, "ab_match"))
+    scores = _pair_scores(model, pairs, steering, None, batch_size, "ab_match", bare=False)
+    return ab_from_scores(scores)
 
 
 def ab_from_scores(scores: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -303,8 +316,8 @@ def pair_scores(
     system: str | None = None,
     batch_size: int = 16,
 ) -> list[tuple[float, float]]:
-    """Per pair with a prompt: (log p(positive | prompt), log p(negative | prompt)), the
-    one scoring pass behind `logprob_margin` and `ab_match`."""
+    """Per pair: (log p(positive | prompt), log p(negative | prompt)), the one scoring
+    pass behind `logprob_margin` and `ab_match`; a bare pair's prompt is `BARE_PROMPT`."""
     return _pair_scores(model, pairs, steering, system, batch_size, "pair_scores")
 
 
@@ -316,7 +329,12 @@ def logprob_margin(
     system: str | None = None,
     batch_size: int = 16,
 ) -> list[float]:
-    """Per pair with a prompt: log p(positive | prompt) - log p(negative | prompt)."""
+    """Per pair: log p(positive | prompt) - log p(negative | prompt), each side the
+    assistant's answer; a bare pair answers the neutral user turn `BARE_PROMPT`.
+
+    >>> spec = acteng.SteeringSpec(vector, coefficient=4.0)
+    >>> logprob_margin(model, acteng.load_pairs([("I love it", "I hate it")]), spec)
+    """
     scores = _pair_scores(model, pairs, steering, system, batch_size, "logprob_margin")
     return [pos - neg for pos, neg in scores]
 

@@ -1,9 +1,14 @@
 """Scoring steering settings: what sweeps and tuning measure, and where they measure it.
 
-A setting is scored on data the vectors were not fit on (`held_out`):
+A setting is scored on data the vectors were not fit on (`acteng.evaluation.splits`: the
+held-out part of the dataset, or a separate test set):
 
 - **effect**: the mean log-prob margin of positive over negative answers on the held-out
-  pairs, steered minus unsteered (nats; for A/B items p(match) is reported too);
+  pairs, steered minus unsteered (nats; for A/B items p(match) is reported too). Each side
+  is scored as the assistant's answer to the pair's prompt through the chat template; a
+  bare pair (no prompt) answers a neutral user turn (`metrics.BARE_PROMPT`). So for prompted
+  pairs the effect is how far steering moves the answer to a question, for bare pairs how
+  far it moves what the model says when free to say anything.
 - **tax**: the relative perplexity change on the bundled neutral text's test split
   (``steered / unsteered - 1``; 0.05 = 5 % worse).
 
@@ -25,7 +30,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol
 
 from acteng.backends import Backend, Pool
-from acteng.errors import ConfigError, DataError, MissingExtraError
+from acteng.errors import ConfigError, MissingExtraError
 from acteng.evaluation.metrics import ab_from_scores, pair_scores
 from acteng.evaluation.tax import load_eval, perplexity
 from acteng.models import Model
@@ -50,39 +55,11 @@ __all__ = [
     "check_budget",
     "check_coefficients",
     "data_frame",
-    "held_out",
     "scoring",
 ]
 
 DEFAULT_COEFFICIENTS = (1.0, 2.0, 4.0, 8.0)
 OnCell = Callable[["Cell"], None]
-
-
-def held_out(dataset: Pairs) -> tuple[Pairs, Pairs]:
-    """(fit, held-out) pairs: the dataset's own train/test split, or every fifth pair held
-    out when it has none. Both parts need enough pairs to mean something."""
-    if any(p.split == "test" for p in dataset):
-        fit, test = dataset.split("train"), dataset.split("test")
-    else:
-        fit = Pairs(tuple(p for i, p in enumerate(dataset) if i % 5 != 4), name=dataset.name)
-        test = Pairs(tuple(p for i, p in enumerate(dataset) if i % 5 == 4), name=dataset.name)
-    if len(fit) < 2 or len(test) < 1:
-        raise DataError(
-            f"dataset {dataset.name!r} has {len(fit)} pairs to fit and {len(test)} to hold out; "
-            "tuning needs at least 2 and 1 (give more pairs, or mark some 'split': 'test')"
-        )
-    if any(p.prompt is None for p in test):
-        raise DataError(
-            f"dataset {dataset.name!r} has pairs without a 'prompt': the effect is measured "
-            "as the log-prob margin of positive over negative answers to prompts (use pairs "
-            "with a 'prompt', or CAA A/B items)"
-        )
-    if all(p.positive == p.negative for p in fit):
-        raise DataError(
-            f"dataset {dataset.name!r}: every pair's positive equals its negative, so there "
-            "is no contrast to learn; the two sides must differ in the concept"
-        )
-    return fit, test
 
 
 def check_budget(max_tax: float) -> float:

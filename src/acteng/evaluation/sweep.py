@@ -1,7 +1,9 @@
 """Sweeps: score every method x layer x coefficient (see `acteng.evaluation.scoring`).
 
 Vectors for every method and layer come from one recording pass over the training pairs
-(`acteng.extraction.extract_many`); each cell is then scored on the held-out pairs.
+(`acteng.extraction.extract_many`); each cell is then scored on the held-out pairs, or on
+a separate test set (`acteng.evaluation.splits`). Bare pairs (no prompt) are measured as
+the assistant's answer to a neutral user turn (`metrics.BARE_PROMPT`).
 """
 
 from __future__ import annotations
@@ -20,9 +22,9 @@ from acteng.evaluation.scoring import (
     ScoreJob,
     check_coefficients,
     data_frame,
-    held_out,
     scoring,
 )
+from acteng.evaluation.splits import effect_measure, fit_and_test
 from acteng.extraction import extract_many
 from acteng.layer_selection import parse_layers
 from acteng.models import Model
@@ -48,10 +50,12 @@ class SweepResult:
     base_p_match: float | None
     cells: list[Cell] = field(default_factory=list)
     complete: bool = False
+    measured_on: dict[str, Any] = field(default_factory=dict)  # the pairs the effect is on
 
     def to_json(self) -> dict[str, Any]:
         return {
             "dataset": self.dataset,
+            "measured_on": self.measured_on,
             "methods": list(self.methods),
             "layers": list(self.layers),
             "coefficients": list(self.coefficients),
@@ -108,11 +112,13 @@ def prepare_grid(
     layers: int | str | Sequence[int] | None,
     position: str,
     backend: Backend,
+    test: Pairs | str | Path | Sequence[Any] | None = None,
 ) -> tuple[Pairs, Pairs, list[int], dict[str, SteeringVector]]:
-    """The dataset, its held-out part, the layers asked for, and a vector per method fit at
-    every layer (one recording pass; neighbours of the chosen layers are there for bands)."""
+    """The dataset, the pairs to measure on (its held-out part, or `test`: see
+    `fit_and_test`), the layers asked for, and a vector per method fit at every layer (one
+    recording pass; neighbours of the chosen layers are there for bands)."""
     dataset = load_pairs(pairs)
-    fit, test = held_out(dataset)
+    fit, test = fit_and_test(dataset, test)
     chosen = parse_layers(model, layers)
     vectors = extract_many(model, fit, list(methods), None, position, backend=backend)
     return dataset, test, chosen, vectors
@@ -130,13 +136,17 @@ def sweep(
     result: SweepResult | None = None,
     neutral: Sequence[str] | None = None,
     backend: BackendChoice = "local",
+    test: Pairs | str | Path | Sequence[Any] | None = None,
 ) -> SweepResult:
     """Score every method x layer x coefficient (see `acteng.evaluation.scoring` for the
     effect and the tax).
 
     Pass a `result` to collect cells into (a caller that may be interrupted keeps what was
     scored); `on_cell` is called after each cell, e.g. to save progress. `neutral` texts
-    replace the bundled neutral text for the tax (e.g. text from your own domain).
+    replace the bundled neutral text for the tax (e.g. text from your own domain). With a
+    `test` set (a file, a bundled name or pairs), the vectors are fit on every pair of
+    `pairs` and the effect is measured on `test` (its test split when it marks one) instead
+    of the held-out part; bare and prompted pairs may be mixed across the two, not within.
     `backend` ``"ray"`` extracts on Ray Data and scores the cells on a pool of Ray actors;
     the cells come back in the same order with the same values.
 
@@ -146,12 +156,16 @@ def sweep(
     coefs = check_coefficients(coefficients)
     runner = resolve_backend(backend)
     with runner.session():
-        dataset, test, chosen, vectors = prepare_grid(
-            model, pairs, methods, layers, position, runner
+        dataset, measured, chosen, vectors = prepare_grid(
+            model, pairs, methods, layers, position, runner, test
         )
-        with scoring(model, test, neutral, runner) as scored:
+        with scoring(model, measured, neutral, runner) as scored:
             out = result if result is not None else SweepResult({}, (), (), (), 0.0, 0.0, None)
             out.dataset, out.methods = dataset.provenance(), tuple(methods)
+            out.measured_on = {
+                **measured.provenance(),
+                "effect_measure": effect_measure(measured, test is not None),
+            }
             out.layers, out.coefficients = tuple(chosen), coefs
             out.base_margin, out.base_perplexity = scored.base_margin, scored.base_perplexity
             out.base_p_match = scored.base_p_match

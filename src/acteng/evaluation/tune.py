@@ -8,7 +8,9 @@ coefficient the tax budget allows (down by quarters until one fits, then bisecti
 grid points are candidates too, so the tuned setting is never worse than the best grid
 point on the same data. Effects are measured on the split the choice is made on: an
 optimistic estimate of the winner's effect (report it as such), and the same data for
-every candidate.
+every candidate. With a separate `test` set the effect is measured there instead
+(`acteng.evaluation.splits`); bare pairs (no prompt) are measured as the assistant's answer
+to the neutral user turn `metrics.BARE_PROMPT`.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from acteng.evaluation.scoring import (
     data_frame,
     scoring,
 )
+from acteng.evaluation.splits import effect_measure
 from acteng.evaluation.sweep import prepare_grid
 from acteng.models import Model
 from acteng.pairs import Pairs
@@ -79,6 +82,7 @@ class TuneResult:
                 "p_match": self.base_p_match,
             },
             "selected_on": self.vector.metadata.get("tuning", {}).get("selected_on"),
+            "effect_measure": self.vector.metadata.get("tuning", {}).get("effect_measure"),
             "grid_best": self.grid_best.to_json() if self.grid_best else None,
             "candidates": [c.to_json() for c in self.candidates],
         }
@@ -130,10 +134,13 @@ def tune(
     on_cell: OnCell | None = None,
     neutral: Sequence[str] | None = None,
     backend: BackendChoice = "local",
+    test: Pairs | str | Path | Sequence[Any] | None = None,
 ) -> TuneResult:
     """Choose method, layer(s) and coefficient (see the module docstring); `neutral`
     texts replace the bundled neutral text for the tax. `backend` ``"ray"`` scores the
-    grid cells, then each coefficient search, on a pool of Ray actors: same choice.
+    grid cells, then each coefficient search, on a pool of Ray actors: same choice. With
+    a `test` set (a file, a bundled name or pairs), the vectors are fit on every pair of
+    `pairs` and the choice is made on `test` (its test split when it marks one).
 
     >>> best = acteng.evaluation.tune(model, "sentiment", max_tax=0.05)
     >>> best.vector.save("tuned.safetensors")
@@ -145,11 +152,14 @@ def tune(
     wanted = list(dict.fromkeys(["mean_diff", *methods]))
     runner = resolve_backend(backend)
     with runner.session():
-        _, test, chosen, vectors = prepare_grid(model, pairs, wanted, layers, position, runner)
-        with scoring(model, test, neutral, runner) as scored:
+        _, measured, chosen, vectors = prepare_grid(
+            model, pairs, wanted, layers, position, runner, test
+        )
+        with scoring(model, measured, neutral, runner) as scored:
             return _tune(
                 scored,
-                test,
+                measured,
+                effect_measure(measured, test is not None),
                 chosen,
                 vectors,
                 wanted,
@@ -164,6 +174,7 @@ def tune(
 def _tune(
     scored: Scoring,
     test: Pairs,
+    measure: str,
     chosen: list[int],
     vectors: dict[str, SteeringVector],
     wanted: list[str],
@@ -233,7 +244,7 @@ def _tune(
         "tax": best.tax,
         "max_tax": budget,
         "selected_on": test.provenance(),
-        "effect_measure": "mean log-prob margin shift (nats) on the held-out pairs",
+        "effect_measure": measure,
         "tax_measure": "relative perplexity change on acteng's neutral_text test split",
     }
     return TuneResult(
