@@ -122,19 +122,16 @@ def _choose_layers(
     order = list(range(len(train)))
     random.Random(1).shuffle(order)
     n_val = max(2, len(order) // 4)
-    val_idx = set(order[:n_val])
-    fit = Pairs(tuple(p for i, p in enumerate(train) if i not in val_idx), name=train.name)
-    val = Pairs(tuple(p for i, p in enumerate(train) if i in val_idx), name=train.name)
+    val_idx = torch.tensor(sorted(order[:n_val]))
+    fit_idx = torch.tensor(sorted(order[n_val:]))
     candidates = list(range(model.num_layers))
-    fit_rows = train_rows(model, fit, candidates, region)
-    val_rows = train_rows(model, val, candidates, region)
+    rows = train_rows(model, train, candidates, region)  # one pass; rows follow `train`
     scores: dict[int, float] = {}
     for layer in candidates:
-        pos, neg = fit_rows[layer]
-        direction = METHODS[method](pos, neg)
+        pos, neg = rows[layer]
+        direction = METHODS[method](pos[fit_idx], neg[fit_idx])
         unit = direction / direction.norm().clamp_min(1e-12)
-        vpos, vneg = val_rows[layer]
-        scores[layer] = round(auroc(vpos @ unit, vneg @ unit), 4)
+        scores[layer] = round(auroc(pos[val_idx] @ unit, neg[val_idx] @ unit), 4)
     width = min(WINDOW, len(candidates))
     starts = range(len(candidates) - width + 1)
     best = max(starts, key=lambda s: (sum(scores[x] for x in candidates[s : s + width]), -s))

@@ -188,10 +188,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     model = load_model_from_args(args)
     library = VectorLibrary(settings.home)
-    if settings.guard is not None:  # fail now, not on the first request (or replica)
-        parse_guard(None, settings.guard, Resolver(model, library), settings.limits)
     if args.replicas is not None:
         from acteng.server.replicas import run_replicas
+
+        if settings.guard is not None:  # fail here, not in every replica
+            parse_guard(None, settings.guard, Resolver(model, library), settings.limits)
 
         return run_replicas(model, args.replicas, args.host, args.port, settings)
     engine = Engine(
@@ -201,6 +202,7 @@ def run_serve(args: argparse.Namespace) -> int:
         max_queue=settings.max_queue,
         fixed_batch=settings.fixed_batch,
     )
+    # create_app checks and pins the default guard before serving
     app = create_app(engine, library=library, **settings.app_options())
     print(f"acteng: serving {model.name} on http://{args.host}:{args.port} (playground at /)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")

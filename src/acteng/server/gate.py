@@ -69,8 +69,7 @@ class RequestGate:
             return
         rejected = self._check(scope)
         if rejected is None and scope["method"] in ("POST", "PUT", "PATCH"):
-            limit = MAX_UPLOAD_BYTES if scope["path"] == "/v1/vectors" else MAX_BODY_BYTES
-            messages, rejected = await _read_body(receive, limit)
+            messages, rejected = await _read_body(receive, _body_limit(scope["path"]))
             receive = _replay(messages, receive)
         if rejected is not None:
             await rejected(scope, receive, send)
@@ -125,10 +124,14 @@ class RequestGate:
                     415, "send the body as JSON with 'Content-Type: application/json'"
                 )
         size = headers.get("content-length")
-        limit = MAX_UPLOAD_BYTES if path == "/v1/vectors" else MAX_BODY_BYTES
+        limit = _body_limit(path)
         if size is not None and size.isdigit() and int(size) > limit:
             return error_response(413, f"the body has {size} bytes; the limit is {limit}")
         return None
+
+
+def _body_limit(path: str) -> int:
+    return MAX_UPLOAD_BYTES if path == "/v1/vectors" else MAX_BODY_BYTES
 
 
 def _same(given: str, key: str | None) -> bool:
