@@ -6,13 +6,13 @@ A request asks for monitors in ``SamplingParams.extra_args``::
 
 (names resolved through the vector library, like ``steering``; ``acteng serve --engine
 vllm`` sends the ``monitor`` field and the guard's detector this way). The worker gives
-the request a slot, as for steering, and writes its monitors into a `MonitorTable`, the
-fixed buffers the transformers engine's compiled step reads too: per (layer, column, slot)
-a unit direction and the affine map of `Readout.affine`, so each layer adds its share of
+the request a slot, as for steering, and writes its monitors into fixed buffers: per
+(layer, slot, column) a unit direction scaled by the weight of `Readout.affine` (the
+readout the transformers engine and the library use), so each layer adds its share of
 the mean over the monitor's layers, standardised for a detector. The hook of every decoder
 layer, after steering, writes
 
-    parts[layer, token, k] = weight * (stream . unit) + bias     (gathered by token slot)
+    parts[layer, token, k] = stream . (weight * unit)     (gathered by token slot)
 
 for every token of the step: the same operations whatever the table holds, so the code
 traced into vLLM's compiled graph never changes. After the forward call, `after_step`
@@ -36,15 +36,14 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import torch
 
-from acteng.errors import ActengError, RequestError
+from acteng.errors import ActengError, ConfigError, RequestError
 from acteng.guard import Guard, GuardState
-from acteng.models import Model
-from acteng.server.compiled_step import MonitorTable
+from acteng.monitoring import Readout
 from acteng.server.requests import Limits, parse_steering
 from acteng.server.resolve import Monitored
 from acteng.vllm_engine.requests import ModelShape, resolver_for
@@ -146,29 +145,58 @@ class Span:
     count: int
     position: int  # the first token's position in the request
     columns: int
+    slot: int  # its monitors' slot
 
 
 class RunnerMonitors:
-    """The monitor side of one model runner: table, per-layer parts and filed scores."""
+    """The monitor side of one model runner: directions, per-layer parts and filed scores.
+
+    The score of the monitor in column k of slot s is ``sum over layers of weight *
+    (h . unit) + bias`` (`Readout.affine`, as in the transformers engine's `MonitorTable`).
+    Here the weight is folded into the direction and the biases are summed once, outside
+    the graph, so each layer's hook is one gather and one batched dot product: the hooks
+    run on every step whether or not a request is monitored, so they must stay cheap.
+    """
 
     def __init__(self, shape: ModelShape, *, slots: int, width: int, max_tokens: int) -> None:
+        n, d, size = shape.num_layers, shape.hidden_size, slots + 1
         self.width = width
-        self.table = MonitorTable(cast(Model, shape), slots, width)  # float32 buffers
+        # [layer, slot, column, d]: each monitor's unit direction times its layer weight
+        self.scaled = torch.zeros(n, size, width, d, device=shape.device)
+        self.bias = np.zeros((size, width))  # [slot, column]: the biases summed over layers
         # [layer, token, column]: each layer's share of each token's scores, this step
-        self.parts = torch.zeros(shape.num_layers, max_tokens, width, device=shape.device)
+        self.parts = torch.zeros(n, max_tokens, width, device=shape.device)
         self._step: list[Span] = []
         self._tokens = 0
         # request id -> (first position, [count, columns] scores) chunks not yet taken
         self.filed: dict[str, list[tuple[int, np.ndarray]]] = {}
 
+    def assign(self, slot: int, monitored: Sequence[Monitored]) -> None:
+        """Give `slot` the monitors `monitored` (replacing what it had)."""
+        if len(monitored) > self.width:
+            raise ConfigError(
+                f"{len(monitored)} monitors on one request exceed this vLLM engine's "
+                f"{self.width}; ask for fewer"
+            )
+        self.clear(slot)
+        for k, monitor in enumerate(monitored):
+            readout = Readout(monitor.units, monitor.detector)
+            for layer in readout.layers:
+                weight, bias = readout.affine(layer)
+                unit = readout.units[layer].to(self.scaled.device, torch.float32)
+                self.scaled[layer, slot, k] = unit * weight
+                self.bias[slot, k] += bias
+
+    def clear(self, slot: int) -> None:
+        self.scaled[:, slot] = 0
+        self.bias[slot] = 0
+
     # --- in the graph --------------------------------------------------------------------
     def read(self, layer: int, stream: torch.Tensor, slot: torch.Tensor) -> None:
         """stream: [tokens, d] residual stream after block `layer`; slot: [tokens]."""
-        unit = self.table.unit[layer][:, slot]  # [width, tokens, d]
-        along = torch.einsum("td,ktd->tk", stream.float(), unit)  # [tokens, width]
-        weight = self.table.weight[layer][:, slot].T  # [tokens, width]
-        bias = self.table.bias[layer][:, slot].T
-        self.parts[layer, : stream.shape[0]] = along * weight + bias
+        scaled = self.scaled[layer][slot]  # [tokens, width, d]
+        along = torch.bmm(scaled, stream.float().unsqueeze(-1))  # [tokens, width, 1]
+        self.parts[layer, : stream.shape[0]] = along.squeeze(-1)
 
     # --- per step, outside the graph -----------------------------------------------------
     def plan(self, spans: list[Span], tokens: int) -> None:
@@ -184,7 +212,8 @@ class RunnerMonitors:
         totals = self.parts[:, : self._tokens].sum(0).double().cpu().numpy()  # [tokens, width]
         out = []
         for span in spans:
-            chunk = totals[span.start : span.start + span.count, : span.columns].copy()
+            chunk = totals[span.start : span.start + span.count, : span.columns]
+            chunk = chunk + self.bias[span.slot, : span.columns]
             self.filed.setdefault(span.req_id, []).append((span.position, chunk))
             out.append((span, chunk))
         return out

@@ -214,7 +214,7 @@ class RunnerSteering:
             if parsed is not None:
                 self.table.set(slot, parsed.specs, prompt_len=prompt_len)
             if items and self.monitors is not None:
-                self.monitors.table.set(slot, parse_monitors(items, self.shape, self.home))
+                self.monitors.assign(slot, parse_monitors(items, self.shape, self.home))
             self._key_slot[key] = slot
         self._users[slot] = self._users.get(slot, 0) + 1
         return slot
@@ -231,7 +231,9 @@ class RunnerSteering:
             if computed is None:
                 raise RuntimeError("acteng: monitors need each request's computed tokens")
             start, end = int(query_start_loc[i]), int(query_start_loc[i + 1])
-            spans.append(Span(req_id, start, end - start, int(computed[i]), columns))
+            spans.append(
+                Span(req_id, start, end - start, int(computed[i]), columns, self.slot_of[req_id])
+            )
         self.monitors.plan(spans, int(query_start_loc[len(req_ids)]))
 
     def after_step(self) -> None:
@@ -270,7 +272,7 @@ class RunnerSteering:
             del self._users[slot]
             self.table.clear(slot)
             if self.monitors is not None:
-                self.monitors.table.clear(slot)
+                self.monitors.clear(slot)
             self._key_slot = {k: s for k, s in self._key_slot.items() if s != slot}
             self._free.append(slot)
 
