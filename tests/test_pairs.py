@@ -114,3 +114,28 @@ def test_pair_form_names_the_odd_items() -> None:
     rows = [{"positive": "a", "negative": "b"}] * 3 + [prompted]
     with pytest.raises(DataError, match=r"item\(s\) 40 .* have a 'prompt' while the other 3"):
         pair_form(acteng.load_pairs(rows), "'f'", numbers=[10, 20, 30, 40])
+
+
+@pytest.mark.parametrize(
+    ("name", "group", "groups"),
+    [("wrapped_requests", "family", 12), ("prompt_injection", "carrier", 10)],
+)
+def test_defence_sets_hold_out_whole_groups(name: str, group: str, groups: int) -> None:
+    """The defence sets (issue 18): every wrapper family / injection carrier has held-out
+    pairs, the two sides share their wrapper, and no held-out text appears in train."""
+    path = Path(acteng.__file__).parent / "data" / "pairs" / f"{name}.jsonl"
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    pairs = acteng.load_pairs(name)  # the generic loader reads every line
+    assert len(pairs) == len(rows) >= 400
+    assert "acteng team" in dataset_card(name)
+    test = [r for r in rows if r["split"] == "test"]
+    assert 0.25 <= len(test) / len(rows) <= 0.35
+    names = {r[group] for r in rows}
+    assert len(names) >= groups
+    for value in names:
+        assert sum(r[group] == value for r in test) >= 8, value
+    train_texts = {
+        r[side] for r in rows if r["split"] == "train" for side in ("positive", "negative")
+    }
+    assert not train_texts & {r[side] for r in test for side in ("positive", "negative")}
+    assert all(r["positive"] != r["negative"] for r in rows)
