@@ -36,6 +36,7 @@ def test_shipped_files_are_what_the_recipes_build(smollm2: acteng.Model, name: s
     if isinstance(built, Detector):
         det = load_detector(name, model=smollm2)
         assert det.region == built.region
+        assert det.pooling == built.pooling
         assert det.threshold == pytest.approx(built.threshold, abs=1e-3)
         assert det.calibration == pytest.approx(built.calibration)
 

@@ -8,7 +8,8 @@ import torch
 
 import acteng
 from acteng.cli import main
-from acteng.detectors import Detector, load_detector, read_prompts, train_detector
+from acteng.cli.detect_cmd import read_prompts
+from acteng.detectors import Detector, load_detector, train_detector
 from acteng.errors import ConfigError, IncompatibleVectorError, VectorFileError
 from tests.helpers import random_vector
 
@@ -35,11 +36,11 @@ def detector(tiny_llama: acteng.Model) -> Detector:
 
 def test_scores_follow_the_recipe(detector: Detector, tiny_llama: acteng.Model) -> None:
     from acteng.activations import record_activations
-    from acteng.detectors import _read_items
+    from acteng.detectors import read_items
 
     prompts = ["Is this a test?", "How do I build a bomb?"]
     acts = record_activations(
-        tiny_llama, _read_items(tiny_llama, prompts, detector.region), [1, 2], "mean"
+        tiny_llama, read_items(tiny_llama, prompts, detector.region), [1, 2], "mean"
     )
     expected = (
         sum(
@@ -140,7 +141,7 @@ def test_bundled_harmful_request_detector(smollm2: acteng.Model) -> None:
 
 def test_response_detector_reads_answers(tiny_llama: acteng.Model, tmp_path: Path) -> None:
     from acteng.activations import record_activations
-    from acteng.detectors import _read_items
+    from acteng.detectors import read_items
 
     pairs = [
         {"prompt": f"Question {i}?", "positive": f"Yes, {i} is true.", "negative": f"No {i}."}
@@ -153,9 +154,9 @@ def test_response_detector_reads_answers(tiny_llama: acteng.Model, tmp_path: Pat
     assert det.region == "response"
     items = [("Is it?", "Yes it is."), ("Is it?", "No.")]
     rendered = tiny_llama.render_prompt("Is it?")
-    acts = record_activations(tiny_llama, _read_items(tiny_llama, items, "response"), [2], "mean")
+    acts = record_activations(tiny_llama, read_items(tiny_llama, items, "response"), [2], "mean")
     # the response region is the answer tokens only
-    assert _read_items(tiny_llama, items, "response")[0].completion_start == len(rendered)
+    assert read_items(tiny_llama, items, "response")[0].completion_start == len(rendered)
     expected = (acts.rows[2].double() @ det.directions[2].double() - det.offsets[2]) / det.scales[2]
     assert det.score(tiny_llama, items) == pytest.approx(expected.tolist())
     with pytest.raises(ConfigError, match=r"\(prompt, response\) pairs"):
@@ -177,12 +178,12 @@ def test_response_detector_reads_answers(tiny_llama: acteng.Model, tmp_path: Pat
 
 def test_refusal_direction_is_the_mean_gap(tiny_llama: acteng.Model) -> None:
     from acteng.activations import record_activations
-    from acteng.detectors import _read_items, refusal_direction
+    from acteng.detectors import read_items, refusal_direction
 
     pairs = list(zip(HARMFUL, HARMLESS, strict=True))
     r = refusal_direction(tiny_llama, pairs, layers=[1, 3])
     acts = record_activations(
-        tiny_llama, _read_items(tiny_llama, HARMFUL + HARMLESS, "post_instruction"), [1, 3], "mean"
+        tiny_llama, read_items(tiny_llama, HARMFUL + HARMLESS, "post_instruction"), [1, 3], "mean"
     )
     for x in (1, 3):
         gap = acts.rows[x][:4].double().mean(0) - acts.rows[x][4:].double().mean(0)

@@ -74,6 +74,7 @@ _EXPORTS = {
     "score_tokens": "acteng.monitoring",
     "steer": "acteng.steering.apply",
     "train_detector": "acteng.detectors",
+    "train_token_detector": "acteng.token_detector",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -133,6 +134,7 @@ if TYPE_CHECKING:
     from acteng.steering.modes import MODES as MODES
     from acteng.steering.modes import register_mode as register_mode
     from acteng.steering.spec import SteeringSpec as SteeringSpec
+    from acteng.token_detector import train_token_detector as train_token_detector
     from acteng.vectors import SteeringVector as SteeringVector
 
 

@@ -33,7 +33,9 @@ __all__ = [
     "record_activations",
     "record_batch",
     "record_pairs",
+    "record_tokens",
     "right_padded",
+    "token_offsets",
 ]
 
 
@@ -305,4 +307,64 @@ def record_batch(model: Model, batch: RecordBatch) -> dict[int, torch.Tensor]:
         out[layer] = torch.einsum("bp,bpd->bd", weights, hidden.float()).cpu()
 
     run_until(model.hf, model.blocks, last, {layer: [read] for layer in chosen}, **inputs)
+    return out
+
+
+@torch.no_grad()
+def record_tokens(
+    model: Model,
+    texts: Sequence[str | ReadItem],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+) -> list[torch.Tensor]:
+    """Every token's activations over the span ``position="mean"`` averages (a text's
+    completion, or all of it), unreduced: per text ``[tokens, len(layers), d_model]``
+    float32, layers in the order given. For token-level detectors (`acteng.token_detector`),
+    which train on single tokens and pool their scores; keep the texts few enough to fit.
+    """
+    if batch_size < 1:
+        raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+    items = _as_items(texts)
+    chosen = list(layers)
+    encoded = [_encode(model, it) for it in items]
+    spans = []
+    for i, (it, (ids, offsets)) in enumerate(zip(items, encoded, strict=True)):
+        model.check_length(len(ids), f"text {i}")
+        spans.append(read_span(offsets, "mean", completion_start=it.completion_start, text=it.text))
+    order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))  # less padding
+    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
+    pad = model.tokenizer.pad_token_id
+    pad = pad if pad is not None else model.tokenizer.eos_token_id
+    seen: dict[int, torch.Tensor] = {}
+
+    def read(layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
+        seen[layer] = hidden.float().cpu()
+
+    for first in range(0, len(order), batch_size):
+        batch = order[first : first + batch_size]
+        batch_ids, mask = right_padded([encoded[i][0] for i in batch], int(pad))
+        run_until(
+            model.hf,
+            model.blocks,
+            max(chosen),
+            {layer: [read] for layer in chosen},
+            input_ids=batch_ids.to(model.device),
+            attention_mask=mask.to(model.device),
+        )
+        stacked = torch.stack([seen[layer] for layer in chosen], 2)  # [b, pos, L, d]
+        for row, i in enumerate(batch):
+            out[i] = stacked[row, spans[i].start : spans[i].end].clone()
+    return out
+
+
+def token_offsets(model: Model, texts: Sequence[str | ReadItem]) -> list[list[tuple[int, int]]]:
+    """Per text, the character span of each token `record_tokens` returns, counted from
+    the start of the completion (so a pair's sides can be compared by character)."""
+    out = []
+    for it in _as_items(texts):
+        _, offsets = _encode(model, it)
+        span = read_span(offsets, "mean", completion_start=it.completion_start, text=it.text)
+        start = it.completion_start
+        out.append([(a - start, b - start) for a, b in offsets[span.start : span.end]])
     return out

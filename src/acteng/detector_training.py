@@ -28,6 +28,8 @@ from acteng.layer_selection import parse_layers
 from acteng.methods import METHODS
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
+from acteng.pooling import parse_pooling
+from acteng.token_detector import TOKEN_REGIONS, train_token_detector
 from acteng.vectors import SteeringVector
 
 __all__ = ["DetectorFit", "check_detector_pairs", "fit_detector"]
@@ -63,10 +65,22 @@ class DetectorFit:
         }
 
 
-def check_detector_pairs(pairs: Pairs | str | Path | Sequence[Any], region: str) -> Pairs:
+def check_detector_pairs(
+    pairs: Pairs | str | Path | Sequence[Any],
+    region: str,
+    *,
+    pooling: str = "mean",
+    method: str = "probe",
+) -> Pairs:
     """The pairs, split for training, or a clear error: runs no model."""
     if region not in READ_REGIONS:
         raise ConfigError(f"unknown region {region!r}; use one of {', '.join(READ_REGIONS)}")
+    if parse_pooling(pooling) and (region not in TOKEN_REGIONS or method != "probe"):
+        raise ConfigError(
+            f"pooling {pooling!r} trains a token-level probe on the user's prompt: use "
+            f"--region prompt and --method probe (got region {region!r}, method {method!r}), "
+            "or pooling 'mean'"
+        )
     dataset = load_pairs(pairs)
     if len(dataset) == 0:
         raise DataError(f"{dataset.name}: no pairs; a detector needs positive/negative pairs")
@@ -146,6 +160,7 @@ def fit_detector(
     method: str = "probe",
     region: str = "post_instruction",
     target_fpr: float = 0.05,
+    pooling: str = "mean",
 ) -> DetectorFit:
     """Fit and calibrate a detector; layers ``"auto"`` are chosen on the train split only.
 
@@ -156,16 +171,21 @@ def fit_detector(
         raise ConfigError(f"detector method must be mean_diff, pca or probe, got {method!r}")
     if not 0.0 <= target_fpr < 1.0:
         raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
-    dataset = check_detector_pairs(pairs, region)
+    dataset = check_detector_pairs(pairs, region, pooling=pooling, method=method)
     train, test = dataset.split("train"), dataset.split("test")
     validation: dict[int, float] = {}
     if layers == "auto":
         chosen, validation = _choose_layers(model, train, method, region)
     else:
         chosen = tuple(parse_layers(model, layers))
-    detector = train_detector(
-        model, dataset, list(chosen), method=method, region=region, target_fpr=target_fpr
-    )
+    if parse_pooling(pooling):
+        detector = train_token_detector(
+            model, dataset, list(chosen), pooling=pooling, region=region, target_fpr=target_fpr
+        )
+    else:
+        detector = train_detector(
+            model, dataset, list(chosen), method=method, region=region, target_fpr=target_fpr
+        )
     pos, neg = sides(test, region)
     pos_scores = torch.tensor(detector.score(model, pos), dtype=torch.float64)
     neg_scores = torch.tensor(detector.score(model, neg), dtype=torch.float64)
@@ -183,6 +203,7 @@ def fit_detector(
     meta["training"] = {
         "layers": "auto (best 3 consecutive by validation AUROC)" if validation else "given",
         "target_fpr": target_fpr,
+        "pooling": pooling,
         **fit.summary(),
     }
     directions = SteeringVector(dict(detector.directions.directions), meta)

@@ -4,7 +4,11 @@ A detector scores a prompt by reading the residual stream at chosen layers over 
 of the chat-rendered prompt (``post_instruction``: the template tokens after the user's
 text, where a chat model has "read" the request; or ``prompt``: the user's text), taking
 the mean, projecting it on each layer's unit direction, standardising per layer (offset
-and scale learned from the training pairs) and averaging over layers. The threshold is the
+and scale learned from the training pairs) and averaging over layers. A detector with
+``pooling="top<k>"`` (or ``"max"``) scores every token of the region that way instead and
+takes the mean of its k highest scores, so a few tokens of a request are not averaged
+away by a long wrapper around them (`acteng.token_detector` trains such detectors on the
+request's own tokens). The threshold is the
 ``1 - target_fpr`` quantile of scores on held-out negatives, recorded with the calibration
 in the file's metadata. Files are vector files (``layers.{i}``) whose metadata carries a
 ``detector`` entry, so the library stores them like vectors.
@@ -12,7 +16,6 @@ in the file's metadata. Files are vector files (``layers.{i}``) whose metadata c
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Sequence
@@ -28,12 +31,13 @@ from acteng.layer_selection import parse_layers
 from acteng.methods import METHODS
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
+from acteng.pooling import parse_pooling, token_scores, top_mean
 from acteng.vectors import SteeringVector
 
 __all__ = [
     "Detector",
     "load_detector",
-    "read_prompts",
+    "read_items",
     "refusal_direction",
     "sides",
     "train_detector",
@@ -50,7 +54,9 @@ MAX_OFFSET = 1e12
 Scored = str | tuple[str, str]
 
 
-def _read_items(model: Model, texts: Sequence[Scored], region: str) -> list[ReadItem]:
+def read_items(model: Model, texts: Sequence[Scored], region: str) -> list[ReadItem]:
+    """What a detector reading `region` records for each text: the rendered prompt (and
+    response) with where the read region starts."""
     items = []
     for i, text in enumerate(texts):
         if region == "response":
@@ -89,6 +95,10 @@ class Detector:
     threshold: float
     region: str = "post_instruction"
     calibration: dict[str, Any] = field(default_factory=dict)
+    pooling: str = "mean"  # "mean", "max" or "top<k>" (see the module docstring)
+
+    def __post_init__(self) -> None:
+        parse_pooling(self.pooling)
 
     @property
     def layers(self) -> tuple[int, ...]:
@@ -108,9 +118,13 @@ class Detector:
         self.directions.check_compatible(model)
         if not prompts:
             raise ConfigError("no prompts to score; give at least one")
+        top = parse_pooling(self.pooling)
+        if top:
+            tokens = self.token_scores(model, prompts, batch_size=batch_size)
+            return [top_mean(t, top) for t in tokens]
         acts = record_activations(
             model,
-            _read_items(model, prompts, self.region),
+            read_items(model, prompts, self.region),
             list(self.layers),
             "mean",
             batch_size=batch_size,
@@ -120,6 +134,16 @@ class Detector:
             projection = acts.rows[layer].double() @ self.directions[layer].double()
             total += self.standardise(layer, projection)
         return (total / len(self.layers)).tolist()
+
+    def token_scores(
+        self, model: Model, prompts: Sequence[Scored], *, batch_size: int = 16
+    ) -> list[torch.Tensor]:
+        """Per prompt, every token's score over the detector's region (float64)."""
+        self.directions.check_compatible(model)
+        items = read_items(model, prompts, self.region)
+        layers = list(self.layers)
+        affine = [(self.directions[x], self.offsets[x], self.scales[x]) for x in layers]
+        return token_scores(model, items, layers, affine, batch_size=batch_size)
 
     def flag(self, model: Model, prompts: Sequence[Scored]) -> list[bool]:
         return [s > self.threshold for s in self.score(model, prompts)]
@@ -160,6 +184,8 @@ class Detector:
             "region": self.region,
             "calibration": self.calibration,
         }
+        if self.pooling != "mean":  # files of mean-pooled detectors stay as they were
+            meta["detector"]["pooling"] = self.pooling
         return SteeringVector(dict(self.directions.directions), meta)
 
     def save(self, path: str | os.PathLike[str]) -> Path:
@@ -178,7 +204,9 @@ class Detector:
             scales = {int(k): float(v) for k, v in spec["scales"].items()}
             threshold = float(spec["threshold"])
             region = str(spec["region"])
-        except (KeyError, TypeError, ValueError) as exc:
+            pooling = spec.get("pooling", "mean")
+            parse_pooling(pooling)
+        except (KeyError, TypeError, ValueError, ConfigError) as exc:
             raise VectorFileError(f"{source}: malformed detector metadata ({exc})") from exc
         if set(offsets) != set(vector.layers) or set(scales) != set(vector.layers):
             raise VectorFileError(f"{source}: detector offsets/scales do not match its layers")
@@ -200,7 +228,8 @@ class Detector:
                 f"and offsets and threshold in [-{MAX_OFFSET:g}, {MAX_OFFSET:g}]; retrain or "
                 "recalibrate it"
             )
-        return cls(vector, offsets, scales, threshold, region, dict(spec.get("calibration") or {}))
+        calibration = dict(spec.get("calibration") or {})
+        return cls(vector, offsets, scales, threshold, region, calibration, pooling)
 
 
 def train_detector(
@@ -323,9 +352,7 @@ def train_rows(
     (the whole dataset when it has no split), float64."""
     train = dataset.split("train") if any(p.split == "test" for p in dataset) else dataset
     pos_text, neg_text = sides(train, region)
-    acts = record_activations(
-        model, _read_items(model, pos_text + neg_text, region), layers, "mean"
-    )
+    acts = record_activations(model, read_items(model, pos_text + neg_text, region), layers, "mean")
     n = len(pos_text)
     return {x: (acts.rows[x][:n].double(), acts.rows[x][n:].double()) for x in layers}
 
@@ -346,38 +373,3 @@ def load_detector(source: str | os.PathLike[str], *, model: Model | None = None)
 
     vector = load_vector(source, model=model, what="detector")
     return Detector.from_vector(vector, source=os.fspath(source))
-
-
-def read_prompts(path: str | os.PathLike[str], *, with_responses: bool = False) -> list[Scored]:
-    """Prompts from a JSONL file with a "prompt" field per line.
-
-    With `with_responses`, each line also needs a "response" field and the items are
-    (prompt, response) pairs, what a ``response`` detector scores.
-    """
-    source = Path(path)
-    if not source.is_file():
-        raise ConfigError(f"no prompts file at {source}")
-    try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text ({exc}); save it as UTF-8") from exc
-    fields = ("prompt", "response") if with_responses else ("prompt",)
-    items: list[Scored] = []
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{source} line {lineno}: invalid JSON ({exc.msg})") from exc
-        missing = [
-            f for f in fields if not isinstance(record, dict) or not isinstance(record.get(f), str)
-        ]
-        if missing:
-            raise ConfigError(
-                f"{source} line {lineno}: needs string field(s) {', '.join(map(repr, missing))}"
-            )
-        items.append((record["prompt"], record["response"]) if with_responses else record["prompt"])
-    if not items:
-        raise ConfigError(f"{source} has no prompts; write one JSON object per line")
-    return items

@@ -170,14 +170,15 @@ def _check_metric(metric: str) -> None:
 def score_tokens(
     model: Model,
     texts: str | Sequence[str],
-    vector: SteeringVector,
+    vector: SteeringVector | Detector,
     *,
     layers: int | str | Sequence[int] | None = None,
     metric: str = "projection",
     chat: bool = False,
     batch_size: int = 16,
 ) -> list[TokenScores]:
-    """Score every token of `texts` along `vector` (chat=True renders each as a user turn).
+    """Score every token of `texts` along `vector` (chat=True renders each as a user turn);
+    given a `Detector`, each token's score is on its threshold's scale.
 
     >>> [scores] = acteng.score_tokens(model, "I am so happy today", vector, layers=[8])
     >>> list(zip(scores.tokens, scores.aggregate))
@@ -205,7 +206,10 @@ def score_tokens(
             _ctx: ForwardContext,
             scores: dict[int, torch.Tensor] = scores,
         ) -> None:
-            scores[layer] = readout.project(layer, hidden, metric).float().cpu()
+            values = readout.project(layer, hidden, metric).double().cpu()
+            if metric == "projection":  # a detector's projections on its threshold's scale
+                values = readout.standardise(layer, values)
+            scores[layer] = values.float()
 
         run_until(
             model.hf,

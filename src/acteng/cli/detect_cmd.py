@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 from acteng.cli.common import add_model_args, print_json
+from acteng.detectors import Scored
+from acteng.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -25,7 +30,7 @@ def register(sub: Any) -> None:
 
 def run_detect(args: argparse.Namespace) -> int:
     from acteng.cli.common import load_model_from_args
-    from acteng.detectors import load_detector, read_prompts
+    from acteng.detectors import load_detector
 
     model = load_model_from_args(args)
     detector = load_detector(args.detector, model=model)
@@ -44,3 +49,38 @@ def run_detect(args: argparse.Namespace) -> int:
             f"(threshold {detector.threshold:.3f})"
         )
     return 0
+
+
+def read_prompts(path: str | os.PathLike[str], *, with_responses: bool = False) -> list[Scored]:
+    """Prompts from a JSONL file with a "prompt" field per line.
+
+    With `with_responses`, each line also needs a "response" field and the items are
+    (prompt, response) pairs, what a ``response`` detector scores.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise ConfigError(f"no prompts file at {source}")
+    try:
+        lines = source.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{source}: not UTF-8 text ({exc}); save it as UTF-8") from exc
+    fields = ("prompt", "response") if with_responses else ("prompt",)
+    items: list[Scored] = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ConfigError(f"{source} line {lineno}: invalid JSON ({exc.msg})") from exc
+        missing = [
+            f for f in fields if not isinstance(record, dict) or not isinstance(record.get(f), str)
+        ]
+        if missing:
+            raise ConfigError(
+                f"{source} line {lineno}: needs string field(s) {', '.join(map(repr, missing))}"
+            )
+        items.append((record["prompt"], record["response"]) if with_responses else record["prompt"])
+    if not items:
+        raise ConfigError(f"{source} has no prompts; write one JSON object per line")
+    return items

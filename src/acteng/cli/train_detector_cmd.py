@@ -30,6 +30,14 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--layers", default="auto", help="'auto' (default) or layers, e.g. 12,13")
     p.add_argument("--method", default="probe", choices=("probe", "mean_diff", "pca"))
+    p.add_argument(
+        "--pooling",
+        default="mean",
+        help="'mean' (default: the region's mean activation) or 'max' / 'top<k>' (e.g. top8): "
+        "a token-level probe trained on the tokens where each positive differs from its "
+        "negative, scored by its k highest tokens (region 'prompt', method 'probe'); reads a "
+        "request inside a long wrapper",
+    )
     p.add_argument("--target-fpr", type=float, default=0.05, help="held-out negatives flagged")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
     p.add_argument("--json", action="store_true")
@@ -48,7 +56,8 @@ def run_train_detector(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} exists; choose another file or add --force")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
-    check_detector_pairs(args.pairs, args.region)  # every input check before the model loads
+    # every input check before the model loads
+    check_detector_pairs(args.pairs, args.region, pooling=args.pooling, method=args.method)
     model = load_model_from_args(args)
     fit = fit_detector(
         model,
@@ -57,6 +66,7 @@ def run_train_detector(args: argparse.Namespace) -> int:
         method=args.method,
         region=args.region,
         target_fpr=args.target_fpr,
+        pooling=args.pooling,
     )
     fit.detector.save(out)  # written only once everything has worked
     summary = {"out": str(out), **fit.summary()}

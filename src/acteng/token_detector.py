@@ -1,0 +1,219 @@
+"""Token-level detectors: trained on the request's own tokens, read with top-k pooling.
+
+A mean-pooled detector (`acteng.detectors.train_detector`) learns from each prompt's mean
+activation. Wrap harmful and harmless requests in the same jailbreak framing (role-play,
+fiction, a long chatty preamble) and that mean is mostly the wrapper: the detector then
+reads the wrapper, flagging harmless role-play and missing wrapped harmful requests.
+
+`train_token_detector` trains on single tokens instead. For each pair, the positive's
+tokens inside the characters where it differs from its negative (the request, when the
+two sides share a wrapper) are the positive class; every token of the negative, and the
+positive's shared wrapper tokens, are the negative class. One logistic probe over the
+concatenated layers (class-balanced, L2-penalised on standardised features) scores each
+token; a prompt's score is the mean of its k highest token scores (``pooling="top<k>"``),
+so the request is read wherever it sits. The probe is stored as an ordinary detector
+(per-layer unit directions, offsets and scales whose layer average equals the probe's
+logit), so monitors, guards and servers read its per-token scores unchanged.
+
+Pairs should be matched (same wrapper, different request) for the labels to pick out the
+request; for unmatched pairs the differing span is most of the positive, which still works.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from acteng.activations import record_tokens, token_offsets
+from acteng.detectors import SCALE_RANGE, Detector, read_items, sides
+from acteng.errors import ConfigError
+from acteng.layer_selection import parse_layers
+from acteng.models import Model
+from acteng.pairs import ContrastivePair, Pairs, load_pairs
+from acteng.pooling import parse_pooling
+from acteng.vectors import SteeringVector
+
+__all__ = ["differing_span", "train_token_detector"]
+
+TOKEN_REGIONS = ("prompt",)
+
+
+def differing_span(text: str, other: str) -> tuple[int, int]:
+    """The characters [start, end) of `text` that differ from `other` (after their
+    common prefix and before their common suffix)."""
+    limit = min(len(text), len(other))
+    start = 0
+    while start < limit and text[start] == other[start]:
+        start += 1
+    tail = 0
+    while tail < limit - start and text[-1 - tail] == other[-1 - tail]:
+        tail += 1
+    return start, len(text) - tail
+
+
+def _token_labels(model: Model, pairs: Sequence[ContrastivePair]) -> list[torch.Tensor]:
+    """Per text of ``positives + negatives``, 1 for the positive's tokens that overlap the
+    characters where it differs from its negative, else 0."""
+    positives = [p.positive for p in pairs]
+    negatives = [p.negative for p in pairs]
+    items = read_items(model, positives + negatives, "prompt")
+    labels = []
+    for i, offsets in enumerate(token_offsets(model, items)):
+        if i >= len(pairs):
+            labels.append(torch.zeros(len(offsets)))
+            continue
+        lo, hi = differing_span(positives[i], negatives[i])
+        labels.append(torch.tensor([1.0 if b > lo and a < hi else 0.0 for a, b in offsets]))
+    return labels
+
+
+def _fit_probe(
+    x: torch.Tensor, y: torch.Tensor, l2: float, steps: int
+) -> tuple[torch.Tensor, float]:
+    """Class-balanced L2 logistic regression on standardised `x`; (w, b) in raw units."""
+    mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
+    z = (x - mu) / sigma
+    positive_weight = (len(y) - y.sum()) / y.sum()
+    w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
+    b = torch.zeros((), dtype=x.dtype, requires_grad=True)
+    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
+
+    def closure() -> torch.Tensor:
+        optimizer.zero_grad()
+        logits = z @ w + b
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, y, pos_weight=positive_weight
+        )
+        loss = loss + l2 * (w * w).sum() / len(y)
+        loss.backward()  # type: ignore[no-untyped-call]
+        return loss
+
+    with torch.enable_grad():
+        optimizer.step(closure)  # type: ignore[no-untyped-call]
+    raw = w.detach().double() / sigma.double()
+    return raw, float(b.detach()) - float(raw @ mu.double())
+
+
+def _as_detector(
+    w: torch.Tensor, b: float, layers: list[int], d: int, region: str, pooling: str
+) -> Detector:
+    """The probe logit ``sum_l w_l . h_l + b`` as a detector: the layer average of
+    ``(h_l . u_l - offset_l) / scale_l`` with u_l = w_l / |w_l|, scale_l = 1 / (L |w_l|)
+    and offset_l = -b / (L |w_l|) is exactly that logit."""
+    n = len(layers)
+    units, offsets, scales = {}, {}, {}
+    for i, layer in enumerate(layers):
+        part = w[i * d : (i + 1) * d]
+        norm = float(part.norm())
+        scale = 1.0 / (n * norm) if norm > 0 else float("inf")
+        if not SCALE_RANGE[0] <= scale <= SCALE_RANGE[1]:
+            raise ConfigError(
+                f"the token probe gives layer {layer} no usable weight (norm {norm:.3g}); "
+                "drop that layer or lower l2"
+            )
+        units[layer] = (part / norm).float()
+        scales[layer] = scale
+        offsets[layer] = -b * scale
+    vector = SteeringVector(units, {})
+    return Detector(vector, offsets, scales, threshold=0.0, region=region, pooling=pooling)
+
+
+def _validation_cut(train: Pairs, share: float, seed: int) -> tuple[Pairs, Pairs]:
+    order = list(range(len(train)))
+    random.Random(seed).shuffle(order)
+    held = set(order[: max(1, round(len(order) * share))])
+    fit = tuple(p for i, p in enumerate(train) if i not in held)
+    cut = tuple(p for i, p in enumerate(train) if i in held)
+    return Pairs(fit, name=f"{train.name}:fit"), Pairs(cut, name=f"{train.name}:calibration")
+
+
+def train_token_detector(
+    model: Model,
+    pairs: Pairs | str | Path | Sequence[Any],
+    layers: int | str | Sequence[int],
+    *,
+    pooling: str = "top8",
+    region: str = "prompt",
+    l2: float = 1000.0,
+    steps: int = 200,
+    target_fpr: float = 0.05,
+    calibrate_on: str = "test",
+    seed: int = 0,
+    batch_size: int = 16,
+) -> Detector:
+    """Train a token-level detector on bare prompt pairs; see the module docstring.
+
+    The threshold is calibrated on held-out negatives: the pairs' ``test`` split
+    (`calibrate_on="test"`), or a seeded 25 % of the train pairs kept out of fitting
+    (``"validation"``), which leaves the test split untouched for measuring.
+
+    >>> det = acteng.train_token_detector(model, "harmful_requests", layers=[8, 12, 16])
+    """
+    if region not in TOKEN_REGIONS:
+        raise ConfigError(
+            f"token-level detectors read the user's prompt tokens: region must be one of "
+            f"{TOKEN_REGIONS}, got {region!r}"
+        )
+    if parse_pooling(pooling) == 0:
+        raise ConfigError("a token-level detector pools token scores: use 'max' or 'top<k>'")
+    if calibrate_on not in ("test", "validation"):
+        raise ConfigError(f"calibrate_on must be 'test' or 'validation', got {calibrate_on!r}")
+    if not 0.0 <= target_fpr < 1.0:
+        raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    if l2 < 0 or steps < 1:
+        raise ConfigError(f"l2 must be >= 0 and steps >= 1, got l2={l2}, steps={steps}")
+    dataset = load_pairs(pairs)
+    prompted = [i for i, p in enumerate(dataset) if p.prompt is not None]
+    if prompted:
+        raise ConfigError(
+            f"token-level detectors train on bare prompts (no 'prompt' field); items "
+            f"{prompted[:5]} have one"
+        )
+    same = [i for i, p in enumerate(dataset) if p.positive.strip() == p.negative.strip()]
+    if same:
+        raise ConfigError(f"pairs {same[:5]} have the same text on both sides")
+    has_test = any(p.split == "test" for p in dataset)
+    train = dataset.split("train") if has_test else dataset
+    if calibrate_on == "validation":
+        train, held = _validation_cut(train, 0.25, seed)
+        negatives = sides(held, region)[1]
+        source = f"{dataset.name}: seeded 25 % of the train negatives, kept out of fitting"
+    else:
+        if not has_test:
+            raise ConfigError(
+                "the pairs have no 'test' split to calibrate on: mark some 'split': 'test' "
+                "or use calibrate_on='validation'"
+            )
+        negatives = sides(dataset.split("test"), region)[1]
+        source = f"{dataset.name}:test negatives"
+    if len(train) < 4:
+        raise ConfigError(f"{len(train)} pairs to fit on; give at least 4")
+    chosen = parse_layers(model, layers)
+    texts = [p.positive for p in train] + [p.negative for p in train]
+    rows = record_tokens(model, read_items(model, texts, region), chosen, batch_size=batch_size)
+    labels = _token_labels(model, list(train))
+    x = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32
+    del rows
+    y = torch.cat(labels)
+    if y.sum() == 0:
+        raise ConfigError("no positive tokens: every positive equals its negative")
+    w, b = _fit_probe(x, y, l2, steps)
+    detector = _as_detector(w, b, chosen, model.hidden_size, region, pooling)
+    vector = SteeringVector(
+        dict(detector.directions.directions),
+        {
+            "model": model.identity(),
+            "method": "token_probe",
+            "read_position": region,
+            "normalize": "unit",
+            "dataset": dataset.provenance(),
+            "token_probe": {"l2": l2, "steps": steps, "pooling": pooling, "seed": seed},
+        },
+    )
+    detector = replace(detector, directions=vector)
+    return detector.calibrate(model, negatives, target_fpr, source=source)
