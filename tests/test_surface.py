@@ -65,6 +65,7 @@ def test_all_is_pinned() -> None:
         "steer",
         "sweep",
         "train_detector",
+        "train_token_detector",
         "tune",
     ]
     for name in acteng.__all__:

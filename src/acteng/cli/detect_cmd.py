@@ -6,11 +6,13 @@ import argparse
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from acteng.cli.common import add_model_args, print_json
-from acteng.detectors import Scored
 from acteng.errors import ConfigError
+
+if TYPE_CHECKING:  # acteng.detectors imports torch; `acteng --help` must not
+    from acteng.detectors import Scored
 
 
 def register(sub: Any) -> None:
