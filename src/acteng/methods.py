@@ -72,15 +72,17 @@ def pca(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     return _scaled_to_mean_diff(vh[0], pos, neg)
 
 
-@register_method("probe")
-def probe(
-    pos: torch.Tensor, neg: torch.Tensor, *, l2: float = 1e-2, steps: int = 100
-) -> torch.Tensor:
-    if pos.shape[0] < 2:
-        raise ConfigError("probe needs at least 2 pairs; use 'actadd' for a single pair")
-    x = torch.cat([pos, neg])  # [2N, d]
-    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(x)
-    # Standardise so the penalty and LBFGS behave the same at every layer's scale.
+def fit_logistic(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    *,
+    l2: float,
+    steps: int,
+    positive_weight: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, float]:
+    """L2-penalised logistic regression of `y` on `x` (LBFGS); returns (w, b) on x's own
+    scale, logit = x @ w + b. Features are standardised first so the penalty and LBFGS
+    behave the same at every layer's scale; `positive_weight` weighs the positive class."""
     mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
     z = (x - mu) / sigma
     w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
@@ -90,14 +92,28 @@ def probe(
     def closure() -> torch.Tensor:
         optimizer.zero_grad()
         logits = z @ w + b
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, y)
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(
+            logits, y, pos_weight=positive_weight
+        )
         loss = loss + l2 * (w * w).sum() / len(y)
         loss.backward()  # type: ignore[no-untyped-call]
         return loss
 
     with torch.enable_grad():
         optimizer.step(closure)  # type: ignore[no-untyped-call]
-    direction = w.detach() / sigma  # back to raw activation space
+    raw = w.detach() / sigma  # back to x's scale
+    return raw, float(b.detach()) - float(raw @ mu)
+
+
+@register_method("probe")
+def probe(
+    pos: torch.Tensor, neg: torch.Tensor, *, l2: float = 1e-2, steps: int = 100
+) -> torch.Tensor:
+    if pos.shape[0] < 2:
+        raise ConfigError("probe needs at least 2 pairs; use 'actadd' for a single pair")
+    x = torch.cat([pos, neg])  # [2N, d]
+    y = torch.cat([torch.ones(len(pos)), torch.zeros(len(neg))]).to(x)
+    direction, _ = fit_logistic(x, y, l2=l2, steps=steps)
     norm = direction.norm()
     if norm == 0:
         raise ConfigError(

@@ -33,6 +33,7 @@ from acteng.activations import record_tokens, token_offsets
 from acteng.detectors import SCALE_RANGE, Detector, read_items, sides
 from acteng.errors import ConfigError
 from acteng.layer_selection import parse_layers
+from acteng.methods import fit_logistic
 from acteng.models import Model
 from acteng.pairs import ContrastivePair, Pairs, load_pairs
 from acteng.pooling import parse_pooling
@@ -70,33 +71,6 @@ def _token_labels(model: Model, pairs: Sequence[ContrastivePair]) -> list[torch.
         lo, hi = differing_span(positives[i], negatives[i])
         labels.append(torch.tensor([1.0 if b > lo and a < hi else 0.0 for a, b in offsets]))
     return labels
-
-
-def _fit_probe(
-    x: torch.Tensor, y: torch.Tensor, l2: float, steps: int
-) -> tuple[torch.Tensor, float]:
-    """Class-balanced L2 logistic regression on standardised `x`; (w, b) in raw units."""
-    mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu) / sigma
-    positive_weight = (len(y) - y.sum()) / y.sum()
-    w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
-    b = torch.zeros((), dtype=x.dtype, requires_grad=True)
-    optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")
-
-    def closure() -> torch.Tensor:
-        optimizer.zero_grad()
-        logits = z @ w + b
-        loss = torch.nn.functional.binary_cross_entropy_with_logits(
-            logits, y, pos_weight=positive_weight
-        )
-        loss = loss + l2 * (w * w).sum() / len(y)
-        loss.backward()  # type: ignore[no-untyped-call]
-        return loss
-
-    with torch.enable_grad():
-        optimizer.step(closure)  # type: ignore[no-untyped-call]
-    raw = w.detach().double() / sigma.double()
-    return raw, float(b.detach()) - float(raw @ mu.double())
 
 
 def _as_detector(
@@ -202,7 +176,7 @@ def train_token_detector(
     y = torch.cat(labels)
     if y.sum() == 0:
         raise ConfigError("no positive tokens: every positive equals its negative")
-    w, b = _fit_probe(x, y, l2, steps)
+    w, b = fit_logistic(x, y, l2=l2, steps=steps, positive_weight=(len(y) - y.sum()) / y.sum())
     detector = _as_detector(w, b, chosen, model.hidden_size, region, pooling)
     vector = SteeringVector(
         dict(detector.directions.directions),
