@@ -1,4 +1,5 @@
-"""Helpers for the vLLM tests: skip without vLLM, build one engine, reach into its worker.
+"""Helpers for the vLLM tests: skip without vLLM, build one engine, reach into its worker,
+start real server processes and check they end.
 
 The vLLM tests run in the environment ``scripts/setup-vllm`` makes (``.venv-vllm``); in
 any other environment they are skipped. vLLM starts in-process (one process, no engine-core
@@ -8,7 +9,14 @@ or worker subprocess) so the tests can look at the model runner.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -87,3 +95,97 @@ def token_ids(llm: Any, prompts: list[list[int]], params: Any) -> list[list[int]
     many = params if isinstance(params, list) else [params] * len(prompts)
     outputs = llm.generate([{"prompt_token_ids": p} for p in prompts], many, use_tqdm=False)
     return [list(o.outputs[0].token_ids) for o in outputs]
+
+
+# ---- real server processes (test_compile_cache, test_shutdown, test_openai_server) ----
+
+STARTUP_S = 600  # a vLLM start on CI's two cores takes 2-6 minutes
+SHUTDOWN_S = 30
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        result: dict[str, Any] = json.loads(response.read())
+    return result
+
+
+def start_until_healthy(
+    command: list[str], env: dict[str, str], base: str, log_path: Path
+) -> subprocess.Popen[bytes]:
+    """Start a server process (output to `log_path`) and return once `base`/health answers;
+    fail the test, with the log's tail, if it exits first or takes over STARTUP_S."""
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + STARTUP_S
+    while True:
+        if server.poll() is not None:
+            pytest.fail(f"the server exited early:\n{log_path.read_text()[-3000:]}")
+        if time.monotonic() > deadline:
+            server.kill()
+            pytest.fail(f"the server did not answer /health:\n{log_path.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{base}/health", timeout=5):
+                return server
+        except OSError:
+            time.sleep(2)
+
+
+def running(process: Any) -> bool:
+    """Alive, not a zombie: an orphan that has exited waits as a zombie until something
+    reaps it, which in a container whose init does not reap may be never."""
+    import psutil
+
+    try:
+        return bool(process.is_running() and process.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def assert_signal_ends_every_process(
+    server: subprocess.Popen[bytes], sig: signal.Signals, log_path: Path
+) -> None:
+    """Send `sig` to an ``acteng serve --engine vllm`` process with vLLM's usual layout (an
+    engine-core process, which starts a worker): within SHUTDOWN_S the server and every
+    descendant must be gone (issue 19: the engine core and its worker used to outlive a
+    SIGTERM, re-parented to init). Kills whatever is left either way."""
+    import psutil
+
+    tree: list[Any] = []
+    try:
+        tree = psutil.Process(server.pid).children(recursive=True)
+        # vLLM's engine core, and the worker it starts, are running.
+        assert len(tree) >= 2, [p.name() for p in tree]
+        server.send_signal(sig)
+        status = server.wait(timeout=SHUTDOWN_S)
+        _, alive = psutil.wait_procs(tree, timeout=1)
+        alive = [p for p in alive if running(p)]
+        log = log_path.read_text()
+        assert not alive, f"still running: {[(p.pid, p.name()) for p in alive]}\n{log[-3000:]}"
+        assert status == (128 + signal.SIGTERM if sig == signal.SIGTERM else 0), log[-3000:]
+    finally:
+        kill_tree(server, tree)
+
+
+def kill_tree(server: subprocess.Popen[bytes], tree: list[Any] | None = None) -> None:
+    """Kill a server process and its descendants (`tree`, or those it has now)."""
+    import psutil
+
+    if tree is None:
+        try:
+            tree = psutil.Process(server.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+    server.kill()
+    server.wait(timeout=SHUTDOWN_S)
+    for process in tree:
+        if running(process):
+            process.kill()

