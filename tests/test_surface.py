@@ -38,6 +38,7 @@ def test_all_is_pinned() -> None:
         "SteeringSpec",
         "SteeringVector",
         "SweepResult",
+        "TrainingError",
         "TuneResult",
         "UnsupportedError",
         "VectorFileError",
@@ -45,6 +46,7 @@ def test_all_is_pinned() -> None:
         "__version__",
         "apply_steering",
         "bake",
+        "diff_vector",
         "evaluate",
         "export_gguf",
         "extract",
@@ -65,6 +67,7 @@ def test_all_is_pinned() -> None:
         "steer",
         "sweep",
         "train_detector",
+        "train_rmu",
         "train_token_detector",
         "tune",
     ]
@@ -113,6 +116,7 @@ def test_import_is_lazy() -> None:
         (errors.LayoutError, LookupError),
         (errors.UnsupportedError, NotImplementedError),
         (errors.MissingExtraError, ImportError),
+        (errors.TrainingError, RuntimeError),
     ],
 )
 def test_error_tree(cls: type, builtin: type) -> None:

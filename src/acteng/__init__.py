@@ -36,6 +36,7 @@ _EXPORTS = {
     "MissingExtraError": "acteng.errors",
     "ModelLoadError": "acteng.errors",
     "RequestError": "acteng.errors",
+    "TrainingError": "acteng.errors",
     "UnsupportedError": "acteng.errors",
     "VectorFileError": "acteng.errors",
     "ActengError": "acteng.errors",
@@ -75,6 +76,8 @@ _EXPORTS = {
     "steer": "acteng.steering.apply",
     "train_detector": "acteng.detectors",
     "train_token_detector": "acteng.token_detector",
+    "diff_vector": "acteng.training.diff",
+    "train_rmu": "acteng.training.rmu",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -101,6 +104,7 @@ if TYPE_CHECKING:
     from acteng.errors import MissingExtraError as MissingExtraError
     from acteng.errors import ModelLoadError as ModelLoadError
     from acteng.errors import RequestError as RequestError
+    from acteng.errors import TrainingError as TrainingError
     from acteng.errors import UnsupportedError as UnsupportedError
     from acteng.errors import VectorFileError as VectorFileError
     from acteng.evaluation.measures import evaluate as evaluate
@@ -135,6 +139,8 @@ if TYPE_CHECKING:
     from acteng.steering.modes import register_mode as register_mode
     from acteng.steering.spec import SteeringSpec as SteeringSpec
     from acteng.token_detector import train_token_detector as train_token_detector
+    from acteng.training.diff import diff_vector as diff_vector
+    from acteng.training.rmu import train_rmu as train_rmu
     from acteng.vectors import SteeringVector as SteeringVector
 
 

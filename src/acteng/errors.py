@@ -16,7 +16,9 @@ Each message names the problem, the value seen and the fix. Every class derives 
     ├── LibraryError           (LookupError)  a library entry that is missing, taken or broken
     ├── UnsupportedError       (NotImplementedError)  a valid request this model family cannot do
     ├── MissingExtraError      (ImportError)  an optional dependency that is not installed
-    └── EngineBusy             (RuntimeError) a full request queue: retry later (HTTP 503)
+    ├── EngineBusy             (RuntimeError) a full request queue: retry later (HTTP 503)
+    └── TrainingError          (RuntimeError) training that diverged (NaN loss); the last good
+                                              checkpoint is kept
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ __all__ = [
     "MissingExtraError",
     "ModelLoadError",
     "RequestError",
+    "TrainingError",
     "UnsupportedError",
     "VectorFileError",
 ]
@@ -95,6 +98,15 @@ class MissingExtraError(ActengError, ImportError):
 
 class EngineBusy(ActengError, RuntimeError):
     """The serving engine's request queue is full; the client should retry later (HTTP 503)."""
+
+
+class TrainingError(ActengError, RuntimeError):
+    """Training stopped because a loss became non-finite; `checkpoint` is the last good
+    adapter folder (None when no step had finished)."""
+
+    def __init__(self, message: str, checkpoint: str | None = None) -> None:
+        super().__init__(message)
+        self.checkpoint = checkpoint
 
 
 def missing_extra(package: str, extra: str, *, purpose: str) -> MissingExtraError:

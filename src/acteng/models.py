@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from acteng.errors import ConfigError, ModelLoadError, missing_extra
+from acteng.errors import ConfigError, IncompatibleVectorError, ModelLoadError, missing_extra
 from acteng.layouts import Layout, get_submodule, resolve_layout
 from acteng.model_files import (
     BUNDLED_MODELS,
@@ -275,6 +275,7 @@ def load_model(
             "of a family this transformers version supports"
         ) from exc
     if adapter is not None:
+        _check_trained_for(Path(adapter), content_hash or _config_hash(hf.config), name)
         hf = _apply_adapter(hf, Path(adapter))
         content_hash = f"{content_hash or _config_hash(hf.config)}+adapter:{Path(adapter).name}"
     try:
@@ -289,6 +290,29 @@ def load_model(
         device=device,
     )
     return Model(hf, tokenizer, layout=layout, name=name, content_hash=content_hash, recipe=recipe)
+
+
+ADAPTER_PROVENANCE = "acteng_training.json"  # written beside an adapter acteng trained
+
+
+def _check_trained_for(adapter: Path, content_hash: str, name: str) -> None:
+    """Refuse an adapter acteng trained on another model (its provenance names the base
+    model's content hash); other adapters are left to PEFT's own shape checks."""
+    path = adapter / ADAPTER_PROVENANCE
+    if not path.is_file():
+        return
+    try:
+        made_for = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+    except (json.JSONDecodeError, AttributeError):
+        raise ModelLoadError(
+            f"{path} is not a JSON object: the adapter folder is damaged"
+        ) from None
+    if made_for.get("hash") not in (None, content_hash):
+        raise IncompatibleVectorError(
+            f"the adapter {adapter} was trained on {made_for.get('name')!r} "
+            f"({made_for.get('hash')}), not on {name!r} ({content_hash}); load the model it "
+            "was trained for"
+        )
 
 
 def _apply_adapter(hf: nn.Module, adapter: Path) -> nn.Module:

@@ -22,6 +22,7 @@ from acteng.cli import (
     monitor_cmd,
     serve_cmd,
     sweep_cmd,
+    train_cmd,
     train_detector_cmd,
     vectors_cmd,
 )
@@ -44,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor_cmd.register(sub)
     detect_cmd.register(sub)
     train_detector_cmd.register(sub)
+    train_cmd.register(sub)
     eval_cmd.register(sub)
     analyze_cmd.register(sub)
     sweep_cmd.register(sub)

@@ -14,6 +14,7 @@ from acteng.cli.common import (
     load_model_from_args,
     print_json,
 )
+from acteng.errors import ConfigError
 
 
 def register(sub: Any) -> None:
@@ -21,9 +22,22 @@ def register(sub: Any) -> None:
         "extract",
         help="build a steering vector from contrastive pairs",
         description="Build a steering vector from contrastive pairs; every "
-        "layer comes from one pass over the data.",
+        "layer comes from one pass over the data. With --diff-adapter, the vector is instead "
+        "what an adapter changed: the adapted minus the base model's mean activation on the "
+        "same texts (--prompts, or both sides of --pairs).",
     )
-    p.add_argument("--pairs", required=True, help="JSONL/JSON file or bundled dataset name")
+    p.add_argument("--pairs", default=None, help="JSONL/JSON file or bundled dataset name")
+    p.add_argument(
+        "--diff-adapter",
+        default=None,
+        metavar="DIR",
+        help="extract the model-diff vector of this adapter folder (see above)",
+    )
+    p.add_argument(
+        "--prompts",
+        default=None,
+        help="with --diff-adapter: texts to compare on (.txt, one a line, or .jsonl with 'text')",
+    )
     p.add_argument(
         "--split",
         default="train",
@@ -34,7 +48,9 @@ def register(sub: Any) -> None:
         "--method", default="mean_diff", help="actadd, mean_diff (default), pca or probe"
     )
     p.add_argument("--layers", default="all", help="'all' (default), '12', '11-13', '5,7,9'")
-    p.add_argument("--position", default="last", help="last (default), mean or answer")
+    p.add_argument(
+        "--position", default=None, help="last (default; mean with --diff-adapter) or answer"
+    )
     p.add_argument("--normalize", default=None, choices=["unit"], help="scale each layer to 1")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--out", required=True, help="where to write the .safetensors vector")
@@ -54,6 +70,14 @@ def run_extract(args: argparse.Namespace) -> int:
     from acteng.pairs import load_pairs
 
     check_writable(args.out)
+    if args.diff_adapter is not None:
+        return _run_diff(args)
+    if args.pairs is None:
+        raise ConfigError("extract needs --pairs (or --diff-adapter DIR with --prompts)")
+    if args.prompts is not None:
+        raise ConfigError(
+            "--prompts goes with --diff-adapter; contrastive extraction reads --pairs"
+        )
     backend = backend_from_args(args)
     pairs = load_pairs(args.pairs, split=args.split)
     model = load_model_from_args(args)
@@ -63,7 +87,7 @@ def run_extract(args: argparse.Namespace) -> int:
         pairs,
         method=args.method,
         layers=args.layers,
-        position=args.position,
+        position=args.position or "last",
         normalize=args.normalize,
         batch_size=args.batch_size,
         progress=True,
@@ -74,7 +98,7 @@ def run_extract(args: argparse.Namespace) -> int:
     summary = {
         "out": str(path),
         "method": args.method,
-        "position": args.position,
+        "position": args.position or "last",
         "pairs": len(pairs),
         "dataset": pairs.name,
         "layers": list(vector.layers),
@@ -88,6 +112,54 @@ def run_extract(args: argparse.Namespace) -> int:
             f"wrote {path}: {args.method} over {len(pairs)} pairs of {pairs.name!r}, "
             f"layers {vector.layers[0]}-{vector.layers[-1]} ({len(vector.layers)}), "
             f"{seconds:.1f} s"
+        )
+    return 0
+
+
+def _run_diff(args: argparse.Namespace) -> int:
+    """``extract --diff-adapter``: the model-diff vector of an adapter (`diff_vector`)."""
+    from acteng.pairs import load_pairs
+    from acteng.training.data import load_texts
+    from acteng.training.diff import diff_vector
+
+    if args.adapter is not None:
+        raise ConfigError("--diff-adapter compares against the base model; drop --adapter")
+    if args.prompts is not None:
+        texts = load_texts(args.prompts, what="--prompts")
+    elif args.pairs is not None:
+        pairs = load_pairs(args.pairs, split=args.split)
+        texts = [p.positive for p in pairs] + [p.negative for p in pairs]
+    else:
+        raise ConfigError("--diff-adapter needs texts to compare on: --prompts FILE or --pairs")
+    model = load_model_from_args(args)
+    start = time.perf_counter()
+    vector = diff_vector(
+        model,
+        args.diff_adapter,
+        texts,
+        layers=args.layers,
+        position=args.position or "mean",
+        batch_size=args.batch_size,
+    )
+    seconds = time.perf_counter() - start
+    path = vector.save(args.out)
+    norms = vector.norms()
+    top = max(norms, key=norms.__getitem__)
+    summary = {
+        "out": str(path),
+        "method": "diff_adapter",
+        "adapter": args.diff_adapter,
+        "texts": len(texts),
+        "layers": list(vector.layers),
+        "norms": {str(k): round(v, 4) for k, v in norms.items()},
+        "seconds": round(seconds, 3),
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(
+            f"wrote {path}: what {args.diff_adapter} changed, on {len(texts)} texts; largest "
+            f"at layer {top} (norm {norms[top]:.3g}), {seconds:.1f} s"
         )
     return 0
 

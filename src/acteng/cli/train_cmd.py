@@ -1,0 +1,115 @@
+"""``acteng train rmu``: representation training into a PEFT adapter folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from acteng.cli.common import add_model_args, print_json
+from acteng.errors import ConfigError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train weights with losses on activations (RMU unlearning)",
+        description="Representation training. The result is a PEFT adapter folder with "
+        "acteng's provenance (acteng_training.json), loadable with --adapter by every "
+        "command, by acteng serve and by transformers + PEFT.",
+    )
+    methods = p.add_subparsers(dest="method", required=True, metavar="METHOD")
+    rmu = methods.add_parser(
+        "rmu",
+        help="unlearn a knowledge domain (RMU, Li et al. 2024)",
+        description="RMU: push the activations at one layer towards a fixed random direction "
+        "on the forget texts, hold them on the retain texts; only the MLP output projections "
+        "of the two blocks below and the layer itself change. Checkpoints every "
+        "--checkpoint-every steps; Ctrl-C keeps the adapter of the last finished step.",
+    )
+    rmu.add_argument(
+        "--forget",
+        required=True,
+        help='texts to unlearn: a bundled domain name, a .jsonl of {"text": ...} rows '
+        "(train split used) or a .txt file, one text a line",
+    )
+    rmu.add_argument("--out", required=True, help="adapter folder to write")
+    rmu.add_argument(
+        "--retain",
+        default=None,
+        help="texts to keep (same forms; default: the bundled neutral paragraphs and "
+        "general-knowledge questions, train splits)",
+    )
+    rmu.add_argument(
+        "--layer", type=int, default=None, help="RMU layer (default: 23 %% of the depth)"
+    )
+    rmu.add_argument("--steps", type=int, default=200)
+    rmu.add_argument("--lr", type=float, default=1e-3)
+    rmu.add_argument("--alpha", type=float, default=30.0, help="weight of the retain loss")
+    rmu.add_argument(
+        "--beta",
+        type=float,
+        default=2.0,
+        help="target distance: c = beta x the median distance of retain activations from "
+        "their mean at the layer",
+    )
+    rmu.add_argument("--batch-size", type=int, default=4)
+    rmu.add_argument("--max-tokens", type=int, default=64, help="tokens kept of each text")
+    rmu.add_argument("--seed", type=int, default=0)
+    rmu.add_argument("--checkpoint-every", type=int, default=50)
+    rmu.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    rmu.add_argument("--json", action="store_true")
+    add_model_args(rmu)
+    rmu.set_defaults(run=run_train_rmu)
+
+
+def run_train_rmu(args: argparse.Namespace) -> int:
+    from acteng.cli.common import load_model_from_args
+    from acteng.training.data import load_texts
+    from acteng.training.rmu import train_rmu
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise ConfigError(f"--out {out} exists; choose another folder or add --force")
+    if out.exists() and not (out / "adapter_config.json").is_file():
+        raise ConfigError(f"--out {out} is not an adapter folder; refusing to replace it")
+    # the data is read before the model loads, so a bad file fails at once
+    load_texts(args.forget, split="train", what="--forget")
+    if args.retain is not None:
+        load_texts(args.retain, split="train", what="--retain")
+    model = load_model_from_args(args)
+    result = train_rmu(
+        model,
+        args.forget,
+        out,
+        retain=args.retain,
+        layer=args.layer,
+        steps=args.steps,
+        lr=args.lr,
+        alpha=args.alpha,
+        beta=args.beta,
+        batch_size=args.batch_size,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.json,
+    )
+    last = result.losses[-1]
+    summary = {
+        "adapter": str(result.adapter),
+        "layer": result.layer,
+        "update_layers": list(result.update_layers),
+        "steps": result.steps,
+        "forget_loss": last["forget"],
+        "retain_loss": last["retain"],
+        "seconds": round(last["seconds"], 1),
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(
+            f"adapter written to {result.adapter} (layer {result.layer}, blocks "
+            f"{list(result.update_layers)} edited, {result.steps} steps in "
+            f"{last['seconds']:.0f} s); use it with --adapter {result.adapter}"
+        )
+    return 0

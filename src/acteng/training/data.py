@@ -1,0 +1,104 @@
+"""Text sets for the trainers: lists, files, and the team's bundled unlearning domain.
+
+A text set is a list of strings, a ``.jsonl`` file of ``{"text": ...}`` rows (a ``split``
+field is honoured), a ``.txt`` file (one text per non-empty line), or the name of a
+bundled corpus in ``acteng/data/unlearning`` (``<name>_corpus.jsonl``, with its
+multiple-choice test ``<name>_mc.jsonl``, see its README).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from acteng.errors import ConfigError, DataError
+from acteng.evaluation.tax import MCItem, Split, load_eval
+
+__all__ = [
+    "TextSource",
+    "default_retain_texts",
+    "load_mc",
+    "load_texts",
+    "unlearning_domains",
+]
+
+TextSource = Sequence[str] | str | os.PathLike[str]
+UNLEARNING = Path(__file__).resolve().parent.parent / "data" / "unlearning"
+
+
+def unlearning_domains() -> list[str]:
+    """Names of the bundled unlearning domains (a corpus and its multiple-choice test)."""
+    return sorted(p.name.removesuffix("_corpus.jsonl") for p in UNLEARNING.glob("*_corpus.jsonl"))
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    rows = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}:{number}: not JSON ({exc.msg}); one object per line") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
+        rows.append(row)
+    return rows
+
+
+def load_texts(source: TextSource, *, split: Split = "all", what: str = "texts") -> list[str]:
+    """The texts of `source` (see the module docstring); `split` picks rows of a file that
+    marks them."""
+    if isinstance(source, (str, os.PathLike)):
+        name = os.fspath(source)
+        path = Path(name)
+        if not path.exists() and name in unlearning_domains():
+            path = UNLEARNING / f"{name}_corpus.jsonl"
+        if not path.is_file():
+            known = ", ".join(unlearning_domains()) or "none"
+            raise ConfigError(
+                f"{what}: {name!r} is neither a file nor a bundled corpus (bundled: {known}); "
+                'give a .jsonl file of {"text": ...} rows or a .txt file, one text a line'
+            )
+        if path.suffix == ".txt":
+            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        else:
+            rows = _rows(path)
+            missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("text"), str)]
+            if missing:
+                raise DataError(f"{path}: rows {missing[:5]} have no string 'text' field")
+            texts = [
+                str(r["text"]) for r in rows if split == "all" or r.get("split", "train") == split
+            ]
+    else:
+        texts = [str(t) for t in source]
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise DataError(f"{what}: no texts (after choosing split {split!r}); give at least one")
+    return texts
+
+
+def load_mc(name: str, *, split: Split = "all") -> list[MCItem]:
+    """The multiple-choice test of a bundled unlearning domain."""
+    path = UNLEARNING / f"{name}_mc.jsonl"
+    if not path.is_file():
+        raise ConfigError(
+            f"no bundled multiple-choice test {name!r}; known: {', '.join(unlearning_domains())}"
+        )
+    rows = [r for r in _rows(path) if split == "all" or r.get("split", "train") == split]
+    return [MCItem(str(r["question"]), tuple(r["choices"]), int(r["answer"])) for r in rows]
+
+
+def default_retain_texts() -> list[str]:
+    """What the trainers keep when no retain set is given: the bundled neutral paragraphs
+    and the general-knowledge questions with their answers (train splits only, so the
+    tax and accuracy measured on the test splits stay unseen)."""
+    paragraphs = load_eval("neutral_text", split="train")
+    questions = [
+        f"{item.question} {item.choices[item.answer]}."
+        for item in load_eval("general_knowledge", split="train")
+    ]
+    return paragraphs + questions

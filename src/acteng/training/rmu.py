@@ -1,0 +1,329 @@
+"""RMU unlearning: representation misdirection (Li et al. 2024, the WMDP paper).
+
+The published method. On text of the domain to forget, the residual stream at one layer
+ℓ is pushed towards a fixed random direction ``c·u`` (MSE); on retain text it is held at
+the frozen model's activations (``alpha`` × MSE). Only the MLP output projections of
+blocks ℓ−2..ℓ change. The model then writes "junk" into the stream whenever the domain
+comes up, and its later blocks can no longer use what it knew.
+
+Three changes make it work on small fp32 models, where the 7B constants do nothing
+(measured on SmolLM2-135M: ../shared/design notes, reproduced by bench/rmu.py):
+
+- **a centred target** ``mu + c·u``: every token's activation shares a large common
+  component (cosine ~0.75 with the mean at SmolLM2's layer 7), so the target starts from the
+  retain mean ``mu`` instead of from 0;
+- **c scaled to the layer**: ``c = beta × median ||h − mu||`` over retain tokens (Adaptive
+  RMU's idea), not the paper's constant 6.5, which is far below a 135M model's norms;
+- **the first token left out** of both losses: it is an attention sink whose norm is a
+  hundred times the others', and forget and retain would pull it both ways.
+
+``u`` is uniform on the positive orthant, normalised (what the reference code draws). The
+forward pass stops after block ℓ: nothing above it is needed. The result is a PEFT adapter
+folder (`acteng.training.adapters`); the model passed in is left as it was.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from acteng.activations import right_padded
+from acteng.errors import ConfigError, DataError, TrainingError, UnsupportedError
+from acteng.hooks import ForwardContext, run_until
+from acteng.models import Model
+from acteng.training.adapters import save_weight_edits, texts_hash
+from acteng.training.data import TextSource, default_retain_texts, load_texts
+
+__all__ = ["RMUResult", "default_rmu_layer", "train_rmu"]
+
+Encoded = list[list[int]]
+OnStep = Callable[[int, dict[str, float]], None]
+
+
+def default_rmu_layer(model: Model) -> int:
+    """The paper's layer scaled with depth: 7 of Zephyr-7B's 32 blocks is ~22 % of the way
+    up (7 of SmolLM2's 30)."""
+    return max(2, round(0.23 * model.num_layers))
+
+
+@dataclass
+class RMUResult:
+    """Where the adapter is and what training did; `provenance` is what the folder's
+    ``acteng_training.json`` holds."""
+
+    adapter: Path
+    layer: int
+    update_layers: tuple[int, ...]
+    steps: int
+    losses: list[dict[str, float]] = field(repr=False)
+    provenance: dict[str, Any] = field(repr=False)
+    interrupted: bool = False
+
+
+def _encode(model: Model, texts: Sequence[str], max_tokens: int) -> Encoded:
+    out = [model.tokenizer(t)["input_ids"][:max_tokens] for t in texts]
+    short = [i for i, ids in enumerate(out) if len(ids) < 2]
+    if short:
+        raise DataError(f"texts {short[:5]} have fewer than 2 tokens; RMU needs real text")
+    return out
+
+
+def _layer_output(model: Model, layer: int, batch: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
+    """(block `layer` output [b, t, d], mask of the tokens the losses use [b, t]); the
+    forward stops after that block. Gradients flow when enabled."""
+    pad = int(model.tokenizer.pad_token_id)
+    ids, mask = right_padded(batch, pad)
+    seen: list[torch.Tensor] = []
+
+    def keep(_layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
+        seen.append(hidden)
+
+    run_until(
+        model.hf,
+        model.blocks,
+        layer,
+        {layer: [keep]},
+        input_ids=ids.to(model.device),
+        attention_mask=mask.to(model.device),
+    )
+    used = mask.bool().to(model.device)
+    used[:, 0] = False  # the attention sink (see the module docstring)
+    return seen[0].float(), used
+
+
+def _masked_mse(hidden: torch.Tensor, target: torch.Tensor, used: torch.Tensor) -> torch.Tensor:
+    return ((hidden - target) ** 2)[used].mean()
+
+
+def _check(model: Model, layer: int, update_layers: Sequence[int], **values: float) -> None:
+    if not 0 <= layer < model.num_layers:
+        raise ConfigError(f"layer {layer} out of range: {model.name} has 0-{model.num_layers - 1}")
+    bad = [x for x in update_layers if not 0 <= x <= layer]
+    if bad or not update_layers:
+        raise ConfigError(
+            f"update layers {list(update_layers)} must be blocks at or below the RMU layer "
+            f"{layer} (the paper edits ℓ−2..ℓ)"
+        )
+    for name, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number, got {value}")
+    if model.layout.mlp_out is None:
+        raise UnsupportedError(
+            f"the layout of {model.layout.family} does not name its MLP output projection"
+        )
+
+
+def train_rmu(
+    model: Model,
+    forget: TextSource,
+    out: str | os.PathLike[str],
+    *,
+    retain: TextSource | None = None,
+    layer: int | None = None,
+    update_layers: Sequence[int] | None = None,
+    steps: int = 200,
+    lr: float = 1e-3,
+    alpha: float = 30.0,
+    beta: float = 2.0,
+    batch_size: int = 4,
+    max_tokens: int = 64,
+    seed: int = 0,
+    checkpoint_every: int = 50,
+    on_step: OnStep | None = None,
+    progress: bool = False,
+) -> RMUResult:
+    """Unlearn the domain of `forget` texts (a list, a file, a bundled corpus name: its
+    train split) while keeping `retain` (default: `default_retain_texts`); writes a PEFT
+    adapter folder at `out` every `checkpoint_every` steps and at the end.
+
+    Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
+    raises `TrainingError` with the last good checkpoint kept.
+
+    >>> result = acteng.training.train_rmu(model, "astronomy", "rmu-astronomy")
+    >>> unlearned = acteng.load_model(adapter=result.adapter)
+    """
+    layer = default_rmu_layer(model) if layer is None else int(layer)
+    chosen = (
+        tuple(range(max(0, layer - 2), layer + 1))
+        if update_layers is None
+        else tuple(int(x) for x in update_layers)
+    )
+    _check(model, layer, chosen, lr=lr, alpha=alpha, beta=beta)
+    if steps < 1 or batch_size < 1 or max_tokens < 2 or checkpoint_every < 1:
+        raise ConfigError("steps, batch_size, checkpoint_every must be >= 1 and max_tokens >= 2")
+    forget_texts = load_texts(forget, split="train", what="forget set")
+    retain_texts = (
+        default_retain_texts()
+        if retain is None
+        else load_texts(retain, split="train", what="retain set")
+    )
+    overlap = set(forget_texts) & set(retain_texts)
+    if overlap:
+        raise DataError(
+            f"{len(overlap)} texts are in both the forget and the retain set (e.g. "
+            f"{next(iter(overlap))[:60]!r}); a text cannot be forgotten and kept"
+        )
+    forget_ids = _encode(model, forget_texts, max_tokens)
+    retain_ids = _encode(model, retain_texts, max_tokens)
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    was_training = model.hf.training
+    model.hf.eval()
+    mlp_out = str(model.layout.mlp_out)  # checked above
+    paths = {x: f"{model.layout.blocks}.{x}.{mlp_out}" for x in chosen}
+    weights: dict[int, torch.Tensor] = {}
+    for x in chosen:
+        projection = model.blocks[x].get_submodule(mlp_out)
+        if not isinstance(projection, nn.Linear):
+            raise UnsupportedError(
+                f"block {x}'s MLP output projection is a {type(projection).__name__}, not a "
+                "Linear layer; RMU edits Linear weights (a model with an adapter applied "
+                "cannot be trained again: merge it first)"
+            )
+        weights[x] = projection.weight
+    original = {x: w.detach().clone() for x, w in weights.items()}
+    flags = {name: p.requires_grad for name, p in model.hf.named_parameters()}
+
+    # The frozen model's activations on every retain text, its mean and spread.
+    with torch.no_grad():
+        frozen = []
+        for start in range(0, len(retain_ids), 16):
+            hidden, used = _layer_output(model, layer, retain_ids[start : start + 16])
+            frozen += [h[u].clone() for h, u in zip(hidden, used, strict=True)]
+    tokens = torch.cat(frozen)
+    mu = tokens.mean(0)
+    scale = float((tokens - mu).norm(dim=-1).median())
+    generator = torch.Generator().manual_seed(seed)
+    u = torch.rand(model.hidden_size, generator=generator)
+    u = (u / u.norm()).to(model.device)
+    c = beta * scale
+    target = mu + c * u
+
+    hyper = {
+        "layer": layer,
+        "update_layers": list(chosen),
+        "steps": steps,
+        "lr": lr,
+        "alpha": alpha,
+        "beta": beta,
+        "c": c,
+        "median_centred_norm": scale,
+        "batch_size": batch_size,
+        "max_tokens": max_tokens,
+        "seed": seed,
+    }
+    provenance: dict[str, Any] = {
+        "method": "rmu",
+        "reference": "Li et al. 2024, The WMDP Benchmark (arXiv 2403.03218), centred target",
+        "data": {
+            "forget": {"texts": len(forget_texts), "hash": texts_hash(forget_texts)},
+            "retain": {"texts": len(retain_texts), "hash": texts_hash(retain_texts)},
+        },
+        "hyperparameters": hyper,
+    }
+    losses: list[dict[str, float]] = []
+    last_good: Path | None = None
+
+    def save(done: int, interrupted: bool = False) -> Path:
+        edits = {paths[x]: (weights[x].detach() - original[x]).float() for x in chosen}
+        record = {
+            **provenance,
+            "training": {
+                "steps_done": done,
+                "interrupted": interrupted,
+                "first": losses[0] if losses else None,
+                "last": losses[-1] if losses else None,
+            },
+        }
+        return save_weight_edits(model, edits, out, record)
+
+    for p in model.hf.parameters():
+        p.requires_grad_(False)
+    for w in weights.values():
+        w.requires_grad_(True)
+    optimizer = torch.optim.AdamW(list(weights.values()), lr=lr, weight_decay=0.0)
+    started = time.perf_counter()
+    done = 0
+    try:
+        for step in range(1, steps + 1):
+            f_batch = rng.sample(range(len(forget_ids)), min(batch_size, len(forget_ids)))
+            r_batch = rng.sample(range(len(retain_ids)), min(batch_size, len(retain_ids)))
+            hidden, used = _layer_output(model, layer, [forget_ids[i] for i in f_batch])
+            forget_loss = _masked_mse(hidden, target, used)
+            hidden, used = _layer_output(model, layer, [retain_ids[i] for i in r_batch])
+            reference = torch.zeros_like(hidden)
+            for row, i in enumerate(r_batch):
+                reference[row][used[row]] = frozen[i]
+            retain_loss = alpha * _masked_mse(hidden, reference, used)
+            loss = forget_loss + retain_loss
+            if not torch.isfinite(loss):
+                # the weights are still those of the last finished step: keep them
+                kept = save(done, interrupted=True) if done else None
+                raise TrainingError(
+                    f"the RMU loss became non-finite at step {step} (forget "
+                    f"{forget_loss.item():.4g}, retain {retain_loss.item():.4g}); lower lr "
+                    f"({lr:g}) or alpha ({alpha:g})"
+                    + (f"; the adapter of step {done} is kept at {kept}" if kept else ""),
+                    checkpoint=None if kept is None else str(kept),
+                )
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            done = step
+            record = {
+                "step": float(step),
+                "forget": forget_loss.item(),
+                "retain": retain_loss.item(),
+                "seconds": time.perf_counter() - started,
+            }
+            losses.append(record)
+            if on_step is not None:
+                on_step(step, record)
+            if progress:
+                _print_progress(step, steps, record)
+            if step % checkpoint_every == 0 or step == steps:
+                last_good = save(step)
+    except KeyboardInterrupt:
+        if done:
+            save(done, interrupted=True)
+        raise
+    finally:
+        with torch.no_grad():
+            for x, w in weights.items():
+                w.copy_(original[x])
+        for name, p in model.hf.named_parameters():
+            p.requires_grad_(flags[name])
+        model.hf.train(was_training)
+    assert last_good is not None
+    return RMUResult(
+        adapter=last_good,
+        layer=layer,
+        update_layers=chosen,
+        steps=done,
+        losses=losses,
+        provenance=provenance,
+    )
+
+
+def _print_progress(step: int, steps: int, record: dict[str, float]) -> None:
+    rate = record["seconds"] / step
+    eta = rate * (steps - step)
+    end = "\n" if step == steps else "\r"
+    print(
+        f"rmu step {step}/{steps}  forget {record['forget']:.4g}  retain {record['retain']:.4g}"
+        f"  {rate:.2f} s/step  ETA {eta:.0f} s",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )
