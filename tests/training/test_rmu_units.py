@@ -87,6 +87,7 @@ def test_train_rmu_writes_an_adapter_and_leaves_the_model_alone(
     after = tiny_llama.hf.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert {k: p.requires_grad for k, p in tiny_llama.hf.named_parameters()} == flags
+    assert all(p.grad is None for p in tiny_llama.hf.parameters())
     record = read_provenance(result.adapter)
     assert record["method"] == "rmu"
     assert record["training"]["steps_done"] == 6

@@ -302,6 +302,7 @@ def train_rmu(
         with torch.no_grad():
             for x, w in weights.items():
                 w.copy_(original[x])
+                w.grad = None  # no gradient left on the caller's model
         for name, p in model.hf.named_parameters():
             p.requires_grad_(flags[name])
         model.hf.train(was_training)
