@@ -29,6 +29,7 @@ __all__ = [
     "list_datasets",
     "load_pairs",
     "pair_form",
+    "read_records",
 ]
 
 Split = Literal["train", "test", "all"]
@@ -176,7 +177,9 @@ def _pair_from_record(record: Any, where: str) -> ContrastivePair:
     return ContrastivePair(positive=pos, negative=neg, prompt=prompt, split=split)
 
 
-def _read_records(path: Path) -> list[tuple[Any, str]]:
+def read_records(path: Path) -> list[tuple[Any, str]]:
+    """The JSON records of a JSONL file (or of one JSON list), each with where it is
+    (``"FILE line N"``) for error messages; `DataError` names a bad line."""
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as exc:
@@ -222,7 +225,7 @@ def load_pairs(source: str | Path | Sequence[Any], *, split: Split = "all") -> P
                 f"no dataset at {str(source)!r}: not a file and not a bundled name "
                 f"({', '.join(list_datasets())})"
             )
-        records = _read_records(path)
+        records = read_records(path)
     else:
         name = "custom"
         short = [i for i, r in enumerate(source, 1) if isinstance(r, (tuple, list)) and len(r) != 2]

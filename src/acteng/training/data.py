@@ -8,7 +8,6 @@ multiple-choice test ``<name>_mc.jsonl``, see its README).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 from acteng.errors import ConfigError, DataError
 from acteng.evaluation.tax import MCItem, Split, load_eval
+from acteng.pairs import read_records
 
 __all__ = [
     "TextSource",
@@ -36,16 +36,10 @@ def unlearning_domains() -> list[str]:
 
 def _rows(path: Path) -> list[dict[str, Any]]:
     rows = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}:{number}: not JSON ({exc.msg}); one object per line") from None
-        if not isinstance(row, dict):
-            raise DataError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append(row)
+    for record, where in read_records(path):
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        rows.append(record)
     return rows
 
 

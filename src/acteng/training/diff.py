@@ -35,7 +35,7 @@ def diff_vector(
     default). `adapted` is a loaded model of the same shape or an adapter folder, loaded
     on top of `model`'s source.
 
-    >>> v = acteng.diff_vector(model, "rmu-astronomy", prompts)
+    >>> v = acteng.diff_vector(model, "rmu-cooking", prompts)
     >>> acteng.monitor(model, "Tell me about Jupiter", v)
     """
     if not prompts:

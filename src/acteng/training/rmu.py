@@ -149,7 +149,7 @@ def train_rmu(
     Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
     raises `TrainingError` with the last good checkpoint kept.
 
-    >>> result = acteng.training.train_rmu(model, "astronomy", "rmu-astronomy")
+    >>> result = acteng.training.train_rmu(model, "cooking", "rmu-cooking")
     >>> unlearned = acteng.load_model(adapter=result.adapter)
     """
     layer = default_rmu_layer(model) if layer is None else int(layer)
