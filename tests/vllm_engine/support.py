@@ -38,6 +38,16 @@ VLLM_WARNINGS = [
 # One process: the tests inspect the worker and compare engines side by side.
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 
+# vLLM's CPU backend traces the model once with Dynamo and then has Inductor generate C++
+# kernels for the graph; the code generation takes 4-6 minutes a start on CI's two cores,
+# against about one minute without it. VLLM_CPU_CI_ENV=1 is vLLM's own switch for its CPU
+# tests: the same Dynamo trace (so the hooks must still be inside the captured graph, and
+# the engine is still in compiled mode, not eager), run by Dynamo's eager backend. One test
+# keeps the full Inductor path end to end (test_compile_cache: it needs the compile cache
+# anyway). Set VLLM_CPU_CI_ENV=0 to run every test through Inductor.
+os.environ.setdefault("VLLM_CPU_CI_ENV", "1")
+INDUCTOR_ENV = {"VLLM_CPU_CI_ENV": "0"}
+
 ENGINE_ARGS: dict[str, Any] = {
     "dtype": "float32",  # vLLM's bf16 CPU kernels are not batch-invariant
     "max_model_len": 1024,

@@ -6,6 +6,8 @@ the model would be silently missing from a graph compiled before they were there
 plain engine (steering off) starts first and fills the cache; then ``acteng serve --engine
 vllm`` starts with the same cache folder, a real process over a real socket, and its
 steered answers must be the transformers engine's, and its graph must sit under a new key.
+This is the one vLLM test on Inductor, vLLM's default CPU path (the others skip its code
+generation, see support.py), so it also shows steering through Inductor's kernels.
 That server is then ended with SIGTERM, which must end its engine core and worker too (the
 check test_shutdown makes for SIGINT; one start serves both, to spare CI a vLLM start).
 
@@ -31,6 +33,7 @@ import acteng
 from tests.server.serving import PROMPT, make_app
 from tests.vllm_engine.support import (
     ENGINE_ARGS,
+    INDUCTOR_ENV,
     VLLM_WARNINGS,
     assert_signal_ends_every_process,
     free_port,
@@ -71,6 +74,7 @@ def test_plain_then_steered_start_in_one_cache_folder(
     from acteng.vllm_engine.engine import model_location
 
     env = {**os.environ, "VLLM_CACHE_ROOT": str(tmp_path / "vllm-cache"), "OMP_NUM_THREADS": "1"}
+    env.update(INDUCTOR_ENV)  # the compile cache holds Inductor's graphs: the real CPU path
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # real starts: vLLM's own processes
     args = {k: v for k, v in ENGINE_ARGS.items() if k != "max_num_seqs"}
     plain = subprocess.run(

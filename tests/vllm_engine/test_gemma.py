@@ -3,9 +3,10 @@
 Gemma-3's vLLM decoder layer normalises its MLP output before returning
 ``(hidden_states, residual)``; their sum is still the residual stream, which is what this
 checks (steered greedy tokens equal transformers' ``hidden_states[i + 1] + c v``). The
-engine runs in vLLM's default compiled mode, as on Llama, so the hooks are shown to be
-traced into a second family's graph. The direction is random (fixed seed), stored in a
-temporary vector library that vLLM resolves by name through ``$ACTENG_HOME``.
+engine runs in vLLM's compiled mode (the Dynamo-traced graph; see support.py for the
+backend), as on Llama, so the hooks are shown to be traced into a second family's graph.
+The direction is random (fixed seed), stored in a temporary vector library that vLLM
+resolves by name through ``$ACTENG_HOME``.
 """
 
 from __future__ import annotations

@@ -1,6 +1,7 @@
-"""acteng's vLLM plugin on the default model in vLLM's default (compiled) mode, float32.
+"""acteng's vLLM plugin on the default model in vLLM's compiled mode, float32.
 
-One engine for the module (start-up takes a minute or two on CPU). References come from
+The graph is Dynamo's trace, run by its eager backend on CPU (support.py says why;
+test_compile_cache runs the Inductor path). One engine for the module. References come from
 the transformers engine: `acteng.steer` around ``model.hf.generate``, greedy.
 """
 
