@@ -32,8 +32,8 @@ import torch
 from acteng.errors import ConfigError
 from acteng.hooks import BlockFn, ForwardContext, HookHandle, attach
 from acteng.models import Model
-from acteng.monitoring import Readout
 from acteng.server.requests import Monitored
+from acteng.server.resolve import table_entries
 from acteng.server.slots import InnerAttention, SlotBatch, SlotCache, slot_attention_enabled
 from acteng.steering.compiled import allow_graphs
 from acteng.steering.table import SteeringTable, StepShape
@@ -63,20 +63,12 @@ class MonitorTable:
 
     def set(self, slot: int, monitored: Sequence[Monitored]) -> None:
         """Give `slot` the monitors `monitored` (replacing what it had)."""
-        if len(monitored) > self.width:
-            raise ConfigError(
-                f"{len(monitored)} monitors on one request exceed the compiled engine's "
-                f"{self.width}; ask for fewer"
-            )
+        entries = list(table_entries(monitored, self.width, "the compiled engine"))
         self.clear(slot)
-        for k, monitor in enumerate(monitored):
-            readout = Readout(monitor.units, monitor.detector)
-            for layer in readout.layers:
-                unit = readout.units[layer].to(self.unit.device, torch.float32)
-                weight, bias = readout.affine(layer)
-                self.unit[layer, k, slot] = unit
-                self.weight[layer, k, slot] = weight
-                self.bias[layer, k, slot] = bias
+        for k, layer, unit, weight, bias in entries:
+            self.unit[layer, k, slot] = unit.to(self.unit.device)
+            self.weight[layer, k, slot] = weight
+            self.bias[layer, k, slot] = bias
         if monitored:
             self.columns[slot] = [m.key for m in monitored]
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import builtins
 import hashlib
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,6 +42,24 @@ class Monitored:
     layers: tuple[int, ...]
     units: dict[int, torch.Tensor]  # layer -> unit direction on the model's device
     detector: Detector | None = None
+
+
+def table_entries(
+    monitored: Sequence[Monitored], width: int, engine: str
+) -> Iterator[tuple[int, int, torch.Tensor, float, float]]:
+    """What a fixed-width monitor table stores for one request's monitors: (column, layer,
+    unit direction in float32, weight, bias), ``weight * (h . unit) + bias`` being that
+    layer's share of the column's score (`Readout.affine`). The compiled engine's
+    `MonitorTable` and the vLLM plugin's monitors lay these out in their own tensors."""
+    if len(monitored) > width:
+        raise ConfigError(
+            f"{len(monitored)} monitors on one request exceed {engine}'s {width}; ask for fewer"
+        )
+    for column, monitor in enumerate(monitored):
+        readout = Readout(monitor.units, monitor.detector)
+        for layer in readout.layers:
+            weight, bias = readout.affine(layer)
+            yield column, layer, readout.units[layer].to(torch.float32), weight, bias
 
 
 class Resolver:

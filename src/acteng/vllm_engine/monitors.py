@@ -41,11 +41,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from acteng.errors import ActengError, ConfigError, RequestError
+from acteng.errors import ActengError, RequestError
 from acteng.guard import Guard, GuardState
-from acteng.monitoring import Readout
 from acteng.server.requests import Limits, parse_steering
-from acteng.server.resolve import Monitored
+from acteng.server.resolve import Monitored, table_entries
 from acteng.vllm_engine.requests import ModelShape, resolver_for
 
 __all__ = [
@@ -173,19 +172,11 @@ class RunnerMonitors:
 
     def assign(self, slot: int, monitored: Sequence[Monitored]) -> None:
         """Give `slot` the monitors `monitored` (replacing what it had)."""
-        if len(monitored) > self.width:
-            raise ConfigError(
-                f"{len(monitored)} monitors on one request exceed this vLLM engine's "
-                f"{self.width}; ask for fewer"
-            )
+        entries = list(table_entries(monitored, self.width, "this vLLM engine"))
         self.clear(slot)
-        for k, monitor in enumerate(monitored):
-            readout = Readout(monitor.units, monitor.detector)
-            for layer in readout.layers:
-                weight, bias = readout.affine(layer)
-                unit = readout.units[layer].to(self.scaled.device, torch.float32)
-                self.scaled[layer, slot, k] = unit * weight
-                self.bias[slot, k] += bias
+        for k, layer, unit, weight, bias in entries:
+            self.scaled[layer, slot, k] = unit.to(self.scaled.device) * weight
+            self.bias[slot, k] += bias
 
     def clear(self, slot: int) -> None:
         self.scaled[:, slot] = 0
