@@ -7,7 +7,8 @@ measures, base vs unlearned:
   questions are never trained on, only the corpus is) against chance (25 %);
 - retain MC accuracy (`general_knowledge`, all 120; the default retain texts use the train
   questions' answers, so the 24 test questions are reported apart) and the `neutral_text`
-  test-split perplexity (the demo's tax measure);
+  test-split perplexity (the demo's tax measure) without the paragraphs that fall in the
+  domain (reported with them too);
 and then the attacks (`acteng.training.attacks`), each as accuracy and as a recovery
 fraction, the share of the base-vs-unlearned forget-MC gap regained:
 
@@ -37,7 +38,14 @@ import acteng
 from _common import machine, save
 from acteng.evaluation.tax import load_eval, mc_accuracy, perplexity
 from acteng.steering.apply import steer
-from acteng.training import load_mc, load_texts, record_figures, train_rmu, unlearning_domains
+from acteng.training import (
+    load_mc,
+    load_texts,
+    neutral_texts,
+    record_figures,
+    train_rmu,
+    unlearning_domains,
+)
 from acteng.training.attacks import ablate_edit, probe_auroc, relearn
 from acteng.training.diff import diff_vector
 
@@ -50,7 +58,11 @@ def figures(model: acteng.Model, domain: str, steering: Any = None) -> dict[str,
             "forget_mc": mc_accuracy(model, load_mc(domain)),
             "retain_mc": mc_accuracy(model, load_eval("general_knowledge")),
             "retain_mc_test": mc_accuracy(model, load_eval("general_knowledge", split="test")),
-            "neutral_ppl": perplexity(model, load_eval("neutral_text", split="test")),
+            # the acceptance measure: neutral text outside the domain (the test split's tea
+            # paragraph is in "cooking and food"; see data/eval/README.md) ...
+            "neutral_ppl": perplexity(model, neutral_texts(split="test", outside=domain)),
+            # ... and with every test paragraph, for the record
+            "neutral_ppl_all": perplexity(model, load_eval("neutral_text", split="test")),
         }
 
 
@@ -128,8 +140,8 @@ def main() -> int:
     attacks["relearn_10_unrelated_on_base"] = figures(control, domain)
 
     # 3. a linear probe for the domain on the unlearned model
-    other = load_eval("neutral_text")
-    other_train, other_test = other[:48], other[48:]
+    other_train = neutral_texts(split="train", outside=domain)
+    other_test = neutral_texts(split="test", outside=domain)
     probe_layers = sorted({layer, min(layer + 4, model.num_layers - 1), model.num_layers * 2 // 3})
     probes = {
         "base": probe_auroc(

@@ -11,6 +11,7 @@ import torch
 
 import acteng
 from acteng.cli import main
+from acteng.errors import ConfigError
 from acteng.evaluation.tax import load_eval
 from acteng.training import RMUResult, load_texts, train_rmu, unlearning_domains
 from acteng.training.attacks import ablate_edit
@@ -123,3 +124,22 @@ def test_default_retain_texts_hold_no_test_items() -> None:
     texts = set(default_retain_texts())
     neutral_test = load_eval("neutral_text", split="test")
     assert not texts & set(neutral_test)
+
+
+def test_a_bundled_domain_is_not_retained_or_measured_as_neutral_text() -> None:
+    """The neutral paragraphs on food and drink fall in the cooking domain: an unlearning run
+    on it neither keeps them (they would pull against the forget loss) nor counts them as
+    neutral text; other domains' runs keep every paragraph."""
+    from acteng.training import neutral_texts
+
+    cooking = [t for t in neutral_texts() if t not in neutral_texts(outside="cooking")]
+    assert any(t.startswith("Cheese is made") for t in cooking)
+    assert any(t.startswith("Tea is made") for t in neutral_texts(split="test")) and not any(
+        t.startswith("Tea is made") for t in neutral_texts(split="test", outside="cooking")
+    )
+    assert not set(cooking) & set(default_retain_texts("cooking"))
+    assert set(cooking) - set(load_eval("neutral_text", split="test")) <= set(
+        default_retain_texts()
+    )
+    with pytest.raises(ConfigError, match="no bundled unlearning domain 'baking'"):
+        neutral_texts(outside="baking")

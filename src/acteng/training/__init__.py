@@ -6,7 +6,13 @@ monitor, the logit lens and the detectors can watch for it.
 """
 
 from acteng.training.adapters import read_provenance, record_figures, save_weight_edits
-from acteng.training.data import default_retain_texts, load_mc, load_texts, unlearning_domains
+from acteng.training.data import (
+    default_retain_texts,
+    load_mc,
+    load_texts,
+    neutral_texts,
+    unlearning_domains,
+)
 from acteng.training.diff import diff_vector
 from acteng.training.rmu import RMUResult, default_rmu_layer, train_rmu
 
@@ -17,6 +23,7 @@ __all__ = [
     "diff_vector",
     "load_mc",
     "load_texts",
+    "neutral_texts",
     "read_provenance",
     "record_figures",
     "save_weight_edits",

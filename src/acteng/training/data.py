@@ -22,11 +22,13 @@ __all__ = [
     "default_retain_texts",
     "load_mc",
     "load_texts",
+    "neutral_texts",
     "unlearning_domains",
 ]
 
 TextSource = Sequence[str] | str | os.PathLike[str]
 UNLEARNING = Path(__file__).resolve().parent.parent / "data" / "unlearning"
+NEUTRAL_TEXT = UNLEARNING.parent / "eval" / "neutral_text.jsonl"
 
 
 def unlearning_domains() -> list[str]:
@@ -86,11 +88,29 @@ def load_mc(name: str, *, split: Split = "all") -> list[MCItem]:
     return [MCItem(str(r["question"]), tuple(r["choices"]), int(r["answer"])) for r in rows]
 
 
-def default_retain_texts() -> list[str]:
+def neutral_texts(*, split: Split = "all", outside: str | None = None) -> list[str]:
+    """The bundled neutral paragraphs (`load_eval("neutral_text")`), without those that fall
+    in the bundled unlearning domain `outside` (rows marked ``"domains": [...]``, see the
+    eval data's README): perplexity on a domain's own text is not a measure of damage to
+    other text, and retaining it would pull against forgetting it."""
+    if outside is not None and outside not in unlearning_domains():
+        raise ConfigError(
+            f"no bundled unlearning domain {outside!r}; known: {', '.join(unlearning_domains())}"
+        )
+    return [
+        str(r["text"])
+        for r in _rows(NEUTRAL_TEXT)
+        if (split == "all" or r.get("split", "train") == split)
+        and (outside is None or outside not in r.get("domains", ()))
+    ]
+
+
+def default_retain_texts(forget_domain: str | None = None) -> list[str]:
     """What the trainers keep when no retain set is given: the bundled neutral paragraphs
     and the general-knowledge questions with their answers (train splits only, so the
-    tax and accuracy measured on the test splits stay unseen)."""
-    paragraphs = load_eval("neutral_text", split="train")
+    tax and accuracy measured on the test splits stay unseen); for a bundled
+    `forget_domain`, without the paragraphs that fall in it (`neutral_texts`)."""
+    paragraphs = neutral_texts(split="train", outside=forget_domain)
     questions = [
         f"{item.question} {item.choices[item.answer]}."
         for item in load_eval("general_knowledge", split="train")

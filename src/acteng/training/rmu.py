@@ -42,7 +42,12 @@ from acteng.errors import ConfigError, DataError, TrainingError, UnsupportedErro
 from acteng.hooks import ForwardContext, run_until
 from acteng.models import Model
 from acteng.training.adapters import save_weight_edits, texts_hash
-from acteng.training.data import TextSource, default_retain_texts, load_texts
+from acteng.training.data import (
+    TextSource,
+    default_retain_texts,
+    load_texts,
+    unlearning_domains,
+)
 
 __all__ = ["RMUResult", "default_rmu_layer", "train_rmu"]
 
@@ -143,8 +148,9 @@ def train_rmu(
     progress: bool = False,
 ) -> RMUResult:
     """Unlearn the domain of `forget` texts (a list, a file, a bundled corpus name: its
-    train split) while keeping `retain` (default: `default_retain_texts`); writes a PEFT
-    adapter folder at `out` every `checkpoint_every` steps and at the end.
+    train split) while keeping `retain` (default: `default_retain_texts`, less a bundled
+    forget domain's own paragraphs); writes a PEFT adapter folder at `out` every
+    `checkpoint_every` steps and at the end.
 
     Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
     raises `TrainingError` with the last good checkpoint kept.
@@ -162,8 +168,10 @@ def train_rmu(
     if steps < 1 or batch_size < 1 or max_tokens < 2 or checkpoint_every < 1:
         raise ConfigError("steps, batch_size, checkpoint_every must be >= 1 and max_tokens >= 2")
     forget_texts = load_texts(forget, split="train", what="forget set")
+    bundled = isinstance(forget, str) and not Path(forget).exists()
+    domain = forget if bundled and forget in unlearning_domains() else None
     retain_texts = (
-        default_retain_texts()
+        default_retain_texts(domain)
         if retain is None
         else load_texts(retain, split="train", what="retain set")
     )
