@@ -1,6 +1,7 @@
 """`acteng demo`: the main job, end to end on the embedded model, into one report.
 
-For each of three bundled concepts it tunes a vector within a perplexity budget
+For each of two bundled concepts (sentiment and refusal; formality too when asked) it
+tunes a vector within a perplexity budget
 (`acteng.evaluation.tune`), generates unsteered and steered answers to the same prompts,
 measures the tax, per-example reliability and the prompting baseline
 (`acteng.evaluation.measures.evaluate`, on the first held-out pairs to keep it quick), and runs the
@@ -47,7 +48,7 @@ from acteng.vectors import atomic_write_bytes
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-__all__ = ["DEMO_CONCEPTS", "DemoConcept", "run_demo"]
+__all__ = ["DEFAULT_CONCEPTS", "DEMO_CONCEPTS", "DemoConcept", "demo_concepts", "run_demo"]
 
 
 @dataclass(frozen=True)
@@ -79,10 +80,16 @@ DEMO_PROMPTS = (
     "Write two sentences about the town where you grew up.",
     "How do I get better at cooking?",
 )
-TUNE_LAYERS = (6, 8, 10, 12)
-TUNE_COEFFICIENTS = (2.0, 4.0, 8.0)
-TUNE_BISECTION_STEPS = 2  # a coarser refinement than `acteng tune`'s, to fit 10 minutes
-EVAL_PAIRS = 12  # held-out pairs for evaluate's reliability and baseline
+# The demo's budget: about 10 minutes on 2 CPU cores for the two default concepts. A
+# scored setting costs 4-12 s there (compute-bound), so the search is kept small: three
+# layers, two coefficients (the concepts' vectors differ in norm by 20x, so a grid point is
+# a starting place for `tune`'s search down from the smallest over-budget one, not the
+# answer), one bisection step. `acteng tune` searches wider.
+DEFAULT_CONCEPTS = ("sentiment", "refusal")
+TUNE_LAYERS = (6, 9, 12)
+TUNE_COEFFICIENTS = (0.5, 2.0)
+TUNE_BISECTION_STEPS = 1
+EVAL_PAIRS = 8  # held-out pairs for evaluate's reliability and baseline
 
 
 class _Progress:
@@ -174,11 +181,23 @@ def _figures(
     return figures
 
 
+def demo_concepts(names: tuple[str, ...] | list[str]) -> tuple[DemoConcept, ...]:
+    """The demo concepts with these names, in that order (any of `DEMO_CONCEPTS`)."""
+    known = {c.name: c for c in DEMO_CONCEPTS}
+    unknown = [n for n in names if n not in known]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ConfigError(
+            f"demo concepts must be distinct names among {', '.join(known)}; got "
+            f"{', '.join(names) or 'none'}"
+        )
+    return tuple(known[n] for n in names)
+
+
 def run_demo(
     model: Model,
     out: str | Path,
     *,
-    concepts: tuple[DemoConcept, ...] = DEMO_CONCEPTS,
+    concepts: tuple[DemoConcept, ...] | None = None,
     max_tax: float = 0.05,
     max_new_tokens: int = 40,
     quiet: bool = False,
@@ -187,6 +206,8 @@ def run_demo(
     report (see the module docstring)."""
     from acteng.report.html import render_report
 
+    if concepts is None:
+        concepts = demo_concepts(DEFAULT_CONCEPTS)
     if len(concepts) < 1:
         raise ConfigError("the demo needs at least one concept")
     root = Path(out)
