@@ -45,11 +45,11 @@ def register(sub: Any) -> None:
     )
     rmu.add_argument("--steps", type=int, default=200)
     rmu.add_argument("--lr", type=float, default=1e-3)
-    rmu.add_argument("--alpha", type=float, default=30.0, help="weight of the retain loss")
+    rmu.add_argument("--alpha", type=float, default=100.0, help="weight of the retain loss")
     rmu.add_argument(
         "--beta",
         type=float,
-        default=2.0,
+        default=3.0,
         help="target distance: c = beta x the median distance of retain activations from "
         "their mean at the layer",
     )
