@@ -9,7 +9,7 @@ from typing import Any
 from acteng.cli.common import add_model_args, check_writable, load_model_from_args
 
 # acteng.report.demo's DEFAULT_CONCEPTS and DEMO_CONCEPTS (not imported: the CLI starts
-# without torch); tests/test_cli.py checks they agree.
+# without torch); tests/report/test_demo.py checks they agree.
 DEFAULT_CONCEPTS = "sentiment,refusal"
 ALL_CONCEPTS = "sentiment,formality,refusal"
 

@@ -59,19 +59,25 @@ class MCItem:
 Split = Literal["train", "test", "all"]
 
 
-@overload
-def load_eval(name: Literal["neutral_text"], *, split: Split = "all") -> list[str]: ...
-@overload
-def load_eval(name: Literal["general_knowledge"], *, split: Split = "all") -> list[MCItem]: ...
-def load_eval(name: str, *, split: Split = "all") -> list[str] | list[MCItem]:
-    """A bundled evaluation set: ``neutral_text`` (paragraphs) or ``general_knowledge``."""
+def eval_rows(name: str, *, split: Split = "all") -> list[dict[str, Any]]:
+    """The JSON rows of a bundled evaluation set, with every field (`load_eval` keeps what a
+    measure reads; `acteng.training.neutral_texts` also reads a row's ``domains``)."""
     if name not in EVAL_SETS:
         raise ConfigError(f"no evaluation set {name!r}; choose from {', '.join(EVAL_SETS)}")
     path = Path(__file__).parent.parent / "data" / "eval" / f"{name}.jsonl"
     rows: list[dict[str, Any]] = [
         json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line
     ]
-    rows = [r for r in rows if split == "all" or r.get("split", "train") == split]
+    return [r for r in rows if split == "all" or r.get("split", "train") == split]
+
+
+@overload
+def load_eval(name: Literal["neutral_text"], *, split: Split = "all") -> list[str]: ...
+@overload
+def load_eval(name: Literal["general_knowledge"], *, split: Split = "all") -> list[MCItem]: ...
+def load_eval(name: str, *, split: Split = "all") -> list[str] | list[MCItem]:
+    """A bundled evaluation set: ``neutral_text`` (paragraphs) or ``general_knowledge``."""
+    rows = eval_rows(name, split=split)
     if name == "neutral_text":
         return [str(r["text"]) for r in rows]
     return [MCItem(r["question"], tuple(r["choices"]), int(r["answer"])) for r in rows]

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from acteng.errors import ConfigError, DataError
-from acteng.evaluation.tax import MCItem, Split, load_eval
+from acteng.evaluation.tax import MCItem, Split, eval_rows, load_eval
 from acteng.pairs import read_records
 
 __all__ = [
@@ -28,12 +28,20 @@ __all__ = [
 
 TextSource = Sequence[str] | str | os.PathLike[str]
 UNLEARNING = Path(__file__).resolve().parent.parent / "data" / "unlearning"
-NEUTRAL_TEXT = UNLEARNING.parent / "eval" / "neutral_text.jsonl"
 
 
 def unlearning_domains() -> list[str]:
     """Names of the bundled unlearning domains (a corpus and its multiple-choice test)."""
     return sorted(p.name.removesuffix("_corpus.jsonl") for p in UNLEARNING.glob("*_corpus.jsonl"))
+
+
+def bundled_domain(source: TextSource) -> str | None:
+    """The bundled unlearning domain `source` names (a name that is not an existing file),
+    else None: how `load_texts` and the trainers read a name."""
+    if not isinstance(source, (str, os.PathLike)):
+        return None
+    name = os.fspath(source)
+    return name if not Path(name).exists() and name in unlearning_domains() else None
 
 
 def _rows(path: Path) -> list[dict[str, Any]]:
@@ -50,9 +58,8 @@ def load_texts(source: TextSource, *, split: Split = "all", what: str = "texts")
     marks them."""
     if isinstance(source, (str, os.PathLike)):
         name = os.fspath(source)
-        path = Path(name)
-        if not path.exists() and name in unlearning_domains():
-            path = UNLEARNING / f"{name}_corpus.jsonl"
+        domain = bundled_domain(name)
+        path = Path(name) if domain is None else UNLEARNING / f"{domain}_corpus.jsonl"
         if not path.is_file():
             known = ", ".join(unlearning_domains()) or "none"
             raise ConfigError(
@@ -99,9 +106,8 @@ def neutral_texts(*, split: Split = "all", outside: str | None = None) -> list[s
         )
     return [
         str(r["text"])
-        for r in _rows(NEUTRAL_TEXT)
-        if (split == "all" or r.get("split", "train") == split)
-        and (outside is None or outside not in r.get("domains", ()))
+        for r in eval_rows("neutral_text", split=split)
+        if outside is None or outside not in r.get("domains", ())
     ]
 
 

@@ -42,12 +42,7 @@ from acteng.errors import ConfigError, DataError, TrainingError, UnsupportedErro
 from acteng.hooks import ForwardContext, run_until
 from acteng.models import Model
 from acteng.training.adapters import save_weight_edits, texts_hash
-from acteng.training.data import (
-    TextSource,
-    default_retain_texts,
-    load_texts,
-    unlearning_domains,
-)
+from acteng.training.data import TextSource, bundled_domain, default_retain_texts, load_texts
 
 __all__ = ["RMUResult", "default_rmu_layer", "train_rmu"]
 
@@ -168,10 +163,8 @@ def train_rmu(
     if steps < 1 or batch_size < 1 or max_tokens < 2 or checkpoint_every < 1:
         raise ConfigError("steps, batch_size, checkpoint_every must be >= 1 and max_tokens >= 2")
     forget_texts = load_texts(forget, split="train", what="forget set")
-    bundled = isinstance(forget, str) and not Path(forget).exists()
-    domain = forget if bundled and forget in unlearning_domains() else None
     retain_texts = (
-        default_retain_texts(domain)
+        default_retain_texts(bundled_domain(forget))
         if retain is None
         else load_texts(retain, split="train", what="retain set")
     )
