@@ -20,7 +20,12 @@ them of the per-token standardised projections, i.e. what `Detector.score` compu
 region, updated token by token from hooks on the detector's layers during decoding. A row
 that fires changes only itself; the others in the batch decode as if alone.
 
-The policy itself is `GuardState`, one per row, fed scores and answering go / steer /
+A guard may watch several detectors at once (``Guard([harmful, injection], ...)``): the
+prompt fires when any of them crosses its own threshold, and the result says which one
+did. Several detectors check the prompt only; watching the generation takes one detector.
+
+The policy itself is `GuardState` (`acteng.guard_policy`, with `Guard` and `GuardResult`,
+re-exported here), one per row, fed scores and answering go / steer /
 stop; the server's rows (`acteng.server.rows`) run the same class, and the per-token
 scores come from the same `acteng.monitoring.Readout`, so a library run and a served
 request reach the same verdict at the same token (tests/server/test_guard_parity.py).
@@ -28,16 +33,23 @@ request reach the same verdict at the same token (tests/server/test_guard_parity
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import replace
+from typing import Any
 
 import torch
 
-from acteng.detectors import Detector
 from acteng.errors import ConfigError
 from acteng.generation import eos_ids, generate_ids
+from acteng.guard_policy import (
+    CHECKS,
+    DEFAULT_REFUSAL,
+    POLICIES,
+    Guard,
+    GuardResult,
+    GuardState,
+    Verdict,
+)
 from acteng.hooks import ForwardContext, hooked
 from acteng.models import Model
 from acteng.monitoring import LayerMeans, Readout
@@ -47,6 +59,7 @@ from acteng.vectors import SteeringVector
 
 __all__ = [
     "CHECKS",
+    "DEFAULT_REFUSAL",
     "POLICIES",
     "Guard",
     "GuardResult",
@@ -55,178 +68,6 @@ __all__ = [
     "calibrate_generation",
     "guarded_generate",
 ]
-
-POLICIES = ("flag", "block", "steer", "stop")
-CHECKS = ("prompt", "generation", "both")
-DEFAULT_REFUSAL = "I'm sorry, but I can't help with that request."
-
-
-@dataclass(frozen=True)
-class Guard:
-    """A detector, a policy and where to check; see the module docstring.
-
-    >>> guard = Guard(detector, policy="steer", steering=(SteeringSpec(refusal, 8.0),))
-    >>> [result] = acteng.guarded_generate(model, ["How do I pick a lock?"], guard)
-    """
-
-    detector: Detector
-    policy: str = "flag"
-    check: str = "prompt"
-    steering: tuple[SteeringSpec, ...] = ()
-    threshold: float | None = None  # None: the detector's calibrated threshold
-    refusal: str = DEFAULT_REFUSAL
-    # The running score over generated text is on another footing than a prompt's score:
-    # calibrate it on benign generations (`calibrate_generation`); None: use `limit`.
-    generation_threshold: float | None = None
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.detector, Detector):
-            raise ConfigError(
-                f"a guard needs a Detector, got {type(self.detector).__name__}; load one "
-                "with acteng.load_detector"
-            )
-        if self.policy not in POLICIES:
-            raise ConfigError(f"unknown guard policy {self.policy!r}; use one of {POLICIES}")
-        if self.check not in CHECKS:
-            raise ConfigError(f"unknown guard check {self.check!r}; use one of {CHECKS}")
-        specs = (self.steering,) if isinstance(self.steering, SteeringSpec) else self.steering
-        object.__setattr__(self, "steering", tuple(specs))
-        if self.policy == "steer" and not self.steering:
-            raise ConfigError(
-                "policy 'steer' needs counter-steering: pass steering=(SteeringSpec(...),)"
-            )
-        if self.policy != "steer" and self.steering:
-            raise ConfigError(f"steering is only used by policy 'steer', not {self.policy!r}")
-        if any(not isinstance(s, SteeringSpec) for s in self.steering):
-            raise ConfigError("guard steering must be SteeringSpec values")
-        for name in ("threshold", "generation_threshold"):
-            value = getattr(self, name)
-            if value is not None and not math.isfinite(value):
-                raise ConfigError(f"{name} must be a finite number, got {value}")
-
-    @property
-    def limit(self) -> float:
-        return self.detector.threshold if self.threshold is None else float(self.threshold)
-
-    @property
-    def generation_limit(self) -> float:
-        """The threshold of the running score during generation."""
-        return self.limit if self.generation_threshold is None else self.generation_threshold
-
-
-@dataclass(frozen=True)
-class GuardResult:
-    """What the guard did for one prompt."""
-
-    text: str
-    prompt_score: float | None  # None when only the generation is checked
-    fired_on: str | None  # "prompt", "generation" or None
-    action: str  # "none", or the policy when it fired
-    generation_scores: list[float] = field(default_factory=list)  # running score per token
-    fired_at: int | None = None  # index of the generated token where the running score crossed
-
-    @property
-    def flagged(self) -> bool:
-        return self.fired_on is not None
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "text": self.text,
-            "flagged": self.flagged,
-            "fired_on": self.fired_on,
-            "action": self.action,
-            "prompt_score": self.prompt_score,
-            "generation_scores": self.generation_scores,
-            "fired_at": self.fired_at,
-        }
-
-
-Verdict = Literal["go", "steer", "stop"]
-
-
-class GuardState:
-    """The guard's policy for one row, one event at a time (no model, no tensors).
-
-    The caller scores (the prompt with `Detector.score`, each generated token with the
-    detector's `Readout`) and acts on the verdict: "steer" turns the row's counter-steering
-    on from its next forward pass, "stop" ends the row (before its first token when the
-    prompt fired). `guarded_generate` and the server's rows both run this one policy.
-
-    >>> state = GuardState(guard)
-    >>> state.on_prompt(0.3), state.on_token(1.7)   # ("go", "stop") for a "stop" guard
-    >>> state.result(text)
-    """
-
-    def __init__(self, guard: Guard) -> None:
-        self.guard = guard
-        self.prompt_score: float | None = None  # None until `on_prompt`
-        self.fired_on: str | None = None  # "prompt" or "generation"
-        self.fired_at: int | None = None  # generated token where the running score crossed
-        self.scores: list[float] = []  # the running score after each generated token
-        self.steering = False  # counter-steering is on
-        self.stopped = False
-        self._sum = 0.0
-
-    @property
-    def checks_prompt(self) -> bool:
-        return self.guard.check in ("prompt", "both")
-
-    @property
-    def watches(self) -> bool:
-        """Whether the generated tokens are scored (`on_token`)."""
-        return self.guard.check in ("generation", "both")
-
-    def on_prompt(self, score: float) -> Verdict:
-        """The detector's score of the prompt."""
-        self.prompt_score = float(score)
-        if not score > self.guard.limit:
-            return "go"
-        self.fired_on = "prompt"
-        return self._fire()
-
-    def on_token(self, score: float) -> Verdict:
-        """The detector's score of the next generated token (the mean over its layers of
-        the standardised projections); the running score is the mean of these so far."""
-        if self.stopped:
-            return "stop"
-        self._sum += score
-        self.scores.append(self._sum / (len(self.scores) + 1))
-        if self.fired_at is not None or not self.scores[-1] > self.guard.generation_limit:
-            return "go"
-        self.fired_at = len(self.scores) - 1
-        if self.fired_on is None:
-            self.fired_on = "generation"
-        return self._fire()
-
-    def _fire(self) -> Verdict:
-        policy = self.guard.policy
-        if policy == "steer" and not self.steering:
-            self.steering = True
-            return "steer"
-        if policy in ("block", "stop"):
-            self.stopped = True
-            return "stop"
-        return "go"
-
-    @property
-    def action(self) -> str:
-        return self.guard.policy if self.fired_on is not None else "none"
-
-    def kept(self, generated: int) -> int:
-        """How many of the row's `generated` tokens its text keeps: when the running score
-        stopped it, those up to and including the crossing; none when the prompt did."""
-        if not self.stopped:
-            return generated
-        return 0 if self.fired_at is None else min(generated, self.fired_at + 1)
-
-    def result(self, text: str) -> GuardResult:
-        """The row's outcome, given the text it generated (cut to `kept` tokens)."""
-        if self.action == "block":
-            text = self.guard.refusal
-        scores = list(self.scores)
-        return GuardResult(
-            text, self.prompt_score, self.fired_on, self.action, scores, self.fired_at
-        )
 
 
 class _Watch:
@@ -241,7 +82,7 @@ class _Watch:
     """
 
     def __init__(self, model: Model, states: list[GuardState]) -> None:
-        detector = states[0].guard.detector
+        detector = states[0].guard.primary
         self.states = states
         self.means = LayerMeans({"guard": Readout.of(model, detector)})
         self.last = max(detector.layers)
@@ -301,11 +142,13 @@ def guarded_generate(
     texts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not texts:
         raise ConfigError("no prompts given; pass at least one prompt")
-    guard.detector.directions.check_compatible(model)
+    for det in guard.detectors:
+        det.directions.check_compatible(model)
     states = [GuardState(guard) for _ in texts]
     if states[0].checks_prompt:
-        for state, score in zip(states, guard.detector.score(model, texts), strict=True):
-            state.on_prompt(score)
+        per_detector = [det.score(model, texts) for det in guard.detectors]
+        for i, state in enumerate(states):
+            state.on_prompt([scores[i] for scores in per_detector])
     run = [i for i, state in enumerate(states) if not state.stopped]
     answers = [""] * len(texts)
     if run:
@@ -360,7 +203,7 @@ def calibrate_generation(
         raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
     if len(benign_prompts) < 10:
         raise ConfigError(f"calibration needs at least 10 prompts, got {len(benign_prompts)}")
-    probe = Guard(guard.detector, policy="flag", check="generation", generation_threshold=1e30)
+    probe = Guard(guard.primary, policy="flag", check="generation", generation_threshold=1e30)
     runs = guarded_generate(model, list(benign_prompts), probe, max_new_tokens=max_new_tokens)
     peaks = torch.tensor(
         [max(r.generation_scores) for r in runs if r.generation_scores], dtype=torch.float64

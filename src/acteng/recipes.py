@@ -17,6 +17,7 @@ from acteng.evaluation.metrics import is_refusal
 from acteng.models import Model
 from acteng.optimization import optimize_vector
 from acteng.pairs import Pairs, load_pairs
+from acteng.token_detector import train_token_detector
 from acteng.vectors import SteeringVector
 
 __all__ = ["RECIPES", "build_bundled"]
@@ -32,6 +33,20 @@ RECIPES: dict[str, dict[str, Any]] = {
         "method": "probe",
         "region": "prompt",
         "target_fpr": 0.05,
+    },
+    # Token-level probe (acteng.token_detector): pooling, L2 and layers chosen on a
+    # validation cut of whole train documents (layers 6-22 vs 10-18, top 1/3/8/16, L2
+    # 300/1000/3000); threshold at 5 % of that cut's clean documents, kept out of fitting,
+    # so the test split (its own documents, tasks and injected lines) is never seen.
+    "prompt_injection": {
+        "kind": "token_detector",
+        "pairs": "prompt_injection",
+        "layers": [6, 8, 10, 12, 14, 16, 18, 20, 22],
+        "pooling": "top8",
+        "l2": 3000.0,
+        "target_fpr": 0.05,
+        "calibrate_on": "validation",
+        "seed": 0,
     },
     # Layer chosen by held-out AUROC on the team's honesty pairs (bench/honesty.py).
     "honesty": {
@@ -63,6 +78,19 @@ def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
     if name not in RECIPES:
         raise ConfigError(f"no bundled recipe {name!r}; known: {sorted(RECIPES)}")
     recipe = RECIPES[name]
+    if recipe["kind"] == "token_detector":
+        det = train_token_detector(
+            model,
+            recipe["pairs"],
+            recipe["layers"],
+            pooling=recipe["pooling"],
+            l2=recipe["l2"],
+            target_fpr=recipe["target_fpr"],
+            calibrate_on=recipe["calibrate_on"],
+            seed=recipe["seed"],
+        )
+        meta = {**det.directions.metadata, "name": name}
+        return replace(det, directions=SteeringVector(dict(det.directions.directions), meta))
     if recipe["kind"] == "detector":
         det = train_detector(
             model,

@@ -97,12 +97,50 @@ def _as_detector(
     return Detector(vector, offsets, scales, threshold=0.0, region=region, pooling=pooling)
 
 
+SHARED_RUN = 12  # words: pairs whose negatives share a run this long share a source
+
+
+def shared_text_groups(texts: Sequence[str], run: int = SHARED_RUN) -> list[int]:
+    """A group id per text: texts that share a run of `run` consecutive words (the same
+    document, the same wrapper) are in one group, transitively. Calibrating on whole
+    groups kept out of fitting, rather than on single pairs whose document was fitted,
+    gives a threshold that carries over to unseen documents."""
+    parent = list(range(len(texts)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, text in enumerate(texts):
+        words = text.split()
+        for j in range(len(words) - run + 1):
+            k = first.setdefault(" ".join(words[j : j + run]), i)
+            if k != i:
+                parent[root(i)] = root(k)
+    return [root(i) for i in range(len(texts))]
+
+
 def _validation_cut(train: Pairs, share: float, seed: int) -> tuple[Pairs, Pairs]:
-    order = list(range(len(train)))
+    """A seeded `share` of the pairs, taken in whole `shared_text_groups`, kept out."""
+    groups = shared_text_groups([p.negative for p in train])
+    order = sorted(set(groups))
     random.Random(seed).shuffle(order)
-    held = set(order[: max(1, round(len(order) * share))])
-    fit = tuple(p for i, p in enumerate(train) if i not in held)
-    cut = tuple(p for i, p in enumerate(train) if i in held)
+    wanted, held_groups, count = max(1, round(len(train) * share)), set(), 0
+    for g in order:
+        if count >= wanted:
+            break
+        held_groups.add(g)
+        count += groups.count(g)
+    fit = tuple(p for p, g in zip(train, groups, strict=True) if g not in held_groups)
+    cut = tuple(p for p, g in zip(train, groups, strict=True) if g in held_groups)
+    if not fit:
+        raise ConfigError(
+            "the train pairs all share text (one document or wrapper), so none are left to "
+            "fit on after keeping a validation share out; calibrate_on='test' instead"
+        )
     return Pairs(fit, name=f"{train.name}:fit"), Pairs(cut, name=f"{train.name}:calibration")
 
 
@@ -124,7 +162,8 @@ def train_token_detector(
 
     The threshold is calibrated on held-out negatives: the pairs' ``test`` split
     (`calibrate_on="test"`), or a seeded 25 % of the train pairs kept out of fitting
-    (``"validation"``), which leaves the test split untouched for measuring.
+    (``"validation"``, whole groups of pairs that share a document or wrapper, see
+    `shared_text_groups`), which leaves the test split untouched for measuring.
 
     >>> det = acteng.train_token_detector(model, "harmful_requests", layers=[8, 12, 16])
     """
@@ -156,7 +195,10 @@ def train_token_detector(
     if calibrate_on == "validation":
         train, held = _validation_cut(train, 0.25, seed)
         negatives = sides(held, region)[1]
-        source = f"{dataset.name}: seeded 25 % of the train negatives, kept out of fitting"
+        source = (
+            f"{dataset.name}: seeded 25 % of the train negatives (whole documents), "
+            "kept out of fitting"
+        )
     else:
         if not has_test:
             raise ConfigError(

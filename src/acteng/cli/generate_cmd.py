@@ -62,7 +62,11 @@ def register(sub: Any) -> None:
     _add_steering_args(p)
     g = p.add_argument_group("guard")
     g.add_argument(
-        "--guard", metavar="DETECTOR", help="detector file or name (e.g. harmful_request)"
+        "--guard",
+        action="append",
+        metavar="DETECTOR",
+        help="detector file or name (e.g. harmful_request); repeat to watch several "
+        "(the prompt fires when any does)",
     )
     g.add_argument("--policy", default="flag", help="flag (default), block, steer or stop")
     g.add_argument(
@@ -155,13 +159,14 @@ def _run_guarded(args: argparse.Namespace, model: Any, specs: list[Any]) -> int:
         raise ConfigError("the guard reads chat prompts; drop --no-chat")
     counter = build_specs(model, args.counter, layers=None, positions="all", mode="add")
     guard = Guard(
-        load_detector(args.guard, model=model),
+        tuple(load_detector(name, model=model) for name in args.guard),
         policy=args.policy,
         check=args.check,
         steering=tuple(counter),
         threshold=args.threshold,
         generation_threshold=args.generation_threshold,
     )
+    names = guard.names()
     results = guarded_generate(
         model,
         args.prompt,
@@ -173,15 +178,29 @@ def _run_guarded(args: argparse.Namespace, model: Any, specs: list[Any]) -> int:
         seed=args.seed,
     )
     if args.json:
-        rows = [{"prompt": p, **r.to_json()} for p, r in zip(args.prompt, results, strict=True)]
-        print_json({"threshold": guard.limit, "policy": guard.policy, "results": rows})
+        rows = []
+        for prompt, result in zip(args.prompt, results, strict=True):
+            row = {"prompt": prompt, **result.to_json()}
+            row["fired_by"] = None if result.fired_by is None else names[result.fired_by]
+            rows.append(row)
+        thresholds = dict(zip(names, guard.limits, strict=True))
+        summary = {"threshold": guard.limit, "thresholds": thresholds, "policy": guard.policy}
+        print_json({**summary, "detectors": list(names), "results": rows})
         return 0
     for prompt, result in zip(args.prompt, results, strict=True):
+        by = "" if result.fired_by is None or len(names) == 1 else f" ({names[result.fired_by]})"
         verdict = (
-            f"fired on the {result.fired_on} -> {result.action}" if result.flagged else "passed"
+            f"fired on the {result.fired_on}{by} -> {result.action}" if result.flagged else "passed"
         )
-        score = "" if result.prompt_score is None else f", prompt score {result.prompt_score:+.3f}"
-        print(f"> {prompt}\n[guard: {verdict}{score}; threshold {guard.limit:+.3f}]\n")
+        if len(names) > 1 and result.prompt_scores:
+            pairs = zip(names, result.prompt_scores, guard.limits, strict=True)
+            score = "; " + ", ".join(f"{n} {x:+.3f} (threshold {t:+.3f})" for n, x, t in pairs)
+            print(f"> {prompt}\n[guard: {verdict}{score}]\n")
+        else:
+            score = (
+                "" if result.prompt_score is None else f", prompt score {result.prompt_score:+.3f}"
+            )
+            print(f"> {prompt}\n[guard: {verdict}{score}; threshold {guard.limit:+.3f}]\n")
         print((result.text.strip() or "(no text)") + "\n")
     return 0
 

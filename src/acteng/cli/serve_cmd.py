@@ -76,7 +76,13 @@ def register(sub: Any) -> None:
     g = p.add_argument_group(
         "default guard (a request may change or turn it off, unless --guard-required)"
     )
-    g.add_argument("--guard", default=None, help="detector name for every request")
+    g.add_argument(
+        "--guard",
+        action="append",
+        default=None,
+        help="detector name for every request; repeat to watch several (e.g. --guard "
+        "harmful_request --guard prompt_injection: the prompt fires when any does)",
+    )
     g.add_argument("--policy", default="flag", help="flag | block | steer | stop")
     g.add_argument("--check", default="prompt", help="prompt | generation | both")
     g.add_argument("--counter", action="append", default=[], help="NAME:C counter-steering")
@@ -128,7 +134,9 @@ def default_guard(args: argparse.Namespace) -> dict[str, Any] | None:
     for text in args.counter:
         name, coefficient = parse_vector_arg(text)
         counter.append({"vector": name, "coefficient": coefficient})
-    guard: dict[str, Any] = {"detector": args.guard, "policy": args.policy, "check": args.check}
+    names = [args.guard] if isinstance(args.guard, str) else list(args.guard)
+    detector: str | list[str] = names[0] if len(names) == 1 else names
+    guard: dict[str, Any] = {"detector": detector, "policy": args.policy, "check": args.check}
     if counter:
         guard["counter"] = counter
     return guard

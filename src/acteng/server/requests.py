@@ -11,7 +11,7 @@ Extension fields (all optional); a ``steering`` item is `SteeringSpec`'s JSON fo
     "steering": [{"vector": NAME, "coefficient": 4.0, "layers": [8], "positions": "all",
                   "mode": "add"}]
     "monitor":  [NAME, {"vector": NAME, "layers": [8]}]
-    "guard":    {"detector": NAME, "policy": "flag|block|steer|stop",
+    "guard":    {"detector": NAME or [NAME, ...], "policy": "flag|block|steer|stop",
                  "check": "prompt|generation|both", "threshold": 0.5,
                  "generation_threshold": 1.0, "counter": [steering items]}  or "off"
 
@@ -27,9 +27,10 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from acteng.errors import ConfigError, RequestError
-from acteng.guard import CHECKS, POLICIES, Guard
+from acteng.guard_policy import CHECKS, POLICIES, Guard
 from acteng.layer_selection import parse_layers
 from acteng.server.resolve import Monitored, Resolver
+from acteng.server.schema import MAX_GUARD_DETECTORS
 from acteng.steering.spec import MAX_ABS_COEFFICIENT, SteeringSpec
 
 if TYPE_CHECKING:
@@ -67,7 +68,7 @@ class GenerationRequest:
     steering_echo: list[dict[str, Any]] = field(default_factory=list)
     monitors: tuple[Monitored, ...] = ()
     guard: Guard | None = None
-    guard_name: str | None = None
+    guard_names: tuple[str, ...] = ()  # the guard's detectors, in its order
     guard_texts: tuple[str, ...] = ()  # what the prompt check scores: every turn
     guard_monitor: Monitored | None = None
     stream: bool = False
@@ -161,8 +162,11 @@ def parse_guard(
     limits: Limits,
     *,
     required: bool = False,
-) -> tuple[Guard | None, str | None, Monitored | None]:
+) -> tuple[Guard | None, tuple[str, ...], Monitored | None]:
     """The request's guard: its own fields over the server's default; "off" for none.
+
+    ``detector`` names one detector or a list of up to `MAX_GUARD_DETECTORS` (the prompt
+    fires when any of them does; several check the prompt only).
 
     With `required` (``--guard-required``) the default guard is enforced: a request that
     sends a ``guard`` field is refused rather than silently overruled.
@@ -175,7 +179,7 @@ def parse_guard(
             status=403,
         )
     if value == "off" or (value is None and default is None):
-        return None, None, None
+        return None, (), None
     if value is not None and not isinstance(value, dict):
         raise RequestError('guard must be an object (e.g. {"policy": "block"}) or "off"', "guard")
     fields = {**(default or {}), **(value or {})}
@@ -189,20 +193,28 @@ def parse_guard(
             "generation_threshold, counter",
             param="guard",
         )
-    name = fields.get("detector")
-    if name is None:
-        raise RequestError("guard.detector is missing: name a detector", param="guard.detector")
-    detector = resolver.detector(name, "guard.detector")
+    names = _guard_detector_names(fields.get("detector"))
+    detectors = tuple(
+        resolver.detector(name, "guard.detector" if len(names) == 1 else f"guard.detector[{i}]")
+        for i, name in enumerate(names)
+    )
     policy, check = fields.get("policy", "flag"), fields.get("check", "prompt")
     if policy not in POLICIES:
         raise RequestError(f"guard.policy {policy!r}: use one of {POLICIES}", "guard.policy")
     if check not in CHECKS:
         raise RequestError(f"guard.check {check!r}: use one of {CHECKS}", "guard.check")
-    if check != "generation" and detector.region == "response":
+    if len(names) > 1 and check != "prompt":
         raise RequestError(
-            f"detector {name!r} reads answers (region 'response'); use check 'generation'",
+            f"a guard over {len(names)} detectors checks the prompt only: use check "
+            "'prompt', or one detector to watch the generation",
             param="guard.check",
         )
+    for name, detector in zip(names, detectors, strict=True):
+        if check != "generation" and detector.region == "response":
+            raise RequestError(
+                f"detector {name!r} reads answers (region 'response'); use check 'generation'",
+                param="guard.check",
+            )
     thresholds = {}
     for key in ("threshold", "generation_threshold"):
         if fields.get(key) is not None:
@@ -216,9 +228,15 @@ def parse_guard(
         )
     if policy != "steer" and counter:
         raise RequestError("guard.counter is only used by policy 'steer'", "guard.counter")
+    if len(names) > 1 and "threshold" in thresholds:
+        raise RequestError(
+            "guard.threshold overrides one detector's threshold; a guard over several uses "
+            "each detector's own",
+            param="guard.threshold",
+        )
     try:
         guard = Guard(
-            detector,
+            detectors,
             policy,
             check,
             tuple(counter),
@@ -227,8 +245,29 @@ def parse_guard(
         )
     except ConfigError as exc:
         raise RequestError(f"guard: {exc}", param="guard") from exc
-    monitor = replace(resolver.monitored(name, None, "guard.detector"), key=f"guard:{name}")
-    return guard, name, monitor
+    primary = names[0]
+    monitor = replace(resolver.monitored(primary, None, "guard.detector"), key=f"guard:{primary}")
+    return guard, names, monitor
+
+
+def _guard_detector_names(value: Any) -> tuple[str, ...]:
+    """``guard.detector``: a name, or a list of distinct names."""
+    if value is None:
+        raise RequestError("guard.detector is missing: name a detector", param="guard.detector")
+    names = [value] if isinstance(value, str) else value
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) and n for n in names):
+        raise RequestError(
+            "guard.detector must be a detector name or a list of names, e.g. "
+            '["harmful_request", "prompt_injection"]',
+            param="guard.detector",
+        )
+    if len(names) > MAX_GUARD_DETECTORS or len(set(names)) != len(names):
+        raise RequestError(
+            f"guard.detector lists {len(names)} names; give at most {MAX_GUARD_DETECTORS}, "
+            "each once",
+            param="guard.detector",
+        )
+    return tuple(names)
 
 
 def _messages(value: Any, limits: Limits) -> list[dict[str, str]]:
@@ -335,7 +374,7 @@ def parse_request(
         )
     specs = parse_steering(body.get("steering"), "steering", resolver, limits)
     monitors = parse_monitors(body.get("monitor"), resolver, limits)
-    guard, guard_name, guard_monitor = parse_guard(
+    guard, guard_names, guard_monitor = parse_guard(
         body.get("guard"), default_guard, resolver, limits, required=guard_required
     )
     return GenerationRequest(
@@ -350,7 +389,7 @@ def parse_request(
         steering_echo=[spec.to_json() for spec in specs],
         monitors=tuple(monitors),
         guard=guard,
-        guard_name=guard_name,
+        guard_names=guard_names,
         guard_texts=guard_texts,
         guard_monitor=guard_monitor,
         stream=stream,

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from acteng.generation import eos_ids
-from acteng.guard import GuardState, Verdict
+from acteng.guard_policy import GuardState, Verdict
 from acteng.models import Model
 from acteng.server.events import Event, Job
 from acteng.steering.spec import SteeringSpec
@@ -74,8 +74,8 @@ class Row:
         if self.guard_state is None or not self.guard_state.checks_prompt:
             return "go"
         texts = list(self.request.guard_texts)
-        scores = self.guard_state.guard.detector.score(self.model, texts)
-        return self.guard_state.on_prompt(max(scores))
+        detectors = self.guard_state.guard.detectors
+        return self.guard_state.on_prompt([max(d.score(self.model, texts)) for d in detectors])
 
     # --- results of forward calls --------------------------------------------------------
     def prefilled(self, logits: torch.Tensor, scores: dict[str, torch.Tensor]) -> None:
@@ -232,15 +232,19 @@ class Row:
         if self.guard_state is not None:
             guard, verdict = self.guard_state.guard, self.guard_state.result(text)
             out["text"] = verdict.text
+            names = request.guard_names
             out["acteng"]["guard"] = {
-                "detector": request.guard_name,
+                "detector": names[0] if len(names) == 1 else list(names),
                 "policy": guard.policy,
                 "check": guard.check,
                 "flagged": verdict.flagged,
                 "fired_on": verdict.fired_on,
+                "fired_by": None if verdict.fired_by is None else names[verdict.fired_by],
                 "action": verdict.action,
                 "prompt_score": verdict.prompt_score,
+                "prompt_scores": dict(zip(names, verdict.prompt_scores, strict=False)),
                 "threshold": guard.limit,
+                "thresholds": dict(zip(names, guard.limits, strict=True)),
                 "generation_threshold": guard.generation_limit if self.watch else None,
                 "generation_scores": verdict.generation_scores,
                 "fired_at": verdict.fired_at,

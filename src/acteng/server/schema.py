@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from acteng.guard import CHECKS, POLICIES
+from acteng.guard_policy import CHECKS, POLICIES
 from acteng.steering.modes import MODES
 from acteng.steering.spec import MAX_ABS_COEFFICIENT
 
@@ -60,6 +60,8 @@ MONITOR_ITEM: dict[str, Any] = {
     ]
 }
 
+MAX_GUARD_DETECTORS = 4  # detectors one guard may watch
+
 GUARD: dict[str, Any] = {
     "description": "a guard over the server's default guard, or 'off' (refused on a server "
     "started with --guard-required)",
@@ -69,7 +71,19 @@ GUARD: dict[str, Any] = {
             "type": "object",
             "additionalProperties": False,
             "properties": {
-                "detector": {"type": "string"},
+                "detector": {
+                    "description": "a detector, or several (the prompt fires when any does)",
+                    "oneOf": [
+                        {"type": "string", "minLength": 1},
+                        {
+                            "type": "array",
+                            "items": {"type": "string", "minLength": 1},
+                            "minItems": 1,
+                            "maxItems": MAX_GUARD_DETECTORS,
+                            "uniqueItems": True,
+                        },
+                    ],
+                },
                 "policy": {"type": "string", "enum": list(POLICIES)},
                 "check": {"type": "string", "enum": list(CHECKS)},
                 "threshold": {"type": "number", "minimum": -1e6, "maximum": 1e6},

@@ -299,7 +299,7 @@ def _guard_watch(row: Row, column: int) -> dict[str, Any]:
     assert row.guard_state is not None
     guard = row.guard_state.guard
     return {
-        "detector": row.request.guard_name,
+        "detector": row.request.guard_names[0],
         "check": guard.check,
         "threshold": guard.threshold,
         "generation_threshold": guard.generation_threshold,

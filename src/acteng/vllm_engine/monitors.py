@@ -42,7 +42,7 @@ import numpy as np
 import torch
 
 from acteng.errors import ActengError, RequestError
-from acteng.guard import Guard, GuardState
+from acteng.guard_policy import Guard, GuardState
 from acteng.server.requests import Limits, parse_steering
 from acteng.server.resolve import Monitored, table_entries
 from acteng.vllm_engine.requests import ModelShape, resolver_for
