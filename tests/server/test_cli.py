@@ -90,3 +90,11 @@ def test_serve_settings_carry_the_new_options() -> None:
     assert options["guard_required"] is True and options["admin_key"].startswith("admin")
     assert options["default_guard"]["detector"] == "harmful_request"
     assert options["allowed_hosts"] == ("localhost", "127.0.0.1", "::1")
+
+
+def test_serve_guard_repeats_for_several_detectors() -> None:
+    from acteng.cli.serve_cmd import serve_settings
+
+    args = _serve_args("--guard", "harmful_request", "--guard", "prompt_injection")
+    guard = serve_settings(args, None, None).app_options()["default_guard"]
+    assert guard["detector"] == ["harmful_request", "prompt_injection"]

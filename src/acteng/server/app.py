@@ -82,7 +82,11 @@ def create_app(
     pinned: dict[str, Any] = {}
     if default_guard is not None:
         # Checked now (a bad default fails at start, not on the first request) and pinned.
-        pinned = resolver.pin(default_guard.get("detector"), "the default guard's detector")
+        found = default_guard.get("detector")
+        names = found if isinstance(found, list) else [found]
+        pins = [resolver.pin(name, "the default guard's detector") for name in names]
+        # one detector: its pin; several: the same keys, each a list in the guard's order
+        pinned = pins[0] if len(pins) == 1 else {k: [p[k] for p in pins] for k in pins[0]}
         parse_guard(None, default_guard, resolver, limits)
 
     @asynccontextmanager
