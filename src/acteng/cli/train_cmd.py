@@ -1,4 +1,5 @@
-"""``acteng train rmu``: representation training into a PEFT adapter folder."""
+"""``acteng train rmu``: representation training into a PEFT adapter folder;
+``acteng train merge``: an adapter merged into its base model, saved as a model folder."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from acteng.errors import ConfigError
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train weights with losses on activations (RMU unlearning)",
+        help="train weights with losses on activations (RMU unlearning); merge adapters",
         description="Representation training. The result is a PEFT adapter folder with "
         "acteng's provenance (acteng_training.json), loadable with --adapter by every "
         "command, by acteng serve and by transformers + PEFT.",
@@ -61,6 +62,40 @@ def register(sub: Any) -> None:
     rmu.add_argument("--json", action="store_true")
     add_model_args(rmu)
     rmu.set_defaults(run=run_train_rmu)
+    merge = methods.add_parser(
+        "merge",
+        help="merge an adapter into its base model (a safetensors model folder)",
+        description="Merge a PEFT adapter folder (one acteng trained, or any LoRA adapter of "
+        "the model) into the base model's weights and save a transformers model folder "
+        "(config.json, model.safetensors, tokenizer, acteng_merged.json) that loads without "
+        "PEFT: --model for acteng, vLLM or transformers.",
+    )
+    merge.add_argument("--adapter", required=True, help="PEFT adapter folder")
+    merge.add_argument("--out", required=True, help="model folder to write")
+    merge.add_argument(
+        "--model",
+        default=None,
+        help="the base model (bundled name, .gguf, folder; default: the embedded model)",
+    )
+    merge.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
+    merge.add_argument("--force", action="store_true", help="replace an existing model folder")
+    merge.add_argument("--json", action="store_true")
+    merge.set_defaults(run=run_train_merge)
+
+
+def run_train_merge(args: argparse.Namespace) -> int:
+    from acteng.training.merge import merge_adapter
+
+    if not Path(args.adapter, "adapter_config.json").is_file():
+        raise ConfigError(f"--adapter {args.adapter} has no adapter_config.json: not a PEFT folder")
+    out = merge_adapter(
+        args.adapter, args.out, source=args.model, dtype=args.dtype, force=args.force
+    )
+    if args.json:
+        print_json({"model": str(out), "adapter": args.adapter})
+    else:
+        print(f"merged model written to {out}; load it with --model {out}")
+    return 0
 
 
 def run_train_rmu(args: argparse.Namespace) -> int:

@@ -14,6 +14,7 @@ from acteng.training.data import (
     unlearning_domains,
 )
 from acteng.training.diff import diff_vector
+from acteng.training.merge import merge_adapter
 from acteng.training.rmu import RMUResult, default_rmu_layer, train_rmu
 
 __all__ = [
@@ -23,6 +24,7 @@ __all__ = [
     "diff_vector",
     "load_mc",
     "load_texts",
+    "merge_adapter",
     "neutral_texts",
     "read_provenance",
     "record_figures",

@@ -99,14 +99,14 @@ def save_weight_edits(
         config.save_pretrained(str(staging))
         save_file(tensors, str(staging / "adapter_model.safetensors"))
         (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
-        _swap_in(staging, target)
+        swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
-def _swap_in(staging: Path, target: Path) -> None:
+def swap_in(staging: Path, target: Path) -> None:
     """Replace `target` by `staging`: at every moment one complete folder is at `target`
     or at its ``.old`` sibling (restored from there if the rename between fails)."""
     old = target.with_name(f".{target.name}.old")
