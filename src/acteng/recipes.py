@@ -89,8 +89,7 @@ def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
             calibrate_on=recipe["calibrate_on"],
             seed=recipe["seed"],
         )
-        meta = {**det.directions.metadata, "name": name}
-        return replace(det, directions=SteeringVector(dict(det.directions.directions), meta))
+        return _named(det, name)
     if recipe["kind"] == "detector":
         det = train_detector(
             model,
@@ -100,8 +99,7 @@ def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
             region=recipe["region"],
             target_fpr=recipe["target_fpr"],
         )
-        meta = {**det.directions.metadata, "name": name}
-        return replace(det, directions=SteeringVector(dict(det.directions.directions), meta))
+        return _named(det, name)
     pairs = load_pairs(recipe["pairs"], split="train")
     kept = Pairs(
         tuple(p for p in pairs if not recipe["only_judged_refusals"] or is_refusal(p.positive)),
@@ -116,3 +114,9 @@ def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
         seed=recipe["seed"],
     )
     return SteeringVector(dict(vector.directions), {**vector.metadata, "name": name})
+
+
+def _named(det: Detector, name: str) -> Detector:
+    """The detector with its bundled name in its file's metadata."""
+    meta = {**det.directions.metadata, "name": name}
+    return replace(det, directions=SteeringVector(dict(det.directions.directions), meta))

@@ -20,7 +20,8 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -93,17 +94,25 @@ def save_weight_edits(
     config.base_model_name_or_path = model.name
     record = {**provenance, "model": model.identity(), "edited_modules": sorted(edits)}
     target = Path(folder)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         config.save_pretrained(str(staging))
         save_file(tensors, str(staging / "adapter_model.safetensors"))
         (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+    return target
+
+
+@contextmanager
+def staged_folder(target: Path) -> Iterator[Path]:
+    """A temporary sibling of `target` to write a whole folder into; on success it
+    replaces `target` (`swap_in`), on any error it is removed and `target` is untouched."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield staging
         swap_in(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    return target
 
 
 def swap_in(staging: Path, target: Path) -> None:

@@ -11,14 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from acteng.errors import ConfigError, missing_extra
 from acteng.models import ADAPTER_PROVENANCE, load_model
-from acteng.training.adapters import swap_in
+from acteng.training.adapters import staged_folder
 
 __all__ = ["MERGED_RECORD", "merge_adapter"]
 
@@ -74,14 +72,8 @@ def merge_adapter(
         if provenance_file.is_file()
         else None,
     }
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
+    with staged_folder(target) as staging:
         hf.save_pretrained(str(staging), safe_serialization=True)
         model.tokenizer.save_pretrained(str(staging))
         (staging / MERGED_RECORD).write_text(json.dumps(record, indent=2) + "\n")
-        swap_in(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
