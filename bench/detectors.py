@@ -99,22 +99,34 @@ def wrapped_report(model: acteng.Model, det: Detector) -> dict[str, Any]:
     for (i, side, _), score in zip(turns, scores, strict=True):
         best[(i, side)] = max(best.get((i, side), float("-inf")), score)
 
+    pos = [best[(i, "positive")] for i in range(len(test))]
+    neg = [best[(i, "negative")] for i in range(len(test))]
+    return grouped(pos, neg, [r["family"] for r in test], det.threshold, "families",
+                   ("harmful_flagged", "harmless_flagged"))  # fmt: skip
+
+
+def grouped(
+    pos: list[float],
+    neg: list[float],
+    groups: list[str],
+    threshold: float,
+    key: str,
+    names: tuple[str, str],
+) -> dict[str, Any]:
+    """AUROC and flag rates of paired scores, overall and per group (under `key`)."""
+
     def figures(items: list[int]) -> dict[str, float]:
-        pos = [best[(i, "positive")] for i in items]
-        neg = [best[(i, "negative")] for i in items]
+        p, n = [pos[i] for i in items], [neg[i] for i in items]
         return {
-            "auroc": round(auroc(pos, neg), 4),
-            "harmful_flagged": round(sum(s > det.threshold for s in pos) / len(pos), 4),
-            "harmless_flagged": round(sum(s > det.threshold for s in neg) / len(neg), 4),
+            "auroc": round(auroc(p, n), 4),
+            names[0]: round(sum(x > threshold for x in p) / len(p), 4),
+            names[1]: round(sum(x > threshold for x in n) / len(n), 4),
             "pairs": len(items),
         }
 
-    families = sorted({r["family"] for r in test})
     return {
-        **figures(list(range(len(test)))),
-        "families": {
-            f: figures([i for i, r in enumerate(test) if r["family"] == f]) for f in families
-        },
+        **figures(list(range(len(pos)))),
+        key: {g: figures([i for i, x in enumerate(groups) if x == g]) for g in sorted(set(groups))},
     }
 
 
@@ -130,22 +142,8 @@ def injection_report(model: acteng.Model, det: Detector) -> dict[str, Any]:
     pos = det.score(model, [r["positive"] for r in test])
     neg = det.score(model, [r["negative"] for r in test])
 
-    def figures(items: list[int]) -> dict[str, float]:
-        p, n = [pos[i] for i in items], [neg[i] for i in items]
-        return {
-            "auroc": round(auroc(p, n), 4),
-            "injected_flagged": round(sum(x > det.threshold for x in p) / len(p), 4),
-            "clean_flagged": round(sum(x > det.threshold for x in n) / len(n), 4),
-            "pairs": len(items),
-        }
-
-    carriers = sorted({r["carrier"] for r in test})
-    return {
-        **figures(list(range(len(test)))),
-        "carriers": {
-            c: figures([i for i, r in enumerate(test) if r["carrier"] == c]) for c in carriers
-        },
-    }
+    return grouped(pos, neg, [r["carrier"] for r in test], det.threshold, "carriers",
+                   ("injected_flagged", "clean_flagged"))  # fmt: skip
 
 
 def main() -> None:
