@@ -42,7 +42,7 @@ def register(sub: Any) -> None:
         "general-knowledge questions, train splits)",
     )
     rmu.add_argument(
-        "--layer", type=int, default=None, help="RMU layer (default: 23 %% of the depth)"
+        "--layer", type=int, default=None, help="RMU layer (default: 30 %% of the depth)"
     )
     rmu.add_argument("--steps", type=int, default=200)
     rmu.add_argument("--lr", type=float, default=1e-3)
