@@ -144,29 +144,22 @@ def gcg_suffix(
     placeholder = "\u2063SUFFIX\u2063"
     layouts = [_layout(model, r, placeholder, target) for r in requests]
     allowed = _allowed_tokens(model, vocab)
-    params = next(hf.parameters())
+    dtype = next(hf.parameters()).dtype
+    with torch.no_grad():  # the embeddings around the suffix never change
+        around = [(embed(lay.before), embed(torch.cat([lay.after, lay.target]))) for lay in layouts]
     t0 = time.perf_counter()
 
-    def batch_loss(suffixes: torch.Tensor, grad: bool) -> tuple[torch.Tensor, ...]:
-        """Per suffix row: total loss, target loss, detector score (means over requests)."""
-        rows = suffixes.shape[0]
-        total = torch.zeros(rows)
-        target_loss = torch.zeros(rows)
-        scores = torch.zeros(rows)
-        for lay in layouts:
-            n_before, n_after = len(lay.before), len(lay.after)
-            if grad:
-                one_hot = torch.zeros(rows, length, vocab, dtype=weight.dtype)
-                one_hot.scatter_(2, suffixes.unsqueeze(2), 1.0)
-                one_hot.requires_grad_(True)
-                middle = one_hot @ weight
-            else:
-                middle = embed(suffixes).detach()
-            fixed = [embed(x.unsqueeze(0)).detach().expand(rows, -1, -1)
-                     for x in (lay.before, torch.cat([lay.after, lay.target]))]  # fmt: skip
-            inputs = torch.cat([fixed[0], middle.to(params.dtype), fixed[1]], dim=1)
+    def evaluate(middle: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """For suffix embeddings `middle` [rows, length, d]: per row the loss, the target's
+        cross-entropy and the detector's score, each the mean over the requests."""
+        rows = middle.shape[0]
+        total, target_loss, scores = torch.zeros(rows), torch.zeros(rows), torch.zeros(rows)
+        for lay, (before, tail) in zip(layouts, around, strict=True):
+            inputs = torch.cat(
+                [before.expand(rows, -1, -1), middle.to(dtype), tail.expand(rows, -1, -1)], dim=1
+            )
             out = hf(inputs_embeds=inputs, output_hidden_states=detector is not None)
-            t_start = n_before + length + n_after
+            t_start = len(lay.before) + length + len(lay.after)
             logits = out.logits[:, t_start - 1 : t_start - 1 + len(lay.target)].float()
             ce = torch.nn.functional.cross_entropy(
                 logits.transpose(1, 2), lay.target.expand(rows, -1), reduction="none"
@@ -176,27 +169,31 @@ def gcg_suffix(
                 # the "prompt" region runs from the user's text to the end of the
                 # rendered prompt (the template's tail included), as `read_items` reads it
                 score = _detector_term(detector, out.hidden_states, lay.read_start, t_start).float()
-                excess = torch.relu(score - (detector.threshold - margin))
-                loss = loss + detector_weight * excess
+                loss = loss + detector_weight * torch.relu(score - (detector.threshold - margin))
                 scores = scores + score.detach()
-            if grad:
-                (loss.sum() / len(layouts)).backward()  # type: ignore[no-untyped-call]
-                total = total + one_hot.grad.detach().sum(dim=0, keepdim=True)  # type: ignore[union-attr]
-            else:
-                total = total + loss.detach()
+            total = total + loss
             target_loss = target_loss + ce.detach()
         n = len(layouts)
         return total / n, target_loss / n, scores / n
+
+    def gradient(ids: torch.Tensor) -> torch.Tensor:
+        """d loss / d one-hot suffix tokens, [length, vocab]."""
+        one_hot = torch.zeros(1, length, vocab, dtype=weight.dtype)
+        one_hot.scatter_(2, ids.view(1, -1, 1), 1.0)
+        one_hot.requires_grad_(True)
+        with torch.enable_grad():
+            evaluate(one_hot @ weight)[0].sum().backward()  # type: ignore[no-untyped-call]
+        assert one_hot.grad is not None
+        return one_hot.grad[0]
 
     result = GCGResult(_text(tok, suffix), suffix.tolist())
     losses: list[float] = []
     target_losses: list[float] = []
     detector_scores: list[float] = []
     for step in range(steps):
-        with torch.enable_grad():
-            gradient = batch_loss(suffix.unsqueeze(0), grad=True)[0][0]  # [length, vocab]
-        gradient[:, ~allowed] = float("inf")
-        best_tokens = (-gradient).topk(top_k, dim=1).indices  # [length, top_k]
+        grad = gradient(suffix)
+        grad[:, ~allowed] = float("inf")
+        best_tokens = (-grad).topk(top_k, dim=1).indices  # [length, top_k]
         trial = suffix.repeat(candidates, 1)
         for row in range(candidates):
             position = rng.randrange(length)
@@ -205,7 +202,7 @@ def gcg_suffix(
         if trial.shape[0] == 0:
             continue
         with torch.no_grad():
-            loss, target_loss, score = batch_loss(trial, grad=False)
+            loss, target_loss, score = evaluate(embed(trial))
         pick = int(loss.argmin())
         suffix = trial[pick].clone()
         losses.append(float(loss[pick]))

@@ -22,6 +22,7 @@ request; for unmatched pairs the differing span is most of the positive, which s
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -126,14 +127,15 @@ def shared_text_groups(texts: Sequence[str], run: int = SHARED_RUN) -> list[int]
 def _validation_cut(train: Pairs, share: float, seed: int) -> tuple[Pairs, Pairs]:
     """A seeded `share` of the pairs, taken in whole `shared_text_groups`, kept out."""
     groups = shared_text_groups([p.negative for p in train])
-    order = sorted(set(groups))
+    sizes = Counter(groups)
+    order = sorted(sizes)
     random.Random(seed).shuffle(order)
     wanted, held_groups, count = max(1, round(len(train) * share)), set(), 0
     for g in order:
         if count >= wanted:
             break
         held_groups.add(g)
-        count += groups.count(g)
+        count += sizes[g]
     fit = tuple(p for p, g in zip(train, groups, strict=True) if g not in held_groups)
     cut = tuple(p for p, g in zip(train, groups, strict=True) if g in held_groups)
     if not fit:

@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from acteng.errors import ConfigError, missing_extra
-from acteng.models import ADAPTER_PROVENANCE, load_model
-from acteng.training.adapters import staged_folder
+from acteng.models import load_model
+from acteng.training.adapters import read_provenance, staged_folder
 
 __all__ = ["MERGED_RECORD", "merge_adapter"]
 
@@ -62,15 +62,12 @@ def merge_adapter(
     if not merged:
         raise ConfigError(f"{adapter} changed no layer of the model: nothing to merge")
     hf.config.name_or_path = f"{model.name}+{Path(adapter).name}"
-    provenance_file = Path(adapter) / ADAPTER_PROVENANCE
     record = {
         "base_model": model.name,
         "adapter": os.fspath(Path(adapter).resolve()),
         "merged_layers": merged,
         "dtype": dtype,
-        "training": json.loads(provenance_file.read_text(encoding="utf-8"))
-        if provenance_file.is_file()
-        else None,
+        "training": read_provenance(adapter) or None,
     }
     with staged_folder(target) as staging:
         hf.save_pretrained(str(staging), safe_serialization=True)
