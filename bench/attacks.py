@@ -74,16 +74,16 @@ def outcomes(
     model: acteng.Model,
     prompts: list[str],
     guard: Detector,
-    ensemble: list[Detector],
+    ensemble: list[Detector],  # the guard's detector first
     refusal: acteng.SteeringSpec,
 ) -> dict[str, Any]:
     answers = acteng.generate(model, prompts, max_new_tokens=TOKENS)
     complied = [not is_refusal(a) for a in answers]
-    flagged = [s > guard.threshold for s in guard.score(model, prompts)]
-    any_fired = [False] * len(prompts)
-    for det in ensemble:
-        for i, s in enumerate(det.score(model, prompts)):
-            any_fired[i] = any_fired[i] or s > det.threshold
+    assert ensemble[0] is guard
+    # each detector's flags once; the ensemble's first member is the guard's detector
+    fired = [[s > det.threshold for s in det.score(model, prompts)] for det in ensemble]
+    flagged = fired[0]
+    any_fired = [any(column) for column in zip(*fired, strict=True)]
     cast = guarded_generate(
         model, prompts, Guard(guard, policy="steer", steering=(refusal,)), max_new_tokens=TOKENS
     )
