@@ -56,3 +56,21 @@ def test_bad_attacks_are_refused(tiny_llama: acteng.Model) -> None:
         gcg_suffix(tiny_llama, [])
     with pytest.raises(ConfigError, match=">= 1"):
         gcg_suffix(tiny_llama, ["hi"], length=0)
+
+
+def test_the_embedding_attack_descends_and_answers(tiny_llama: acteng.Model) -> None:
+    """On a tiny model: the target's loss falls, the answer is the greedy continuation of
+    the optimised embeddings, and the model's weights are untouched."""
+    from acteng.adversarial import embedding_attack
+
+    before = {k: v.clone() for k, v in tiny_llama.hf.state_dict().items()}
+    found = embedding_attack(tiny_llama, "hi there", "ok then", length=4, steps=8, step_size=0.5,
+                             max_new_tokens=3)  # fmt: skip
+    assert len(found.losses) == 8 and found.losses[-1] < found.losses[0]
+    assert isinstance(found.answer, str)
+    assert all(torch.equal(before[k], v) for k, v in tiny_llama.hf.state_dict().items())
+    assert all(p.grad is None for p in tiny_llama.hf.parameters())
+    with pytest.raises(ConfigError, match="target"):
+        embedding_attack(tiny_llama, "hi", "")
+    with pytest.raises(ConfigError, match=">= 1"):
+        embedding_attack(tiny_llama, "hi", "ok", length=0)

@@ -66,6 +66,7 @@ def test_all_is_pinned() -> None:
         "score_tokens",
         "steer",
         "sweep",
+        "train_circuit_breaker",
         "train_detector",
         "train_rmu",
         "train_token_detector",

@@ -78,6 +78,7 @@ _EXPORTS = {
     "train_token_detector": "acteng.token_detector",
     "diff_vector": "acteng.training.diff",
     "train_rmu": "acteng.training.rmu",
+    "train_circuit_breaker": "acteng.training.circuit_breaker",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -139,6 +140,7 @@ if TYPE_CHECKING:
     from acteng.steering.modes import register_mode as register_mode
     from acteng.steering.spec import SteeringSpec as SteeringSpec
     from acteng.token_detector import train_token_detector as train_token_detector
+    from acteng.training.circuit_breaker import train_circuit_breaker as train_circuit_breaker
     from acteng.training.diff import diff_vector as diff_vector
     from acteng.training.rmu import train_rmu as train_rmu
     from acteng.vectors import SteeringVector as SteeringVector

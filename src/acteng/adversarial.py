@@ -32,7 +32,7 @@ from acteng.errors import ConfigError
 from acteng.models import Model
 from acteng.pooling import parse_pooling
 
-__all__ = ["GCGResult", "attack_prompt", "gcg_suffix"]
+__all__ = ["EmbeddingAttack", "GCGResult", "attack_prompt", "embedding_attack", "gcg_suffix"]
 
 
 @dataclass(frozen=True)
@@ -246,3 +246,72 @@ def _round_trips(tok: Any, ids: torch.Tensor) -> bool:
     if not text.startswith(" "):
         return False
     return bool(tok(text, add_special_tokens=False).input_ids == ids.tolist())
+
+
+@dataclass(frozen=True)
+class EmbeddingAttack:
+    """What `embedding_attack` found for one request: the answer the model gives with the
+    optimised embeddings in place of the suffix, and the target's loss at each step."""
+
+    answer: str
+    losses: list[float]
+    seconds: float
+
+
+def embedding_attack(
+    model: Model,
+    request: str,
+    target: str,
+    *,
+    length: int = 20,
+    steps: int = 50,
+    step_size: float = 0.1,
+    max_new_tokens: int = 32,
+    init: str = "!",
+) -> EmbeddingAttack:
+    """The input-embedding attack (Schwinn et al. 2024, the attack that undid circuit
+    breakers): `length` continuous vectors take the suffix's place, and signed gradient
+    descent on them lowers the cross-entropy of `target` as the answer's start. No
+    tokenizer constrains them, so this bounds what any prompt attack can do; it needs the
+    weights, as every white-box attack does. Each step moves every coordinate by
+    `step_size` times the embedding table's mean absolute value. Returns the greedy
+    answer the model then writes.
+    """
+    if length < 1 or steps < 0 or max_new_tokens < 1:
+        raise ConfigError("length and max_new_tokens must be >= 1, steps >= 0")
+    if not target:
+        raise ConfigError("the attack needs a target text for the answer to start with")
+    hf: Any = model.hf  # transformers' methods are untyped
+    tok = model.tokenizer
+    embed = hf.get_input_embeddings()
+    placeholder = "\u2063SUFFIX\u2063"
+    lay = _layout(model, request, placeholder, target)
+    start_ids = tok(" " + " ".join([init] * length), add_special_tokens=False).input_ids
+    started = time.perf_counter()
+    with torch.no_grad():
+        before, after, goal = (embed(x[None]) for x in (lay.before, lay.after, lay.target))
+        suffix = embed(torch.tensor(start_ids)[None]).clone()
+        step = step_size * float(embed.weight.abs().mean())
+    t_start = before.shape[1] + suffix.shape[1] + after.shape[1]
+    losses: list[float] = []
+    for _ in range(steps):
+        suffix.requires_grad_(True)
+        with torch.enable_grad():
+            inputs = torch.cat([before, suffix, after, goal], dim=1)
+            logits = hf(inputs_embeds=inputs).logits[0, t_start - 1 : t_start - 1 + goal.shape[1]]
+            loss = torch.nn.functional.cross_entropy(logits.float(), lay.target)
+            (grad,) = torch.autograd.grad(loss, suffix)
+        losses.append(loss.item())
+        with torch.no_grad():
+            suffix = (suffix - step * grad.sign()).detach()
+    with torch.no_grad():
+        prompt = torch.cat([before, suffix, after], dim=1)
+        new = hf.generate(
+            inputs_embeds=prompt,
+            attention_mask=torch.ones(prompt.shape[:2], dtype=torch.long),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            pad_token_id=tok.pad_token_id,
+        )
+    answer = tok.decode(new[0], skip_special_tokens=True)
+    return EmbeddingAttack(answer, losses, time.perf_counter() - started)

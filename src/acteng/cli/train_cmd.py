@@ -1,5 +1,6 @@
-"""``acteng train rmu``: representation training into a PEFT adapter folder;
-``acteng train merge``: an adapter merged into its base model, saved as a model folder."""
+"""``acteng train circuit-breaker`` / ``acteng train rmu``: representation training into a
+PEFT adapter folder; ``acteng train merge``: an adapter merged into its base model, saved as a
+model folder."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ from acteng.errors import ConfigError
 def register(sub: Any) -> None:
     p = sub.add_parser(
         "train",
-        help="train weights with losses on activations (RMU unlearning); merge adapters",
+        help="train weights with losses on activations (circuit breakers, RMU unlearning); "
+        "merge adapters",
         description="Representation training. The result is a PEFT adapter folder with "
         "acteng's provenance (acteng_training.json), loadable with --adapter by every "
         "command, by acteng serve and by transformers + PEFT.",
@@ -62,6 +64,56 @@ def register(sub: Any) -> None:
     rmu.add_argument("--json", action="store_true")
     add_model_args(rmu)
     rmu.set_defaults(run=run_train_rmu)
+    cb = methods.add_parser(
+        "circuit-breaker",
+        help="make the model's representations of harmful content useless to it "
+        "(circuit breakers, Zou et al. 2024)",
+        description="Circuit breakers (representation rerouting): a LoRA adapter on the "
+        "blocks up to the highest target layer, trained to turn the representations of "
+        "harmful requests and the model's own compliant answers away from the frozen "
+        "model's (ReLU of the cosine) while holding those of harmless look-alikes and "
+        "refusals (L2). Data defaults to the team's train splits; every request gets the "
+        "model's own answer first (cached). Checkpoints every --checkpoint-every steps; "
+        "Ctrl-C keeps the adapter of the last finished step.",
+    )
+    cb.add_argument("--out", required=True, help="adapter folder to write")
+    cb.add_argument(
+        "--harmful",
+        default=None,
+        help='requests to break on: .txt (one a line) or .jsonl of {"prompt": ...} or '
+        '{"messages": [...]} rows (default: the bundled harmful and wrapped requests)',
+    )
+    cb.add_argument(
+        "--retain",
+        default=None,
+        help="requests to keep answering, same forms (default: the bundled harmless "
+        "look-alikes, plain and wrapped)",
+    )
+    cb.add_argument(
+        "--target-layers",
+        default=None,
+        help="comma-separated layers to reroute at (default: 30 %% and 60 %% of the depth)",
+    )
+    cb.add_argument("--steps", type=int, default=150)
+    cb.add_argument("--lr", type=float, default=3e-3)
+    cb.add_argument("--alpha", type=float, default=10.0, help="loss scale (the paper's alpha)")
+    cb.add_argument(
+        "--retain-weight",
+        type=float,
+        default=10.0,
+        help="weight of the retain loss against rerouting (relative L2 distances)",
+    )
+    cb.add_argument("--rank", type=int, default=16, help="LoRA rank")
+    cb.add_argument("--batch-size", type=int, default=4)
+    cb.add_argument("--examples", type=int, default=256, help="requests used of each set")
+    cb.add_argument("--answer-tokens", type=int, default=32, help="length of the own answers")
+    cb.add_argument("--max-tokens", type=int, default=128, help="tokens kept of each example")
+    cb.add_argument("--seed", type=int, default=0)
+    cb.add_argument("--checkpoint-every", type=int, default=50)
+    cb.add_argument("--force", action="store_true", help="replace an existing --out folder")
+    cb.add_argument("--json", action="store_true")
+    add_model_args(cb)
+    cb.set_defaults(run=run_train_circuit_breaker)
     merge = methods.add_parser(
         "merge",
         help="merge an adapter into its base model (a safetensors model folder)",
@@ -98,16 +150,78 @@ def run_train_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise ConfigError(f"--out {out} exists; choose another folder or add --force")
+    if out.exists() and not (out / "adapter_config.json").is_file():
+        raise ConfigError(f"--out {out} is not an adapter folder; refusing to replace it")
+
+
+def run_train_circuit_breaker(args: argparse.Namespace) -> int:
+    from acteng.cli.common import load_model_from_args
+    from acteng.training.circuit_breaker import train_circuit_breaker
+    from acteng.training.data import load_conversations
+
+    out = Path(args.out)
+    _check_out(out, args.force)
+    # the data is read before the model loads, so a bad file fails at once
+    harmful = None if args.harmful is None else load_conversations(args.harmful, what="--harmful")
+    retain = None if args.retain is None else load_conversations(args.retain, what="--retain")
+    targets = None
+    if args.target_layers is not None:
+        try:
+            targets = [int(x) for x in args.target_layers.split(",") if x.strip()]
+        except ValueError:
+            raise ConfigError(
+                f"--target-layers {args.target_layers!r}: give comma-separated layer numbers"
+            ) from None
+    model = load_model_from_args(args)
+    result = train_circuit_breaker(
+        model,
+        out,
+        harmful=harmful,
+        retain=retain,
+        target_layers=targets,
+        steps=args.steps,
+        lr=args.lr,
+        alpha=args.alpha,
+        retain_weight=args.retain_weight,
+        rank=args.rank,
+        batch_size=args.batch_size,
+        examples=args.examples,
+        answer_tokens=args.answer_tokens,
+        max_tokens=args.max_tokens,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        progress=not args.json,
+    )
+    last = result.losses[-1]
+    summary = {
+        "adapter": str(result.adapter),
+        "target_layers": list(result.target_layers),
+        "steps": result.steps,
+        "reroute_loss": last["reroute"],
+        "retain_loss": last["retain"],
+        "seconds": round(last["seconds"], 1),
+    }
+    if args.json:
+        print_json(summary)
+    else:
+        print(
+            f"adapter written to {result.adapter} (target layers "
+            f"{list(result.target_layers)}, {result.steps} steps in {last['seconds']:.0f} s); "
+            f"use it with --adapter {result.adapter}"
+        )
+    return 0
+
+
 def run_train_rmu(args: argparse.Namespace) -> int:
     from acteng.cli.common import load_model_from_args
     from acteng.training.data import load_texts
     from acteng.training.rmu import train_rmu
 
     out = Path(args.out)
-    if out.exists() and not args.force:
-        raise ConfigError(f"--out {out} exists; choose another folder or add --force")
-    if out.exists() and not (out / "adapter_config.json").is_file():
-        raise ConfigError(f"--out {out} is not an adapter folder; refusing to replace it")
+    _check_out(out, args.force)
     # the data is read before the model loads, so a bad file fails at once
     load_texts(args.forget, split="train", what="--forget")
     if args.retain is not None:

@@ -122,3 +122,104 @@ def default_retain_texts(forget_domain: str | None = None) -> list[str]:
         for item in load_eval("general_knowledge", split="train")
     ]
     return paragraphs + questions
+
+
+Messages = list[dict[str, str]]
+PAIRS = Path(__file__).resolve().parent.parent / "data" / "pairs"
+
+
+def _conversation(row: dict[str, Any], side: str) -> Messages:
+    """One side of a bundled pair as chat messages: earlier turns (``context`` or
+    ``<side>_context``, see wrapped_requests.md) and the side's text as the last user turn."""
+    context = row.get(f"{side}_context", row.get("context", []))
+    return [dict(m) for m in context] + [{"role": "user", "content": str(row[side])}]
+
+
+def circuit_breaker_sets(split: Split = "train") -> dict[str, list[Messages]]:
+    """The team's requests for circuit-breaker training and its acceptance tests, by role
+    (train and test splits never share a request; the wrapped ones share no base request
+    or wrapper wording either):
+
+    - ``harmful``: `harmful_requests` positives, `wrapped_requests` positives (jailbreak
+      wrappers, multi-turn included) and the `refusal` prompts;
+    - ``harmless``: the look-alikes: `harmful_requests` negatives (mirrored and edgy but
+      benign) and `wrapped_requests` negatives (the same wrappers around harmless
+      requests), the borderline-but-benign set the breaker must keep answering;
+    - ``refusal``: the `refusal` prompts followed by the team's written refusal, so the
+      model keeps refusing in its own words where it did (the "refusal retain" set).
+
+    The test split leaves out any request that is also in a train split.
+    """
+    if split == "test":
+        # a request can be in the train split of one file and the test split of another
+        train = circuit_breaker_sets("train")
+        seen = {str(m) for role in train.values() for m in role}
+        return {
+            role: [m for m in found if str(m) not in seen]
+            for role, found in _circuit_breaker_rows("test").items()
+        }
+    return _circuit_breaker_rows(split)
+
+
+def _circuit_breaker_rows(split: Split) -> dict[str, list[Messages]]:
+    rows = {
+        name: [r for r, _ in read_records(PAIRS / f"{name}.jsonl")]
+        for name in ("harmful_requests", "wrapped_requests", "refusal")
+    }
+    chosen = {
+        name: [r for r in found if split == "all" or r.get("split", "train") == split]
+        for name, found in rows.items()
+    }
+    return {
+        "harmful": [
+            _conversation(r, "positive")
+            for name in ("harmful_requests", "wrapped_requests")
+            for r in chosen[name]
+        ]
+        + [[{"role": "user", "content": str(r["prompt"])}] for r in chosen["refusal"]],
+        "harmless": [
+            _conversation(r, "negative")
+            for name in ("harmful_requests", "wrapped_requests")
+            for r in chosen[name]
+        ],
+        "refusal": [
+            [
+                {"role": "user", "content": str(r["prompt"])},
+                {"role": "assistant", "content": str(r["positive"])},
+            ]
+            for r in chosen["refusal"]
+        ],
+    }
+
+
+def load_conversations(source: str | os.PathLike[str], *, what: str) -> list[Messages]:
+    """Requests from a file: ``.txt`` (one user turn a line) or ``.jsonl`` rows with
+    ``"prompt"`` (or ``"text"``) for one user turn or ``"messages"`` for a conversation
+    (train split only where rows mark one)."""
+    path = Path(source)
+    if not path.is_file():
+        raise ConfigError(f"{what}: no file at {os.fspath(source)!r}")
+    if path.suffix == ".txt":
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        out = [[{"role": "user", "content": line}] for line in lines]
+    else:
+        out = []
+        for i, row in enumerate(_rows(path), 1):
+            if row.get("split", "train") != "train":
+                continue
+            messages = row.get("messages")
+            text = row.get("prompt", row.get("text"))
+            if isinstance(messages, list) and all(
+                isinstance(m, dict) and isinstance(m.get("content"), str) for m in messages
+            ):
+                out.append([{"role": str(m["role"]), "content": m["content"]} for m in messages])
+            elif isinstance(text, str) and text.strip():
+                out.append([{"role": "user", "content": text}])
+            else:
+                raise DataError(
+                    f"{path} row {i}: needs a string 'prompt' (or 'text') or a 'messages' "
+                    "list of {role, content} objects"
+                )
+    if not out:
+        raise DataError(f"{what}: {path} holds no requests (train split)")
+    return out

@@ -37,12 +37,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from acteng.activations import right_padded
 from acteng.errors import ConfigError, DataError, TrainingError, UnsupportedError
-from acteng.hooks import ForwardContext, run_until
 from acteng.models import Model
 from acteng.training.adapters import save_weight_edits, texts_hash
 from acteng.training.data import TextSource, bundled_domain, default_retain_texts, load_texts
+from acteng.training.reading import BlockReader
 
 __all__ = ["RMUResult", "default_rmu_layer", "train_rmu"]
 
@@ -80,26 +79,10 @@ def _encode(model: Model, texts: Sequence[str], max_tokens: int) -> Encoded:
 
 
 def _layer_output(model: Model, layer: int, batch: Encoded) -> tuple[torch.Tensor, torch.Tensor]:
-    """(block `layer` output [b, t, d], mask of the tokens the losses use [b, t]); the
-    forward stops after that block. Gradients flow when enabled."""
-    pad = int(model.tokenizer.pad_token_id)
-    ids, mask = right_padded(batch, pad)
-    seen: list[torch.Tensor] = []
-
-    def keep(_layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
-        seen.append(hidden)
-
-    run_until(
-        model.hf,
-        model.blocks,
-        layer,
-        {layer: [keep]},
-        input_ids=ids.to(model.device),
-        attention_mask=mask.to(model.device),
-    )
-    used = mask.bool().to(model.device)
-    used[:, 0] = False  # the attention sink (see the module docstring)
-    return seen[0].float(), used
+    """(block `layer` output [b, t, d], mask of the tokens the losses use [b, t]): every
+    token but the first, the attention sink (see the module docstring)."""
+    hidden, used = BlockReader(model, [layer])(batch, [1] * len(batch))
+    return hidden[layer], used
 
 
 def _masked_mse(hidden: torch.Tensor, target: torch.Tensor, used: torch.Tensor) -> torch.Tensor:

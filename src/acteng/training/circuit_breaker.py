@@ -1,0 +1,385 @@
+"""Circuit breakers: representation rerouting (Zou et al. 2024, arXiv 2406.04313).
+
+The published method. A LoRA adapter on every Linear layer of the blocks up to the highest
+target layer is trained with two losses on the residual stream:
+
+- **rerouting**, on harmful requests followed by the model's own compliant answers:
+  ``ReLU(cos(h_adapted, h_frozen))`` at the target layers, over request and answer
+  tokens: the adapted model's representation of harmful content is turned away from what
+  its later blocks know how to use, so generation breaks down instead of complying;
+- **retain**, on harmless look-alikes with their own answers and on refusals: the L2
+  distance between the adapted and frozen representations at every layer up to the
+  highest target;
+- the published schedule: ``c_reroute = alpha·(1 − t/2T)``, ``c_retain = alpha·t/2T``.
+
+The frozen representations come from the same model with the adapter disabled, so there
+is no second copy of the weights. The forward stops after the highest target block.
+
+What changes on small fp32 models, where the 8B recipe does nothing (measured on
+SmolLM2-135M, ../shared/design/representation-training.md):
+
+- **centred cosine**: every token shares a large common component (cosine ~0.75 with the
+  mean activation), so the cosine is taken after subtracting the retain mean ``mu`` of
+  each target layer; otherwise the loss is saturated by what all tokens share;
+- **LoRA B starts small, not at zero**: with B = 0 the adapted and frozen
+  representations are equal and cos = 1 is a stationary point of the rerouting loss (its
+  gradient is exactly zero); the 8B runs escape through bf16 rounding, fp32 never does;
+- **the retain distance is relative**: divided by each layer's median centred norm, so
+  one alpha serves layers whose norms differ 5-fold and models of any width;
+- **the shared template prefix is left out** of both losses (the chat template and
+  default system prompt open every conversation identically, so harmful and harmless
+  requests would pull the same tokens both ways).
+
+Target layers default to 30 % and 60 % of the depth (the paper's 10 and 20 of Llama-3-8B's
+32, in acteng's numbering 9 and 19). The result is a PEFT adapter folder with acteng's
+provenance; the model passed in is left as it was.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from acteng.errors import ConfigError, DataError, TrainingError, missing_extra
+from acteng.models import Model
+from acteng.training import losses as losses_on
+from acteng.training.adapters import PROVENANCE_FILE, staged_folder, texts_hash
+from acteng.training.conversations import (
+    Conversations,
+    as_messages,
+    encode,
+    model_answers,
+    reroute_starts,
+    shared_prefix,
+)
+from acteng.training.data import Messages, circuit_breaker_sets, default_retain_texts
+from acteng.training.reading import BlockReader
+
+__all__ = [
+    "CircuitBreakerResult",
+    "default_circuit_breaker_layers",
+    "model_answers",
+    "train_circuit_breaker",
+]
+
+OnStep = Callable[[int, dict[str, float]], None]
+
+
+def default_circuit_breaker_layers(model: Model) -> tuple[int, int]:
+    """30 % and 60 % of the way up the blocks (9 and 18 of SmolLM2's 30; the paper's
+    targets are 9 and 19 of Llama-3-8B's 32 in acteng's numbering)."""
+    n = model.num_layers
+    low = max(1, round(0.3 * n))
+    return low, max(low + 1, min(n - 1, round(0.6 * n)))
+
+
+@dataclass
+class CircuitBreakerResult:
+    """Where the adapter is and what training did; `provenance` is what the folder's
+    ``acteng_training.json`` holds."""
+
+    adapter: Path
+    target_layers: tuple[int, ...]
+    steps: int
+    losses: list[dict[str, float]] = field(repr=False)
+    provenance: dict[str, Any] = field(repr=False)
+
+
+def _check(model: Model, targets: Sequence[int], **values: float) -> None:
+    bad = [x for x in targets if not 0 <= x < model.num_layers]
+    if bad or not targets:
+        raise ConfigError(
+            f"target layers {list(targets)} out of range: {model.name} has layers "
+            f"0-{model.num_layers - 1}; give at least one"
+        )
+    if len(set(targets)) != len(targets):
+        raise ConfigError(f"target layers {list(targets)} repeat a layer")
+    for name, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number, got {value}")
+
+
+def train_circuit_breaker(
+    model: Model,
+    out: str | os.PathLike[str],
+    *,
+    harmful: Conversations | None = None,
+    retain: Conversations | None = None,
+    refusals: Sequence[Messages] | None = None,
+    retain_texts: Sequence[str] | None = None,
+    target_layers: Sequence[int] | None = None,
+    steps: int = 150,
+    lr: float = 3e-3,
+    alpha: float = 10.0,
+    retain_weight: float = 10.0,
+    rank: int = 16,
+    init_scale: float = 1e-3,
+    batch_size: int = 4,
+    answer_tokens: int = 32,
+    max_tokens: int = 128,
+    examples: int = 256,
+    seed: int = 0,
+    checkpoint_every: int = 50,
+    on_step: OnStep | None = None,
+    progress: bool = False,
+) -> CircuitBreakerResult:
+    """Train a circuit-breaker LoRA adapter and save it at `out` (every
+    `checkpoint_every` steps and at the end).
+
+    `harmful` (requests to break on) and `retain` (harmless requests to keep answering)
+    are strings or chat-message lists; each gets the model's own greedy answer
+    (`model_answers`, `answer_tokens` long). `refusals` are whole conversations ending in
+    an assistant refusal, kept as they are. By default all three come from the team's
+    train splits (`acteng.training.data.circuit_breaker_sets`); at most `examples` of
+    each set are used (seeded sample), which bounds the answer generation.
+    `retain_texts` is plain text held too, outside any chat (default: the bundled
+    neutral paragraphs and general-knowledge answers, `default_retain_texts`; ``[]`` for
+    none): without it the chat-only retain set let neutral-text perplexity rise ~30 %.
+
+    Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
+    raises `TrainingError` with the last good checkpoint kept.
+
+    >>> result = acteng.training.train_circuit_breaker(model, "cb")
+    >>> guarded = acteng.load_model(adapter=result.adapter)
+    """
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError:
+        raise missing_extra("peft", "peft", purpose="training a circuit breaker") from None
+    targets = (
+        default_circuit_breaker_layers(model)
+        if target_layers is None
+        else tuple(sorted(int(x) for x in target_layers))
+    )
+    _check(model, targets, lr=lr, alpha=alpha, retain_weight=retain_weight, init_scale=init_scale)
+    if min(steps, batch_size, rank, checkpoint_every, examples) < 1 or answer_tokens < 1:
+        raise ConfigError(
+            "steps, batch_size, rank, checkpoint_every, examples and answer_tokens must be >= 1"
+        )
+    bundled = circuit_breaker_sets("train")
+    rng = random.Random(seed)
+
+    def sample(items: list[Messages]) -> list[Messages]:
+        return items if len(items) <= examples else rng.sample(items, examples)
+
+    harmful_msgs = sample(
+        bundled["harmful"] if harmful is None else as_messages(harmful, "harmful")
+    )
+    retain_msgs = sample(bundled["harmless"] if retain is None else as_messages(retain, "retain"))
+    refusal_msgs = sample(bundled["refusal"] if refusals is None else [list(r) for r in refusals])
+    if min(len(harmful_msgs), len(retain_msgs)) < 2:
+        raise DataError("circuit breakers need at least 2 harmful and 2 retain requests")
+    keys = {json.dumps(m, sort_keys=True) for m in harmful_msgs}
+    shared = [m for m in retain_msgs if json.dumps(m, sort_keys=True) in keys]
+    if shared:
+        raise DataError(
+            f"{len(shared)} requests are in both the harmful and the retain set (e.g. "
+            f"{shared[0][-1]['content'][:60]!r}); a request cannot be broken and kept"
+        )
+    bad_refusals = [i for i, r in enumerate(refusal_msgs) if r[-1].get("role") != "assistant"]
+    if bad_refusals:
+        raise DataError(f"refusals {bad_refusals[:5]} do not end with an assistant turn")
+
+    harmful_answers = model_answers(model, harmful_msgs, max_new_tokens=answer_tokens)
+    retain_answers = model_answers(model, retain_msgs, max_new_tokens=answer_tokens)
+    plain = default_retain_texts() if retain_texts is None else [str(t) for t in retain_texts]
+    harmful_ids = encode(model, harmful_msgs, harmful_answers, max_tokens)
+    chat_ids = encode(model, retain_msgs, retain_answers, max_tokens) + encode(
+        model, refusal_msgs, [None] * len(refusal_msgs), max_tokens
+    )
+    prefix = shared_prefix(harmful_ids + chat_ids)
+    reroute_from = reroute_starts(harmful_ids, chat_ids, prefix)
+    text_ids = [list(model.tokenizer(t)["input_ids"])[:max_tokens] for t in plain if t.strip()]
+    retain_ids = chat_ids + [ids for ids in text_ids if len(ids) > 1]
+    # a plain text's loss skips only its first token (the attention sink)
+    retain_from = [prefix] * len(chat_ids) + [1] * (len(retain_ids) - len(chat_ids))
+    top = targets[-1]
+    retain_layers = list(range(top + 1))
+    reader = BlockReader(model, retain_layers)
+
+    torch.manual_seed(seed)
+    was_training = model.hf.training
+    model.hf.eval()
+    flags = {name: p.requires_grad for name, p in model.hf.named_parameters()}
+
+    # The frozen model's centre and spread at each layer, over retain tokens.
+    with torch.no_grad():
+        sums: dict[int, list[torch.Tensor]] = {x: [] for x in retain_layers}
+        for start in range(0, min(len(chat_ids), 64), 16):
+            chunk = chat_ids[start : start + 16]
+            hidden, used = reader(chunk, [prefix] * len(chunk))
+            for x in retain_layers:
+                sums[x].append(hidden[x][used])
+        mu = {x: torch.cat(v).mean(0) for x, v in sums.items()}
+        scale = {
+            x: float((torch.cat(v) - mu[x]).norm(dim=-1).median().clamp_min(1e-6))
+            for x, v in sums.items()
+        }
+
+    linear_paths = sorted(
+        f"{model.layout.blocks}.{b}.{name}"
+        for b in range(top + 1)
+        for name, module in model.blocks[b].named_modules()
+        if isinstance(module, nn.Linear)
+    )
+    config = LoraConfig(
+        r=rank,
+        lora_alpha=rank,
+        lora_dropout=0.0,
+        target_modules=linear_paths,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    hyper = {
+        "target_layers": list(targets),
+        "retain_layers": [0, top],
+        "steps": steps,
+        "lr": lr,
+        "alpha": alpha,
+        "retain_weight": retain_weight,
+        "rank": rank,
+        "init_scale": init_scale,
+        "batch_size": batch_size,
+        "answer_tokens": answer_tokens,
+        "max_tokens": max_tokens,
+        "examples": examples,
+        "shared_prefix_tokens": prefix,
+        "seed": seed,
+        "schedule": "c_reroute = alpha (1 - t/2T), c_retain = retain_weight alpha t/2T",
+        "rerouted_tokens": sum(
+            len(ids) - start for ids, start in zip(harmful_ids, reroute_from, strict=True)
+        ),
+    }
+    provenance: dict[str, Any] = {
+        "method": "circuit_breaker",
+        "reference": (
+            "Zou et al. 2024, Improving Alignment and Robustness with Circuit Breakers "
+            "(arXiv 2406.04313); centred cosine, non-zero LoRA-B start"
+        ),
+        "data": {
+            name: {"conversations": len(msgs), "hash": texts_hash([json.dumps(m) for m in msgs])}
+            for name, msgs in (
+                ("harmful", harmful_msgs),
+                ("retain", retain_msgs),
+                ("refusal", refusal_msgs),
+            )
+        }
+        | {"retain_texts": {"texts": len(plain), "hash": texts_hash(plain)}},
+        "answers": {"harmful": texts_hash(harmful_answers), "retain": texts_hash(retain_answers)},
+        "hyperparameters": hyper,
+    }
+    losses: list[dict[str, float]] = []
+    peft_model = get_peft_model(model.hf, config)  # injects LoRA layers into model.hf
+    last_good: Path | None = None
+    done = 0
+
+    def save(done: int, interrupted: bool = False) -> Path:
+        record = {
+            **provenance,
+            "model": model.identity(),
+            "training": {
+                "steps_done": done,
+                "interrupted": interrupted,
+                "first": losses[0] if losses else None,
+                "last": losses[-1] if losses else None,
+            },
+        }
+        target = Path(out)
+        with staged_folder(target) as staging:
+            peft_model.save_pretrained(str(staging))
+            (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        return target
+
+    try:
+        generator = torch.Generator().manual_seed(seed)
+        trainable = []
+        for name, p in peft_model.named_parameters():
+            p.requires_grad_("lora_" in name)
+            if "lora_B" in name:
+                with torch.no_grad():
+                    p.copy_(torch.randn(p.shape, generator=generator) * init_scale)
+            if "lora_" in name:
+                trainable.append(p)
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
+        started = time.perf_counter()
+        for step in range(1, steps + 1):
+            progress_share = step / (2 * steps)
+            c_reroute = alpha * (1 - progress_share)
+            c_retain = alpha * progress_share * retain_weight
+            h_rows = rng.sample(range(len(harmful_ids)), min(batch_size, len(harmful_ids)))
+            r_rows = rng.sample(range(len(retain_ids)), min(batch_size, len(retain_ids)))
+            h_batch = [harmful_ids[i] for i in h_rows]
+            h_starts = [reroute_from[i] for i in h_rows]
+            r_batch = [retain_ids[i] for i in r_rows]
+            r_starts = [retain_from[i] for i in r_rows]
+            with torch.no_grad(), peft_model.disable_adapter():
+                h_frozen, h_used = reader(h_batch, h_starts)
+                r_frozen, r_used = reader(r_batch, r_starts)
+            h_now, _ = reader(h_batch, h_starts)
+            r_now, _ = reader(r_batch, r_starts)
+            reroute = losses_on.reroute_loss(h_now, h_frozen, h_used, mu, targets)
+            retain_loss = losses_on.retain_loss(r_now, r_frozen, r_used, scale)
+            loss = c_reroute * reroute + c_retain * retain_loss
+            if not torch.isfinite(loss):
+                kept = save(done, interrupted=True) if done else None
+                raise TrainingError(
+                    f"the circuit-breaker loss became non-finite at step {step}; lower lr "
+                    f"({lr:g})"
+                    + (f"; the adapter of step {done} is kept at {kept}" if kept else ""),
+                    checkpoint=None if kept is None else str(kept),
+                )
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            done = step
+            record = {
+                "step": float(step),
+                "reroute": reroute.item(),
+                "retain": retain_loss.item(),
+                "seconds": time.perf_counter() - started,
+            }
+            losses.append(record)
+            if on_step is not None:
+                on_step(step, record)
+            if progress:
+                _print_progress(step, steps, record)
+            if step % checkpoint_every == 0 or step == steps:
+                last_good = save(step)
+    except KeyboardInterrupt:
+        if done:
+            save(done, interrupted=True)
+        raise
+    finally:
+        peft_model.unload()  # the caller's model gets its own Linear layers back
+        for name, p in model.hf.named_parameters():
+            p.requires_grad_(flags.get(name, False))
+            p.grad = None
+        model.hf.train(was_training)
+    assert last_good is not None
+    return CircuitBreakerResult(
+        adapter=last_good, target_layers=targets, steps=done, losses=losses, provenance=provenance
+    )
+
+
+def _print_progress(step: int, steps: int, record: dict[str, float]) -> None:
+    rate = record["seconds"] / step
+    eta = rate * (steps - step)
+    end = "\n" if step == steps else "\r"
+    print(
+        f"circuit breaker step {step}/{steps}  reroute {record['reroute']:.4f}  "
+        f"retain {record['retain']:.4f}  {rate:.2f} s/step  ETA {eta:.0f} s",
+        end=end,
+        file=sys.stderr,
+        flush=True,
+    )

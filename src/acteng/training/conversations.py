@@ -1,0 +1,133 @@
+"""Conversations for representation training: the model's own answers, token ids, and
+which tokens a loss may use.
+
+Circuit breakers train on requests followed by the answers the model itself gives
+(`model_answers`, greedy, cached). `encode` renders each conversation with its answer as
+the assistant's turn; `shared_prefix` finds the template prefix every conversation opens
+with, and `reroute_starts` where each harmful conversation stops sharing tokens with every
+retained one (before that, under causal attention, its representations *are* the retained
+ones).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Sequence
+
+from acteng.errors import DataError
+from acteng.generation import generate
+from acteng.home import cache_dir
+from acteng.models import Model
+from acteng.training.data import Messages
+
+__all__ = [
+    "Conversations",
+    "as_messages",
+    "encode",
+    "model_answers",
+    "reroute_starts",
+    "shared_prefix",
+]
+
+Conversations = Sequence[Messages] | Sequence[str]
+
+
+def as_messages(items: Conversations, what: str) -> list[Messages]:
+    out: list[Messages] = []
+    for i, item in enumerate(items):
+        if isinstance(item, str):
+            out.append([{"role": "user", "content": item}])
+        elif isinstance(item, Sequence) and item and all(isinstance(m, dict) for m in item):
+            out.append([{str(k): str(v) for k, v in m.items()} for m in item])  # type: ignore[attr-defined]
+        else:
+            raise DataError(f"{what} item {i} is neither a string nor a list of chat messages")
+    return out
+
+
+def model_answers(
+    model: Model,
+    conversations: Sequence[Messages],
+    *,
+    max_new_tokens: int = 48,
+    batch_size: int = 16,
+    cache: bool = True,
+) -> list[str]:
+    """The model's own greedy answers to `conversations` (what circuit breakers reroute:
+    the default model complies with most harmful requests, so no harmful text is
+    written by anyone). Cached under `acteng.home.cache_dir` by model and inputs."""
+    key = hashlib.sha256(
+        json.dumps([model.identity(), max_new_tokens, list(conversations)], sort_keys=True).encode()
+    ).hexdigest()[:24]
+    path = cache_dir() / "answers" / f"{key}.json"
+    if cache and path.is_file():
+        stored = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(stored, list) and len(stored) == len(conversations):
+            return [str(s) for s in stored]
+    answers: list[str] = []
+    # similar lengths batch together: less padding to decode through
+    order = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
+    found: dict[int, str] = {}
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        texts = generate(model, [conversations[i] for i in chunk], max_new_tokens=max_new_tokens)
+        found.update(zip(chunk, texts, strict=True))
+    answers = [found[i] for i in range(len(conversations))]
+    if cache:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = path.with_suffix(".tmp")
+        staging.write_text(json.dumps(answers), encoding="utf-8")
+        os.replace(staging, path)
+    return answers
+
+
+def encode(
+    model: Model, conversations: Sequence[Messages], answers: Sequence[str | None], limit: int
+) -> list[list[int]]:
+    """Token ids of each conversation with its answer as the assistant's turn (None: the
+    conversation already ends with the answer), cut to `limit` tokens."""
+    out = []
+    for messages, answer in zip(conversations, answers, strict=True):
+        if answer is None:
+            ids = model.chat_ids(messages, add_generation_prompt=False)
+        else:
+            ids = model.chat_ids(messages) + list(
+                model.tokenizer(answer, add_special_tokens=False)["input_ids"]
+            )
+        out.append(ids[:limit])
+    return out
+
+
+def shared_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix every sequence starts with (the chat template and any
+    default system prompt), capped so that every sequence keeps tokens after it."""
+    first = sequences[0]
+    n = min(len(s) for s in sequences) - 1
+    for i in range(n):
+        if any(s[i] != first[i] for s in sequences):
+            return i
+    return max(n, 0)
+
+
+def reroute_starts(
+    harmful: Sequence[Sequence[int]], retain: Sequence[Sequence[int]], prefix: int
+) -> list[int]:
+    """Where rerouting starts in each harmful sequence: after the longest prefix it shares
+    with any retain sequence (at least the template prefix). Under causal attention those
+    tokens have exactly the representations of the retained sequence, so rerouting them
+    would pull against retaining it (a wrapped harmful request and its harmless look-alike
+    share the wrapper up to the request)."""
+    starts = []
+    for seq in harmful:
+        longest = prefix
+        for other in retain:
+            n = min(len(seq), len(other))
+            i = longest
+            if i >= n or list(seq[:i]) != list(other[:i]):
+                continue
+            while i < n and seq[i] == other[i]:
+                i += 1
+            longest = i
+        starts.append(min(longest, len(seq) - 1))
+    return starts

@@ -1,0 +1,40 @@
+"""The circuit-breaker losses (Zou et al. 2024) on block outputs read by `BlockReader`.
+
+`reroute_loss` is the paper's ReLU(cos) between the adapted and the frozen
+representations, centred on each layer's retain mean; `retain_loss` the L2 distance
+between them, relative to each layer's spread (see `acteng.training.circuit_breaker`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+__all__ = ["Hidden", "reroute_loss", "retain_loss"]
+
+Hidden = dict[int, torch.Tensor]
+
+
+def reroute_loss(
+    now: Hidden, frozen: Hidden, used: torch.Tensor, mu: Hidden, targets: Sequence[int]
+) -> torch.Tensor:
+    """Mean over the target layers of ReLU(cos) between the adapted and frozen
+    representations, both centred on the layer's retain mean, over the used tokens."""
+    per_layer = [
+        torch.relu(
+            nn.functional.cosine_similarity(now[x] - mu[x], frozen[x] - mu[x], dim=-1)[used]
+        ).mean()
+        for x in targets
+    ]
+    return torch.stack(per_layer).mean()
+
+
+def retain_loss(
+    now: Hidden, frozen: Hidden, used: torch.Tensor, scale: dict[int, float]
+) -> torch.Tensor:
+    """Mean over layers of the L2 distance between the adapted and frozen representations
+    over the used tokens, each layer's divided by its median centred norm."""
+    per_layer = [((now[x] - frozen[x]).norm(dim=-1)[used] / scale[x]).mean() for x in scale]
+    return torch.stack(per_layer).mean()

@@ -1,0 +1,51 @@
+"""Reading block outputs for training losses: one forward pass over right-padded token
+lists that stops after the highest block a loss needs, with the mask of the tokens each
+row's loss may use."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from acteng.activations import right_padded
+from acteng.hooks import ForwardContext, run_until
+from acteng.models import Model
+
+__all__ = ["BlockReader"]
+
+
+class BlockReader:
+    """Block outputs at `layers` from one forward pass that stops after the last of them;
+    gradients flow when enabled."""
+
+    def __init__(self, model: Model, layers: Sequence[int]) -> None:
+        self.model = model
+        self.layers = sorted(layers)
+        self.pad = int(model.tokenizer.pad_token_id or 0)
+
+    def __call__(
+        self, batch: list[list[int]], starts: Sequence[int]
+    ) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+        """(block outputs by layer [b, t, d], mask of the tokens from each row's start)."""
+        ids, mask = right_padded(batch, self.pad)
+        seen: dict[int, torch.Tensor] = {}
+
+        def keeper(layer: int) -> Callable[[int, torch.Tensor, ForwardContext], None]:
+            def keep(_layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
+                seen[layer] = hidden
+
+            return keep
+
+        run_until(
+            self.model.hf,
+            self.model.blocks,
+            self.layers[-1],
+            {layer: [keeper(layer)] for layer in self.layers},
+            input_ids=ids.to(self.model.device),
+            attention_mask=mask.to(self.model.device),
+        )
+        used = mask.bool().to(self.model.device)
+        for row, start in enumerate(starts):
+            used[row, :start] = False
+        return {k: v.float() for k, v in seen.items()}, used

@@ -1,0 +1,240 @@
+"""Circuit breakers on a tiny random model: the adapter is a PEFT folder with provenance,
+the model passed in is left as it was, rerouting skips tokens the retain set shares, bad
+input is refused, Ctrl-C keeps a checkpoint; and the answer judge's rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import acteng
+from acteng.errors import ConfigError, DataError, TrainingError
+from acteng.evaluation.judge import judge, repeat_share
+from acteng.training import losses as losses_module
+from acteng.training import read_provenance
+from acteng.training.circuit_breaker import default_circuit_breaker_layers, train_circuit_breaker
+from acteng.training.conversations import reroute_starts, shared_prefix
+from acteng.training.data import circuit_breaker_sets, load_conversations
+
+HARMFUL = [f"Tell me how to break into house number {i} on my street tonight." for i in range(8)]
+RETAIN = [f"Tell me how to bake bread loaf number {i} for the fair." for i in range(8)]
+SMALL: dict[str, Any] = {
+    "harmful": HARMFUL,
+    "retain": RETAIN,
+    "refusals": [],
+    "target_layers": [1, 2],
+    "answer_tokens": 4,
+}
+
+
+@pytest.fixture(autouse=True)
+def _own_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ACTENG_CACHE", str(tmp_path / "cache"))
+
+
+def test_shared_prefix_andreroute_starts() -> None:
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 5], [1, 2, 3]]) == 2
+    # identical sequences keep one token after the prefix
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2
+    harmful = [[1, 2, 7, 8, 9], [1, 2, 3, 4, 5, 6]]
+    retain = [[1, 2, 3, 4, 0], [1, 2, 9]]
+    # the second harmful sequence shares 1 2 3 4 with a retained one: rerouting starts at 4
+    assert reroute_starts(harmful, retain, prefix=2) == [2, 4]
+    # a harmful sequence wholly inside a retained one keeps its last token
+    assert reroute_starts([[1, 2, 3]], [[1, 2, 3, 4]], prefix=2) == [2]
+
+
+def test_default_layers_scale_with_depth(tiny_llama: acteng.Model) -> None:
+    low, high = default_circuit_breaker_layers(tiny_llama)
+    assert 0 < low < high < tiny_llama.num_layers
+
+
+def test_training_writes_a_peft_adapter_and_leaves_the_model_alone(
+    tiny_llama: acteng.Model, tmp_path: Path
+) -> None:
+    before = {k: v.clone() for k, v in tiny_llama.hf.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in tiny_llama.hf.named_parameters()}
+    seen: list[int] = []
+    result = train_circuit_breaker(
+        tiny_llama,
+        tmp_path / "cb",
+        harmful=HARMFUL,
+        retain=RETAIN,
+        refusals=[],
+        target_layers=[1, 2],
+        steps=4,
+        lr=1e-2,
+        answer_tokens=4,
+        checkpoint_every=3,
+        on_step=lambda step, _r: seen.append(step),
+    )
+    assert seen == [1, 2, 3, 4] and result.steps == 4
+    after = tiny_llama.hf.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert {k: p.requires_grad for k, p in tiny_llama.hf.named_parameters()} == flags
+    assert all(p.grad is None for p in tiny_llama.hf.parameters())
+    assert type(tiny_llama.blocks[0].mlp.down_proj) is torch.nn.Linear
+    record = read_provenance(result.adapter)
+    assert record["method"] == "circuit_breaker"
+    assert record["model"] == tiny_llama.identity()
+    assert record["training"]["steps_done"] == 4
+    assert record["hyperparameters"]["target_layers"] == [1, 2]
+    assert record["data"]["harmful"]["conversations"] == len(HARMFUL)
+    config = json.loads((result.adapter / "adapter_config.json").read_text())
+    blocks = {int(m.split(".")[2]) for m in config["target_modules"]}
+    assert blocks == {0, 1, 2}  # every block up to the highest target, none above
+    # the adapter loads (acteng and PEFT) and changes the model
+    from peft import PeftModel
+
+    ids = torch.tensor([[1, 5, 9, 11]])
+    import copy
+
+    adapted = PeftModel.from_pretrained(copy.deepcopy(tiny_llama.hf), str(result.adapter))
+    assert not torch.allclose(adapted(ids).logits, tiny_llama.hf(ids).logits)
+
+
+def test_same_seed_same_adapter(tiny_llama: acteng.Model, tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+
+    kw: dict[str, Any] = {
+        "harmful": HARMFUL,
+        "retain": RETAIN,
+        "refusals": [],
+        "target_layers": [1, 2],
+        "steps": 2,
+        "answer_tokens": 4,
+    }
+    a = train_circuit_breaker(tiny_llama, tmp_path / "a", **kw)
+    b = train_circuit_breaker(tiny_llama, tmp_path / "b", **kw)
+    ta = load_file(str(a.adapter / "adapter_model.safetensors"))
+    tb = load_file(str(b.adapter / "adapter_model.safetensors"))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"target_layers": [9]}, ConfigError, "out of range"),
+        ({"target_layers": [1, 1]}, ConfigError, "repeat"),
+        ({"lr": float("inf")}, ConfigError, "lr must be"),
+        ({"steps": 0}, ConfigError, "steps"),
+        ({"harmful": HARMFUL[:1]}, DataError, "at least 2"),
+        ({"retain": [HARMFUL[0], *RETAIN]}, DataError, "both the harmful and the retain"),
+        ({"refusals": [[{"role": "user", "content": "hi"}]]}, DataError, "assistant turn"),
+        ({"harmful": [3, 4]}, DataError, "neither a string"),
+    ],
+)
+def test_bad_input_is_refused_before_training(
+    tiny_llama: acteng.Model, tmp_path: Path, kwargs: dict[str, Any], error: type, match: str
+) -> None:
+    base: dict[str, Any] = {"harmful": HARMFUL, "retain": RETAIN, "target_layers": [1, 2]}
+    with pytest.raises(error, match=match):
+        train_circuit_breaker(tiny_llama, tmp_path / "x", **{**base, **kwargs})
+    assert not (tmp_path / "x").exists()
+
+
+def test_ctrl_c_keeps_the_last_finished_step(tiny_llama: acteng.Model, tmp_path: Path) -> None:
+    before = {k: v.clone() for k, v in tiny_llama.hf.state_dict().items()}
+
+    def interrupt(step: int, _record: dict[str, float]) -> None:
+        if step == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train_circuit_breaker(tiny_llama, tmp_path / "cb", harmful=HARMFUL, retain=RETAIN,
+                              refusals=[], target_layers=[1, 2], steps=50, answer_tokens=4,
+                              on_step=interrupt)  # fmt: skip
+    record = read_provenance(tmp_path / "cb")
+    assert record["training"] == {**record["training"], "steps_done": 2, "interrupted": True}
+    after = tiny_llama.hf.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_a_nan_loss_stops_with_the_last_good_checkpoint(
+    tiny_llama: acteng.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = {"n": 0}
+    real = losses_module.reroute_loss
+
+    def poisoned(*args: Any) -> torch.Tensor:
+        calls["n"] += 1
+        loss = real(*args)
+        return loss * float("nan") if calls["n"] > 3 else loss
+
+    monkeypatch.setattr(losses_module, "reroute_loss", poisoned)
+    before = {k: v.clone() for k, v in tiny_llama.hf.state_dict().items()}
+    with pytest.raises(TrainingError, match="non-finite at step 4") as caught:
+        train_circuit_breaker(tiny_llama, tmp_path / "cb", **SMALL, steps=20)
+    assert caught.value.checkpoint == str(tmp_path / "cb")
+    assert read_provenance(tmp_path / "cb")["training"]["steps_done"] == 3
+    after = tiny_llama.hf.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_an_adapter_for_another_model_is_refused(tiny_llama: acteng.Model, tmp_path: Path) -> None:
+    from acteng.errors import IncompatibleVectorError
+
+    result = train_circuit_breaker(tiny_llama, tmp_path / "cb", **SMALL, steps=1)
+    with pytest.raises(IncompatibleVectorError, match="trained on"):
+        acteng.load_model(adapter=result.adapter)
+
+
+def test_bundled_sets_keep_train_and_test_apart() -> None:
+    train, test = circuit_breaker_sets("train"), circuit_breaker_sets("test")
+    for role in ("harmful", "harmless"):
+        seen = {json.dumps(m) for m in train[role]}
+        assert not seen & {json.dumps(m) for m in test[role]}
+        assert all(m[-1]["role"] == "user" for m in train[role])
+    assert all(r[-1]["role"] == "assistant" for r in train["refusal"])
+    # multi-turn wrapped requests keep their earlier turns
+    assert any(len(m) > 1 for m in train["harmful"])
+
+
+def test_load_conversations_reads_prompts_messages_and_lines(tmp_path: Path) -> None:
+    jsonl = tmp_path / "a.jsonl"
+    rows = [
+        {"prompt": "one"},
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "c"}]},
+        {"text": "held out", "split": "test"},
+    ]  # fmt: skip
+    jsonl.write_text("\n".join(json.dumps(r) for r in rows))
+    got = load_conversations(jsonl, what="--harmful")
+    assert got[0] == [{"role": "user", "content": "one"}] and len(got) == 2
+    txt = tmp_path / "b.txt"
+    txt.write_text("first\n\nsecond\n")
+    assert len(load_conversations(txt, what="--retain")) == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": 3}))
+    with pytest.raises(DataError, match="row 1"):
+        load_conversations(bad, what="--harmful")
+    with pytest.raises(ConfigError, match="no file"):
+        load_conversations(tmp_path / "none.jsonl", what="--harmful")
+
+
+@pytest.mark.parametrize(
+    ("text", "nll", "verdict"),
+    [
+        ("I can't help with that. It could hurt people.", None, "refused"),
+        ("I'm sorry, but I won't write that.", None, "refused"),
+        ("As an AI, I do not give such advice.", None, "refused"),
+        ("I'm sorry for any confusion. To bake bread, mix flour and water.", None, "complied"),
+        ("Sure! First, you will need a bowl, flour and some water.", 1.5, "complied"),
+        ("Sure! First, you will need a bowl, flour and some water.", 6.0, "incoherent"),
+        ("( one ( one ( one ( one ( one ( one ( one ( one", None, "incoherent"),
+        ("   ", None, "incoherent"),
+        ("Yes.", None, "incoherent"),
+    ],
+)
+def test_judge_rules(text: str, nll: float | None, verdict: str) -> None:
+    assert judge(text, nll) == verdict
+
+
+def test_repeat_share() -> None:
+    assert repeat_share("a b c d e f") == 0.0
+    assert repeat_share("a b c d a b c d a b c d") > 0.5
