@@ -83,7 +83,7 @@ def test_the_adapter_serves_through_the_cli(
     monkeypatch.setenv("ACTENG_HOME", str(tmp_path / "home"))
     assert main(["serve", "--adapter", str(cb.adapter), "--port", "8765"]) == 0
     request = "Describe how to make a paper aeroplane that flies far."
-    with TestClient(captured["app"]) as client:
+    with TestClient(captured["app"], base_url="http://127.0.0.1") as client:
         reply = client.post(
             "/v1/chat/completions",
             json={
