@@ -41,8 +41,6 @@ import json
 import math
 import os
 import random
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,7 +49,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from acteng.errors import ConfigError, DataError, TrainingError, missing_extra
+from acteng.errors import ConfigError, DataError, missing_extra
 from acteng.models import Model
 from acteng.training import losses as losses_on
 from acteng.training.adapters import PROVENANCE_FILE, staged_folder, texts_hash
@@ -64,6 +62,7 @@ from acteng.training.conversations import (
     shared_prefix,
 )
 from acteng.training.data import Messages, circuit_breaker_sets, default_retain_texts
+from acteng.training.loop import TrainLog, run_steps
 from acteng.training.reading import BlockReader
 
 __all__ = [
@@ -279,10 +278,8 @@ def train_circuit_breaker(
         "answers": {"harmful": texts_hash(harmful_answers), "retain": texts_hash(retain_answers)},
         "hyperparameters": hyper,
     }
-    losses: list[dict[str, float]] = []
+    log = TrainLog()
     peft_model = get_peft_model(model.hf, config)  # injects LoRA layers into model.hf
-    last_good: Path | None = None
-    done = 0
 
     def save(done: int, interrupted: bool = False) -> Path:
         record = {
@@ -291,8 +288,8 @@ def train_circuit_breaker(
             "training": {
                 "steps_done": done,
                 "interrupted": interrupted,
-                "first": losses[0] if losses else None,
-                "last": losses[-1] if losses else None,
+                "first": log.losses[0] if log.losses else None,
+                "last": log.losses[-1] if log.losses else None,
             },
         }
         target = Path(out)
@@ -300,6 +297,22 @@ def train_circuit_breaker(
             peft_model.save_pretrained(str(staging))
             (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return target
+
+    def step_losses(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        share = step / (2 * steps)  # the paper's schedule
+        c_reroute, c_retain = alpha * (1 - share), alpha * share * retain_weight
+        h_rows = rng.sample(range(len(harmful_ids)), min(batch_size, len(harmful_ids)))
+        r_rows = rng.sample(range(len(retain_ids)), min(batch_size, len(retain_ids)))
+        h_batch, h_starts = [harmful_ids[i] for i in h_rows], [reroute_from[i] for i in h_rows]
+        r_batch, r_starts = [retain_ids[i] for i in r_rows], [retain_from[i] for i in r_rows]
+        with torch.no_grad(), peft_model.disable_adapter():
+            h_frozen, h_used = reader(h_batch, h_starts)
+            r_frozen, r_used = reader(r_batch, r_starts)
+        h_now, _ = reader(h_batch, h_starts)
+        r_now, _ = reader(r_batch, r_starts)
+        reroute = losses_on.reroute_loss(h_now, h_frozen, h_used, mu, targets)
+        retain = losses_on.retain_loss(r_now, r_frozen, r_used, scale)
+        return c_reroute * reroute + c_retain * retain, {"reroute": reroute, "retain": retain}
 
     try:
         generator = torch.Generator().manual_seed(seed)
@@ -312,74 +325,29 @@ def train_circuit_breaker(
             if "lora_" in name:
                 trainable.append(p)
         optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=0.0)
-        started = time.perf_counter()
-        for step in range(1, steps + 1):
-            progress_share = step / (2 * steps)
-            c_reroute = alpha * (1 - progress_share)
-            c_retain = alpha * progress_share * retain_weight
-            h_rows = rng.sample(range(len(harmful_ids)), min(batch_size, len(harmful_ids)))
-            r_rows = rng.sample(range(len(retain_ids)), min(batch_size, len(retain_ids)))
-            h_batch = [harmful_ids[i] for i in h_rows]
-            h_starts = [reroute_from[i] for i in h_rows]
-            r_batch = [retain_ids[i] for i in r_rows]
-            r_starts = [retain_from[i] for i in r_rows]
-            with torch.no_grad(), peft_model.disable_adapter():
-                h_frozen, h_used = reader(h_batch, h_starts)
-                r_frozen, r_used = reader(r_batch, r_starts)
-            h_now, _ = reader(h_batch, h_starts)
-            r_now, _ = reader(r_batch, r_starts)
-            reroute = losses_on.reroute_loss(h_now, h_frozen, h_used, mu, targets)
-            retain_loss = losses_on.retain_loss(r_now, r_frozen, r_used, scale)
-            loss = c_reroute * reroute + c_retain * retain_loss
-            if not torch.isfinite(loss):
-                kept = save(done, interrupted=True) if done else None
-                raise TrainingError(
-                    f"the circuit-breaker loss became non-finite at step {step}; lower lr "
-                    f"({lr:g})"
-                    + (f"; the adapter of step {done} is kept at {kept}" if kept else ""),
-                    checkpoint=None if kept is None else str(kept),
-                )
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            done = step
-            record = {
-                "step": float(step),
-                "reroute": reroute.item(),
-                "retain": retain_loss.item(),
-                "seconds": time.perf_counter() - started,
-            }
-            losses.append(record)
-            if on_step is not None:
-                on_step(step, record)
-            if progress:
-                _print_progress(step, steps, record)
-            if step % checkpoint_every == 0 or step == steps:
-                last_good = save(step)
-    except KeyboardInterrupt:
-        if done:
-            save(done, interrupted=True)
-        raise
+        run_steps(
+            "circuit breaker",
+            steps,
+            optimizer,
+            step_losses,
+            save,
+            log,
+            advice=f"lower lr ({lr:g})",
+            checkpoint_every=checkpoint_every,
+            on_step=on_step,
+            progress=progress,
+        )
     finally:
         peft_model.unload()  # the caller's model gets its own Linear layers back
         for name, p in model.hf.named_parameters():
             p.requires_grad_(flags.get(name, False))
             p.grad = None
         model.hf.train(was_training)
-    assert last_good is not None
+    assert log.last_good is not None
     return CircuitBreakerResult(
-        adapter=last_good, target_layers=targets, steps=done, losses=losses, provenance=provenance
-    )
-
-
-def _print_progress(step: int, steps: int, record: dict[str, float]) -> None:
-    rate = record["seconds"] / step
-    eta = rate * (steps - step)
-    end = "\n" if step == steps else "\r"
-    print(
-        f"circuit breaker step {step}/{steps}  reroute {record['reroute']:.4f}  "
-        f"retain {record['retain']:.4f}  {rate:.2f} s/step  ETA {eta:.0f} s",
-        end=end,
-        file=sys.stderr,
-        flush=True,
+        adapter=log.last_good,
+        target_layers=targets,
+        steps=log.done,
+        losses=log.losses,
+        provenance=provenance,
     )

@@ -27,8 +27,6 @@ from __future__ import annotations
 import math
 import os
 import random
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,10 +35,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from acteng.errors import ConfigError, DataError, TrainingError, UnsupportedError
+from acteng.errors import ConfigError, DataError, UnsupportedError
 from acteng.models import Model
 from acteng.training.adapters import save_weight_edits, texts_hash
 from acteng.training.data import TextSource, bundled_domain, default_retain_texts, load_texts
+from acteng.training.loop import TrainLog, run_steps
 from acteng.training.reading import BlockReader
 
 __all__ = ["RMUResult", "default_rmu_layer", "train_rmu"]
@@ -217,8 +216,7 @@ def train_rmu(
         },
         "hyperparameters": hyper,
     }
-    losses: list[dict[str, float]] = []
-    last_good: Path | None = None
+    log = TrainLog()
 
     def save(done: int, interrupted: bool = False) -> Path:
         edits = {paths[x]: (weights[x].detach() - original[x]).float() for x in chosen}
@@ -227,62 +225,42 @@ def train_rmu(
             "training": {
                 "steps_done": done,
                 "interrupted": interrupted,
-                "first": losses[0] if losses else None,
-                "last": losses[-1] if losses else None,
+                "first": log.losses[0] if log.losses else None,
+                "last": log.losses[-1] if log.losses else None,
             },
         }
         return save_weight_edits(model, edits, out, record)
+
+    def step_losses(_step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        f_batch = rng.sample(range(len(forget_ids)), min(batch_size, len(forget_ids)))
+        r_batch = rng.sample(range(len(retain_ids)), min(batch_size, len(retain_ids)))
+        hidden, used = _layer_output(model, layer, [forget_ids[i] for i in f_batch])
+        forget_loss = _masked_mse(hidden, target, used)
+        hidden, used = _layer_output(model, layer, [retain_ids[i] for i in r_batch])
+        reference = torch.zeros_like(hidden)
+        for row, i in enumerate(r_batch):
+            reference[row][used[row]] = frozen[i]
+        retain_loss = alpha * _masked_mse(hidden, reference, used)
+        return forget_loss + retain_loss, {"forget": forget_loss, "retain": retain_loss}
 
     for p in model.hf.parameters():
         p.requires_grad_(False)
     for w in weights.values():
         w.requires_grad_(True)
     optimizer = torch.optim.AdamW(list(weights.values()), lr=lr, weight_decay=0.0)
-    started = time.perf_counter()
-    done = 0
     try:
-        for step in range(1, steps + 1):
-            f_batch = rng.sample(range(len(forget_ids)), min(batch_size, len(forget_ids)))
-            r_batch = rng.sample(range(len(retain_ids)), min(batch_size, len(retain_ids)))
-            hidden, used = _layer_output(model, layer, [forget_ids[i] for i in f_batch])
-            forget_loss = _masked_mse(hidden, target, used)
-            hidden, used = _layer_output(model, layer, [retain_ids[i] for i in r_batch])
-            reference = torch.zeros_like(hidden)
-            for row, i in enumerate(r_batch):
-                reference[row][used[row]] = frozen[i]
-            retain_loss = alpha * _masked_mse(hidden, reference, used)
-            loss = forget_loss + retain_loss
-            if not torch.isfinite(loss):
-                # the weights are still those of the last finished step: keep them
-                kept = save(done, interrupted=True) if done else None
-                raise TrainingError(
-                    f"the RMU loss became non-finite at step {step} (forget "
-                    f"{forget_loss.item():.4g}, retain {retain_loss.item():.4g}); lower lr "
-                    f"({lr:g}) or alpha ({alpha:g})"
-                    + (f"; the adapter of step {done} is kept at {kept}" if kept else ""),
-                    checkpoint=None if kept is None else str(kept),
-                )
-            optimizer.zero_grad()
-            loss.backward()  # type: ignore[no-untyped-call]
-            optimizer.step()
-            done = step
-            record = {
-                "step": float(step),
-                "forget": forget_loss.item(),
-                "retain": retain_loss.item(),
-                "seconds": time.perf_counter() - started,
-            }
-            losses.append(record)
-            if on_step is not None:
-                on_step(step, record)
-            if progress:
-                _print_progress(step, steps, record)
-            if step % checkpoint_every == 0 or step == steps:
-                last_good = save(step)
-    except KeyboardInterrupt:
-        if done:
-            save(done, interrupted=True)
-        raise
+        run_steps(
+            "rmu",
+            steps,
+            optimizer,
+            step_losses,
+            save,
+            log,
+            advice=f"lower lr ({lr:g}) or alpha ({alpha:g})",
+            checkpoint_every=checkpoint_every,
+            on_step=on_step,
+            progress=progress,
+        )
     finally:
         with torch.no_grad():
             for x, w in weights.items():
@@ -291,25 +269,12 @@ def train_rmu(
         for name, p in model.hf.named_parameters():
             p.requires_grad_(flags[name])
         model.hf.train(was_training)
-    assert last_good is not None
+    assert log.last_good is not None
     return RMUResult(
-        adapter=last_good,
+        adapter=log.last_good,
         layer=layer,
         update_layers=chosen,
-        steps=done,
-        losses=losses,
+        steps=log.done,
+        losses=log.losses,
         provenance=provenance,
-    )
-
-
-def _print_progress(step: int, steps: int, record: dict[str, float]) -> None:
-    rate = record["seconds"] / step
-    eta = rate * (steps - step)
-    end = "\n" if step == steps else "\r"
-    print(
-        f"rmu step {step}/{steps}  forget {record['forget']:.4g}  retain {record['retain']:.4g}"
-        f"  {rate:.2f} s/step  ETA {eta:.0f} s",
-        end=end,
-        file=sys.stderr,
-        flush=True,
     )

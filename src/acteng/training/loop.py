@@ -1,0 +1,98 @@
+"""The step loop both trainers share: optimise, log, show progress, checkpoint.
+
+Each step's losses come from the trainer (`StepLosses`); the loop checks the total is
+finite (else the last finished step's adapter is kept and `TrainingError` names it),
+steps the optimiser, records the parts and the elapsed time, prints a progress line with
+an ETA, and saves every `checkpoint_every` steps and at the end. Ctrl-C saves the last
+finished step and re-raises. Restoring the caller's model is the trainer's job (its
+``finally``), because only it knows what it changed.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from acteng.errors import TrainingError
+
+__all__ = ["Save", "StepLosses", "TrainLog", "run_steps"]
+
+# step -> (total loss to minimise, named parts to log)
+StepLosses = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
+Save = Callable[[int, bool], Path]  # (steps done, interrupted) -> the folder written
+OnStep = Callable[[int, dict[str, float]], None]
+
+
+@dataclass
+class TrainLog:
+    """What the loop did: steps finished, one record per step, the last checkpoint."""
+
+    done: int = 0
+    losses: list[dict[str, float]] = field(default_factory=list)
+    last_good: Path | None = None
+
+
+def run_steps(
+    method: str,
+    steps: int,
+    optimizer: torch.optim.Optimizer,
+    step_losses: StepLosses,
+    save: Save,
+    log: TrainLog,
+    *,
+    advice: str,
+    checkpoint_every: int,
+    on_step: OnStep | None = None,
+    progress: bool = False,
+) -> TrainLog:
+    """Run `steps` optimisation steps of `method` (see the module docstring), recording
+    into `log` (which `save` may read); `advice` ends the error for a non-finite loss
+    ("lower lr (0.001)")."""
+    started = time.perf_counter()
+    try:
+        for step in range(1, steps + 1):
+            loss, parts = step_losses(step)
+            if not torch.isfinite(loss):
+                # the weights are still those of the last finished step: keep them
+                kept = save(log.done, True) if log.done else None
+                shown = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
+                raise TrainingError(
+                    f"the {method} loss became non-finite at step {step} ({shown}); {advice}"
+                    + (f"; the adapter of step {log.done} is kept at {kept}" if kept else ""),
+                    checkpoint=None if kept is None else str(kept),
+                )
+            optimizer.zero_grad()
+            loss.backward()  # type: ignore[no-untyped-call]
+            optimizer.step()
+            log.done = step
+            record = {"step": float(step), **{k: v.item() for k, v in parts.items()}}
+            record["seconds"] = time.perf_counter() - started
+            log.losses.append(record)
+            if on_step is not None:
+                on_step(step, record)
+            if progress:
+                _print_progress(method, step, steps, record)
+            if step % checkpoint_every == 0 or step == steps:
+                log.last_good = save(step, False)
+    except KeyboardInterrupt:
+        if log.done:
+            save(log.done, True)
+        raise
+    return log
+
+
+def _print_progress(method: str, step: int, steps: int, record: dict[str, float]) -> None:
+    rate = record["seconds"] / step
+    eta = rate * (steps - step)
+    parts = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "seconds"))
+    print(
+        f"{method} step {step}/{steps}  {parts}  {rate:.2f} s/step  ETA {eta:.0f} s",
+        end="\n" if step == steps else "\r",
+        file=sys.stderr,
+        flush=True,
+    )
