@@ -204,15 +204,7 @@ def run_train_circuit_breaker(args: argparse.Namespace) -> int:
         "retain_loss": last["retain"],
         "seconds": round(last["seconds"], 1),
     }
-    if args.json:
-        print_json(summary)
-    else:
-        print(
-            f"adapter written to {result.adapter} (target layers "
-            f"{list(result.target_layers)}, {result.steps} steps in {last['seconds']:.0f} s); "
-            f"use it with --adapter {result.adapter}"
-        )
-    return 0
+    return _finish(args, summary, f"target layers {list(result.target_layers)}")
 
 
 def run_train_rmu(args: argparse.Namespace) -> int:
@@ -253,12 +245,18 @@ def run_train_rmu(args: argparse.Namespace) -> int:
         "retain_loss": last["retain"],
         "seconds": round(last["seconds"], 1),
     }
+    return _finish(
+        args, summary, f"layer {result.layer}, blocks {list(result.update_layers)} edited"
+    )
+
+
+def _finish(args: argparse.Namespace, summary: dict[str, Any], what: str) -> int:
+    """Print a trainer's summary: JSON, or one line saying where the adapter is."""
     if args.json:
         print_json(summary)
     else:
         print(
-            f"adapter written to {result.adapter} (layer {result.layer}, blocks "
-            f"{list(result.update_layers)} edited, {result.steps} steps in "
-            f"{last['seconds']:.0f} s); use it with --adapter {result.adapter}"
+            f"adapter written to {summary['adapter']} ({what}, {summary['steps']} steps in "
+            f"{summary['seconds']:.0f} s); use it with --adapter {summary['adapter']}"
         )
     return 0
