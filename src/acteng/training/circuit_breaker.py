@@ -10,7 +10,10 @@ target layer is trained with two losses on the residual stream:
 - **retain**, on harmless look-alikes with their own answers and on refusals: the L2
   distance between the adapted and frozen representations at every layer up to the
   highest target;
-- the published schedule: ``c_reroute = alpha·(1 − t/2T)``, ``c_retain = alpha·t/2T``.
+- the published schedule: ``c_reroute = alpha·(1 − t/2T)``, ``c_retain = alpha·t/2T``
+  (times ``retain_weight``, which balances the relative distance below against the
+  cosine: 10 broke most harmful requests and kept most harmless ones, 30 broke almost
+  none, bench/circuit_breaker.py and the README have the figures).
 
 The frozen representations come from the same model with the adapter disabled, so there
 is no second copy of the weights. The forward stops after the highest target block.
@@ -23,12 +26,16 @@ SmolLM2-135M, ../shared/design/representation-training.md):
   each target layer; otherwise the loss is saturated by what all tokens share;
 - **LoRA B starts small, not at zero**: with B = 0 the adapted and frozen
   representations are equal and cos = 1 is a stationary point of the rerouting loss (its
-  gradient is exactly zero); the 8B runs escape through bf16 rounding, fp32 never does;
+  gradient is exactly zero); the 8B runs escape through bf16 rounding, fp32 never does.
+  Even from a small start, lr 1e-3 left the loss at 1.0 for 48 steps: the default is 3e-3;
 - **the retain distance is relative**: divided by each layer's median centred norm, so
   one alpha serves layers whose norms differ 5-fold and models of any width;
 - **the shared template prefix is left out** of both losses (the chat template and
   default system prompt open every conversation identically, so harmful and harmless
-  requests would pull the same tokens both ways).
+  requests would pull the same tokens both ways), and so is every token a harmful
+  conversation shares with a retained one (`conversations.reroute_starts`);
+- **plain text is retained too** (neutral paragraphs, general-knowledge answers): with
+  chat requests alone, neutral-text perplexity rose ~30 %; with them, ~3 %.
 
 Target layers default to 30 % and 60 % of the depth (the paper's 10 and 20 of Llama-3-8B's
 32, in acteng's numbering 9 and 19). The result is a PEFT adapter folder with acteng's
