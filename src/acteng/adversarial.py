@@ -32,6 +32,9 @@ from acteng.errors import ConfigError
 from acteng.models import Model
 from acteng.pooling import parse_pooling
 
+# stands for the suffix while the prompt is rendered (text no user types)
+PLACEHOLDER = "\u2063SUFFIX\u2063"
+
 __all__ = ["EmbeddingAttack", "GCGResult", "attack_prompt", "embedding_attack", "gcg_suffix"]
 
 
@@ -141,8 +144,7 @@ def gcg_suffix(
     if len(start_ids) != length or not _round_trips(tok, torch.tensor(start_ids)):
         raise ConfigError(f"init {init!r} is not one token per word; use a short word like '!'")
     suffix = torch.tensor(start_ids)
-    placeholder = "\u2063SUFFIX\u2063"
-    layouts = [_layout(model, r, placeholder, target) for r in requests]
+    layouts = [_layout(model, r, PLACEHOLDER, target) for r in requests]
     allowed = _allowed_tokens(model, vocab)
     dtype = next(hf.parameters()).dtype
     with torch.no_grad():  # the embeddings around the suffix never change
@@ -284,8 +286,7 @@ def embedding_attack(
     hf: Any = model.hf  # transformers' methods are untyped
     tok = model.tokenizer
     embed = hf.get_input_embeddings()
-    placeholder = "\u2063SUFFIX\u2063"
-    lay = _layout(model, request, placeholder, target)
+    lay = _layout(model, request, PLACEHOLDER, target)
     start_ids = tok(" " + " ".join([init] * length), add_special_tokens=False).input_ids
     started = time.perf_counter()
     with torch.no_grad():

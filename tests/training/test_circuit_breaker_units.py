@@ -238,3 +238,17 @@ def test_judge_rules(text: str, nll: float | None, verdict: str) -> None:
 def test_repeat_share() -> None:
     assert repeat_share("a b c d e f") == 0.0
     assert repeat_share("a b c d a b c d a b c d") > 0.5
+
+
+def test_target_layers_read_as_every_layer_selection(
+    tiny_llama: acteng.Model, tmp_path: Path
+) -> None:
+    """`target_layers` goes through `parse_layers`: ranges and negative layers as in
+    `--layers` everywhere else."""
+    kw: dict[str, Any] = {**SMALL, "steps": 1}
+    kw.pop("target_layers")
+    last = tiny_llama.num_layers - 1
+    got = train_circuit_breaker(tiny_llama, tmp_path / "a", target_layers="1-2", **kw)
+    assert got.target_layers == (1, 2)
+    got = train_circuit_breaker(tiny_llama, tmp_path / "b", target_layers=[1, -1], **kw)
+    assert got.target_layers == (1, last)

@@ -92,7 +92,8 @@ def register(sub: Any) -> None:
     cb.add_argument(
         "--target-layers",
         default=None,
-        help="comma-separated layers to reroute at (default: 30 %% and 60 %% of the depth)",
+        help="layers to reroute at, as --layers reads them: '9,18', '8-10', -1 (default: "
+        "30 %% and 60 %% of the depth)",
     )
     cb.add_argument("--steps", type=int, default=150)
     cb.add_argument("--lr", type=float, default=3e-3)
@@ -167,21 +168,13 @@ def run_train_circuit_breaker(args: argparse.Namespace) -> int:
     # the data is read before the model loads, so a bad file fails at once
     harmful = None if args.harmful is None else load_conversations(args.harmful, what="--harmful")
     retain = None if args.retain is None else load_conversations(args.retain, what="--retain")
-    targets = None
-    if args.target_layers is not None:
-        try:
-            targets = [int(x) for x in args.target_layers.split(",") if x.strip()]
-        except ValueError:
-            raise ConfigError(
-                f"--target-layers {args.target_layers!r}: give comma-separated layer numbers"
-            ) from None
     model = load_model_from_args(args)
     result = train_circuit_breaker(
         model,
         out,
         harmful=harmful,
         retain=retain,
-        target_layers=targets,
+        target_layers=args.target_layers,  # read by parse_layers, as every --layers is
         steps=args.steps,
         lr=args.lr,
         alpha=args.alpha,

@@ -29,6 +29,7 @@ from typing import Literal
 
 import torch
 
+from acteng.evaluation.metrics import batched_logits, tail_logprob
 from acteng.models import Model
 
 __all__ = [
@@ -89,8 +90,6 @@ def answer_nll(
 ) -> list[float]:
     """Mean negative log-likelihood (nats per token) `model` gives each answer after its
     conversation (nan for an empty answer)."""
-    from acteng.evaluation.metrics import batched_logits
-
     heads, tails = [], []
     for messages, answer in zip(conversations, answers, strict=True):
         heads.append(model.chat_ids(messages))
@@ -104,8 +103,8 @@ def answer_nll(
             if not tail:
                 out.append(float("nan"))
                 continue
-            logprobs = torch.log_softmax(logits[row, head - 1 : head - 1 + len(tail)].double(), -1)
-            out.append(-float(logprobs[torch.arange(len(tail)), torch.tensor(tail)].mean()))
+            total, count = tail_logprob(logits[row], head - 1, tail)
+            out.append(-total / count)
     return out
 
 

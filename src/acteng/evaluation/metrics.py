@@ -58,6 +58,7 @@ __all__ = [
     "prompting_baseline",
     "refusal_rate",
     "refusal_score",
+    "tail_logprob",
 ]
 
 REFUSAL_PHRASES = (
@@ -198,12 +199,12 @@ def completion_logprobs(
     done = 0
     for chunk, logits in batched_logits(model, sequences, steering, batch_size):
         for row in range(len(chunk)):
-            out.append(_tail_logprob(logits[row], heads[done] - 1, encoded[done][1]))
+            out.append(tail_logprob(logits[row], heads[done] - 1, encoded[done][1]))
             done += 1
     return out
 
 
-def _tail_logprob(logits: torch.Tensor, first: int, tail: list[int]) -> tuple[float, int]:
+def tail_logprob(logits: torch.Tensor, first: int, tail: list[int]) -> tuple[float, int]:
     """(sum of log p(tail), len(tail)) where ``logits[first]`` predicts tail[0]."""
     logprobs = torch.log_softmax(logits[first : first + len(tail)].double(), dim=-1)
     picked = logprobs[torch.arange(len(tail)), torch.tensor(tail)]
@@ -247,7 +248,7 @@ def _shared_completion_logprobs(
             inputs = run_shared(model, plan, global_ids, None)
             logits = model.hf(**inputs).logits.float().cpu()
             for row, (text, offset) in enumerate(zip(plan.texts, plan.offsets, strict=True)):
-                out[text] = _tail_logprob(logits[row], reads[text] - offset, encoded[text][1])
+                out[text] = tail_logprob(logits[row], reads[text] - offset, encoded[text][1])
     return out
 
 

@@ -45,7 +45,6 @@ provenance; the model passed in is left as it was.
 from __future__ import annotations
 
 import json
-import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ import torch
 from torch import nn
 
 from acteng.errors import ConfigError, DataError, missing_extra
+from acteng.layer_selection import parse_layers
 from acteng.models import Model
 from acteng.training import losses as losses_on
 from acteng.training.adapters import PROVENANCE_FILE, staged_folder, texts_hash
@@ -69,7 +69,7 @@ from acteng.training.conversations import (
     shared_prefix,
 )
 from acteng.training.data import Messages, circuit_breaker_sets, default_retain_texts
-from acteng.training.loop import TrainLog, run_steps
+from acteng.training.loop import TrainLog, check_positive, run_steps
 from acteng.training.reading import BlockReader
 
 __all__ = [
@@ -102,20 +102,6 @@ class CircuitBreakerResult:
     provenance: dict[str, Any] = field(repr=False)
 
 
-def _check(model: Model, targets: Sequence[int], **values: float) -> None:
-    bad = [x for x in targets if not 0 <= x < model.num_layers]
-    if bad or not targets:
-        raise ConfigError(
-            f"target layers {list(targets)} out of range: {model.name} has layers "
-            f"0-{model.num_layers - 1}; give at least one"
-        )
-    if len(set(targets)) != len(targets):
-        raise ConfigError(f"target layers {list(targets)} repeat a layer")
-    for name, value in values.items():
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name} must be a positive number, got {value}")
-
-
 def train_circuit_breaker(
     model: Model,
     out: str | os.PathLike[str],
@@ -124,7 +110,7 @@ def train_circuit_breaker(
     retain: Conversations | None = None,
     refusals: Sequence[Messages] | None = None,
     retain_texts: Sequence[str] | None = None,
-    target_layers: Sequence[int] | None = None,
+    target_layers: int | str | Sequence[int] | None = None,
     steps: int = 150,
     lr: float = 3e-3,
     alpha: float = 10.0,
@@ -163,12 +149,13 @@ def train_circuit_breaker(
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise missing_extra("peft", "peft", purpose="training a circuit breaker") from None
+    # any selection `parse_layers` reads: [9, 18], "9,18", "8-10", -1
     targets = (
         default_circuit_breaker_layers(model)
         if target_layers is None
-        else tuple(sorted(int(x) for x in target_layers))
+        else tuple(parse_layers(model, target_layers))
     )
-    _check(model, targets, lr=lr, alpha=alpha, retain_weight=retain_weight, init_scale=init_scale)
+    check_positive(lr=lr, alpha=alpha, retain_weight=retain_weight, init_scale=init_scale)
     if min(steps, batch_size, rank, checkpoint_every, examples) < 1 or answer_tokens < 1:
         raise ConfigError(
             "steps, batch_size, rank, checkpoint_every, examples and answer_tokens must be >= 1"
@@ -292,12 +279,7 @@ def train_circuit_breaker(
         record = {
             **provenance,
             "model": model.identity(),
-            "training": {
-                "steps_done": done,
-                "interrupted": interrupted,
-                "first": log.losses[0] if log.losses else None,
-                "last": log.losses[-1] if log.losses else None,
-            },
+            "training": log.record(done, interrupted),
         }
         target = Path(out)
         with staged_folder(target) as staging:

@@ -65,7 +65,6 @@ def model_answers(
         stored = json.loads(path.read_text(encoding="utf-8"))
         if isinstance(stored, list) and len(stored) == len(conversations):
             return [str(s) for s in stored]
-    answers: list[str] = []
     # similar lengths batch together: less padding to decode through
     order = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
     found: dict[int, str] = {}

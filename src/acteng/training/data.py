@@ -200,8 +200,7 @@ def load_conversations(source: str | os.PathLike[str], *, what: str) -> list[Mes
     if not path.is_file():
         raise ConfigError(f"{what}: no file at {os.fspath(source)!r}")
     if path.suffix == ".txt":
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        out = [[{"role": "user", "content": line}] for line in lines]
+        out = [[{"role": "user", "content": line}] for line in load_texts(path, what=what)]
     else:
         out = []
         for i, row in enumerate(_rows(path), 1):

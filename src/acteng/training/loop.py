@@ -5,22 +5,25 @@ finite (else the last finished step's adapter is kept and `TrainingError` names 
 steps the optimiser, records the parts and the elapsed time, prints a progress line with
 an ETA, and saves every `checkpoint_every` steps and at the end. Ctrl-C saves the last
 finished step and re-raises. Restoring the caller's model is the trainer's job (its
-``finally``), because only it knows what it changed.
+``finally``), because only it knows what it changed. `check_positive` is the check both
+trainers make of their rates and weights before anything runs.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from acteng.errors import TrainingError
+from acteng.errors import ConfigError, TrainingError
 
-__all__ = ["Save", "StepLosses", "TrainLog", "run_steps"]
+__all__ = ["Save", "StepLosses", "TrainLog", "check_positive", "run_steps"]
 
 # step -> (total loss to minimise, named parts to log)
 StepLosses = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -35,6 +38,22 @@ class TrainLog:
     done: int = 0
     losses: list[dict[str, float]] = field(default_factory=list)
     last_good: Path | None = None
+
+    def record(self, done: int, interrupted: bool) -> dict[str, Any]:
+        """The ``"training"`` entry of a checkpoint's provenance."""
+        return {
+            "steps_done": done,
+            "interrupted": interrupted,
+            "first": self.losses[0] if self.losses else None,
+            "last": self.losses[-1] if self.losses else None,
+        }
+
+
+def check_positive(**values: float) -> None:
+    """Refuse any of `values` (rates, weights, scales) that is not a finite positive number."""
+    for name, value in values.items():
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{name} must be a positive number, got {value}")
 
 
 def run_steps(

@@ -4,7 +4,7 @@ row's loss may use."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -31,17 +31,14 @@ class BlockReader:
         ids, mask = right_padded(batch, self.pad)
         seen: dict[int, torch.Tensor] = {}
 
-        def keeper(layer: int) -> Callable[[int, torch.Tensor, ForwardContext], None]:
-            def keep(_layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
-                seen[layer] = hidden
-
-            return keep
+        def keep(layer: int, hidden: torch.Tensor, _ctx: ForwardContext) -> None:
+            seen[layer] = hidden
 
         run_until(
             self.model.hf,
             self.model.blocks,
             self.layers[-1],
-            {layer: [keeper(layer)] for layer in self.layers},
+            {layer: [keep] for layer in self.layers},
             input_ids=ids.to(self.model.device),
             attention_mask=mask.to(self.model.device),
         )

@@ -24,7 +24,6 @@ folder (`acteng.training.adapters`); the model passed in is left as it was.
 
 from __future__ import annotations
 
-import math
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -39,7 +38,7 @@ from acteng.errors import ConfigError, DataError, UnsupportedError
 from acteng.models import Model
 from acteng.training.adapters import save_weight_edits, texts_hash
 from acteng.training.data import TextSource, bundled_domain, default_retain_texts, load_texts
-from acteng.training.loop import TrainLog, run_steps
+from acteng.training.loop import TrainLog, check_positive, run_steps
 from acteng.training.reading import BlockReader
 
 __all__ = ["RMUResult", "default_rmu_layer", "train_rmu"]
@@ -97,9 +96,7 @@ def _check(model: Model, layer: int, update_layers: Sequence[int], **values: flo
             f"update layers {list(update_layers)} must be blocks at or below the RMU layer "
             f"{layer} (the paper edits ℓ−2..ℓ)"
         )
-    for name, value in values.items():
-        if not (math.isfinite(value) and value > 0):
-            raise ConfigError(f"{name} must be a positive number, got {value}")
+    check_positive(**values)
     if model.layout.mlp_out is None:
         raise UnsupportedError(
             f"the layout of {model.layout.family} does not name its MLP output projection"
@@ -222,12 +219,7 @@ def train_rmu(
         edits = {paths[x]: (weights[x].detach() - original[x]).float() for x in chosen}
         record = {
             **provenance,
-            "training": {
-                "steps_done": done,
-                "interrupted": interrupted,
-                "first": log.losses[0] if log.losses else None,
-                "last": log.losses[-1] if log.losses else None,
-            },
+            "training": log.record(done, interrupted),
         }
         return save_weight_edits(model, edits, out, record)
 
