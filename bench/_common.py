@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
+import socket
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -78,3 +83,42 @@ def workload_pairs(n: int = 240) -> list[tuple[str, str, str]]:
     for name in ("sentiment", "formality", "honesty"):
         rows += [(p.prompt or "", p.positive, p.negative) for p in acteng.load_pairs(name)]
     return rows[:n]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextlib.contextmanager
+def served(
+    options: Sequence[str], env: dict[str, str] | None = None, timeout: float = 300
+) -> Iterator[str]:
+    """`acteng serve OPTIONS` on a free loopback port, from this interpreter; yields its
+    base URL once /health answers, and stops the server on the way out."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    code = "import sys; from acteng.cli import main; sys.exit(main(sys.argv[1:]))"
+    argv = [sys.executable, "-c", code, "serve", "--port", str(port), *options]
+    server = subprocess.Popen(argv, env={**os.environ, **(env or {})})
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if server.poll() is not None:
+                raise SystemExit(f"acteng serve exited with {server.returncode}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"acteng serve did not answer /health in {timeout:.0f} s")
+            try:
+                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                time.sleep(1)
+        yield url
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            server.kill()

@@ -16,39 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import socket
 import subprocess
-import sys
 import time
-import urllib.request
 import xml.etree.ElementTree as ET
 from pathlib import Path
+
+from _common import served
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 ADMIN = "admin-key-for-the-fuzz-run"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def wait_healthy(url: str, server: subprocess.Popen[bytes], timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            raise SystemExit(f"acteng serve exited with {server.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=5) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(1)
-    raise SystemExit("acteng serve did not become healthy")
 
 
 def failures(junit: Path) -> dict[str, list[str]]:
@@ -72,18 +50,11 @@ def main() -> None:
     if not Path(args.st).exists():
         raise SystemExit(f"{args.st} not found: see this script's docstring for the set-up")
     RESULTS.mkdir(parents=True, exist_ok=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
     home = RESULTS / "schemathesis-home"
-    env = {**os.environ, "ACTENG_HOME": str(home), "ACTENG_ADMIN_KEY": ADMIN}
-    acteng = [sys.executable, "-c", "import sys; from acteng.cli import main; sys.exit(main())"]
-    server = subprocess.Popen(
-        [*acteng, "serve", "--port", str(port), "--max-tokens", "4", "--slots", "4"], env=env
-    )
+    env = {"ACTENG_HOME": str(home), "ACTENG_ADMIN_KEY": ADMIN}
     junit = RESULTS / "schemathesis.xml"
     started = time.monotonic()
-    try:
-        wait_healthy(url, server)
+    with served(["--max-tokens", "4", "--slots", "4"], env) as url:
         command = [
             args.st,
             "run",
@@ -107,9 +78,6 @@ def main() -> None:
         # run in bench/results: schemathesis keeps a .schemathesis cache where it runs
         run = subprocess.run(command, capture_output=True, text=True, check=False, cwd=RESULTS)
         (RESULTS / "schemathesis.log").write_text(run.stdout + run.stderr, encoding="utf-8")
-    finally:
-        server.terminate()
-        server.wait(timeout=60)
     found = failures(junit) if junit.exists() else {"no report": []}
     server_errors = {k: v for k, v in found.items() if "server error" in k.lower()}
     result = {

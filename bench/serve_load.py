@@ -22,20 +22,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, machine
+from _common import RESULTS, machine, served
 
 PROMPTS = [
     "Tell me about your weekend.",
@@ -64,28 +60,6 @@ SETTINGS: list[list[dict[str, Any]]] = [
         {"vector": "honesty", "coefficient": -4.0},
     ],
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _start_server(port: int, home: str, extra: list[str]) -> subprocess.Popen[bytes]:
-    code = "import sys; from acteng.cli import main; sys.exit(main(sys.argv[1:]))"
-    env = {**os.environ, "ACTENG_HOME": home}
-    argv = [sys.executable, "-c", code, "serve", "--port", str(port), "--slots", "16", *extra]
-    proc = subprocess.Popen(argv, env=env)
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
-                return proc
-        except OSError:
-            time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError("the server did not start")
 
 
 def _request(client: Any, i: int, steered: bool, tokens: int) -> dict[str, Any]:
@@ -188,12 +162,9 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryDirectory() as home:
         extra = ["--no-fixed-batch"] if args.no_fixed_batch else []
-        server = _start_server(port, home, extra)
-        try:
+        with served(["--slots", "16", *extra], {"ACTENG_HOME": home}) as url:
             _run(url, concurrent=True, steered=True, tokens=8)  # warm-up
             mixed, plain = [], []
             for r in range(args.rounds):  # alternate, so drift hits both alike
@@ -203,9 +174,6 @@ def main() -> int:
                     _run(url, concurrent=True, steered=second is mixed, tokens=args.tokens)
                 )
             sequential = _run(url, concurrent=False, steered=True, tokens=args.tokens)
-        finally:
-            server.terminate()
-            server.wait(timeout=60)
     library_s = _library_generate(args.tokens) if args.library else None
 
     def best(runs: list[dict[str, Any]]) -> dict[str, Any]:
