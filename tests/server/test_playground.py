@@ -58,7 +58,8 @@ def test_playground_streams_unsteered_and_steered_side_by_side(
                 page.keyboard.press("ArrowRight")
             assert page.locator("#val-refusal").inner_text() == "1.0"
             page.select_option("#monitor", "harmful_request")
-            page.select_option("#guard", "harmful_request")
+            # a guard over two detectors: the prompt is checked by both
+            page.select_option("#guard", ["harmful_request", "prompt_injection"])
             page.click("#run")
             page.wait_for_selector("body[data-done='1']", timeout=120_000)
             plain = page.locator("#out-plain").inner_text()
@@ -70,7 +71,10 @@ def test_playground_streams_unsteered_and_steered_side_by_side(
             spans = page.locator("#out-steered span.tok")
             assert spans.count() >= 10
             assert "rgb" in (spans.first.get_attribute("style") or "")
-            assert "guard harmful_request" in page.locator("#verdict-plain").inner_text()
+            verdict = page.locator("#verdict-plain").inner_text()
+            assert "guard harmful_request + prompt_injection" in verdict
+            assert "harmful_request prompt score" in verdict
+            assert "prompt_injection prompt score" in verdict
             ARTIFACTS.mkdir(exist_ok=True)
             shot = page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
             (tmp_path / "playground.png").write_bytes(shot)
