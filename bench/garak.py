@@ -23,7 +23,8 @@ garak lives in its own environment, never in acteng's dependencies:
     .venv-garak/bin/pip install torch==2.13.0 'garak==0.17.*'   # torch first: the CPU build
     .venv/bin/python bench/garak.py --prompts 20     # ~25 min on 2 cores
 
-garak's probe sample is seeded (``--seed``), so a rerun asks the same prompts.
+garak's probe sample is seeded (``--seed``), so every server gets the same prompts, except
+in ``latentinjection.LatentInjectionFactSnippetEiffel``, which draws its snippets unseeded.
 """
 
 from __future__ import annotations
