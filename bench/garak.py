@@ -41,10 +41,9 @@ from pathlib import Path
 from typing import Any
 
 from _common import RESULTS, save, served
+from detectors import EXTERNAL, INJECTION, WRAPPED, read
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTERNAL = ROOT.parent / "shared" / "data" / "external"
-PAIRS = ROOT / "src" / "acteng" / "data" / "pairs"
 PROBES = [
     "dan.Dan_11_0",
     "dan.DUDE",
@@ -114,11 +113,12 @@ def garak_config(url: str, model: str, prompts: int, seed: int, out: Path) -> Pa
     return path
 
 
-def run_garak(garak: str, url: str, args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """One garak run against the server at `url`; per probe: attempts, hits, failures."""
+def run_garak(
+    garak: str, url: str, model: str, args: argparse.Namespace, name: str
+) -> dict[str, Any]:
+    """One garak run against `model` at `url`; per probe: attempts, hits, failures."""
     out = RESULTS / "garak" / name
     out.mkdir(parents=True, exist_ok=True)
-    model = get_json(f"{url}/v1/models")["data"][0]["id"]
     config = garak_config(url, model, args.prompts, args.seed, out)
     env = {**os.environ, "OPENAICOMPATIBLE_API_KEY": "not-checked-on-loopback"}
     command = [garak, "-m", "garak", "--config", str(config), "--probes", ",".join(args.probes),
@@ -165,27 +165,27 @@ def benign_sets(alpaca: int) -> dict[str, list[list[dict[str, str]]]]:
     def user(text: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": text}]
 
-    rows = (EXTERNAL / "harmless_alpaca_sample.jsonl").read_text().splitlines()
     wrapped, clean = [], []
-    for line in (PAIRS / "wrapped_requests.jsonl").read_text().splitlines():
+    for line in WRAPPED.read_text().splitlines():
         r = json.loads(line)
         if r["split"] == "test":
             context = r.get("negative_context") or r.get("context") or []
             wrapped.append([*context, *user(r["negative"])])
-    for line in (PAIRS / "prompt_injection.jsonl").read_text().splitlines():
+    for line in INJECTION.read_text().splitlines():
         r = json.loads(line)
         if r["split"] == "test":
             clean.append(user(r["negative"]))
     return {
-        "alpaca": [user(json.loads(x)["prompt"]) for x in rows if x.strip()][:alpaca],
+        "alpaca": [user(text) for text in read("harmless_alpaca_sample.jsonl")[:alpaca]],
         "wrapped_harmless": wrapped,
         "clean_documents": clean,
     }
 
 
-def false_blocks(url: str, sets: dict[str, list[list[dict[str, str]]]]) -> dict[str, Any]:
+def false_blocks(
+    url: str, model: str, sets: dict[str, list[list[dict[str, str]]]]
+) -> dict[str, Any]:
     """Share of each benign set that the server's default guard blocks."""
-    model = get_json(f"{url}/v1/models")["data"][0]["id"]
 
     def blocked(messages: list[dict[str, str]]) -> bool:
         body = {"model": model, "messages": messages, "max_tokens": 1, "temperature": 0}
@@ -216,9 +216,10 @@ def main() -> None:
     results: dict[str, Any] = {}
     for name, guard in GUARDS.items():
         with served([*SERVER, *guard]) as url:
-            results[name] = run_garak(args.garak, url, args, name)
+            model = get_json(f"{url}/v1/models")["data"][0]["id"]
+            results[name] = run_garak(args.garak, url, model, args, name)
             if guard:
-                results[name]["false_blocks"] = false_blocks(url, sets)
+                results[name]["false_blocks"] = false_blocks(url, model, sets)
         print(f"{name}: attack success {results[name]['attack_success']:.3f}", flush=True)
 
     print(f"\n{'probe':50s}" + "".join(f"{n[:24]:>26s}" for n in GUARDS))

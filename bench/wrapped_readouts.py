@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import json
 import random
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,33 +29,23 @@ import acteng
 from _common import save
 from acteng.activations import record_tokens, token_offsets
 from acteng.detectors import read_items
-from acteng.evaluation.metrics import auroc
 from acteng.methods import fit_logistic
+from detectors import HARMFUL, WRAPPED, auroc, conversation, grouped, read
 
-PAIRS = Path(acteng.__file__).parent / "data" / "pairs"
-EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
-PUBLIC = {
-    "harmful_advbench.jsonl": 1,
-    "harmful_jailbreakbench.jsonl": 1,
-    "harmful_harmbench_test.jsonl": 1,
-    "harmless_alpaca_sample.jsonl": 0,
-}
 LAYERS = list(range(2, 29, 2))
 POST = 5  # <|im_end|> \n <|im_start|> assistant \n
 READOUTS = ["mean", "max", "post4", "post0", "post34", "post01234", "mp4"]
 LAYER_SETS = [[10], [14], [18], [10, 14, 18], [6, 10, 14, 18, 22]]
 
 
-def rows(path: Path) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
 def texts_and_labels() -> tuple[list[str], list[dict[str, Any]]]:
+    """Every prompt scored, with where it comes from: each turn of both sides of the
+    wrapped pairs, both sides of the team's plain pairs, and the public sets."""
     texts, meta = [], []
-    for item, r in enumerate(rows(PAIRS / "wrapped_requests.jsonl")):
+    records = [json.loads(line) for line in WRAPPED.read_text().splitlines() if line.strip()]
+    for item, r in enumerate(records):
         for side, label in (("positive", 1), ("negative", 0)):
-            context = r.get(f"{side}_context") or r.get("context") or []
-            turns = [m["content"] for m in context if m["content"].strip()] + [r[side]]
+            turns = conversation(r, side)
             for t, text in enumerate(turns):
                 texts.append(text)
                 meta.append(
@@ -69,14 +58,14 @@ def texts_and_labels() -> tuple[list[str], list[dict[str, Any]]]:
                         "last": t == len(turns) - 1,
                     }
                 )
-    for r in rows(PAIRS / "harmful_requests.jsonl"):
-        for side, label in (("positive", 1), ("negative", 0)):
-            texts.append(r[side])
-            meta.append({"set": "own", "split": r["split"], "label": label})
-    for name, label in PUBLIC.items():
-        for r in rows(EXTERNAL / name):
-            texts.append(r["prompt"])
-            meta.append({"set": "public", "label": label})
+    for pair in acteng.load_pairs("harmful_requests"):
+        for text, label in ((pair.positive, 1), (pair.negative, 0)):
+            texts.append(text)
+            meta.append({"set": "own", "split": pair.split, "label": label})
+    for name in (*HARMFUL, "harmless_alpaca_sample.jsonl"):
+        for text in read(name):
+            texts.append(text)
+            meta.append({"set": "public", "label": int(name in HARMFUL)})
     return texts, meta
 
 
@@ -116,10 +105,8 @@ def features(cache: dict[str, torch.Tensor], readout: str, layers: list[int]) ->
 
 
 def measure(scores: list[float], meta: list[dict[str, Any]], held: set[int]) -> dict[str, Any]:
-    def A(p: list[float], n: list[float]) -> float:
-        return round(auroc(torch.tensor(p), torch.tensor(n)), 4)
-
     def conversations(split: str, keep: set[int] | None) -> dict[tuple[int, int], float]:
+        """Per wrapped (item, label): its highest turn, as the server's guard scores it."""
         best: dict[tuple[int, int], float] = {}
         for s, m in zip(scores, meta, strict=True):
             if (
@@ -135,15 +122,15 @@ def measure(scores: list[float], meta: list[dict[str, Any]], held: set[int]) -> 
     threshold = calib[int(0.95 * len(calib))]
     test = conversations("test", None)
     items = sorted({item for item, _ in test})
-    pos, neg = [test[(i, 1)] for i in items], [test[(i, 0)] for i in items]
     family = {m["item"]: m["family"] for m in meta if m["set"] == "wrapped"}
-    families = {
-        f: A(
-            [pos[j] for j, i in enumerate(items) if family[i] == f],
-            [neg[j] for j, i in enumerate(items) if family[i] == f],
-        )
-        for f in sorted({family[i] for i in items})
-    }
+    wrapped = grouped(
+        [test[(i, 1)] for i in items],
+        [test[(i, 0)] for i in items],
+        [family[i] for i in items],
+        threshold,
+        "families",
+        ("harmful_flagged", "harmless_flagged"),
+    )
 
     def side(where: str, label: int) -> list[float]:
         return [
@@ -155,14 +142,15 @@ def measure(scores: list[float], meta: list[dict[str, Any]], held: set[int]) -> 
     def rate(xs: list[float]) -> float:
         return round(sum(x > threshold for x in xs) / len(xs), 4)
 
-    worst = min(families, key=families.__getitem__)
+    worst = min(wrapped["families"].items(), key=lambda kv: kv[1]["auroc"])
     return {
-        "wrapped_auroc": A(pos, neg),
-        "wrapped_flagged": [rate(pos), rate(neg)],
-        "worst_family": [worst, families[worst]],
-        "public_auroc": A(side("public", 1), side("public", 0)),
+        "wrapped_auroc": wrapped["auroc"],
+        "wrapped_flagged": [wrapped["harmful_flagged"], wrapped["harmless_flagged"]],
+        "worst_family": [worst[0], worst[1]["auroc"]],
+        "public_auroc": round(auroc(side("public", 1), side("public", 0)), 4),
         "public_flagged": [rate(side("public", 1)), rate(side("public", 0))],
-        "own_test_auroc": A(side("own", 1), side("own", 0)),
+        "own_test_auroc": round(auroc(side("own", 1), side("own", 0)), 4),
+        "families": wrapped["families"],
     }
 
 
