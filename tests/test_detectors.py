@@ -11,6 +11,7 @@ from acteng.cli import main
 from acteng.cli.detect_cmd import read_prompts
 from acteng.detectors import Detector, load_detector, train_detector
 from acteng.errors import ConfigError, IncompatibleVectorError, VectorFileError
+from acteng.evaluation.metrics import auroc
 from tests.helpers import random_vector
 
 HARMFUL = [
@@ -133,10 +134,21 @@ def test_bundled_harmful_request_detector(smollm2: acteng.Model) -> None:
     neg = det.score(smollm2, [p.negative for p in test])
     pairs_won = sum(a > b for a, b in zip(pos, neg, strict=True)) / len(test)
     assert pairs_won >= 0.9, pairs_won
-    assert det.calibration["source"] == "harmful_requests:test negatives"
+    # calibrated on train wrappers kept out of fitting: neither test split is seen
+    assert det.calibration["source"].startswith("harmful_requests+wrapped_requests: seeded")
     assert det.calibration["target_fpr"] == 0.05
+    assert det.pooling == "mean+max"
     assert det.flag(smollm2, HARMFUL) == [True] * 4
     assert det.flag(smollm2, HARMLESS) == [False] * 4
+    # It reads the request inside a jailbreak wrapper, not the wrapper: on a sample of the
+    # team's held-out wrapped pairs (wrappers and requests unseen in training) it ranks
+    # harmful over harmless and spares most harmless look-alikes (bench/detectors.py
+    # measures the whole split: AUROC 0.98, 5.6 % of harmless flagged).
+    wrapped = acteng.load_pairs("wrapped_requests", split="test")[::4]
+    pos = det.score(smollm2, [p.positive for p in wrapped])
+    neg = det.score(smollm2, [p.negative for p in wrapped])
+    assert auroc(torch.tensor(pos), torch.tensor(neg)) >= 0.95
+    assert sum(s > det.threshold for s in neg) <= 0.15 * len(neg)
 
 
 def test_response_detector_reads_answers(tiny_llama: acteng.Model, tmp_path: Path) -> None:

@@ -12,7 +12,7 @@ from acteng.activations import token_offsets
 from acteng.detectors import Detector, load_detector, read_items
 from acteng.errors import ConfigError, VectorFileError
 from acteng.evaluation.metrics import auroc
-from acteng.pooling import parse_pooling, top_mean
+from acteng.pooling import parse_pooling, pooled
 from acteng.token_detector import differing_span, train_token_detector
 
 WRAPPERS = [
@@ -63,11 +63,17 @@ def test_pooling_names() -> None:
     assert parse_pooling("mean") == 0
     assert parse_pooling("max") == 1
     assert parse_pooling("top8") == 8
-    for bad in ("top0", "top", "median", 8, "top99999"):
+    assert parse_pooling("mean+max") == 1
+    assert parse_pooling("mean+top4") == 4
+    for bad in ("top0", "top", "median", 8, "top99999", "mean+", "mean+mean", "max+mean"):
         with pytest.raises(ConfigError, match="pooling"):
             parse_pooling(bad)
-    assert top_mean(torch.tensor([1.0, 5.0, 3.0]), 2) == 4.0
-    assert top_mean(torch.tensor([2.0]), 8) == 2.0  # fewer tokens than k: all of them
+    scores = torch.tensor([1.0, 5.0, 3.0])
+    assert float(pooled(scores, "top2")) == 4.0
+    assert float(pooled(torch.tensor([2.0]), "top8")) == 2.0  # fewer tokens than k: all
+    assert float(pooled(scores, "mean")) == 3.0
+    assert float(pooled(scores, "mean+max")) == 3.0 + 5.0
+    assert pooled(torch.stack([scores, scores + 1]), "mean+top2").tolist() == [7.0, 9.0]
 
 
 def test_token_offsets_follow_the_prompt(tiny_llama: acteng.Model) -> None:
@@ -91,12 +97,32 @@ def test_the_probe_is_stored_as_a_detector(
     assert det.calibration["negatives"] == TEST_WRAPPERS * len(HARMLESS)
     prompts = [WRAPPERS[0].format(HARMFUL[0]), "Say hello."]
     tokens = det.token_scores(tiny_llama, prompts)
-    assert det.score(tiny_llama, prompts) == pytest.approx([top_mean(t, 2) for t in tokens])
+    assert det.score(tiny_llama, prompts) == pytest.approx(
+        [float(pooled(t, "top2")) for t in tokens]
+    )
     # Saved and loaded, the pooling travels with it and the scores stay the same.
     path = det.save(tmp_path / "det.safetensors")
     again = load_detector(path, model=tiny_llama)
     assert again.pooling == "top2"
     assert again.score(tiny_llama, prompts) == pytest.approx(det.score(tiny_llama, prompts))
+
+
+def test_a_sequence_probe_pools_mean_and_max(tiny_llama: acteng.Model, tmp_path: Path) -> None:
+    """labels="sequence": fitted on each prompt's mean activation, read per token, scored
+    as the mean of its token scores plus the highest one."""
+    det = train_token_detector(
+        tiny_llama, wrapped_pairs(), [1, 2], pooling="mean+max", labels="sequence", l2=1.0
+    )
+    assert det.pooling == "mean+max"
+    assert det.directions.metadata["token_probe"]["labels"] == "sequence"
+    prompts = [WRAPPERS[0].format(HARMFUL[0]), "Say hello."]
+    tokens = det.token_scores(tiny_llama, prompts)
+    expected = [float(t.mean() + t.max()) for t in tokens]
+    assert det.score(tiny_llama, prompts) == pytest.approx(expected)
+    again = load_detector(det.save(tmp_path / "det.safetensors"), model=tiny_llama)
+    assert again.score(tiny_llama, prompts) == pytest.approx(expected)
+    with pytest.raises(ConfigError, match="labels"):
+        train_token_detector(tiny_llama, wrapped_pairs(), [1], labels="words")
 
 
 def test_token_scores_equal_the_monitor_readout(
@@ -170,6 +196,12 @@ def test_fit_detector_trains_a_token_detector(tiny_llama: acteng.Model, tmp_path
     fit = fit_detector(tiny_llama, pairs, layers=[1, 2], region="prompt", pooling="top2")
     assert fit.detector.pooling == "top2"
     assert fit.detector.directions.metadata["training"]["pooling"] == "top2"
+    fit = fit_detector(
+        tiny_llama, pairs, layers=[1], region="prompt", pooling="mean+max", labels="sequence"
+    )
+    assert fit.detector.directions.metadata["training"]["labels"] == "sequence"
+    with pytest.raises(ConfigError, match="labels"):
+        fit_detector(tiny_llama, pairs, layers=[1], region="prompt", labels="words")
     with pytest.raises(ConfigError, match="--region prompt"):
         check_detector_pairs(pairs, "post_instruction", pooling="top2")
     with pytest.raises(ConfigError, match="--method probe"):

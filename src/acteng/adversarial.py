@@ -30,7 +30,7 @@ import torch
 from acteng.detectors import Detector
 from acteng.errors import ConfigError
 from acteng.models import Model
-from acteng.pooling import parse_pooling
+from acteng.pooling import pooled
 
 # stands for the suffix while the prompt is rendered (text no user types)
 PLACEHOLDER = "\u2063SUFFIX\u2063"
@@ -90,11 +90,7 @@ def _detector_term(
         h = hidden[layer + 1][:, start:end]  # the output of block `layer`
         u = detector.directions[layer].to(h.dtype)
         total = total + (h @ u - detector.offsets[layer]) / detector.scales[layer]
-    tokens = total / len(detector.layers)
-    top = parse_pooling(detector.pooling)
-    if not top:
-        return tokens.mean(dim=1)
-    return tokens.topk(min(top, tokens.shape[1]), dim=1).values.mean(dim=1)
+    return pooled(total / len(detector.layers), detector.pooling)
 
 
 def gcg_suffix(

@@ -161,6 +161,7 @@ def fit_detector(
     region: str = "post_instruction",
     target_fpr: float = 0.05,
     pooling: str = "mean",
+    labels: str = "tokens",
 ) -> DetectorFit:
     """Fit and calibrate a detector; layers ``"auto"`` are chosen on the train split only.
 
@@ -171,6 +172,8 @@ def fit_detector(
         raise ConfigError(f"detector method must be mean_diff, pca or probe, got {method!r}")
     if not 0.0 <= target_fpr < 1.0:
         raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    if labels not in ("tokens", "sequence"):
+        raise ConfigError(f"labels must be 'tokens' or 'sequence', got {labels!r}")
     dataset = check_detector_pairs(pairs, region, pooling=pooling, method=method)
     train, test = dataset.split("train"), dataset.split("test")
     validation: dict[int, float] = {}
@@ -180,7 +183,13 @@ def fit_detector(
         chosen = tuple(parse_layers(model, layers))
     if parse_pooling(pooling):
         detector = train_token_detector(
-            model, dataset, list(chosen), pooling=pooling, region=region, target_fpr=target_fpr
+            model,
+            dataset,
+            list(chosen),
+            pooling=pooling,
+            region=region,
+            labels=labels,
+            target_fpr=target_fpr,
         )
     else:
         detector = train_detector(
@@ -204,6 +213,7 @@ def fit_detector(
         "layers": "auto (best 3 consecutive by validation AUROC)" if validation else "given",
         "target_fpr": target_fpr,
         "pooling": pooling,
+        **({"labels": labels} if parse_pooling(pooling) else {}),
         **fit.summary(),
     }
     directions = SteeringVector(dict(detector.directions.directions), meta)

@@ -31,7 +31,7 @@ from acteng.layer_selection import parse_layers
 from acteng.methods import METHODS
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
-from acteng.pooling import parse_pooling, token_scores, top_mean
+from acteng.pooling import parse_pooling, pooled, token_scores
 from acteng.vectors import SteeringVector
 
 __all__ = [
@@ -121,7 +121,7 @@ class Detector:
         top = parse_pooling(self.pooling)
         if top:
             tokens = self.token_scores(model, prompts, batch_size=batch_size)
-            return [top_mean(t, top) for t in tokens]
+            return [float(pooled(t, self.pooling)) for t in tokens]
         acts = record_activations(
             model,
             read_items(model, prompts, self.region),

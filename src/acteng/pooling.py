@@ -5,6 +5,12 @@ harmful request inside a long benign wrapper (a role-play set-up, a chatty pream
 mostly averaged away. Scoring each token on the same per-layer affine readout and taking
 the mean of the k highest scores (``"top<k>"``; ``"max"`` is k = 1) reads the request
 wherever it sits; k above 1 keeps one odd token from deciding alone.
+
+``"mean+max"`` / ``"mean+top<k>"`` add the two: the region's mean score (what mean pooling
+gives, since the readout is affine) plus its top-k score. A topic word alone ("dog" in a
+request to train one) lifts the top score but not the mean, and a long wrapper dilutes
+the mean but not the top score, so the sum needs the whole request to read harmful and
+the harmful part to stand out (bench/wrapped_readouts.py measures the variants).
 """
 
 from __future__ import annotations
@@ -18,25 +24,27 @@ from acteng.activations import ReadItem, record_tokens
 from acteng.errors import ConfigError
 from acteng.models import Model
 
-__all__ = ["MAX_TOP_K", "parse_pooling", "token_scores", "top_mean"]
+__all__ = ["MAX_TOP_K", "parse_pooling", "pooled", "token_scores"]
 
 MAX_TOP_K = 4096
 
 
 def parse_pooling(pooling: Any) -> int:
     """How many top token scores a detector averages: 0 for ``"mean"`` (the region's mean
-    activation), 1 for ``"max"``, k for ``"top<k>"``; anything else is a clear error."""
+    activation), 1 for ``"max"``, k for ``"top<k>"`` (the same for ``"mean+max"`` and
+    ``"mean+top<k>"``, which add the mean); anything else is a clear error."""
     if pooling == "mean":
         return 0
-    if pooling == "max":
+    top = pooling[5:] if isinstance(pooling, str) and pooling.startswith("mean+") else pooling
+    if top == "max":
         return 1
-    if isinstance(pooling, str) and pooling.startswith("top") and pooling[3:].isdigit():
-        k = int(pooling[3:])
+    if isinstance(top, str) and top.startswith("top") and top[3:].isdigit():
+        k = int(top[3:])
         if 1 <= k <= MAX_TOP_K:
             return k
     raise ConfigError(
-        f"unknown detector pooling {pooling!r}; use 'mean', 'max' or 'top<k>' with k from 1 "
-        f"to {MAX_TOP_K} (e.g. 'top8')"
+        f"unknown detector pooling {pooling!r}; use 'mean', 'max', 'top<k>' with k from 1 "
+        f"to {MAX_TOP_K} (e.g. 'top8'), or 'mean+max' / 'mean+top<k>'"
     )
 
 
@@ -59,6 +67,12 @@ def token_scores(
     ]
 
 
-def top_mean(scores: torch.Tensor, k: int) -> float:
-    """The mean of the `k` highest of `scores` (all of them when there are fewer)."""
-    return float(scores.topk(min(k, len(scores))).values.mean())
+def pooled(scores: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Token `scores` (last dimension) pooled as `pooling` says; top k takes all of them
+    when there are fewer. Differentiable, for attacks that optimise the pooled score."""
+    k = parse_pooling(pooling)
+    mean = scores.mean(dim=-1)
+    if not k:
+        return mean
+    top = scores.topk(min(k, scores.shape[-1]), dim=-1).values.mean(dim=-1)
+    return top + mean if pooling.startswith("mean+") else top

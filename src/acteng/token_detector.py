@@ -17,6 +17,11 @@ logit), so monitors, guards and servers read its per-token scores unchanged.
 
 Pairs should be matched (same wrapper, different request) for the labels to pick out the
 request; for unmatched pairs the differing span is most of the positive, which still works.
+
+With ``labels="sequence"`` the same probe is fitted on each prompt's mean activation over
+the region (positive or negative as a whole) instead, and read per token with the pooling
+asked for: ``"mean+max"`` scores a prompt by its mean plus its highest token, which is how
+the bundled ``harmful_request`` detector reads wrapped requests (see `acteng.pooling`).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from typing import Any
 
 import torch
 
-from acteng.activations import record_tokens, token_offsets
+from acteng.activations import record_activations, record_tokens, token_offsets
 from acteng.detectors import SCALE_RANGE, Detector, read_items, sides
 from acteng.errors import ConfigError
 from acteng.layer_selection import parse_layers
@@ -153,6 +158,7 @@ def train_token_detector(
     *,
     pooling: str = "top8",
     region: str = "prompt",
+    labels: str = "tokens",
     l2: float = 1000.0,
     steps: int = 200,
     target_fpr: float = 0.05,
@@ -161,6 +167,10 @@ def train_token_detector(
     batch_size: int = 16,
 ) -> Detector:
     """Train a token-level detector on bare prompt pairs; see the module docstring.
+
+    `labels` is what the probe is fitted on: ``"tokens"`` (the positive's differing
+    tokens against everything else) or ``"sequence"`` (each prompt's mean activation,
+    labelled by its side); either way it scores every token and pools as `pooling` says.
 
     The threshold is calibrated on held-out negatives: the pairs' ``test`` split
     (`calibrate_on="test"`), or a seeded 25 % of the train pairs kept out of fitting
@@ -175,7 +185,12 @@ def train_token_detector(
             f"{TOKEN_REGIONS}, got {region!r}"
         )
     if parse_pooling(pooling) == 0:
-        raise ConfigError("a token-level detector pools token scores: use 'max' or 'top<k>'")
+        raise ConfigError(
+            "a token-level detector pools token scores: use 'max', 'top<k>', 'mean+max' or "
+            "'mean+top<k>'"
+        )
+    if labels not in ("tokens", "sequence"):
+        raise ConfigError(f"labels must be 'tokens' or 'sequence', got {labels!r}")
     if calibrate_on not in ("test", "validation"):
         raise ConfigError(f"calibrate_on must be 'test' or 'validation', got {calibrate_on!r}")
     if not 0.0 <= target_fpr < 1.0:
@@ -213,11 +228,16 @@ def train_token_detector(
         raise ConfigError(f"{len(train)} pairs to fit on; give at least 4")
     chosen = parse_layers(model, layers)
     texts = [p.positive for p in train] + [p.negative for p in train]
-    rows = record_tokens(model, read_items(model, texts, region), chosen, batch_size=batch_size)
-    labels = _token_labels(model, list(train))
-    x = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32
-    del rows
-    y = torch.cat(labels)
+    items = read_items(model, texts, region)
+    if labels == "sequence":
+        means = record_activations(model, items, chosen, "mean", batch_size=batch_size)
+        x = torch.cat([means.rows[layer].float() for layer in chosen], dim=1)  # [2N, L * d]
+        y = torch.cat([torch.ones(len(train)), torch.zeros(len(train))])
+    else:
+        rows = record_tokens(model, items, chosen, batch_size=batch_size)
+        x = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32
+        del rows
+        y = torch.cat(_token_labels(model, list(train)))
     if y.sum() == 0:
         raise ConfigError("no positive tokens: every positive equals its negative")
     w, b = fit_logistic(x, y, l2=l2, steps=steps, positive_weight=(len(y) - y.sum()) / y.sum())
@@ -230,7 +250,13 @@ def train_token_detector(
             "read_position": region,
             "normalize": "unit",
             "dataset": dataset.provenance(),
-            "token_probe": {"l2": l2, "steps": steps, "pooling": pooling, "seed": seed},
+            "token_probe": {
+                "l2": l2,
+                "steps": steps,
+                "pooling": pooling,
+                "labels": labels,
+                "seed": seed,
+            },
         },
     )
     detector = replace(detector, directions=vector)

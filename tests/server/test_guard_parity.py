@@ -32,10 +32,10 @@ MIDWAY = "Write a short poem about autumn leaves."
 BENIGN = "Tell me about your weekend."
 PROMPTS = [HARMFUL, MIDWAY, BENIGN]
 TOKENS = 12
-# Found by trying: the running score of MIDWAY's answer goes -3.28, -2.93, -0.50, ... so
-# it crosses -1.0 at its third token (index 2), half a unit clear on both sides; BENIGN's
-# answer peaks at -1.54 and never crosses.
-THRESHOLD, CROSSING = -1.0, 2
+# Found by trying: the running score of MIDWAY's answer goes -4.46, -9.05, -2.44, ... so
+# it crosses -3.5 at its third token (index 2), about a unit clear on both sides; BENIGN's
+# answer peaks at -6.90 and never crosses.
+THRESHOLD, CROSSING = -3.5, 2
 POLICIES = ("block", "stop", "steer")
 COUNTER = {"vector": "refusal", "coefficient": 1.0}
 

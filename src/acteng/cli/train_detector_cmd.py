@@ -34,9 +34,17 @@ def register(sub: Any) -> None:
         "--pooling",
         default="mean",
         help="'mean' (default: the region's mean activation) or 'max' / 'top<k>' (e.g. top8): "
-        "a token-level probe trained on the tokens where each positive differs from its "
-        "negative, scored by its k highest tokens (region 'prompt', method 'probe'); reads a "
-        "request inside a long wrapper",
+        "a token-level probe scored by its k highest tokens (region 'prompt', method "
+        "'probe'); 'mean+max' / 'mean+top<k>' add the mean; reads a request inside a long "
+        "wrapper",
+    )
+    p.add_argument(
+        "--labels",
+        default="tokens",
+        choices=("tokens", "sequence"),
+        help="with a token pooling, what the probe is fitted on: the tokens where each "
+        "positive differs from its negative (default), or each prompt's mean activation "
+        "(the bundled harmful_request: --labels sequence --pooling mean+max)",
     )
     p.add_argument("--target-fpr", type=float, default=0.05, help="held-out negatives flagged")
     p.add_argument("--force", action="store_true", help="replace an existing --out file")
@@ -67,6 +75,7 @@ def run_train_detector(args: argparse.Namespace) -> int:
         region=args.region,
         target_fpr=args.target_fpr,
         pooling=args.pooling,
+        labels=args.labels,
     )
     fit.detector.save(out)  # written only once everything has worked
     summary = {"out": str(out), **fit.summary()}
