@@ -16,10 +16,11 @@ threshold:
   `prompt_injection` detector, per carrier, and how often it (alone, and with
   `harmful_request` as a two-detector guard) flags the plain Alpaca requests.
 
-With --sweep, first retrains candidate recipes (read region x layers) on the team's own
-`harmful_requests` train split, calibrated on its held-out negatives at 5 % FPR, and
-reports for each: AUROC and share of harmful flagged on the team's held-out pairs (the
-only numbers used to choose the bundled recipe) next to the external figures.
+With --sweep, first retrains mean-pooled candidate recipes (read region x layers) on the
+team's own `harmful_requests` train split, calibrated on its held-out negatives at 5 % FPR,
+and reports for each: AUROC and share of harmful flagged on the team's held-out pairs next
+to the external figures. (That sweep chose the previous bundled detector; the current one,
+trained on wrapped pairs too, is described in docs/defences.md.)
 
     .venv/bin/python bench/detectors.py [--sweep] [--detector FILE]
 """
