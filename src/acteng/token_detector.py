@@ -231,8 +231,10 @@ def train_token_detector(
     items = read_items(model, texts, region)
     if labels == "sequence":
         means = record_activations(model, items, chosen, "mean", batch_size=batch_size)
-        x = torch.cat([means.rows[layer].float() for layer in chosen], dim=1)  # [2N, L * d]
-        y = torch.cat([torch.ones(len(train)), torch.zeros(len(train))])
+        # float64: one row per prompt is cheap, and float32 sums in a different order with
+        # another thread count, which moves the fitted probe (and the bundled file) visibly
+        x = torch.cat([means.rows[layer].double() for layer in chosen], dim=1)  # [2N, L * d]
+        y = torch.cat([torch.ones(len(train)), torch.zeros(len(train))]).double()
     else:
         rows = record_tokens(model, items, chosen, batch_size=batch_size)
         x = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32

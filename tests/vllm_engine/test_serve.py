@@ -176,7 +176,7 @@ def both(vllm_sdk: Any, transformers_sdk: Any, *args: Any, **extra: Any) -> tupl
 def test_monitor_scores_equal_the_transformers_engine(
     vllm_sdk: Any, transformers_sdk: Any, steered: bool
 ) -> None:
-    monitor = ["honesty", "refusal", {"vector": "harmful_request", "layers": [8, 12, 16]}]
+    monitor = ["honesty", "refusal", {"vector": "harmful_request", "layers": [10, 14, 18]}]
     extra: dict[str, Any] = {"monitor": monitor}
     if steered:
         extra["steering"] = [{"vector": "honesty", "coefficient": 12.0}]

@@ -161,7 +161,7 @@ def test_monitor_scores_are_the_readouts_filed_by_position() -> None:
     items = [
         {"vector": "honesty"},
         {"vector": "harmful_request"},
-        {"vector": "harmful_request", "layers": [8, 18]},
+        {"vector": "harmful_request", "layers": [10, 18]},
     ]
     monitored = _state([{"vector": "honesty", "coefficient": 3.0}], 4)
     monitored.sampling_params.extra_args["acteng_monitor"] = items
