@@ -29,7 +29,7 @@ from acteng.methods import METHODS
 from acteng.models import Model
 from acteng.pairs import Pairs, load_pairs
 from acteng.pooling import parse_pooling
-from acteng.token_detector import TOKEN_REGIONS, train_token_detector
+from acteng.token_detector import TOKEN_REGIONS, check_labels, train_token_detector
 from acteng.vectors import SteeringVector
 
 __all__ = ["DetectorFit", "check_detector_pairs", "fit_detector"]
@@ -172,8 +172,7 @@ def fit_detector(
         raise ConfigError(f"detector method must be mean_diff, pca or probe, got {method!r}")
     if not 0.0 <= target_fpr < 1.0:
         raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
-    if labels not in ("tokens", "sequence"):
-        raise ConfigError(f"labels must be 'tokens' or 'sequence', got {labels!r}")
+    check_labels(labels)
     dataset = check_detector_pairs(pairs, region, pooling=pooling, method=method)
     train, test = dataset.split("train"), dataset.split("test")
     validation: dict[int, float] = {}

@@ -88,7 +88,7 @@ def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
         raise ConfigError(f"no bundled recipe {name!r}; known: {sorted(RECIPES)}")
     recipe = RECIPES[name]
     if recipe["kind"] == "token_detector":
-        sets = [load_pairs(name) for name in recipe["pairs"]]
+        sets = [load_pairs(dataset) for dataset in recipe["pairs"]]
         pairs = Pairs(tuple(p for s in sets for p in s), name="+".join(recipe["pairs"]))
         det = train_token_detector(
             model,

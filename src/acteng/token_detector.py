@@ -48,6 +48,12 @@ from acteng.vectors import SteeringVector
 __all__ = ["differing_span", "train_token_detector"]
 
 TOKEN_REGIONS = ("prompt",)
+LABELS = ("tokens", "sequence")  # what the probe is fitted on; see train_token_detector
+
+
+def check_labels(labels: str) -> None:
+    if labels not in LABELS:
+        raise ConfigError(f"labels must be one of {LABELS}, got {labels!r}")
 
 
 def differing_span(text: str, other: str) -> tuple[int, int]:
@@ -189,8 +195,7 @@ def train_token_detector(
             "a token-level detector pools token scores: use 'max', 'top<k>', 'mean+max' or "
             "'mean+top<k>'"
         )
-    if labels not in ("tokens", "sequence"):
-        raise ConfigError(f"labels must be 'tokens' or 'sequence', got {labels!r}")
+    check_labels(labels)
     if calibrate_on not in ("test", "validation"):
         raise ConfigError(f"calibrate_on must be 'test' or 'validation', got {calibrate_on!r}")
     if not 0.0 <= target_fpr < 1.0:
