@@ -7,7 +7,8 @@ stop it. Defences, all at their calibrated thresholds:
 - ``none``: the model alone;
 - ``guard``: `harmful_request` on the prompt, policy block (success: not flagged);
 - ``ensemble``: a guard over `harmful_request` and three single-layer probes (layers 4,
-  12, 20, trained like it on the team's `harmful_requests`): blocked when any fires;
+  12, 20, mean-pooled, trained on the team's plain `harmful_requests`): blocked when any
+  fires;
 - ``cast``: `harmful_request` with policy steer and the bundled refusal vector
   (coefficient 1): success when the steered answer still complies.
 
