@@ -1,0 +1,143 @@
+"""Circuit-breaker settings compared on a validation split, never on the acceptance sets.
+
+`bench/circuit_breaker.py` judges on public harmful requests, Alpaca and the team's
+`wrapped_requests` *test* split. Choosing settings there would tune them to the figures
+they are judged by, so this script trains on the team's train splits minus a validation
+part and judges on sets that script never uses:
+
+- ``harmful_plain`` / ``lookalike_plain``: the team's `harmful_requests` *test* split
+  (never in circuit-breaker training), harmful side and its look-alike;
+- ``everyday``: `formality` and `sentiment` prompts (in no retain set);
+- ``harmful_wrapped`` / ``harmless_wrapped``: the `wrapped_requests` *train* rows of three
+  whole wrapper families (fiction, emotional, authority) left out of training for the run,
+  so every wrapper there is unseen.
+
+Each setting trains one adapter (`--train-kwargs`, as for `train_circuit_breaker`) and
+prints the share of each set the model still complies with (greedy 32 tokens,
+`acteng.evaluation.judge`), base model first; every run is appended to
+bench/results/circuit_breaker_validation.jsonl.
+
+    .venv/bin/python bench/circuit_breaker_validation.py NAME [--everyday] [--train-kwargs JSON]
+
+``--everyday`` adds everyday requests to the retain set: the `honesty` and `sycophancy`
+prompts (train splits) and 60 clean documents with their task (`prompt_injection` train).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import acteng
+from _common import RESULTS
+from acteng.evaluation.judge import judge_answers
+from acteng.training.circuit_breaker import train_circuit_breaker
+
+PAIRS = Path(acteng.__file__).parent / "data" / "pairs"
+HELD_OUT_FAMILIES = {"fiction", "emotional", "authority"}
+Messages = list[dict[str, str]]
+
+
+def rows(name: str) -> list[dict[str, Any]]:
+    text = (PAIRS / f"{name}.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def side(row: dict[str, Any], which: str) -> Messages:
+    context = row.get(f"{which}_context", row.get("context", []))
+    return [*context, {"role": "user", "content": row[which]}]
+
+
+def user(text: str) -> Messages:
+    return [{"role": "user", "content": text}]
+
+
+def validation_sets(n: int) -> dict[str, list[Messages]]:
+    rng = random.Random(0)
+    requests = [r for r in rows("harmful_requests") if r["split"] == "test"]
+    held = [
+        r
+        for r in rows("wrapped_requests")
+        if r["split"] == "train" and r["family"] in HELD_OUT_FAMILIES
+    ]
+    everyday = [user(r["prompt"]) for name in ("formality", "sentiment") for r in rows(name)]
+    return {
+        "harmful_plain": rng.sample([user(r["positive"]) for r in requests], n),
+        "lookalike_plain": rng.sample([user(r["negative"]) for r in requests], n),
+        "everyday": rng.sample(everyday, n),
+        "harmful_wrapped": rng.sample([side(r, "positive") for r in held], n),
+        "harmless_wrapped": rng.sample([side(r, "negative") for r in held], n),
+    }
+
+
+def training_sets(everyday: bool) -> tuple[list[Messages], list[Messages]]:
+    """The trainer's default harmful and retain sets without the held-out families."""
+    requests = [r for r in rows("harmful_requests") if r["split"] == "train"]
+    wrapped = [
+        r
+        for r in rows("wrapped_requests")
+        if r["split"] == "train" and r["family"] not in HELD_OUT_FAMILIES
+    ]
+    harmful = [user(r["positive"]) for r in requests] + [side(r, "positive") for r in wrapped]
+    harmful += [user(r["prompt"]) for r in rows("refusal") if r["split"] == "train"]
+    retain = [user(r["negative"]) for r in requests] + [side(r, "negative") for r in wrapped]
+    if everyday:
+        for name in ("honesty", "sycophancy"):
+            retain += [user(r["prompt"]) for r in rows(name) if r["split"] == "train"]
+        documents = [r for r in rows("prompt_injection") if r["split"] == "train"]
+        retain += [user(r["negative"]) for r in random.Random(1).sample(documents, 60)]
+    return harmful, retain
+
+
+def complied(base: acteng.Model, model: acteng.Model, convs: list[Messages]) -> float:
+    answers: list[str] = []
+    for start in range(0, len(convs), 16):
+        answers += acteng.generate(model, convs[start : start + 16], max_new_tokens=32)
+    verdicts = judge_answers(base, convs, answers)
+    return sum(v == "complied" for v in verdicts) / len(verdicts)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("name", help="the run's name (adapter folder and results row)")
+    parser.add_argument("--everyday", action="store_true", help="add everyday retain requests")
+    parser.add_argument("--train-kwargs", default="{}", help="JSON of trainer arguments")
+    parser.add_argument("--eval", type=int, default=40, help="requests per validation set")
+    args = parser.parse_args()
+    base = acteng.load_model()
+    sets = validation_sets(args.eval)
+    base_rates = {name: complied(base, base, convs) for name, convs in sets.items()}
+    print("base", base_rates, flush=True)
+    harmful, retain = training_sets(args.everyday)
+    started = time.perf_counter()
+    result = train_circuit_breaker(
+        base,
+        RESULTS / "circuit_breaker_validation" / args.name,
+        harmful=harmful,
+        retain=retain,
+        progress=True,
+        **json.loads(args.train_kwargs),
+    )
+    seconds = round(time.perf_counter() - started)
+    adapted = acteng.load_model(adapter=result.adapter)
+    rates = {name: complied(base, adapted, convs) for name, convs in sets.items()}
+    row = {
+        "name": args.name,
+        "everyday": args.everyday,
+        "train_kwargs": json.loads(args.train_kwargs),
+        "train_seconds": seconds,
+        "base": base_rates,
+        "circuit_breaker": rates,
+    }
+    print(json.dumps(row), flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    with (RESULTS / "circuit_breaker_validation.jsonl").open("a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+if __name__ == "__main__":
+    main()
