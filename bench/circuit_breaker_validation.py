@@ -20,7 +20,8 @@ bench/results/circuit_breaker_validation.jsonl.
     .venv/bin/python bench/circuit_breaker_validation.py NAME [--everyday] [--train-kwargs JSON]
 
 ``--everyday`` adds everyday requests to the retain set: the `honesty` and `sycophancy`
-prompts (train splits) and 60 clean documents with their task (`prompt_injection` train).
+prompts (train splits) and `--documents` (60) clean documents with their task
+(`prompt_injection` train).
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def validation_sets(n: int) -> dict[str, list[Messages]]:
     }
 
 
-def training_sets(everyday: bool) -> tuple[list[Messages], list[Messages]]:
+def training_sets(everyday: bool, documents: int) -> tuple[list[Messages], list[Messages]]:
     """The trainer's default harmful and retain sets without the held-out families."""
     requests = [r for r in rows("harmful_requests") if r["split"] == "train"]
     wrapped = [
@@ -88,8 +89,8 @@ def training_sets(everyday: bool) -> tuple[list[Messages], list[Messages]]:
     if everyday:
         for name in ("honesty", "sycophancy"):
             retain += [user(r["prompt"]) for r in rows(name) if r["split"] == "train"]
-        documents = [r for r in rows("prompt_injection") if r["split"] == "train"]
-        retain += [user(r["negative"]) for r in random.Random(1).sample(documents, 60)]
+        clean = [r for r in rows("prompt_injection") if r["split"] == "train"]
+        retain += [user(r["negative"]) for r in random.Random(1).sample(clean, documents)]
     return harmful, retain
 
 
@@ -105,6 +106,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="the run's name (adapter folder and results row)")
     parser.add_argument("--everyday", action="store_true", help="add everyday retain requests")
+    parser.add_argument("--documents", type=int, default=60, help="clean documents (--everyday)")
     parser.add_argument("--train-kwargs", default="{}", help="JSON of trainer arguments")
     parser.add_argument("--eval", type=int, default=40, help="requests per validation set")
     args = parser.parse_args()
@@ -112,7 +114,7 @@ def main() -> None:
     sets = validation_sets(args.eval)
     base_rates = {name: complied(base, base, convs) for name, convs in sets.items()}
     print("base", base_rates, flush=True)
-    harmful, retain = training_sets(args.everyday)
+    harmful, retain = training_sets(args.everyday, args.documents)
     started = time.perf_counter()
     result = train_circuit_breaker(
         base,
@@ -128,6 +130,7 @@ def main() -> None:
     row = {
         "name": args.name,
         "everyday": args.everyday,
+        "documents": args.documents if args.everyday else 0,
         "train_kwargs": json.loads(args.train_kwargs),
         "train_seconds": seconds,
         "base": base_rates,
