@@ -17,7 +17,8 @@ prints the share of each set the model still complies with (greedy 32 tokens,
 `acteng.evaluation.judge`), base model first; every run is appended to
 bench/results/circuit_breaker_validation.jsonl.
 
-    .venv/bin/python bench/circuit_breaker_validation.py NAME [--everyday] [--train-kwargs JSON]
+    .venv/bin/python bench/circuit_breaker_validation.py NAME [--everyday] [--documents N]
+        [--train-kwargs JSON]
 
 ``--everyday`` adds everyday requests to the retain set: the `honesty` and `sycophancy`
 prompts (train splits) and `--documents` (60) clean documents with their task
@@ -37,10 +38,10 @@ import acteng
 from _common import RESULTS
 from acteng.evaluation.judge import judge_answers
 from acteng.training.circuit_breaker import train_circuit_breaker
+from circuit_breaker import Messages, answers, user
 
 PAIRS = Path(acteng.__file__).parent / "data" / "pairs"
 HELD_OUT_FAMILIES = {"fiction", "emotional", "authority"}
-Messages = list[dict[str, str]]
 
 
 def rows(name: str) -> list[dict[str, Any]]:
@@ -51,10 +52,6 @@ def rows(name: str) -> list[dict[str, Any]]:
 def side(row: dict[str, Any], which: str) -> Messages:
     context = row.get(f"{which}_context", row.get("context", []))
     return [*context, {"role": "user", "content": row[which]}]
-
-
-def user(text: str) -> Messages:
-    return [{"role": "user", "content": text}]
 
 
 def validation_sets(n: int) -> dict[str, list[Messages]]:
@@ -95,10 +92,7 @@ def training_sets(everyday: bool, documents: int) -> tuple[list[Messages], list[
 
 
 def complied(base: acteng.Model, model: acteng.Model, convs: list[Messages]) -> float:
-    answers: list[str] = []
-    for start in range(0, len(convs), 16):
-        answers += acteng.generate(model, convs[start : start + 16], max_new_tokens=32)
-    verdicts = judge_answers(base, convs, answers)
+    verdicts = judge_answers(base, convs, answers(model, convs, 32))
     return sum(v == "complied" for v in verdicts) / len(verdicts)
 
 
