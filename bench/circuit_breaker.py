@@ -51,7 +51,7 @@ from acteng.evaluation.judge import judge_answers
 from acteng.evaluation.tax import load_eval, mc_accuracy, perplexity
 from acteng.training import record_figures
 from acteng.training.circuit_breaker import train_circuit_breaker
-from acteng.training.data import circuit_breaker_sets
+from acteng.training.data import circuit_breaker_sets, pair_conversation
 
 EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
 PUBLIC = ("harmful_advbench.jsonl", "harmful_jailbreakbench.jsonl", "harmful_harmbench_test.jsonl")
@@ -79,8 +79,7 @@ def wrapped(side: str, n: int, seed: int) -> list[Messages]:
     for r in rows:
         if r["split"] != "test" or r["family"] == "plain":
             continue
-        context = r.get(f"{side}_context", r.get("context", []))
-        out.append([*context, {"role": "user", "content": r[side]}])
+        out.append(pair_conversation(r, side))
     return random.Random(seed).sample(out, min(n, len(out)))
 
 

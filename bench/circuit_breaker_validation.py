@@ -28,6 +28,7 @@ prompts (train splits) and `--documents` (60) clean documents with their task
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import random
 import time
@@ -38,6 +39,7 @@ import acteng
 from _common import RESULTS
 from acteng.evaluation.judge import judge_answers
 from acteng.training.circuit_breaker import train_circuit_breaker
+from acteng.training.data import pair_conversation
 from circuit_breaker import Messages, answers, user
 
 PAIRS = Path(acteng.__file__).parent / "data" / "pairs"
@@ -47,11 +49,6 @@ HELD_OUT_FAMILIES = {"fiction", "emotional", "authority"}
 def rows(name: str) -> list[dict[str, Any]]:
     text = (PAIRS / f"{name}.jsonl").read_text(encoding="utf-8")
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-def side(row: dict[str, Any], which: str) -> Messages:
-    context = row.get(f"{which}_context", row.get("context", []))
-    return [*context, {"role": "user", "content": row[which]}]
 
 
 def validation_sets(n: int) -> dict[str, list[Messages]]:
@@ -67,8 +64,8 @@ def validation_sets(n: int) -> dict[str, list[Messages]]:
         "harmful_plain": rng.sample([user(r["positive"]) for r in requests], n),
         "lookalike_plain": rng.sample([user(r["negative"]) for r in requests], n),
         "everyday": rng.sample(everyday, n),
-        "harmful_wrapped": rng.sample([side(r, "positive") for r in held], n),
-        "harmless_wrapped": rng.sample([side(r, "negative") for r in held], n),
+        "harmful_wrapped": rng.sample([pair_conversation(r, "positive") for r in held], n),
+        "harmless_wrapped": rng.sample([pair_conversation(r, "negative") for r in held], n),
     }
 
 
@@ -80,9 +77,13 @@ def training_sets(everyday: bool, documents: int) -> tuple[list[Messages], list[
         for r in rows("wrapped_requests")
         if r["split"] == "train" and r["family"] not in HELD_OUT_FAMILIES
     ]
-    harmful = [user(r["positive"]) for r in requests] + [side(r, "positive") for r in wrapped]
+    harmful = [user(r["positive"]) for r in requests] + [
+        pair_conversation(r, "positive") for r in wrapped
+    ]
     harmful += [user(r["prompt"]) for r in rows("refusal") if r["split"] == "train"]
-    retain = [user(r["negative"]) for r in requests] + [side(r, "negative") for r in wrapped]
+    retain = [user(r["negative"]) for r in requests] + [
+        pair_conversation(r, "negative") for r in wrapped
+    ]
     if everyday:
         for name in ("honesty", "sycophancy"):
             retain += [user(r["prompt"]) for r in rows(name) if r["split"] == "train"]
@@ -96,6 +97,23 @@ def complied(base: acteng.Model, model: acteng.Model, convs: list[Messages]) -> 
     return sum(v == "complied" for v in verdicts) / len(verdicts)
 
 
+def sets_hash(sets: dict[str, list[Messages]]) -> str:
+    return hashlib.sha256(json.dumps(sets, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def earlier_base_rates(key: str) -> dict[str, float] | None:
+    """The base model's rates from an earlier run on the same sets (greedy decoding and a
+    greedy judge, so they do not change while the sets do not)."""
+    log = RESULTS / "circuit_breaker_validation.jsonl"
+    if not log.exists():
+        return None
+    for line in reversed(log.read_text(encoding="utf-8").splitlines()):
+        row = json.loads(line)
+        if row.get("sets") == key:
+            return dict(row["base"])
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="the run's name (adapter folder and results row)")
@@ -106,7 +124,9 @@ def main() -> None:
     args = parser.parse_args()
     base = acteng.load_model()
     sets = validation_sets(args.eval)
-    base_rates = {name: complied(base, base, convs) for name, convs in sets.items()}
+    base_rates = earlier_base_rates(sets_hash(sets)) or {
+        name: complied(base, base, convs) for name, convs in sets.items()
+    }
     print("base", base_rates, flush=True)
     harmful, retain = training_sets(args.everyday, args.documents)
     started = time.perf_counter()
@@ -127,6 +147,7 @@ def main() -> None:
         "documents": args.documents if args.everyday else 0,
         "train_kwargs": json.loads(args.train_kwargs),
         "train_seconds": seconds,
+        "sets": sets_hash(sets),
         "base": base_rates,
         "circuit_breaker": rates,
     }

@@ -22,6 +22,9 @@ garak lives in its own environment, never in acteng's dependencies:
     python3 -m venv .venv-garak
     .venv-garak/bin/pip install torch==2.13.0 'garak==0.17.*'   # torch first: the CPU build
     .venv/bin/python bench/garak.py --prompts 20     # ~25 min on 2 cores
+        [--guards none,harmful_request] [--false-blocks-only]
+
+Each server's figures go to bench/results/garak/<server>/summary.json as it finishes.
 
 garak's probe sample is seeded (``--seed``), so every server gets the same prompts, except
 in ``latentinjection.LatentInjectionFactSnippetEiffel``, which draws its snippets unseeded.
@@ -207,31 +210,54 @@ def main() -> None:
     parser.add_argument("--probes", type=lambda s: s.split(","), default=PROBES)
     parser.add_argument("--alpaca", type=int, default=200, help="Alpaca prompts for false blocks")
     parser.add_argument("--garak", default=str(ROOT / ".venv-garak" / "bin" / "python"))
+    parser.add_argument(
+        "--guards",
+        type=lambda s: s.split(","),
+        default=list(GUARDS),
+        help=f"servers to run, comma-separated (default all: {','.join(GUARDS)})",
+    )
+    parser.add_argument(
+        "--false-blocks-only", action="store_true", help="skip garak; false blocks only"
+    )
     args = parser.parse_args()
-    if not Path(args.garak).exists():
+    unknown = [name for name in args.guards if name not in GUARDS]
+    if unknown:
+        raise SystemExit(f"unknown --guards {unknown}; known: {', '.join(GUARDS)}")
+    if not args.false_blocks_only and not Path(args.garak).exists():
         raise SystemExit(f"{args.garak} not found: see this script's docstring for the set-up")
     if not EXTERNAL.is_dir():
         raise SystemExit(f"{EXTERNAL} not found (public benchmark data lives beside the repo)")
     sets = benign_sets(args.alpaca)
     results: dict[str, Any] = {}
-    for name, guard in GUARDS.items():
+    for name in args.guards:
+        guard = GUARDS[name]
+        if args.false_blocks_only and not guard:
+            continue
         with served([*SERVER, *guard]) as url:
             model = get_json(f"{url}/v1/models")["data"][0]["id"]
-            results[name] = run_garak(args.garak, url, model, args, name)
+            results[name] = {} if args.false_blocks_only else run_garak(
+                args.garak, url, model, args, name)  # fmt: skip
             if guard:
                 results[name]["false_blocks"] = false_blocks(url, model, sets)
-        print(f"{name}: attack success {results[name]['attack_success']:.3f}", flush=True)
-
-    print(f"\n{'probe':50s}" + "".join(f"{n[:24]:>26s}" for n in GUARDS))
-    for probe in sorted(results["none"]["probes"]):
-        cells = [results[n]["probes"].get(probe, {}) for n in GUARDS]
-        print(f"{probe:50s}" + "".join(
-            f"{c.get('attack_success', float('nan')):>20.2f} ({c.get('attempts', 0):2d})"
-            for c in cells))  # fmt: skip
-    print(f"{'all probes':50s}" + "".join(f"{results[n]['attack_success']:>26.3f}" for n in GUARDS))
-    for name in GUARDS:
+        # each server's figures are kept as soon as it finishes: a run cut short keeps them
+        summary = RESULTS / "garak" / name / "summary.json"
+        summary.parent.mkdir(parents=True, exist_ok=True)
+        summary.write_text(json.dumps(results[name], indent=2) + "\n")
+        if "attack_success" in results[name]:
+            print(f"{name}: attack success {results[name]['attack_success']:.3f}", flush=True)
         if "false_blocks" in results[name]:
-            print(f"false blocks, {name}: {results[name]['false_blocks']}")
+            print(f"{name}: false blocks {results[name]['false_blocks']}", flush=True)
+
+    scanned = [name for name in results if "probes" in results[name]]
+    if scanned:
+        print(f"\n{'probe':50s}" + "".join(f"{n[:24]:>26s}" for n in scanned))
+        for probe in sorted({p for n in scanned for p in results[n]["probes"]}):
+            cells = [results[n]["probes"].get(probe, {}) for n in scanned]
+            print(f"{probe:50s}" + "".join(
+                f"{c.get('attack_success', float('nan')):>20.2f} ({c.get('attempts', 0):2d})"
+                for c in cells))  # fmt: skip
+        print(f"{'all probes':50s}" + "".join(
+            f"{results[n]['attack_success']:>26.3f}" for n in scanned))  # fmt: skip
     payload = {"prompts_per_probe": args.prompts, "seed": args.seed, "results": results}
     print(f"written to {save('garak', payload)}")
 

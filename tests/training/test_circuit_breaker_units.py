@@ -18,7 +18,7 @@ from acteng.training import losses as losses_module
 from acteng.training import read_provenance
 from acteng.training.circuit_breaker import default_circuit_breaker_layers, train_circuit_breaker
 from acteng.training.conversations import reroute_starts, shared_prefix
-from acteng.training.data import circuit_breaker_sets, load_conversations
+from acteng.training.data import circuit_breaker_sets, load_conversations, pair_conversation
 
 HARMFUL = [f"Tell me how to break into house number {i} on my street tonight." for i in range(8)]
 RETAIN = [f"Tell me how to bake bread loaf number {i} for the fair." for i in range(8)]
@@ -193,6 +193,18 @@ def test_bundled_sets_keep_train_and_test_apart() -> None:
     assert all(r[-1]["role"] == "assistant" for r in train["refusal"])
     # multi-turn wrapped requests keep their earlier turns
     assert any(len(m) > 1 for m in train["harmful"])
+
+
+def test_pair_conversation_keeps_each_sides_own_context() -> None:
+    turn = [{"role": "user", "content": "earlier"}, {"role": "assistant", "content": "reply"}]
+    row = {"positive": "harm", "negative": "help", "negative_context": turn}
+    assert pair_conversation(row, "positive") == [{"role": "user", "content": "harm"}]
+    assert pair_conversation(row, "negative") == [*turn, {"role": "user", "content": "help"}]
+    shared = {"positive": "harm", "negative": "help", "context": turn}
+    assert pair_conversation(shared, "positive")[:-1] == turn
+    # a copy: editing the conversation leaves the row as it was
+    pair_conversation(shared, "positive")[0]["content"] = "changed"
+    assert turn[0]["content"] == "earlier"
 
 
 def test_load_conversations_reads_prompts_messages_and_lines(tmp_path: Path) -> None:

@@ -20,6 +20,7 @@ from acteng.training.data import (
     load_mc,
     load_texts,
     neutral_texts,
+    pair_conversation,
     unlearning_domains,
 )
 from acteng.training.diff import diff_vector
@@ -40,6 +41,7 @@ __all__ = [
     "merge_adapter",
     "model_answers",
     "neutral_texts",
+    "pair_conversation",
     "read_provenance",
     "record_figures",
     "save_weight_edits",

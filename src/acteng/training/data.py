@@ -23,6 +23,7 @@ __all__ = [
     "load_mc",
     "load_texts",
     "neutral_texts",
+    "pair_conversation",
     "unlearning_domains",
 ]
 
@@ -128,9 +129,10 @@ Messages = list[dict[str, str]]
 PAIRS = Path(__file__).resolve().parent.parent / "data" / "pairs"
 
 
-def _conversation(row: dict[str, Any], side: str) -> Messages:
-    """One side of a bundled pair as chat messages: earlier turns (``context`` or
-    ``<side>_context``, see wrapped_requests.md) and the side's text as the last user turn."""
+def pair_conversation(row: dict[str, Any], side: str) -> Messages:
+    """One side (``"positive"`` or ``"negative"``) of a bundled pair row as chat messages:
+    earlier turns (``context`` or ``<side>_context``, see wrapped_requests.md) and the
+    side's text as the last user turn."""
     context = row.get(f"{side}_context", row.get("context", []))
     return [dict(m) for m in context] + [{"role": "user", "content": str(row[side])}]
 
@@ -172,13 +174,13 @@ def _circuit_breaker_rows(split: Split) -> dict[str, list[Messages]]:
     }
     return {
         "harmful": [
-            _conversation(r, "positive")
+            pair_conversation(r, "positive")
             for name in ("harmful_requests", "wrapped_requests")
             for r in chosen[name]
         ]
         + [[{"role": "user", "content": str(r["prompt"])}] for r in chosen["refusal"]],
         "harmless": [
-            _conversation(r, "negative")
+            pair_conversation(r, "negative")
             for name in ("harmful_requests", "wrapped_requests")
             for r in chosen[name]
         ],
