@@ -18,7 +18,10 @@ prints the share of each set the model still complies with (greedy 32 tokens,
 bench/results/circuit_breaker_validation.jsonl.
 
     .venv/bin/python bench/circuit_breaker_validation.py NAME [--everyday] [--documents N]
-        [--train-kwargs JSON]
+        [--train-kwargs JSON] [--adapter DIR]
+
+and the tax on sets no acceptance figure uses: first-token KL to the base model on the
+everyday, look-alike and wrapped harmless sets (`--adapter` measures a trained adapter).
 
 ``--everyday`` adds everyday requests to the retain set: the `honesty` and `sycophancy`
 prompts (train splits) and `--documents` (60) clean documents with their task
@@ -40,10 +43,11 @@ from _common import RESULTS
 from acteng.evaluation.judge import judge_answers
 from acteng.training.circuit_breaker import train_circuit_breaker
 from acteng.training.data import pair_conversation
-from circuit_breaker import Messages, answers, user
+from circuit_breaker import Messages, answers, first_token_kl, user
 
 PAIRS = Path(acteng.__file__).parent / "data" / "pairs"
 HELD_OUT_FAMILIES = {"fiction", "emotional", "authority"}
+KL_SETS = ("everyday", "lookalike_plain", "harmless_wrapped")
 
 
 def rows(name: str) -> list[dict[str, Any]]:
@@ -121,6 +125,7 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=60, help="clean documents (--everyday)")
     parser.add_argument("--train-kwargs", default="{}", help="JSON of trainer arguments")
     parser.add_argument("--eval", type=int, default=40, help="requests per validation set")
+    parser.add_argument("--adapter", help="measure this adapter instead of training one")
     args = parser.parse_args()
     base = acteng.load_model()
     sets = validation_sets(args.eval)
@@ -128,28 +133,37 @@ def main() -> None:
         name: complied(base, base, convs) for name, convs in sets.items()
     }
     print("base", base_rates, flush=True)
-    harmful, retain = training_sets(args.everyday, args.documents)
     started = time.perf_counter()
-    result = train_circuit_breaker(
-        base,
-        RESULTS / "circuit_breaker_validation" / args.name,
-        harmful=harmful,
-        retain=retain,
-        progress=True,
-        **json.loads(args.train_kwargs),
-    )
+    if args.adapter is None:
+        harmful, retain = training_sets(args.everyday, args.documents)
+        adapter = train_circuit_breaker(
+            base,
+            RESULTS / "circuit_breaker_validation" / args.name,
+            harmful=harmful,
+            retain=retain,
+            progress=True,
+            **json.loads(args.train_kwargs),
+        ).adapter
+    else:
+        adapter = Path(args.adapter)
     seconds = round(time.perf_counter() - started)
-    adapted = acteng.load_model(adapter=result.adapter)
+    adapted = acteng.load_model(adapter=adapter)
     rates = {name: complied(base, adapted, convs) for name, convs in sets.items()}
+    # the tax, on sets no acceptance figure uses: first-token KL to the base model on the
+    # everyday and harmless sets (the acceptance bench's perplexity and MC use test splits)
+    kl = {name: round(first_token_kl(base, adapted, sets[name]), 4) for name in KL_SETS}
+    print("first-token KL", kl, flush=True)
     row = {
         "name": args.name,
         "everyday": args.everyday,
         "documents": args.documents if args.everyday else 0,
         "train_kwargs": json.loads(args.train_kwargs),
-        "train_seconds": seconds,
+        "train_seconds": seconds if args.adapter is None else None,
         "sets": sets_hash(sets),
         "base": base_rates,
         "circuit_breaker": rates,
+        "first_token_kl": kl,
+        "adapter": str(adapter),
     }
     print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
