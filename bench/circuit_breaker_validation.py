@@ -155,10 +155,17 @@ def main() -> None:
     print("first-token KL", kl, flush=True)
     row = {
         "name": args.name,
-        "everyday": args.everyday,
-        "documents": args.documents if args.everyday else 0,
-        "train_kwargs": json.loads(args.train_kwargs),
-        "train_seconds": seconds if args.adapter is None else None,
+        # a measured adapter's training settings are in its own provenance, not here
+        **(
+            {
+                "everyday": args.everyday,
+                "documents": args.documents if args.everyday else 0,
+                "train_kwargs": json.loads(args.train_kwargs),
+                "train_seconds": seconds,
+            }
+            if args.adapter is None
+            else {}
+        ),
         "sets": sets_hash(sets),
         "base": base_rates,
         "circuit_breaker": rates,

@@ -40,6 +40,7 @@ import acteng
 from _common import save
 from acteng.detectors import Detector, load_detector, train_detector
 from acteng.evaluation import metrics
+from acteng.training.data import pair_conversation
 
 EXTERNAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "external"
 HARMFUL = ("harmful_advbench.jsonl", "harmful_jailbreakbench.jsonl", "harmful_harmbench_test.jsonl")
@@ -86,9 +87,9 @@ WRAPPED = Path(acteng.__file__).parent / "data" / "pairs" / "wrapped_requests.js
 
 
 def conversation(record: dict[str, Any], side: str) -> list[str]:
-    """Every turn of one side of a wrapped item: its context (if any), then the request."""
-    context = record.get(f"{side}_context") or record.get("context") or []
-    return [m["content"] for m in context if m["content"].strip()] + [record[side]]
+    """Every non-empty turn of one side of a wrapped item: its context (if any), then the
+    request."""
+    return [m["content"] for m in pair_conversation(record, side) if m["content"].strip()]
 
 
 def wrapped_test() -> list[dict[str, Any]]:

@@ -44,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 from _common import RESULTS, save, served
+from acteng.training.data import pair_conversation
 from detectors import EXTERNAL, INJECTION, WRAPPED, read
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -172,8 +173,7 @@ def benign_sets(alpaca: int) -> dict[str, list[list[dict[str, str]]]]:
     for line in WRAPPED.read_text().splitlines():
         r = json.loads(line)
         if r["split"] == "test":
-            context = r.get("negative_context") or r.get("context") or []
-            wrapped.append([*context, *user(r["negative"])])
+            wrapped.append(pair_conversation(r, "negative"))
     for line in INJECTION.read_text().splitlines():
         r = json.loads(line)
         if r["split"] == "test":
