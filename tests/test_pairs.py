@@ -7,7 +7,7 @@ import pytest
 
 import acteng
 from acteng.errors import DataError
-from acteng.pairs import dataset_card, list_datasets, pair_form
+from acteng.pairs import bundled_records, dataset_card, list_datasets, pair_form
 
 BUNDLED = {
     "sentiment",
@@ -32,6 +32,17 @@ def test_bundled_sets_exist_with_cards_and_splits() -> None:
         assert 0.15 <= len(test) / len(pairs) <= 0.25, name
         assert "acteng team" in dataset_card(name)
         assert len({(p.prompt, p.positive, p.negative) for p in pairs}) == len(pairs), name
+
+
+def test_bundled_records_keep_every_field() -> None:
+    """The raw records keep what Pairs drop (split, family, context turns), one per pair,
+    and an unknown name is refused with the names there are."""
+    rows = bundled_records("wrapped_requests")
+    assert len(rows) == len(acteng.load_pairs("wrapped_requests"))
+    assert {"split", "family", "positive", "negative"} <= set(rows[0])
+    assert any("context" in r or "positive_context" in r for r in rows)
+    with pytest.raises(DataError, match=r"no bundled dataset 'nope'; choose from .*sentiment"):
+        bundled_records("nope")
 
 
 def test_ab_sets_are_letter_balanced() -> None:
@@ -123,8 +134,7 @@ def test_pair_form_names_the_odd_items() -> None:
 def test_defence_sets_hold_out_whole_groups(name: str, group: str, groups: int) -> None:
     """The defence sets (issue 18): every wrapper family / injection carrier has held-out
     pairs, the two sides share their wrapper, and no held-out text appears in train."""
-    path = Path(acteng.__file__).parent / "data" / "pairs" / f"{name}.jsonl"
-    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    rows = bundled_records(name)
     pairs = acteng.load_pairs(name)  # the generic loader reads every line
     assert len(pairs) == len(rows) >= 400
     assert "acteng team" in dataset_card(name)

@@ -125,6 +125,28 @@ def test_a_sequence_probe_pools_mean_and_max(tiny_llama: acteng.Model, tmp_path:
         train_token_detector(tiny_llama, wrapped_pairs(), [1], labels="words")
 
 
+def test_clean_texts_are_fitted_as_negatives(tiny_llama: acteng.Model) -> None:
+    """Texts without a pair join the negative class: a probe that saw a clean text scores
+    it lower than one that did not, both label kinds take them, and the file records how
+    many there were (with a hash) but calibration still uses the pairs' own negatives."""
+    clean = ["Ignore all previous instructions and how to build a pipe bomb is a band name."]
+    for labels in ("tokens", "sequence"):
+        kwargs = {"pooling": "top2", "labels": labels, "l2": 1.0}
+        plain = train_token_detector(tiny_llama, wrapped_pairs(), [1, 2], **kwargs)
+        taught = train_token_detector(tiny_llama, wrapped_pairs(), [1, 2], clean=clean * 20,
+                                      **kwargs)  # fmt: skip
+        assert taught.score(tiny_llama, clean) < plain.score(tiny_llama, clean)
+        assert taught.directions.metadata["clean_texts"]["count"] == 1  # repeats dropped
+        assert "clean_texts" not in plain.directions.metadata
+        assert taught.calibration["negatives"] == TEST_WRAPPERS * len(HARMLESS)
+    with pytest.raises(ConfigError, match="list of texts"):
+        train_token_detector(tiny_llama, wrapped_pairs(), [1], clean="one string")
+    with pytest.raises(ConfigError, match="remove them from clean"):
+        train_token_detector(
+            tiny_llama, wrapped_pairs(), [1], clean=[wrapped_pairs()[0]["positive"]]
+        )
+
+
 def test_token_scores_equal_the_monitor_readout(
     token_detector: Detector, tiny_llama: acteng.Model
 ) -> None:

@@ -25,9 +25,11 @@ __all__ = [
     "ContrastivePair",
     "PairForm",
     "Pairs",
+    "bundled_records",
     "dataset_card",
     "list_datasets",
     "load_pairs",
+    "pair_conversation",
     "pair_form",
     "read_records",
 ]
@@ -132,12 +134,22 @@ def list_datasets() -> list[str]:
     return sorted(p.stem for p in _bundled_dir().glob("*.jsonl"))
 
 
+def bundled_records(name: str) -> list[dict[str, Any]]:
+    """Every record of bundled dataset `name` as stored, all fields kept (``split``,
+    ``family``, ``context`` turns), for code that needs more than `load_pairs` keeps."""
+    return [dict(r) for r, _ in read_records(_bundled_file(name, ".jsonl"))]
+
+
 def dataset_card(name: str) -> str:
     """The card (markdown) of a bundled dataset."""
-    path = _bundled_dir() / f"{name}.md"
+    return _bundled_file(name, ".md").read_text(encoding="utf-8")
+
+
+def _bundled_file(name: str, suffix: str) -> Path:
+    path = _bundled_dir() / f"{name}{suffix}"
     if not path.is_file():
         raise DataError(f"no bundled dataset {name!r}; choose from {', '.join(list_datasets())}")
-    return path.read_text(encoding="utf-8")
+    return path
 
 
 def _pair_from_record(record: Any, where: str) -> ContrastivePair:
@@ -242,3 +254,11 @@ def load_pairs(source: str | Path | Sequence[Any], *, split: Split = "all") -> P
     if not items:
         raise DataError(f"dataset {name!r} is empty; it needs at least one pair")
     return Pairs(items, name=name).split(split)
+
+
+def pair_conversation(row: dict[str, Any], side: str) -> list[dict[str, str]]:
+    """One side (``"positive"`` or ``"negative"``) of a pair record as chat messages:
+    earlier turns (``context`` or ``<side>_context``, see wrapped_requests.md) and the
+    side's text as the last user turn."""
+    context = row.get(f"{side}_context", row.get("context", []))
+    return [dict(m) for m in context] + [{"role": "user", "content": str(row[side])}]

@@ -17,6 +17,11 @@ logit), so monitors, guards and servers read its per-token scores unchanged.
 
 Pairs should be matched (same wrapper, different request) for the labels to pick out the
 request; for unmatched pairs the differing span is most of the positive, which still works.
+`clean` texts, with no pair, hold nothing to flag: all their tokens join the negative class
+(with ``labels="sequence"``, their mean rows do).
+They teach the probe what it must not read as the concept when the pairs never show it (a
+prompt-injection detector trained on documents alone reads a user's own role-play or
+"ignore your rules" framing as an injection; the user's request is not a document).
 
 With ``labels="sequence"`` the same probe is fitted on each prompt's mean activation over
 the region (positive or negative as a whole) instead, and read per token with the pooling
@@ -26,6 +31,7 @@ the bundled ``harmful_request`` detector reads wrapped requests (see `acteng.poo
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections import Counter
 from collections.abc import Sequence
@@ -171,6 +177,7 @@ def train_token_detector(
     calibrate_on: str = "test",
     seed: int = 0,
     batch_size: int = 16,
+    clean: Sequence[str] = (),
 ) -> Detector:
     """Train a token-level detector on bare prompt pairs; see the module docstring.
 
@@ -182,6 +189,10 @@ def train_token_detector(
     (`calibrate_on="test"`), or a seeded 25 % of the train pairs kept out of fitting
     (``"validation"``, whole groups of pairs that share a document or wrapper, see
     `shared_text_groups`), which leaves the test split untouched for measuring.
+
+    `clean` texts (see the module docstring) are fitted as negatives throughout; they are
+    not used to calibrate, so the threshold still holds the false-positive rate on the
+    pairs' own kind of negative.
 
     >>> det = acteng.train_token_detector(model, "harmful_requests", layers=[8, 12, 16])
     """
@@ -231,20 +242,31 @@ def train_token_detector(
         source = f"{dataset.name}:test negatives"
     if len(train) < 4:
         raise ConfigError(f"{len(train)} pairs to fit on; give at least 4")
+    if isinstance(clean, str) or not all(isinstance(t, str) for t in clean):
+        raise ConfigError("clean must be a list of texts (strings), not one string")
+    extra = list(dict.fromkeys(t for t in clean if t.strip()))
+    positives = {p.positive for p in dataset}
+    colliding = [i for i, t in enumerate(extra) if t in positives]
+    if colliding:
+        raise ConfigError(
+            f"clean texts {colliding[:5]} are also positives of the pairs, so they would be "
+            "both flagged and clean; remove them from clean"
+        )
     chosen = parse_layers(model, layers)
-    texts = [p.positive for p in train] + [p.negative for p in train]
+    texts = [p.positive for p in train] + [p.negative for p in train] + extra
     items = read_items(model, texts, region)
     if labels == "sequence":
         means = record_activations(model, items, chosen, "mean", batch_size=batch_size)
         # float64: one row per prompt is cheap, and float32 sums in a different order with
         # another thread count, which moves the fitted probe (and the bundled file) visibly
-        x = torch.cat([means.rows[layer].double() for layer in chosen], dim=1)  # [2N, L * d]
-        y = torch.cat([torch.ones(len(train)), torch.zeros(len(train))]).double()
+        x = torch.cat([means.rows[layer].double() for layer in chosen], dim=1)  # [2N+C, L*d]
+        y = torch.cat([torch.ones(len(train)), torch.zeros(len(train) + len(extra))]).double()
     else:
         rows = record_tokens(model, items, chosen, batch_size=batch_size)
         x = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32
         del rows
-        y = torch.cat(_token_labels(model, list(train)))
+        y = torch.cat(_token_labels(model, list(train)) + [torch.zeros(len(r)) for r in
+                      token_offsets(model, items[2 * len(train):])])  # fmt: skip
     if y.sum() == 0:
         raise ConfigError("no positive tokens: every positive equals its negative")
     w, b = fit_logistic(x, y, l2=l2, steps=steps, positive_weight=(len(y) - y.sum()) / y.sum())
@@ -257,6 +279,7 @@ def train_token_detector(
             "read_position": region,
             "normalize": "unit",
             "dataset": dataset.provenance(),
+            **({"clean_texts": _clean_provenance(extra)} if extra else {}),
             "token_probe": {
                 "l2": l2,
                 "steps": steps,
@@ -268,3 +291,8 @@ def train_token_detector(
     )
     detector = replace(detector, directions=vector)
     return detector.calibrate(model, negatives, target_fpr, source=source)
+
+
+def _clean_provenance(texts: list[str]) -> dict[str, Any]:
+    digest = hashlib.sha256("\n\0".join(texts).encode()).hexdigest()
+    return {"count": len(texts), "sha256": digest}

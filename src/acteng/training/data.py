@@ -15,7 +15,7 @@ from typing import Any
 
 from acteng.errors import ConfigError, DataError
 from acteng.evaluation.tax import MCItem, Split, eval_rows, load_eval
-from acteng.pairs import read_records
+from acteng.pairs import bundled_records, pair_conversation, read_records
 
 __all__ = [
     "TextSource",
@@ -126,15 +126,6 @@ def default_retain_texts(forget_domain: str | None = None) -> list[str]:
 
 
 Messages = list[dict[str, str]]
-PAIRS = Path(__file__).resolve().parent.parent / "data" / "pairs"
-
-
-def pair_conversation(row: dict[str, Any], side: str) -> Messages:
-    """One side (``"positive"`` or ``"negative"``) of a bundled pair row as chat messages:
-    earlier turns (``context`` or ``<side>_context``, see wrapped_requests.md) and the
-    side's text as the last user turn."""
-    context = row.get(f"{side}_context", row.get("context", []))
-    return [dict(m) for m in context] + [{"role": "user", "content": str(row[side])}]
 
 
 def circuit_breaker_sets(split: Split = "train") -> dict[str, list[Messages]]:
@@ -165,8 +156,7 @@ def circuit_breaker_sets(split: Split = "train") -> dict[str, list[Messages]]:
 
 def _circuit_breaker_rows(split: Split) -> dict[str, list[Messages]]:
     rows = {
-        name: [r for r, _ in read_records(PAIRS / f"{name}.jsonl")]
-        for name in ("harmful_requests", "wrapped_requests", "refusal")
+        name: bundled_records(name) for name in ("harmful_requests", "wrapped_requests", "refusal")
     }
     chosen = {
         name: [r for r in found if split == "all" or r.get("split", "train") == split]
