@@ -8,9 +8,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import pytest
 import torch
 
 import acteng
+from acteng.detectors import Detector, load_detector
+from acteng.library import load_vector
+from acteng.recipes import build_bundled
 
 TINY = {
     "hidden_size": 64,
@@ -75,3 +79,26 @@ def block_output_hook(
 def hook_count(model: acteng.Model) -> int:
     """All forward hooks on the model (transformers adds some of its own: compare counts)."""
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.hf.modules())
+
+
+def check_rebuild(model: acteng.Model, name: str) -> None:
+    """Bundled file `name` is what its recipe builds from the team's data (same layers,
+    directions to cosine 0.999 and norms to 1 %; a detector's region, pooling, threshold
+    and calibration too), not hand-made."""
+    shipped = load_vector(name, model=model)
+    built = build_bundled(model, name)
+    rebuilt = built.directions if isinstance(built, Detector) else built
+    assert shipped.layers == rebuilt.layers
+    for x in shipped.layers:
+        cosine = torch.nn.functional.cosine_similarity(
+            shipped[x].double(), rebuilt[x].double(), dim=0
+        )
+        assert float(cosine) > 0.999, (x, float(cosine))
+        assert float(shipped[x].norm()) == pytest.approx(float(rebuilt[x].norm()), rel=1e-2)
+    assert shipped.metadata["name"] == name
+    if isinstance(built, Detector):
+        det = load_detector(name, model=model)
+        assert det.region == built.region
+        assert det.pooling == built.pooling
+        assert det.threshold == pytest.approx(built.threshold, abs=1e-3)
+        assert det.calibration == pytest.approx(built.calibration)

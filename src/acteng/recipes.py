@@ -16,7 +16,7 @@ from acteng.errors import ConfigError
 from acteng.evaluation.metrics import is_refusal
 from acteng.models import Model
 from acteng.optimization import optimize_vector
-from acteng.pairs import Pairs, load_pairs
+from acteng.pairs import Pairs, bundled_records, load_pairs, pair_conversation
 from acteng.token_detector import train_token_detector
 from acteng.vectors import SteeringVector
 
@@ -42,17 +42,24 @@ RECIPES: dict[str, dict[str, Any]] = {
         "calibrate_on": "validation",
         "seed": 0,
     },
-    # Token-level probe (acteng.token_detector): pooling, L2 and layers chosen on a
-    # validation cut of whole train documents (layers 6-22 vs 10-18, top 1/3/8/16, L2
-    # 300/1000/3000); threshold at 5 % of that cut's clean documents, kept out of fitting,
-    # so the test split (its own documents, tasks and injected lines) is never seen.
+    # Token-level probe (acteng.token_detector) on the team's documents, plus every user
+    # turn of the train split of the jailbreak-wrapped requests (both sides) fitted as
+    # clean text: a user's own role-play or "developer mode" framing is not an instruction
+    # planted in a document, and without them the probe flagged a quarter of harmless
+    # wrapped requests (docs/defences.md). Layers, L2 and pooling chosen by
+    # bench/injection_readouts.py on a validation cut of whole train documents and a
+    # quarter of the wrapped train items (layers 6-22 / 6-22 every 4th / 10-18, L2
+    # 100-30000, max / top 3 / 8 / 16); threshold at 5 % of that cut's clean documents,
+    # kept out of fitting, so the test split (its own documents, tasks and injected lines)
+    # is never seen.
     "prompt_injection": {
         "kind": "token_detector",
         "pairs": ["prompt_injection"],
+        "clean": ["wrapped_requests"],
         "labels": "tokens",
         "layers": [6, 8, 10, 12, 14, 16, 18, 20, 22],
         "pooling": "top8",
-        "l2": 3000.0,
+        "l2": 300.0,
         "target_fpr": 0.05,
         "calibrate_on": "validation",
         "seed": 0,
@@ -100,6 +107,7 @@ def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
             target_fpr=recipe["target_fpr"],
             calibrate_on=recipe["calibrate_on"],
             seed=recipe["seed"],
+            clean=_user_turns(recipe.get("clean", [])),
         )
         return _named(det, name)
     if recipe["kind"] == "detector":
@@ -126,6 +134,19 @@ def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
         seed=recipe["seed"],
     )
     return SteeringVector(dict(vector.directions), {**vector.metadata, "name": name})
+
+
+def _user_turns(datasets: list[str]) -> list[str]:
+    """Every user turn, earlier turns included, of both sides of the train split of the
+    bundled pair sets `datasets`."""
+    turns = []
+    for dataset in datasets:
+        for row in bundled_records(dataset):
+            if row.get("split", "train") != "train":
+                continue
+            for side in ("positive", "negative"):
+                turns += [m["content"] for m in pair_conversation(row, side) if m["role"] == "user"]
+    return turns
 
 
 def _named(det: Detector, name: str) -> Detector:
