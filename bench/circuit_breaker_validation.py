@@ -21,7 +21,12 @@ bench/results/circuit_breaker_validation.jsonl.
         [--train-kwargs JSON] [--adapter DIR]
 
 and the tax on sets no acceptance figure uses: first-token KL to the base model on the
-everyday, look-alike and wrapped harmless sets (`--adapter` measures a trained adapter).
+everyday, look-alike and wrapped harmless sets, perplexity on 60 paragraphs of the bundled
+cooking corpus and accuracy on its multiple-choice test (the RMU domain: in no
+circuit-breaker retain set and in no acceptance figure; the acceptance bench's perplexity
+and MC use the `neutral_text` and `general_knowledge` test splits). First-token KL alone
+did not show the perplexity and MC cost the acceptance bench found. `--adapter` measures a
+trained adapter.
 
 ``--everyday`` adds everyday requests to the retain set: the `honesty` and `sycophancy`
 prompts (train splits) and `--documents` (60) clean documents with their task
@@ -36,34 +41,31 @@ import json
 import random
 import time
 from pathlib import Path
-from typing import Any
 
 import acteng
 from _common import RESULTS
 from acteng.evaluation.judge import judge_answers
+from acteng.evaluation.tax import mc_accuracy, perplexity
+from acteng.pairs import bundled_records, pair_conversation
 from acteng.training.circuit_breaker import train_circuit_breaker
-from acteng.training.data import pair_conversation
+from acteng.training.data import load_mc, load_texts
 from circuit_breaker import Messages, answers, first_token_kl, user
 
-PAIRS = Path(acteng.__file__).parent / "data" / "pairs"
 HELD_OUT_FAMILIES = {"fiction", "emotional", "authority"}
 KL_SETS = ("everyday", "lookalike_plain", "harmless_wrapped")
 
 
-def rows(name: str) -> list[dict[str, Any]]:
-    text = (PAIRS / f"{name}.jsonl").read_text(encoding="utf-8")
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
 def validation_sets(n: int) -> dict[str, list[Messages]]:
     rng = random.Random(0)
-    requests = [r for r in rows("harmful_requests") if r["split"] == "test"]
+    requests = [r for r in bundled_records("harmful_requests") if r["split"] == "test"]
     held = [
         r
-        for r in rows("wrapped_requests")
+        for r in bundled_records("wrapped_requests")
         if r["split"] == "train" and r["family"] in HELD_OUT_FAMILIES
     ]
-    everyday = [user(r["prompt"]) for name in ("formality", "sentiment") for r in rows(name)]
+    everyday = [
+        user(r["prompt"]) for name in ("formality", "sentiment") for r in bundled_records(name)
+    ]
     return {
         "harmful_plain": rng.sample([user(r["positive"]) for r in requests], n),
         "lookalike_plain": rng.sample([user(r["negative"]) for r in requests], n),
@@ -75,25 +77,34 @@ def validation_sets(n: int) -> dict[str, list[Messages]]:
 
 def training_sets(everyday: bool, documents: int) -> tuple[list[Messages], list[Messages]]:
     """The trainer's default harmful and retain sets without the held-out families."""
-    requests = [r for r in rows("harmful_requests") if r["split"] == "train"]
+    requests = [r for r in bundled_records("harmful_requests") if r["split"] == "train"]
     wrapped = [
         r
-        for r in rows("wrapped_requests")
+        for r in bundled_records("wrapped_requests")
         if r["split"] == "train" and r["family"] not in HELD_OUT_FAMILIES
     ]
     harmful = [user(r["positive"]) for r in requests] + [
         pair_conversation(r, "positive") for r in wrapped
     ]
-    harmful += [user(r["prompt"]) for r in rows("refusal") if r["split"] == "train"]
+    harmful += [user(r["prompt"]) for r in bundled_records("refusal") if r["split"] == "train"]
     retain = [user(r["negative"]) for r in requests] + [
         pair_conversation(r, "negative") for r in wrapped
     ]
     if everyday:
         for name in ("honesty", "sycophancy"):
-            retain += [user(r["prompt"]) for r in rows(name) if r["split"] == "train"]
-        clean = [r for r in rows("prompt_injection") if r["split"] == "train"]
+            retain += [user(r["prompt"]) for r in bundled_records(name) if r["split"] == "train"]
+        clean = [r for r in bundled_records("prompt_injection") if r["split"] == "train"]
         retain += [user(r["negative"]) for r in random.Random(1).sample(clean, documents)]
     return harmful, retain
+
+
+def validation_tax(model: acteng.Model) -> dict[str, float]:
+    """Perplexity on 60 cooking paragraphs and accuracy on the cooking MC test."""
+    texts = random.Random(0).sample(load_texts("cooking"), 60)
+    return {
+        "cooking_ppl": round(perplexity(model, texts), 3),
+        "cooking_mc": round(mc_accuracy(model, load_mc("cooking")), 4),
+    }
 
 
 def complied(base: acteng.Model, model: acteng.Model, convs: list[Messages]) -> float:
@@ -105,16 +116,17 @@ def sets_hash(sets: dict[str, list[Messages]]) -> str:
     return hashlib.sha256(json.dumps(sets, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def earlier_base_rates(key: str) -> dict[str, float] | None:
-    """The base model's rates from an earlier run on the same sets (greedy decoding and a
-    greedy judge, so they do not change while the sets do not)."""
+def earlier_base(key: str, field: str) -> dict[str, float] | None:
+    """The base model's `field` (``"base"``: compliance rates, ``"base_tax"``) from an
+    earlier run on the same sets: greedy decoding, a greedy judge and fixed texts, so they
+    do not change while the sets do not."""
     log = RESULTS / "circuit_breaker_validation.jsonl"
     if not log.exists():
         return None
     for line in reversed(log.read_text(encoding="utf-8").splitlines()):
         row = json.loads(line)
-        if row.get("sets") == key:
-            return dict(row["base"])
+        if row.get("sets") == key and field in row:
+            return dict(row[field])
     return None
 
 
@@ -129,10 +141,11 @@ def main() -> None:
     args = parser.parse_args()
     base = acteng.load_model()
     sets = validation_sets(args.eval)
-    base_rates = earlier_base_rates(sets_hash(sets)) or {
+    base_rates = earlier_base(sets_hash(sets), "base") or {
         name: complied(base, base, convs) for name, convs in sets.items()
     }
-    print("base", base_rates, flush=True)
+    base_tax = earlier_base(sets_hash(sets), "base_tax") or validation_tax(base)
+    print("base", base_rates, base_tax, flush=True)
     started = time.perf_counter()
     if args.adapter is None:
         harmful, retain = training_sets(args.everyday, args.documents)
@@ -152,7 +165,8 @@ def main() -> None:
     # the tax, on sets no acceptance figure uses: first-token KL to the base model on the
     # everyday and harmless sets (the acceptance bench's perplexity and MC use test splits)
     kl = {name: round(first_token_kl(base, adapted, sets[name]), 4) for name in KL_SETS}
-    print("first-token KL", kl, flush=True)
+    tax = validation_tax(adapted)
+    print("first-token KL", kl, "tax", tax, flush=True)
     row = {
         "name": args.name,
         # a measured adapter's training settings are in its own provenance, not here
@@ -170,6 +184,8 @@ def main() -> None:
         "base": base_rates,
         "circuit_breaker": rates,
         "first_token_kl": kl,
+        "base_tax": base_tax,
+        "tax": tax,
         "adapter": str(adapter),
     }
     print(json.dumps(row), flush=True)

@@ -116,6 +116,28 @@ def test_same_seed_same_adapter(tiny_llama: acteng.Model, tmp_path: Path) -> Non
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
+def test_text_share_sets_what_the_retain_batches_hold(
+    tiny_llama: acteng.Model, tmp_path: Path
+) -> None:
+    """All chat, all plain text, or the default mix: three different retain losses."""
+    kw: dict[str, Any] = {
+        "harmful": HARMFUL,
+        "retain": RETAIN,
+        "refusals": [],
+        "retain_texts": ["Bread rises because yeast makes gas.", "Rain falls from clouds."],
+        "target_layers": [1, 2],
+        "steps": 2,
+        "answer_tokens": 4,
+    }
+    retain = {}
+    for share in (0.0, 1.0, None):
+        run = train_circuit_breaker(tiny_llama, tmp_path / str(share), text_share=share, **kw)
+        retain[share] = tuple(step["retain"] for step in run.losses)
+    assert len(set(retain.values())) == 3, retain
+    record = read_provenance(tmp_path / "1.0")
+    assert record["hyperparameters"]["text_share"] == 1.0
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -127,6 +149,10 @@ def test_same_seed_same_adapter(tiny_llama: acteng.Model, tmp_path: Path) -> Non
         ({"retain": [HARMFUL[0], *RETAIN]}, DataError, "both the harmful and the retain"),
         ({"refusals": [[{"role": "user", "content": "hi"}]]}, DataError, "assistant turn"),
         ({"harmful": [3, 4]}, DataError, "neither a string"),
+        ({"text_share": 1.5}, ConfigError, "text_share must be"),
+        ({"text_share": 0.5, "retain_texts": []}, DataError, "give retain_texts"),
+        ({"text_share": 0.5, "retain_texts": ["a"]}, DataError, "more than one token"),
+        ({"text_share": 0.1}, ConfigError, "raise batch_size or text_share"),
     ],
 )
 def test_bad_input_is_refused_before_training(

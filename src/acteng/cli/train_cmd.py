@@ -107,6 +107,13 @@ def register(sub: Any) -> None:
     cb.add_argument("--rank", type=int, default=16, help="LoRA rank")
     cb.add_argument("--batch-size", type=int, default=4)
     cb.add_argument("--examples", type=int, default=256, help="requests used of each set")
+    cb.add_argument(
+        "--text-share",
+        type=float,
+        default=None,
+        help="share of each retain batch taken from plain retain texts (default: in "
+        "proportion to their number)",
+    )
     cb.add_argument("--answer-tokens", type=int, default=32, help="length of the own answers")
     cb.add_argument("--max-tokens", type=int, default=128, help="tokens kept of each example")
     cb.add_argument("--seed", type=int, default=0)
@@ -182,6 +189,7 @@ def run_train_circuit_breaker(args: argparse.Namespace) -> int:
         rank=args.rank,
         batch_size=args.batch_size,
         examples=args.examples,
+        text_share=args.text_share,
         answer_tokens=args.answer_tokens,
         max_tokens=args.max_tokens,
         seed=args.seed,

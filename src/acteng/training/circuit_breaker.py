@@ -121,6 +121,7 @@ def train_circuit_breaker(
     answer_tokens: int = 32,
     max_tokens: int = 128,
     examples: int = 256,
+    text_share: float | None = None,
     seed: int = 0,
     checkpoint_every: int = 50,
     on_step: OnStep | None = None,
@@ -138,6 +139,9 @@ def train_circuit_breaker(
     `retain_texts` is plain text held too, outside any chat (default: the bundled
     neutral paragraphs and general-knowledge answers, `default_retain_texts`; ``[]`` for
     none): without it the chat-only retain set let neutral-text perplexity rise ~30 %.
+    `text_share` is the share of each retain batch drawn from those texts (default
+    ``None``: drawn with the conversations, in proportion to their numbers, so more
+    `examples` means less plain text per step).
 
     Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
     raises `TrainingError` with the last good checkpoint kept.
@@ -156,6 +160,13 @@ def train_circuit_breaker(
         else tuple(parse_layers(model, target_layers))
     )
     check_positive(lr=lr, alpha=alpha, retain_weight=retain_weight, init_scale=init_scale)
+    if text_share is not None and not 0.0 <= text_share <= 1.0:
+        raise ConfigError(f"text_share must be in [0, 1] (or None), got {text_share}")
+    if text_share and round(batch_size * text_share) == 0:
+        raise ConfigError(
+            f"text_share {text_share} of a batch of {batch_size} is no text at all; raise "
+            "batch_size or text_share"
+        )
     if min(steps, batch_size, rank, checkpoint_every, examples) < 1 or answer_tokens < 1:
         raise ConfigError(
             "steps, batch_size, rank, checkpoint_every, examples and answer_tokens must be >= 1"
@@ -184,17 +195,25 @@ def train_circuit_breaker(
     if bad_refusals:
         raise DataError(f"refusals {bad_refusals[:5]} do not end with an assistant turn")
 
+    plain = default_retain_texts() if retain_texts is None else [str(t) for t in retain_texts]
+    text_ids = [list(model.tokenizer(t)["input_ids"])[:max_tokens] for t in plain if t.strip()]
+    # a plain text of one token has nothing to hold (its only token is the attention sink)
+    text_ids = [ids for ids in text_ids if len(ids) > 1]
+    if text_share and not text_ids:
+        raise DataError(
+            f"text_share {text_share} asks for plain retain texts; give retain_texts of more "
+            "than one token"
+        )
+
     harmful_answers = model_answers(model, harmful_msgs, max_new_tokens=answer_tokens)
     retain_answers = model_answers(model, retain_msgs, max_new_tokens=answer_tokens)
-    plain = default_retain_texts() if retain_texts is None else [str(t) for t in retain_texts]
     harmful_ids = encode(model, harmful_msgs, harmful_answers, max_tokens)
     chat_ids = encode(model, retain_msgs, retain_answers, max_tokens) + encode(
         model, refusal_msgs, [None] * len(refusal_msgs), max_tokens
     )
     prefix = shared_prefix(harmful_ids + chat_ids)
     reroute_from = reroute_starts(harmful_ids, chat_ids, prefix)
-    text_ids = [list(model.tokenizer(t)["input_ids"])[:max_tokens] for t in plain if t.strip()]
-    retain_ids = chat_ids + [ids for ids in text_ids if len(ids) > 1]
+    retain_ids = chat_ids + text_ids
     # a plain text's loss skips only its first token (the attention sink)
     retain_from = [prefix] * len(chat_ids) + [1] * (len(retain_ids) - len(chat_ids))
     top = targets[-1]
@@ -247,6 +266,7 @@ def train_circuit_breaker(
         "answer_tokens": answer_tokens,
         "max_tokens": max_tokens,
         "examples": examples,
+        **({"text_share": text_share} if text_share is not None else {}),
         "shared_prefix_tokens": prefix,
         "seed": seed,
         "schedule": "c_reroute = alpha (1 - t/2T), c_retain = retain_weight alpha t/2T",
@@ -287,11 +307,19 @@ def train_circuit_breaker(
             (staging / PROVENANCE_FILE).write_text(json.dumps(record, indent=2) + "\n")
         return target
 
+    def retain_rows() -> list[int]:
+        if text_share is None:
+            return rng.sample(range(len(retain_ids)), min(batch_size, len(retain_ids)))
+        texts = range(len(chat_ids), len(retain_ids))
+        n_text = min(round(batch_size * text_share), len(texts))
+        n_chat = min(batch_size - n_text, len(chat_ids))
+        return rng.sample(range(len(chat_ids)), n_chat) + rng.sample(texts, n_text)
+
     def step_losses(step: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         share = step / (2 * steps)  # the paper's schedule
         c_reroute, c_retain = alpha * (1 - share), alpha * share * retain_weight
         h_rows = rng.sample(range(len(harmful_ids)), min(batch_size, len(harmful_ids)))
-        r_rows = rng.sample(range(len(retain_ids)), min(batch_size, len(retain_ids)))
+        r_rows = retain_rows()
         h_batch, h_starts = [harmful_ids[i] for i in h_rows], [reroute_from[i] for i in h_rows]
         r_batch, r_starts = [retain_ids[i] for i in r_rows], [retain_from[i] for i in r_rows]
         with torch.no_grad(), peft_model.disable_adapter():
