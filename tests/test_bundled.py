@@ -2,18 +2,45 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 import pytest
 
 import acteng
 from acteng.bundled import bundled_files
 from acteng.errors import IncompatibleVectorError
 from acteng.library import load_vector
-from acteng.recipes import RECIPES
+from acteng.optimization import optimize_vector
+from acteng.recipes import RECIPES, recipe_data, recipe_provenance
 from tests.helpers import check_rebuild
+
+# Rebuilds longer than a few minutes run only with ACTENG_REBUILD=1 (tests/conftest.py);
+# the provenance test below checks every file's recipe and data on every run.
+LONG = {"harmful_request", "prompt_injection", "refusal"}
 
 
 def test_every_recipe_ships_a_file() -> None:
     assert sorted(bundled_files()) == sorted(RECIPES)
+
+
+def _differences(expected: Any, found: Any, where: str = "") -> list[str]:
+    """Where `found` differs from `expected` (mappings compared on `expected`'s keys)."""
+    if isinstance(expected, Mapping) and isinstance(found, Mapping):
+        return [
+            d
+            for key, value in expected.items()
+            for d in _differences(value, found.get(key), f"{where}.{key}")
+        ]
+    return [] if expected == found else [f"{where}: recipe {expected!r}, file {found!r}"]
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_shipped_files_record_todays_recipe_and_data(name: str) -> None:
+    """A shipped file built from other data (any pair or clean text changed) or other
+    settings (layers, method, L2, pooling, seed, target rate) fails here without a model;
+    rebuild it with scripts/build_bundled."""
+    assert _differences(recipe_provenance(name), load_vector(name).metadata) == []
 
 
 # The prompt_injection rebuild (about a quarter of a million tokens recorded and fitted)
@@ -22,10 +49,31 @@ def test_every_recipe_ships_a_file() -> None:
 # run it beside these instead of after them.
 @pytest.mark.real
 @pytest.mark.slow
-@pytest.mark.parametrize("name", sorted(set(RECIPES) - {"prompt_injection"}))
+@pytest.mark.parametrize(
+    "name",
+    [
+        pytest.param(n, marks=[pytest.mark.rebuild] if n in LONG else [])
+        for n in sorted(set(RECIPES) - {"prompt_injection"})
+    ],
+)
 def test_shipped_files_are_what_the_recipes_build(smollm2: acteng.Model, name: str) -> None:
     """The shipped files are what the recipe makes from the team's data, not hand-made."""
     check_rebuild(smollm2, name)
+
+
+@pytest.mark.real
+def test_refusal_recipe_starts_where_the_shipped_one_did(smollm2: acteng.Model) -> None:
+    """The refusal recipe's first optimisation step, run for real, meets the same loss the
+    shipped file recorded: same model, pairs, tokenisation and seeded batch."""
+    recipe = RECIPES["refusal"]
+    pairs, _ = recipe_data("refusal")
+    step = optimize_vector(
+        smollm2, pairs, recipe["layer"], steps=1, lr=recipe["lr"], seed=recipe["seed"]
+    )
+    shipped = load_vector("refusal", model=smollm2).metadata["optimization"]
+    assert step.metadata["optimization"]["first_loss"] == pytest.approx(
+        shipped["first_loss"], rel=1e-4
+    )
 
 
 def test_bundled_files_refuse_another_model(tiny_llama: acteng.Model) -> None:

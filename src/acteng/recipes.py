@@ -17,10 +17,10 @@ from acteng.evaluation.metrics import is_refusal
 from acteng.models import Model
 from acteng.optimization import optimize_vector
 from acteng.pairs import Pairs, bundled_records, load_pairs, pair_conversation
-from acteng.token_detector import train_token_detector
+from acteng.token_detector import clean_texts_provenance, train_token_detector
 from acteng.vectors import SteeringVector
 
-__all__ = ["RECIPES", "build_bundled"]
+__all__ = ["RECIPES", "build_bundled", "recipe_data", "recipe_provenance"]
 
 RECIPES: dict[str, dict[str, Any]] = {
     # One logistic probe over layers 6-22 (every fourth) fitted on each prompt's mean
@@ -91,12 +91,9 @@ RECIPES: dict[str, dict[str, Any]] = {
 
 def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
     """Build the bundled detector or vector `name` from its recipe."""
-    if name not in RECIPES:
-        raise ConfigError(f"no bundled recipe {name!r}; known: {sorted(RECIPES)}")
-    recipe = RECIPES[name]
+    recipe = _recipe(name)
+    pairs, clean = recipe_data(name)
     if recipe["kind"] == "token_detector":
-        sets = [load_pairs(dataset) for dataset in recipe["pairs"]]
-        pairs = Pairs(tuple(p for s in sets for p in s), name="+".join(recipe["pairs"]))
         det = train_token_detector(
             model,
             pairs,
@@ -107,33 +104,77 @@ def build_bundled(model: Model, name: str) -> Detector | SteeringVector:
             target_fpr=recipe["target_fpr"],
             calibrate_on=recipe["calibrate_on"],
             seed=recipe["seed"],
-            clean=_user_turns(recipe.get("clean", [])),
+            clean=clean,
         )
         return _named(det, name)
     if recipe["kind"] == "detector":
         det = train_detector(
             model,
-            recipe["pairs"],
+            pairs,
             recipe["layers"],
             method=recipe["method"],
             region=recipe["region"],
             target_fpr=recipe["target_fpr"],
         )
         return _named(det, name)
+    vector = optimize_vector(
+        model, pairs, recipe["layer"], steps=recipe["steps"], lr=recipe["lr"], seed=recipe["seed"]
+    )
+    return SteeringVector(dict(vector.directions), {**vector.metadata, "name": name})
+
+
+def recipe_data(name: str) -> tuple[Pairs, list[str]]:
+    """The pairs recipe `name` fits on and the clean texts (no pair) it fits beside them."""
+    recipe = _recipe(name)
+    if recipe["kind"] == "token_detector":
+        sets = [load_pairs(dataset) for dataset in recipe["pairs"]]
+        pairs = Pairs(tuple(p for s in sets for p in s), name="+".join(recipe["pairs"]))
+        return pairs, _user_turns(recipe.get("clean", []))
+    if recipe["kind"] == "detector":
+        return load_pairs(recipe["pairs"]), []
     pairs = load_pairs(recipe["pairs"], split="train")
     kept = Pairs(
         tuple(p for p in pairs if not recipe["only_judged_refusals"] or is_refusal(p.positive)),
         name=f"{pairs.name}:judged-refusals",
     )
-    vector = optimize_vector(
-        model,
-        kept,
-        recipe["layer"],
-        steps=recipe["steps"],
-        lr=recipe["lr"],
-        seed=recipe["seed"],
-    )
-    return SteeringVector(dict(vector.directions), {**vector.metadata, "name": name})
+    return kept, []
+
+
+def recipe_provenance(name: str) -> dict[str, Any]:
+    """What the file that `build_bundled` makes today records of its recipe and data
+    (dataset hash, clean texts, layers, method and its settings, the detector's read
+    region and target false-positive rate), computed without a model: a shipped file whose
+    metadata differs was built from other data or settings. Fitted numbers (directions,
+    threshold) are not here; only a rebuild checks those."""
+    recipe = _recipe(name)
+    pairs, clean = recipe_data(name)
+    expected: dict[str, Any] = {"name": name, "dataset": pairs.provenance()}
+    if recipe["kind"] == "vector":
+        settings = {k: recipe[k] for k in ("steps", "lr", "seed")}
+        return {
+            **expected,
+            "layers": [recipe["layer"]],
+            "method": "optimize",
+            "optimization": settings,
+        }
+    region = recipe.get("region", "prompt")  # token detectors read the prompt only
+    expected |= {
+        "layers": recipe["layers"],
+        "read_position": region,
+        "detector": {"region": region, "calibration": {"target_fpr": recipe["target_fpr"]}},
+    }
+    if recipe["kind"] == "detector":
+        return {**expected, "method": recipe["method"]}
+    settings = {k: recipe[k] for k in ("l2", "pooling", "labels", "seed")}
+    # None: a file fitted with clean texts its recipe no longer names differs too
+    texts = clean_texts_provenance(clean) if clean else None
+    return {**expected, "method": "token_probe", "token_probe": settings, "clean_texts": texts}
+
+
+def _recipe(name: str) -> dict[str, Any]:
+    if name not in RECIPES:
+        raise ConfigError(f"no bundled recipe {name!r}; known: {sorted(RECIPES)}")
+    return RECIPES[name]
 
 
 def _user_turns(datasets: list[str]) -> list[str]:

@@ -51,7 +51,7 @@ from acteng.pairs import ContrastivePair, Pairs, load_pairs
 from acteng.pooling import parse_pooling
 from acteng.vectors import SteeringVector
 
-__all__ = ["differing_span", "train_token_detector"]
+__all__ = ["clean_texts_provenance", "differing_span", "train_token_detector"]
 
 TOKEN_REGIONS = ("prompt",)
 LABELS = ("tokens", "sequence")  # what the probe is fitted on; see train_token_detector
@@ -244,7 +244,7 @@ def train_token_detector(
         raise ConfigError(f"{len(train)} pairs to fit on; give at least 4")
     if isinstance(clean, str) or not all(isinstance(t, str) for t in clean):
         raise ConfigError("clean must be a list of texts (strings), not one string")
-    extra = list(dict.fromkeys(t for t in clean if t.strip()))
+    extra = _distinct_texts(clean)
     positives = {p.positive for p in dataset}
     colliding = [i for i, t in enumerate(extra) if t in positives]
     if colliding:
@@ -279,7 +279,7 @@ def train_token_detector(
             "read_position": region,
             "normalize": "unit",
             "dataset": dataset.provenance(),
-            **({"clean_texts": _clean_provenance(extra)} if extra else {}),
+            **({"clean_texts": clean_texts_provenance(extra)} if extra else {}),
             "token_probe": {
                 "l2": l2,
                 "steps": steps,
@@ -293,6 +293,14 @@ def train_token_detector(
     return detector.calibrate(model, negatives, target_fpr, source=source)
 
 
-def _clean_provenance(texts: list[str]) -> dict[str, Any]:
-    digest = hashlib.sha256("\n\0".join(texts).encode()).hexdigest()
-    return {"count": len(texts), "sha256": digest}
+def clean_texts_provenance(texts: Sequence[str]) -> dict[str, Any]:
+    """What a detector file records of the clean texts it was fitted with: their number
+    and a hash of them, in order, blank and repeated texts dropped as `train_token_detector`
+    drops them (so the record of a recipe's texts can be computed without a model)."""
+    kept = _distinct_texts(texts)
+    digest = hashlib.sha256("\n\0".join(kept).encode()).hexdigest()
+    return {"count": len(kept), "sha256": digest}
+
+
+def _distinct_texts(texts: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(t for t in texts if t.strip()))

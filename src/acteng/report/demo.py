@@ -84,8 +84,11 @@ DEMO_PROMPTS = (
 # scored setting costs 4-12 s there (compute-bound), so the search is kept small: three
 # layers, two coefficients (the concepts' vectors differ in norm by 20x, so a grid point is
 # a starting place for `tune`'s search down from the smallest over-budget one, not the
-# answer), one bisection step. `acteng tune` searches wider.
+# answer), one bisection step, two of tune's three methods (PCA, the third, costs a third
+# of the search and was not chosen for either default concept in the demo runs logged).
+# `acteng tune` searches wider.
 DEFAULT_CONCEPTS = ("sentiment", "refusal")
+TUNE_METHODS = ("mean_diff", "probe")
 TUNE_LAYERS = (6, 9, 12)
 TUNE_COEFFICIENTS = (0.5, 2.0)
 TUNE_BISECTION_STEPS = 1
@@ -220,6 +223,7 @@ def run_demo(
         "model": model.identity(),
         "settings": {
             "max_tax": max_tax,
+            "tune_methods": list(TUNE_METHODS),
             "tune_layers": list(TUNE_LAYERS),
             "tune_coefficients": list(TUNE_COEFFICIENTS),
             "max_new_tokens": max_new_tokens,
@@ -237,6 +241,7 @@ def run_demo(
             model,
             concept.name,
             max_tax=max_tax,
+            methods=TUNE_METHODS,
             layers=list(TUNE_LAYERS),
             coefficients=TUNE_COEFFICIENTS,
             bisection_steps=TUNE_BISECTION_STEPS,
