@@ -5,7 +5,7 @@ Research bench for issue 18. The recipe fits a token-level probe
 plus, as clean text, every user turn of the `wrapped_requests` train split (a user's own
 jailbreak framing is not an injected instruction). This script makes the recipe's choices
 without the test split: it keeps out the same validation cut of whole train documents the
-trainer keeps for calibration (seeded 25 %, `_validation_cut`) and a seeded quarter of the
+trainer keeps for calibration (seeded 25 %, `validation_cut`) and a seeded quarter of the
 wrapped train items, records every token once, fits one probe per layer set and L2, and
 per pooling reports on the cut:
 
@@ -40,7 +40,7 @@ from acteng.detectors import read_items
 from acteng.methods import fit_logistic
 from acteng.pairs import bundled_records, pair_conversation
 from acteng.pooling import pooled
-from acteng.token_detector import _token_labels, _validation_cut
+from acteng.token_detector import token_labels, validation_cut
 from detectors import auroc
 
 LAYER_SETS = [[6, 8, 10, 12, 14, 16, 18, 20, 22], [6, 10, 14, 18, 22], [10, 12, 14, 16, 18]]
@@ -74,7 +74,7 @@ def main() -> None:
     recorded = sorted({x for layers in layer_sets for x in layers})
     model = acteng.load_model()
     pairs = acteng.load_pairs("prompt_injection", split="train")
-    fit, cut = _validation_cut(pairs, 0.25, 0)
+    fit, cut = validation_cut(pairs, 0.25, 0)
     turns, where, held = wrapped_turns()
     clean_fit = list(
         dict.fromkeys(t for t, (i, _) in zip(turns, where, strict=True) if i not in held)
@@ -93,7 +93,7 @@ def main() -> None:
     acts = record_tokens(model, read_items(model, texts, "prompt"), recorded)
     n_fit = 2 * len(fit) + len(clean_fit)
     clean_labels = [torch.zeros(len(a)) for a in acts[2 * len(fit) : n_fit]]
-    y = torch.cat(_token_labels(model, list(fit)) + clean_labels)
+    y = torch.cat(token_labels(model, list(fit)) + clean_labels)
     results: list[dict[str, Any]] = []
     for layers in layer_sets:
         at = [recorded.index(x) for x in layers]

@@ -51,7 +51,13 @@ from acteng.pairs import ContrastivePair, Pairs, load_pairs
 from acteng.pooling import parse_pooling
 from acteng.vectors import SteeringVector
 
-__all__ = ["clean_texts_provenance", "differing_span", "train_token_detector"]
+__all__ = [
+    "clean_texts_provenance",
+    "differing_span",
+    "token_labels",
+    "train_token_detector",
+    "validation_cut",
+]
 
 TOKEN_REGIONS = ("prompt",)
 LABELS = ("tokens", "sequence")  # what the probe is fitted on; see train_token_detector
@@ -75,7 +81,7 @@ def differing_span(text: str, other: str) -> tuple[int, int]:
     return start, len(text) - tail
 
 
-def _token_labels(model: Model, pairs: Sequence[ContrastivePair]) -> list[torch.Tensor]:
+def token_labels(model: Model, pairs: Sequence[ContrastivePair]) -> list[torch.Tensor]:
     """Per text of ``positives + negatives``, 1 for the positive's tokens that overlap the
     characters where it differs from its negative, else 0."""
     positives = [p.positive for p in pairs]
@@ -141,8 +147,10 @@ def shared_text_groups(texts: Sequence[str], run: int = SHARED_RUN) -> list[int]
     return [root(i) for i in range(len(texts))]
 
 
-def _validation_cut(train: Pairs, share: float, seed: int) -> tuple[Pairs, Pairs]:
-    """A seeded `share` of the pairs, taken in whole `shared_text_groups`, kept out."""
+def validation_cut(train: Pairs, share: float, seed: int) -> tuple[Pairs, Pairs]:
+    """The pairs split in two: those to fit on, and a seeded `share` kept out for
+    calibration, taken in whole `shared_text_groups` (pairs that share a document or
+    wrapper stay on one side)."""
     groups = shared_text_groups([p.negative for p in train])
     sizes = Counter(groups)
     order = sorted(sizes)
@@ -226,7 +234,7 @@ def train_token_detector(
     has_test = any(p.split == "test" for p in dataset)
     train = dataset.split("train") if has_test else dataset
     if calibrate_on == "validation":
-        train, held = _validation_cut(train, 0.25, seed)
+        train, held = validation_cut(train, 0.25, seed)
         negatives = sides(held, region)[1]
         source = (
             f"{dataset.name}: seeded 25 % of the train negatives (whole documents), "
@@ -265,8 +273,9 @@ def train_token_detector(
         rows = record_tokens(model, items, chosen, batch_size=batch_size)
         x = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32
         del rows
-        y = torch.cat(_token_labels(model, list(train)) + [torch.zeros(len(r)) for r in
-                      token_offsets(model, items[2 * len(train):])])  # fmt: skip
+        clean_items = items[2 * len(train) :]
+        clean_labels = [torch.zeros(len(r)) for r in token_offsets(model, clean_items)]
+        y = torch.cat(token_labels(model, list(train)) + clean_labels)
     if y.sum() == 0:
         raise ConfigError("no positive tokens: every positive equals its negative")
     w, b = fit_logistic(x, y, l2=l2, steps=steps, positive_weight=(len(y) - y.sum()) / y.sum())
