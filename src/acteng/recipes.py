@@ -1,9 +1,11 @@
 """Recipes for the detectors and vectors shipped with acteng, and the function that builds them.
 
 Each file in ``acteng/data/bundled`` is built by ``scripts/build_bundled`` from a recipe
-below and the team's own datasets, deterministically; the tests rebuild them and compare
-with the shipped files, so what ships is what the recipe makes. Where the shipped files are
-found is `acteng.bundled`, a leaf that needs none of this.
+below and the team's own datasets, deterministically. The tests check on every run that
+each shipped file records what `recipe_provenance` computes from today's recipe and data,
+and with ``ACTENG_REBUILD=1`` rebuild the files and compare, so what ships is what the
+recipe makes. Where the shipped files are found is `acteng.bundled`, a leaf that needs none
+of this.
 """
 
 from __future__ import annotations
