@@ -90,10 +90,10 @@ def main() -> None:
     )
     print(f"{len(fit)} fit pairs, {len(cut)} cut pairs, {len(clean_fit)} clean fit turns, "
           f"{len(clean_held)} held turns", flush=True)  # fmt: skip
-    acts = record_tokens(model, read_items(model, texts, "prompt"), recorded)
+    items = read_items(model, texts, "prompt")
+    acts = record_tokens(model, items, recorded)
     n_fit = 2 * len(fit) + len(clean_fit)
-    clean_labels = [torch.zeros(len(a)) for a in acts[2 * len(fit) : n_fit]]
-    y = torch.cat(token_labels(model, list(fit)) + clean_labels)
+    y = torch.cat(token_labels(model, list(fit), items[:n_fit]))
     results: list[dict[str, Any]] = []
     for layers in layer_sets:
         at = [recorded.index(x) for x in layers]

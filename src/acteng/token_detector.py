@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from acteng.activations import record_activations, record_tokens, token_offsets
+from acteng.activations import ReadItem, record_activations, record_tokens, token_offsets
 from acteng.detectors import SCALE_RANGE, Detector, read_items, sides
 from acteng.errors import ConfigError
 from acteng.layer_selection import parse_layers
@@ -81,18 +81,18 @@ def differing_span(text: str, other: str) -> tuple[int, int]:
     return start, len(text) - tail
 
 
-def token_labels(model: Model, pairs: Sequence[ContrastivePair]) -> list[torch.Tensor]:
-    """Per text of ``positives + negatives``, 1 for the positive's tokens that overlap the
-    characters where it differs from its negative, else 0."""
-    positives = [p.positive for p in pairs]
-    negatives = [p.negative for p in pairs]
-    items = read_items(model, positives + negatives, "prompt")
+def token_labels(
+    model: Model, pairs: Sequence[ContrastivePair], items: Sequence[ReadItem]
+) -> list[torch.Tensor]:
+    """Per read item (`read_items` of the pairs' positives, then their negatives, then
+    any clean texts), 1 for a positive's tokens that overlap the characters where it
+    differs from its negative, else 0."""
     labels = []
     for i, offsets in enumerate(token_offsets(model, items)):
         if i >= len(pairs):
             labels.append(torch.zeros(len(offsets)))
             continue
-        lo, hi = differing_span(positives[i], negatives[i])
+        lo, hi = differing_span(pairs[i].positive, pairs[i].negative)
         labels.append(torch.tensor([1.0 if b > lo and a < hi else 0.0 for a, b in offsets]))
     return labels
 
@@ -273,9 +273,7 @@ def train_token_detector(
         rows = record_tokens(model, items, chosen, batch_size=batch_size)
         x = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32
         del rows
-        clean_items = items[2 * len(train) :]
-        clean_labels = [torch.zeros(len(r)) for r in token_offsets(model, clean_items)]
-        y = torch.cat(token_labels(model, list(train)) + clean_labels)
+        y = torch.cat(token_labels(model, list(train), items))
     if y.sum() == 0:
         raise ConfigError("no positive tokens: every positive equals its negative")
     w, b = fit_logistic(x, y, l2=l2, steps=steps, positive_weight=(len(y) - y.sum()) / y.sum())
