@@ -134,8 +134,12 @@ def test_bundled_harmful_request_detector(smollm2: acteng.Model) -> None:
     neg = det.score(smollm2, [p.negative for p in test])
     pairs_won = sum(a > b for a, b in zip(pos, neg, strict=True)) / len(test)
     assert pairs_won >= 0.9, pairs_won
-    # calibrated on train wrappers kept out of fitting: neither test split is seen
-    assert det.calibration["source"].startswith("harmful_requests+wrapped_requests: seeded")
+    # calibrated on train negatives scored out of fold: neither test split is seen
+    assert det.calibration["source"].startswith(
+        "harmful_requests+wrapped_requests: out-of-fold scores of every train negative"
+    )
+    train = [acteng.load_pairs(n, split="train") for n in ("harmful_requests", "wrapped_requests")]
+    assert det.calibration["negatives"] == sum(len(t) for t in train)
     assert det.calibration["target_fpr"] == 0.05
     assert det.pooling == "mean+max"
     assert det.flag(smollm2, HARMFUL) == [True] * 4
@@ -143,7 +147,7 @@ def test_bundled_harmful_request_detector(smollm2: acteng.Model) -> None:
     # It reads the request inside a jailbreak wrapper, not the wrapper: on a sample of the
     # team's held-out wrapped pairs (wrappers and requests unseen in training) it ranks
     # harmful over harmless and spares most harmless look-alikes (bench/detectors.py
-    # measures the whole split: AUROC 0.98, 5.6 % of harmless flagged).
+    # measures the whole split: AUROC 0.98, 3.1 % of harmless flagged).
     wrapped = acteng.load_pairs("wrapped_requests", split="test")[::4]
     pos = det.score(smollm2, [p.positive for p in wrapped])
     neg = det.score(smollm2, [p.negative for p in wrapped])
@@ -244,7 +248,8 @@ def test_bundled_prompt_injection_detector(smollm2: acteng.Model) -> None:
     neg = det.score(smollm2, [p.negative for p in chosen])
     pairs_won = sum(a > b for a, b in zip(pos, neg, strict=True)) / len(chosen)
     assert pairs_won >= 0.9, pairs_won
-    assert "kept out of fitting" in det.calibration["source"]
+    assert "out-of-fold scores of every train negative" in det.calibration["source"]
+    assert det.calibration["negatives"] == len(acteng.load_pairs("prompt_injection", split="train"))
     assert det.pooling != "mean"
     assert sum(s > det.threshold for s in pos) >= 0.75 * len(chosen)
     assert sum(s > det.threshold for s in neg) <= 0.25 * len(chosen)

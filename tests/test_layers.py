@@ -20,7 +20,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("acteng.layouts", "acteng.home", "acteng.model_files", "acteng.positions", "acteng.pairs",
      "acteng.methods", "acteng.batching", "acteng.hooks", "acteng.bundled",
      "acteng.layer_selection", "acteng.names"),
-    ("acteng.models", "acteng.vectors"),
+    ("acteng.models", "acteng.vectors", "acteng.held_out"),
     ("acteng.backends", "acteng.activations", "acteng.steering", "acteng.library",
      "acteng.gguf_vectors", "acteng.pooling"),
     ("acteng.extraction", "acteng.optimization", "acteng.baking", "acteng.generation",

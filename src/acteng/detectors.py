@@ -157,18 +157,29 @@ class Detector:
         source: str = "custom",
     ) -> Detector:
         """Set the threshold so a `target_fpr` share of held-out negatives is flagged."""
-        if not 0.0 <= target_fpr < 1.0:
-            raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
         if len(negatives) < 10:
             raise ConfigError(f"calibration needs at least 10 negatives, got {len(negatives)}")
-        scores = torch.tensor(self.score(model, negatives), dtype=torch.float64)
+        return self.calibrated_on(self.score(model, negatives), target_fpr, source=source)
+
+    def calibrated_on(
+        self, negative_scores: Sequence[float], target_fpr: float, *, source: str = "custom"
+    ) -> Detector:
+        """Set the threshold so a `target_fpr` share of these held-out negatives' scores
+        (already computed, e.g. out of fold) is above it."""
+        if not 0.0 <= target_fpr < 1.0:
+            raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+        if len(negative_scores) < 10:
+            raise ConfigError(
+                f"calibration needs at least 10 negatives, got {len(negative_scores)}"
+            )
+        scores = torch.tensor(list(negative_scores), dtype=torch.float64)
         threshold = float(torch.quantile(scores, 1.0 - target_fpr))
         return replace(
             self,
             threshold=threshold,
             calibration={
                 "target_fpr": target_fpr,
-                "negatives": len(negatives),
+                "negatives": len(scores),
                 "source": source,
                 "flagged_share": float((scores > threshold).double().mean()),
             },

@@ -29,10 +29,12 @@ RECIPES: dict[str, dict[str, Any]] = {
     # activation, from the team's plain pairs and their jailbreak-wrapped look-alikes
     # (harmful and harmless requests inside the same 14 wrapper families), read per token
     # and pooled "mean+max" (acteng.pooling): the mean alone reads the wrapper, the highest
-    # token alone fires on topic words. Threshold at 5 % of a validation cut of whole
-    # train wrappers kept out of fitting. Pooling and layers were chosen after seeing
-    # test-split figures of many read-outs (docs/defences.md says which and what the
-    # validation cut alone would have chosen), so its test figures are optimistic.
+    # token alone fires on topic words. Fitted on every train pair; threshold at 5 % of
+    # the train negatives scored out of fold (four folds of whole wrappers; "crossfit"
+    # chosen over one validation cut by bench/crossfit_calibration.py on train data only).
+    # Pooling and layers were chosen after seeing test-split figures of many read-outs
+    # (docs/defences.md says which and what the validation cut alone would have chosen),
+    # so its test figures are optimistic.
     "harmful_request": {
         "kind": "token_detector",
         "pairs": ["harmful_requests", "wrapped_requests"],
@@ -41,7 +43,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "pooling": "mean+max",
         "l2": 100.0,
         "target_fpr": 0.05,
-        "calibrate_on": "validation",
+        "calibrate_on": "crossfit",
         "seed": 0,
     },
     # Token-level probe (acteng.token_detector) on the team's documents, plus every user
@@ -51,9 +53,10 @@ RECIPES: dict[str, dict[str, Any]] = {
     # wrapped requests (docs/defences.md). Layers, L2 and pooling chosen by
     # bench/injection_readouts.py on a validation cut of whole train documents and a
     # quarter of the wrapped train items (layers 6-22 / 6-22 every 4th / 10-18, L2
-    # 100-30000, max / top 3 / 8 / 16); threshold at 5 % of that cut's clean documents,
-    # kept out of fitting, so the test split (its own documents, tasks and injected lines)
-    # is never seen.
+    # 100-30000, max / top 3 / 8 / 16). Fitted on every train document; threshold at 5 %
+    # of the clean train documents scored out of fold (four folds of whole documents;
+    # chosen over one validation cut by bench/crossfit_calibration.py on train data), so
+    # the test split (its own documents, tasks and injected lines) is never seen.
     "prompt_injection": {
         "kind": "token_detector",
         "pairs": ["prompt_injection"],
@@ -63,7 +66,7 @@ RECIPES: dict[str, dict[str, Any]] = {
         "pooling": "top8",
         "l2": 300.0,
         "target_fpr": 0.05,
-        "calibrate_on": "validation",
+        "calibrate_on": "crossfit",
         "seed": 0,
     },
     # Layer chosen by held-out AUROC on the team's honesty pairs (bench/honesty.py).
@@ -167,7 +170,7 @@ def recipe_provenance(name: str) -> dict[str, Any]:
     }
     if recipe["kind"] == "detector":
         return {**expected, "method": recipe["method"]}
-    settings = {k: recipe[k] for k in ("l2", "pooling", "labels", "seed")}
+    settings = {k: recipe[k] for k in ("l2", "pooling", "labels", "seed", "calibrate_on")}
     # None: a file fitted with clean texts its recipe no longer names differs too
     texts = clean_texts_provenance(clean) if clean else None
     return {**expected, "method": "token_probe", "token_probe": settings, "clean_texts": texts}

@@ -32,8 +32,6 @@ the bundled ``harmful_request`` detector reads wrapped requests (see `acteng.poo
 from __future__ import annotations
 
 import hashlib
-import random
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -44,16 +42,18 @@ import torch
 from acteng.activations import ReadItem, record_activations, record_tokens, token_offsets
 from acteng.detectors import SCALE_RANGE, Detector, read_items, sides
 from acteng.errors import ConfigError
+from acteng.held_out import group_folds, validation_cut
 from acteng.layer_selection import parse_layers
 from acteng.methods import fit_logistic
 from acteng.models import Model
 from acteng.pairs import ContrastivePair, Pairs, load_pairs
-from acteng.pooling import parse_pooling
+from acteng.pooling import parse_pooling, pooled
 from acteng.vectors import SteeringVector
 
 __all__ = [
     "clean_texts_provenance",
     "differing_span",
+    "group_folds",
     "token_labels",
     "train_token_detector",
     "validation_cut",
@@ -61,6 +61,8 @@ __all__ = [
 
 TOKEN_REGIONS = ("prompt",)
 LABELS = ("tokens", "sequence")  # what the probe is fitted on; see train_token_detector
+CALIBRATIONS = ("test", "validation", "crossfit")  # where the threshold comes from
+FOLDS = 4  # cross-fitting folds: each fold's probe sees 75 % of the pairs, as "validation"'s
 
 
 def check_labels(labels: str) -> None:
@@ -121,56 +123,6 @@ def _as_detector(
     return Detector(vector, offsets, scales, threshold=0.0, region=region, pooling=pooling)
 
 
-SHARED_RUN = 12  # words: pairs whose negatives share a run this long share a source
-
-
-def shared_text_groups(texts: Sequence[str], run: int = SHARED_RUN) -> list[int]:
-    """A group id per text: texts that share a run of `run` consecutive words (the same
-    document, the same wrapper) are in one group, transitively. Calibrating on whole
-    groups kept out of fitting, rather than on single pairs whose document was fitted,
-    gives a threshold that carries over to unseen documents."""
-    parent = list(range(len(texts)))
-
-    def root(i: int) -> int:
-        while parent[i] != i:
-            parent[i] = parent[parent[i]]
-            i = parent[i]
-        return i
-
-    first: dict[str, int] = {}
-    for i, text in enumerate(texts):
-        words = text.split()
-        for j in range(len(words) - run + 1):
-            k = first.setdefault(" ".join(words[j : j + run]), i)
-            if k != i:
-                parent[root(i)] = root(k)
-    return [root(i) for i in range(len(texts))]
-
-
-def validation_cut(train: Pairs, share: float, seed: int) -> tuple[Pairs, Pairs]:
-    """The pairs split in two: those to fit on, and a seeded `share` kept out for
-    calibration, taken in whole `shared_text_groups` (pairs that share a document or
-    wrapper stay on one side)."""
-    groups = shared_text_groups([p.negative for p in train])
-    sizes = Counter(groups)
-    order = sorted(sizes)
-    random.Random(seed).shuffle(order)
-    wanted, held_groups, count = max(1, round(len(train) * share)), set(), 0
-    for g in order:
-        if count >= wanted:
-            break
-        held_groups.add(g)
-        count += sizes[g]
-    fit = tuple(p for p, g in zip(train, groups, strict=True) if g not in held_groups)
-    cut = tuple(p for p, g in zip(train, groups, strict=True) if g in held_groups)
-    if not fit:
-        raise ConfigError(
-            "the train pairs all share text (one document or wrapper), so none are left to "
-            "fit on after keeping a validation share out; calibrate_on='test' instead"
-        )
-    return Pairs(fit, name=f"{train.name}:fit"), Pairs(cut, name=f"{train.name}:calibration")
-
-
 def train_token_detector(
     model: Model,
     pairs: Pairs | str | Path | Sequence[Any],
@@ -194,9 +146,12 @@ def train_token_detector(
     labelled by its side); either way it scores every token and pools as `pooling` says.
 
     The threshold is calibrated on held-out negatives: the pairs' ``test`` split
-    (`calibrate_on="test"`), or a seeded 25 % of the train pairs kept out of fitting
-    (``"validation"``, whole groups of pairs that share a document or wrapper, see
-    `shared_text_groups`), which leaves the test split untouched for measuring.
+    (`calibrate_on="test"`), or, leaving the test split untouched for measuring, a seeded
+    25 % of the train pairs kept out of fitting (``"validation"``) or every train negative
+    scored out of fold (``"crossfit"``: four folds, each scored by a probe fitted on the
+    other three; the probe kept is fitted on all the train pairs, so it sees a third more
+    data and the threshold rests on four times the negatives). Held-out pairs go in whole
+    groups that share a document or wrapper (`acteng.held_out`).
 
     `clean` texts (see the module docstring) are fitted as negatives throughout; they are
     not used to calibrate, so the threshold still holds the false-positive rate on the
@@ -215,8 +170,8 @@ def train_token_detector(
             "'mean+top<k>'"
         )
     check_labels(labels)
-    if calibrate_on not in ("test", "validation"):
-        raise ConfigError(f"calibrate_on must be 'test' or 'validation', got {calibrate_on!r}")
+    if calibrate_on not in CALIBRATIONS:
+        raise ConfigError(f"calibrate_on must be one of {CALIBRATIONS}, got {calibrate_on!r}")
     if not 0.0 <= target_fpr < 1.0:
         raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
     if l2 < 0 or steps < 1:
@@ -233,12 +188,19 @@ def train_token_detector(
         raise ConfigError(f"pairs {same[:5]} have the same text on both sides")
     has_test = any(p.split == "test" for p in dataset)
     train = dataset.split("train") if has_test else dataset
+    folds: list[int] = []
     if calibrate_on == "validation":
         train, held = validation_cut(train, 0.25, seed)
         negatives = sides(held, region)[1]
         source = (
             f"{dataset.name}: seeded 25 % of the train negatives (whole documents), "
             "kept out of fitting"
+        )
+    elif calibrate_on == "crossfit":
+        folds = group_folds(train, FOLDS, seed)
+        source = (
+            f"{dataset.name}: out-of-fold scores of every train negative ({FOLDS} seeded "
+            "folds of whole documents; the shipped probe is refitted on all of them)"
         )
     else:
         if not has_test:
@@ -263,20 +225,8 @@ def train_token_detector(
     chosen = parse_layers(model, layers)
     texts = [p.positive for p in train] + [p.negative for p in train] + extra
     items = read_items(model, texts, region)
-    if labels == "sequence":
-        means = record_activations(model, items, chosen, "mean", batch_size=batch_size)
-        # float64: one row per prompt is cheap, and float32 sums in a different order with
-        # another thread count, which moves the fitted probe (and the bundled file) visibly
-        x = torch.cat([means.rows[layer].double() for layer in chosen], dim=1)  # [2N+C, L*d]
-        y = torch.cat([torch.ones(len(train)), torch.zeros(len(train) + len(extra))]).double()
-    else:
-        rows = record_tokens(model, items, chosen, batch_size=batch_size)
-        x = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32
-        del rows
-        y = torch.cat(token_labels(model, list(train), items))
-    if y.sum() == 0:
-        raise ConfigError("no positive tokens: every positive equals its negative")
-    w, b = fit_logistic(x, y, l2=l2, steps=steps, positive_weight=(len(y) - y.sum()) / y.sum())
+    fitter = _Fitter(model, list(train), items, chosen, labels, l2, steps, batch_size)
+    w, b = fitter.fit(range(len(train)))
     detector = _as_detector(w, b, chosen, model.hidden_size, region, pooling)
     vector = SteeringVector(
         dict(detector.directions.directions),
@@ -293,11 +243,75 @@ def train_token_detector(
                 "pooling": pooling,
                 "labels": labels,
                 "seed": seed,
+                "calibrate_on": calibrate_on,
             },
         },
     )
     detector = replace(detector, directions=vector)
-    return detector.calibrate(model, negatives, target_fpr, source=source)
+    if not folds:
+        return detector.calibrate(model, negatives, target_fpr, source=source)
+    out_of_fold: list[float] = []
+    for k in range(FOLDS):
+        kept = [i for i, f in enumerate(folds) if f != k]
+        left_out = [len(train) + i for i, f in enumerate(folds) if f == k]
+        out_of_fold += fitter.pooled_scores(fitter.fit(kept), left_out, pooling)
+    return detector.calibrated_on(out_of_fold, target_fpr, source=source)
+
+
+class _Fitter:
+    """The probe `train_token_detector` fits, on any subset of its pairs (every clean text
+    always joins), from one recording of the items: positives, negatives, clean texts."""
+
+    def __init__(
+        self,
+        model: Model,
+        pairs: list[ContrastivePair],
+        items: list[ReadItem],
+        layers: list[int],
+        labels: str,
+        l2: float,
+        steps: int,
+        batch_size: int,
+    ) -> None:
+        self.n, self.items, self.labels, self.l2, self.steps = len(pairs), items, labels, l2, steps
+        self.model, self.layers, self.batch_size = model, layers, batch_size
+        self.tokens: list[torch.Tensor] = []
+        if labels == "sequence":
+            means = record_activations(model, items, layers, "mean", batch_size=batch_size)
+            # float64: one row per prompt is cheap, and float32 sums in a different order
+            # with another thread count, which moves the fitted probe (and the bundled file)
+            self.rows = torch.cat([means.rows[layer].double() for layer in layers], dim=1)
+        else:
+            rows = record_tokens(model, items, layers, batch_size=batch_size)
+            self.tokens = [r.flatten(1) for r in rows]  # per item [tokens, L * d] float32
+            del rows
+            self.token_y = token_labels(model, pairs, items)
+
+    def fit(self, pair_ids: Sequence[int]) -> tuple[torch.Tensor, float]:
+        """The probe fitted on these pairs (both sides) and every clean text."""
+        keep = [*pair_ids, *(self.n + i for i in pair_ids), *range(2 * self.n, len(self.items))]
+        if self.labels == "sequence":
+            x = self.rows[keep]  # [kept items, L * d]
+            y = torch.tensor([1.0 if i < self.n else 0.0 for i in keep], dtype=torch.float64)
+        else:
+            x = torch.cat([self.tokens[i] for i in keep])  # [tokens, L * d]
+            y = torch.cat([self.token_y[i] for i in keep])
+        if y.sum() == 0:
+            raise ConfigError("no positive tokens: every positive equals its negative")
+        weight = (len(y) - y.sum()) / y.sum()
+        return fit_logistic(x, y, l2=self.l2, steps=self.steps, positive_weight=weight)
+
+    def pooled_scores(
+        self, probe: tuple[torch.Tensor, float], item_ids: list[int], pooling: str
+    ) -> list[float]:
+        """Each item's pooled score under the probe's logit (what its detector would give)."""
+        w, b = probe[0].double(), probe[1]
+        if self.tokens:
+            per_item = [self.tokens[i] for i in item_ids]
+        else:
+            chosen = [self.items[i] for i in item_ids]
+            per_item = [r.flatten(1) for r in record_tokens(self.model, chosen, self.layers)]
+        return [float(pooled(t.double() @ w + b, pooling)) for t in per_item]
 
 
 def clean_texts_provenance(texts: Sequence[str]) -> dict[str, Any]:
