@@ -4,14 +4,14 @@ Research bench for issue 18. The recipe fits a token-level probe
 (`acteng.train_token_detector`) on the train split of the team's `prompt_injection` pairs
 plus, as clean text, every user turn of the `wrapped_requests` train split (a user's own
 jailbreak framing is not an injected instruction). This script makes the recipe's choices
-without the test split: it keeps out the same validation cut of whole train documents the
-trainer keeps for calibration (seeded 25 %, `validation_cut`) and a seeded quarter of the
-wrapped train items, records every token once, fits one probe per layer set and L2, and
-per pooling reports on the cut:
+without the test split: it keeps out a validation cut of whole train documents (seeded
+25 %, `validation_cut`, what the trainer calibrated on before it cross-fitted) and a seeded
+quarter of the wrapped train items, records every token once, fits one probe per layer set
+and L2, and per pooling reports on the cut:
 
 - ``auroc`` (injected vs clean documents) and ``injected_flagged`` at the threshold that
-  flags 5 % of the cut's clean documents (the trainer's calibration, so this rate is what
-  the recipe would ship with on documents like these);
+  flags 5 % of the cut's clean documents (what the recipe would ship with on documents
+  like these);
 - ``wrapped_flagged``: the share of held-out wrapped conversations (either side, highest
   turn, as the guard scores them) flagged at that threshold.
 
