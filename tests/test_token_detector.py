@@ -210,6 +210,9 @@ def test_bad_input_is_refused_before_any_work(tiny_llama: acteng.Model) -> None:
         train_token_detector(tiny_llama, pairs, [1], pooling="mean")
     with pytest.raises(ConfigError, match="calibrate_on must be one of"):
         train_token_detector(tiny_llama, pairs, [1], calibrate_on="folds")
+    with pytest.raises(ConfigError, match="6 negatives to calibrate on"):
+        few = [(f"how to hurt {i}", f"how to help {i}") for i in range(6)]
+        train_token_detector(tiny_llama, few, [1], calibrate_on="crossfit")
     with pytest.raises(ConfigError, match="same text"):
         train_token_detector(tiny_llama, [("a b", "a b")] * 5, [1])
     with pytest.raises(ConfigError, match="bare prompts"):

@@ -212,6 +212,12 @@ def train_token_detector(
         source = f"{dataset.name}:test negatives"
     if len(train) < 4:
         raise ConfigError(f"{len(train)} pairs to fit on; give at least 4")
+    held_out = len(train) if folds else len(negatives)
+    if held_out < 10:  # Detector.calibrate's minimum, checked before any recording
+        raise ConfigError(
+            f"{held_out} negatives to calibrate on ({calibrate_on!r}); give at least 10 "
+            "(more train pairs, or another calibrate_on)"
+        )
     if isinstance(clean, str) or not all(isinstance(t, str) for t in clean):
         raise ConfigError("clean must be a list of texts (strings), not one string")
     extra = _distinct_texts(clean)
