@@ -134,6 +134,11 @@ def test_bundled_harmful_request_detector(smollm2: acteng.Model) -> None:
     neg = det.score(smollm2, [p.negative for p in test])
     pairs_won = sum(a > b for a, b in zip(pos, neg, strict=True)) / len(test)
     assert pairs_won >= 0.9, pairs_won
+    # Its threshold is set by harmless *wrapped* prompts, which score higher than plain
+    # ones: on this plain split (harmless sides edgy on purpose) it flags 80 % of harmful
+    # and 1 % of harmless requests (docs/defences.md, "What it costs").
+    assert sum(s > det.threshold for s in pos) >= 0.75 * len(test)
+    assert sum(s > det.threshold for s in neg) <= 0.03 * len(test)
     # calibrated on train negatives scored out of fold: neither test split is seen
     assert det.calibration["source"].startswith(
         "harmful_requests+wrapped_requests: out-of-fold scores of every train negative"
