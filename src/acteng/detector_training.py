@@ -21,7 +21,14 @@ from typing import Any
 
 import torch
 
-from acteng.detectors import READ_REGIONS, Detector, sides, train_detector, train_rows
+from acteng.detectors import (
+    READ_REGIONS,
+    Detector,
+    check_target_fpr,
+    sides,
+    train_detector,
+    train_rows,
+)
 from acteng.errors import ConfigError, DataError
 from acteng.evaluation.metrics import auroc
 from acteng.layer_selection import parse_layers
@@ -170,8 +177,7 @@ def fit_detector(
     """
     if method not in METHODS or method == "actadd":
         raise ConfigError(f"detector method must be mean_diff, pca or probe, got {method!r}")
-    if not 0.0 <= target_fpr < 1.0:
-        raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    check_target_fpr(target_fpr)
     check_labels(labels)
     dataset = check_detector_pairs(pairs, region, pooling=pooling, method=method)
     train, test = dataset.split("train"), dataset.split("test")

@@ -36,6 +36,7 @@ from acteng.vectors import SteeringVector
 
 __all__ = [
     "Detector",
+    "check_target_fpr",
     "load_detector",
     "read_items",
     "refusal_direction",
@@ -45,6 +46,14 @@ __all__ = [
 ]
 
 READ_REGIONS = ("post_instruction", "prompt", "response")
+
+
+def check_target_fpr(target_fpr: float) -> None:
+    """A calibration target is a share of negatives to flag: in [0, 1)."""
+    if not 0.0 <= target_fpr < 1.0:
+        raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+
+
 # Where a detector's calibration numbers must lie (see Detector.from_vector).
 SCALE_RANGE = (1e-6, 1e6)
 MAX_OFFSET = 1e12
@@ -157,6 +166,7 @@ class Detector:
         source: str = "custom",
     ) -> Detector:
         """Set the threshold so a `target_fpr` share of held-out negatives is flagged."""
+        check_target_fpr(target_fpr)  # before scoring them
         if len(negatives) < 10:
             raise ConfigError(f"calibration needs at least 10 negatives, got {len(negatives)}")
         return self.calibrated_on(self.score(model, negatives), target_fpr, source=source)
@@ -166,8 +176,7 @@ class Detector:
     ) -> Detector:
         """Set the threshold so a `target_fpr` share of these held-out negatives' scores
         (already computed, e.g. out of fold) is above it."""
-        if not 0.0 <= target_fpr < 1.0:
-            raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+        check_target_fpr(target_fpr)
         if len(negative_scores) < 10:
             raise ConfigError(
                 f"calibration needs at least 10 negatives, got {len(negative_scores)}"

@@ -39,6 +39,7 @@ from typing import Any
 
 import torch
 
+from acteng.detectors import check_target_fpr
 from acteng.errors import ConfigError
 from acteng.generation import eos_ids, generate_ids
 from acteng.guard_policy import (
@@ -199,8 +200,7 @@ def calibrate_generation(
     running score and sets the threshold at their ``1 - target_fpr`` quantile. Use prompts
     like those the guard will see in deployment, held out from anything else it was tuned on.
     """
-    if not 0.0 <= target_fpr < 1.0:
-        raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    check_target_fpr(target_fpr)
     if len(benign_prompts) < 10:
         raise ConfigError(f"calibration needs at least 10 prompts, got {len(benign_prompts)}")
     probe = Guard(guard.primary, policy="flag", check="generation", generation_threshold=1e30)

@@ -44,14 +44,21 @@ def shared_text_groups(texts: Sequence[str], run: int = SHARED_RUN) -> list[int]
     return [root(i) for i in range(len(texts))]
 
 
-def validation_cut(train: Pairs, share: float, seed: int) -> tuple[Pairs, Pairs]:
-    """The pairs split in two: those to fit on, and a seeded `share` kept out for
-    calibration, taken in whole `shared_text_groups` (pairs that share a document or
-    wrapper stay on one side)."""
+def _seeded_groups(train: Pairs, seed: int) -> tuple[list[int], Counter[int], list[int]]:
+    """The pairs' `shared_text_groups` (of their negatives), each group's size, and the
+    groups in a seeded order."""
     groups = shared_text_groups([p.negative for p in train])
     sizes = Counter(groups)
     order = sorted(sizes)
     random.Random(seed).shuffle(order)
+    return groups, sizes, order
+
+
+def validation_cut(train: Pairs, share: float, seed: int) -> tuple[Pairs, Pairs]:
+    """The pairs split in two: those to fit on, and a seeded `share` kept out for
+    calibration, taken in whole `shared_text_groups` (pairs that share a document or
+    wrapper stay on one side)."""
+    groups, sizes, order = _seeded_groups(train, seed)
     wanted, held_groups, count = max(1, round(len(train) * share)), set(), 0
     for g in order:
         if count >= wanted:
@@ -72,10 +79,7 @@ def group_folds(train: Pairs, folds: int, seed: int) -> list[int]:
     """A fold index (0 to `folds` - 1) per pair, in whole `shared_text_groups` (pairs that
     share a document or wrapper stay in one fold): largest groups first (ties in seeded
     order), each to the fold with the fewest pairs so far."""
-    groups = shared_text_groups([p.negative for p in train])
-    sizes = Counter(groups)
-    order = sorted(sizes)
-    random.Random(seed).shuffle(order)
+    groups, sizes, order = _seeded_groups(train, seed)
     order.sort(key=lambda g: -sizes[g])
     load, fold_of = [0] * folds, {}
     for g in order:

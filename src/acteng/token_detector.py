@@ -40,7 +40,7 @@ from typing import Any
 import torch
 
 from acteng.activations import ReadItem, record_activations, record_tokens, token_offsets
-from acteng.detectors import SCALE_RANGE, Detector, read_items, sides
+from acteng.detectors import SCALE_RANGE, Detector, check_target_fpr, read_items, sides
 from acteng.errors import ConfigError
 from acteng.held_out import group_folds, validation_cut
 from acteng.layer_selection import parse_layers
@@ -172,8 +172,7 @@ def train_token_detector(
     check_labels(labels)
     if calibrate_on not in CALIBRATIONS:
         raise ConfigError(f"calibrate_on must be one of {CALIBRATIONS}, got {calibrate_on!r}")
-    if not 0.0 <= target_fpr < 1.0:
-        raise ConfigError(f"target_fpr must be in [0, 1), got {target_fpr}")
+    check_target_fpr(target_fpr)
     if l2 < 0 or steps < 1:
         raise ConfigError(f"l2 must be >= 0 and steps >= 1, got l2={l2}, steps={steps}")
     dataset = load_pairs(pairs)
@@ -316,7 +315,8 @@ class _Fitter:
             per_item = [self.tokens[i] for i in item_ids]
         else:
             chosen = [self.items[i] for i in item_ids]
-            per_item = [r.flatten(1) for r in record_tokens(self.model, chosen, self.layers)]
+            rows = record_tokens(self.model, chosen, self.layers, batch_size=self.batch_size)
+            per_item = [r.flatten(1) for r in rows]
         return [float(pooled(t.double() @ w + b, pooling)) for t in per_item]
 
 
