@@ -107,13 +107,15 @@ def test_train_circuit_breaker_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     retain.write_text("\n".join(json.dumps({"prompt": p}) for p in benign))
     out = tmp_path / "adapter"
     argv = ["train", "circuit-breaker", "--out", str(out), "--harmful", str(harmful),
-            "--retain", str(retain), "--steps", "2", "--answer-tokens", "4", "--json"]  # fmt: skip
+            "--retain", str(retain), "--steps", "2", "--answer-tokens", "4",
+            "--answer-only-share", "0.5", "--json"]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["adapter"] == str(out)
     assert (out / "adapter_config.json").is_file()
     record = json.loads((out / "acteng_training.json").read_text())
     assert record["data"]["harmful"]["conversations"] == 2
+    assert record["hyperparameters"]["answer_only_share"] == 0.5
     # an existing folder is not replaced without --force
     assert main(argv) == 2
     assert "exists" in capsys.readouterr().err

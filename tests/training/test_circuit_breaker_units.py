@@ -138,6 +138,33 @@ def test_text_share_sets_what_the_retain_batches_hold(
     assert record["hyperparameters"]["text_share"] == 1.0
 
 
+def test_answer_only_share_reroutes_answers_alone(tiny_llama: acteng.Model, tmp_path: Path) -> None:
+    """Share 1: every harmful example is its answer after an empty user turn, and only
+    the answer is rerouted; share 0 is the default run, draw for draw."""
+    kw = {**SMALL, "steps": 2}
+    whole = train_circuit_breaker(tiny_llama, tmp_path / "whole", **kw)
+    zero = train_circuit_breaker(tiny_llama, tmp_path / "zero", answer_only_share=0.0, **kw)
+    bare = train_circuit_breaker(tiny_llama, tmp_path / "bare", answer_only_share=1.0, **kw)
+
+    def losses(run: Any) -> list[tuple[float, float]]:
+        return [(step["reroute"], step["retain"]) for step in run.losses]
+
+    assert losses(zero) == losses(whole)
+    assert "answer_only_share" not in whole.provenance["hyperparameters"]
+    hyper = bare.provenance["hyperparameters"]
+    assert hyper["answer_only_share"] == 1.0
+    empty = len(tiny_llama.chat_ids([{"role": "user", "content": ""}]))
+    answers = [
+        len(tiny_llama.tokenizer(a, add_special_tokens=False)["input_ids"])
+        for a in acteng.training.model_answers(
+            tiny_llama, [[{"role": "user", "content": h}] for h in HARMFUL], max_new_tokens=4
+        )
+    ]
+    # the template around an empty turn is never rerouted: exactly the answers' tokens are
+    assert empty > 0 and hyper["rerouted_tokens"] == sum(answers)
+    assert hyper["rerouted_tokens"] < whole.provenance["hyperparameters"]["rerouted_tokens"]
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -153,6 +180,7 @@ def test_text_share_sets_what_the_retain_batches_hold(
         ({"text_share": 0.5, "retain_texts": []}, DataError, "give retain_texts"),
         ({"text_share": 0.5, "retain_texts": ["a"]}, DataError, "more than one token"),
         ({"text_share": 0.1}, ConfigError, "raise batch_size or text_share"),
+        ({"answer_only_share": -0.1}, ConfigError, "answer_only_share must be"),
     ],
 )
 def test_bad_input_is_refused_before_training(

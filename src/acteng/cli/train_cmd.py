@@ -114,6 +114,13 @@ def register(sub: Any) -> None:
         help="share of each retain batch taken from plain retain texts (default: in "
         "proportion to their number)",
     )
+    cb.add_argument(
+        "--answer-only-share",
+        type=float,
+        default=0.0,
+        help="share of harmful examples trained on their answer alone, the request dropped "
+        "(the paper's Llama-3 recipe uses 0.5; default 0)",
+    )
     cb.add_argument("--answer-tokens", type=int, default=32, help="length of the own answers")
     cb.add_argument("--max-tokens", type=int, default=128, help="tokens kept of each example")
     cb.add_argument("--seed", type=int, default=0)
@@ -190,6 +197,7 @@ def run_train_circuit_breaker(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         examples=args.examples,
         text_share=args.text_share,
+        answer_only_share=args.answer_only_share,
         answer_tokens=args.answer_tokens,
         max_tokens=args.max_tokens,
         seed=args.seed,

@@ -122,6 +122,7 @@ def train_circuit_breaker(
     max_tokens: int = 128,
     examples: int = 256,
     text_share: float | None = None,
+    answer_only_share: float = 0.0,
     seed: int = 0,
     checkpoint_every: int = 50,
     on_step: OnStep | None = None,
@@ -141,7 +142,10 @@ def train_circuit_breaker(
     none): without it the chat-only retain set let neutral-text perplexity rise ~30 %.
     `text_share` is the share of each retain batch drawn from those texts (default
     ``None``: drawn with the conversations, in proportion to their numbers, so more
-    `examples` means less plain text per step).
+    `examples` means less plain text per step). `answer_only_share` is the share of
+    harmful examples trained on their answer alone, the request dropped (an empty user
+    turn), as the paper's Llama-3 recipe does for half of them: the breaker then has to
+    fire on harmful content, not only on the request that asked for it.
 
     Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
     raises `TrainingError` with the last good checkpoint kept.
@@ -160,6 +164,8 @@ def train_circuit_breaker(
         else tuple(parse_layers(model, target_layers))
     )
     check_positive(lr=lr, alpha=alpha, retain_weight=retain_weight, init_scale=init_scale)
+    if not 0.0 <= answer_only_share <= 1.0:
+        raise ConfigError(f"answer_only_share must be in [0, 1], got {answer_only_share}")
     if text_share is not None and not 0.0 <= text_share <= 1.0:
         raise ConfigError(f"text_share must be in [0, 1] (or None), got {text_share}")
     if text_share and round(batch_size * text_share) == 0:
@@ -207,12 +213,27 @@ def train_circuit_breaker(
 
     harmful_answers = model_answers(model, harmful_msgs, max_new_tokens=answer_tokens)
     retain_answers = model_answers(model, retain_msgs, max_new_tokens=answer_tokens)
-    harmful_ids = encode(model, harmful_msgs, harmful_answers, max_tokens)
+    # its own generator, so that a share of 0 leaves every other draw as it was
+    bare = set(
+        random.Random(seed + 1).sample(
+            range(len(harmful_msgs)), round(answer_only_share * len(harmful_msgs))
+        )
+    )
+    no_request: Messages = [{"role": "user", "content": ""}]
+    harmful_ids = encode(
+        model,
+        [no_request if i in bare else m for i, m in enumerate(harmful_msgs)],
+        harmful_answers,
+        max_tokens,
+    )
     chat_ids = encode(model, retain_msgs, retain_answers, max_tokens) + encode(
         model, refusal_msgs, [None] * len(refusal_msgs), max_tokens
     )
     prefix = shared_prefix(harmful_ids + chat_ids)
     reroute_from = reroute_starts(harmful_ids, chat_ids, prefix)
+    answer_start = len(model.chat_ids(no_request))
+    for i in bare:  # an answer alone is rerouted from its first token
+        reroute_from[i] = min(max(reroute_from[i], answer_start), len(harmful_ids[i]) - 1)
     retain_ids = chat_ids + text_ids
     # a plain text's loss skips only its first token (the attention sink)
     retain_from = [prefix] * len(chat_ids) + [1] * (len(retain_ids) - len(chat_ids))
@@ -267,6 +288,7 @@ def train_circuit_breaker(
         "max_tokens": max_tokens,
         "examples": examples,
         **({"text_share": text_share} if text_share is not None else {}),
+        **({"answer_only_share": answer_only_share} if answer_only_share else {}),
         "shared_prefix_tokens": prefix,
         "seed": seed,
         "schedule": "c_reroute = alpha (1 - t/2T), c_retain = retain_weight alpha t/2T",
