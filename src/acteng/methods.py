@@ -84,7 +84,7 @@ def fit_logistic(
     scale, logit = x @ w + b. Features are standardised first so the penalty and LBFGS
     behave the same at every layer's scale; `positive_weight` weighs the positive class."""
     mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu) / sigma
+    z = (x - mu).div_(sigma)  # in place: one copy of x, not two (token probes fit millions of rows)
     w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
     b = torch.zeros((), dtype=x.dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")

@@ -280,7 +280,12 @@ class _Fitter:
     ) -> None:
         self.n, self.items, self.labels, self.l2, self.steps = len(pairs), items, labels, l2, steps
         self.model, self.layers, self.batch_size = model, layers, batch_size
-        self.tokens: list[torch.Tensor] = []
+        # every token's activations in one matrix, item i's rows from offsets[i] to
+        # offsets[i + 1]: the fit on all items then reads it without a copy (a list of
+        # per-item tensors cost a second full copy at every fit, which ran the bundled
+        # prompt_injection rebuild out of 24 GiB once its train split grew to 432 pairs)
+        self.tokens = torch.empty(0)
+        self.offsets: list[int] = []
         if labels == "sequence":
             means = record_activations(model, items, layers, "mean", batch_size=batch_size)
             # float64: one row per prompt is cheap, and float32 sums in a different order
@@ -288,7 +293,10 @@ class _Fitter:
             self.rows = torch.cat([means.rows[layer].double() for layer in layers], dim=1)
         else:
             rows = record_tokens(model, items, layers, batch_size=batch_size)
-            self.tokens = [r.flatten(1) for r in rows]  # per item [tokens, L * d] float32
+            self.offsets = [0]
+            for r in rows:
+                self.offsets.append(self.offsets[-1] + len(r))
+            self.tokens = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32
             del rows
             self.token_y = token_labels(model, pairs, items)
 
@@ -299,7 +307,11 @@ class _Fitter:
             x = self.rows[keep]  # [kept items, L * d]
             y = torch.tensor([1.0 if i < self.n else 0.0 for i in keep], dtype=torch.float64)
         else:
-            x = torch.cat([self.tokens[i] for i in keep])  # [tokens, L * d]
+            x = (  # [tokens, L * d]
+                self.tokens
+                if keep == list(range(len(self.items)))
+                else torch.cat([self._rows(i) for i in keep])
+            )
             y = torch.cat([self.token_y[i] for i in keep])
         if y.sum() == 0:
             raise ConfigError("no positive tokens: every positive equals its negative")
@@ -311,13 +323,16 @@ class _Fitter:
     ) -> list[float]:
         """Each item's pooled score under the probe's logit (what its detector would give)."""
         w, b = probe[0].double(), probe[1]
-        if self.tokens:
-            per_item = [self.tokens[i] for i in item_ids]
+        if self.offsets:
+            per_item = [self._rows(i) for i in item_ids]
         else:
             chosen = [self.items[i] for i in item_ids]
             rows = record_tokens(self.model, chosen, self.layers, batch_size=self.batch_size)
             per_item = [r.flatten(1) for r in rows]
         return [float(pooled(t.double() @ w + b, pooling)) for t in per_item]
+
+    def _rows(self, item: int) -> torch.Tensor:
+        return self.tokens[self.offsets[item] : self.offsets[item + 1]]
 
 
 def clean_texts_provenance(texts: Sequence[str]) -> dict[str, Any]:
