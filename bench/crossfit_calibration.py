@@ -17,7 +17,12 @@ the trainer would on the train split, and the outer cut reports AUROC and the sh
 its positives and negatives flagged at the method's threshold (the floors ask >= 90 % /
 <= 5 %). Outer seeds 0, 1, 2; activations are recorded once per detector.
 
+``--fractions 0.5,1`` draws a learning curve instead: ``crossfit_refit`` on a seeded share
+of the inner pairs (whole groups), scored on the same outer cut, to see whether more
+train data of the same kind would still help.
+
     .venv/bin/python bench/crossfit_calibration.py [harmful_request|prompt_injection]
+        [--fractions F,F,...]
         # ~10 min (harmful_request) / ~40 min (prompt_injection) on 2 cores
 """
 
@@ -114,21 +119,32 @@ def run_method(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("detector", choices=["harmful_request", "prompt_injection"])
+    parser.add_argument(
+        "--fractions", help="comma-separated shares of the inner pairs: a learning curve"
+    )
     args = parser.parse_args()
+    fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else []
+    methods = [f"crossfit_refit@{f:g}" for f in fractions] or list(METHODS)
     model = acteng.load_model()
     rec = Recorded(model, args.detector)
     results: list[dict[str, Any]] = []
     for seed in OUTER_SEEDS:
         inner, outer = validation_cut(rec.train, 0.25, seed)
         pos_ids, neg_ids = rec.ids(outer), [rec.n + i for i in rec.ids(outer)]
-        for method in METHODS:
+        for method in methods:
             start = time.perf_counter()
-            probe, threshold = run_method(rec, inner, method)
+            used = inner
+            if "@" in method:
+                share = float(method.split("@")[1])
+                if share < 1:
+                    used = validation_cut(inner, 1 - share, seed + 100)[0]
+            probe, threshold = run_method(rec, used, method.split("@")[0])
             pos, neg = rec.scores(probe, pos_ids), rec.scores(probe, neg_ids)
             row = {
                 "outer_seed": seed,
                 "method": method,
                 "outer_pairs": len(outer),
+                "inner_pairs": len(used),
                 "auroc": round(auroc(pos, neg), 4),
                 "positives_flagged": round(sum(s > threshold for s in pos) / len(pos), 4),
                 "negatives_flagged": round(sum(s > threshold for s in neg) / len(neg), 4),
@@ -137,14 +153,15 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
     summary = {}
-    for method in METHODS:
+    for method in methods:
         rows = [r for r in results if r["method"] == method]
         summary[method] = {
             k: round(sum(r[k] for r in rows) / len(rows), 4)
             for k in ("auroc", "positives_flagged", "negatives_flagged")
         }
         print(method, json.dumps(summary[method]))
-    print(f"written to {save('crossfit_' + args.detector, {'results': results, 'mean': summary})}")
+    name = "crossfit_" + args.detector + ("_curve" if fractions else "")
+    print(f"written to {save(name, {'results': results, 'mean': summary})}")
 
 
 if __name__ == "__main__":
