@@ -124,25 +124,24 @@ def main() -> None:
     )
     args = parser.parse_args()
     fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else []
-    methods = [f"crossfit_refit@{f:g}" for f in fractions] or list(METHODS)
+    # (row label, method, share of the inner pairs it fits on)
+    runs = [(f"crossfit_refit@{f:g}", "crossfit_refit", f) for f in fractions] or [
+        (method, method, 1.0) for method in METHODS
+    ]
     model = acteng.load_model()
     rec = Recorded(model, args.detector)
     results: list[dict[str, Any]] = []
     for seed in OUTER_SEEDS:
         inner, outer = validation_cut(rec.train, 0.25, seed)
         pos_ids, neg_ids = rec.ids(outer), [rec.n + i for i in rec.ids(outer)]
-        for method in methods:
+        for label, method, share in runs:
             start = time.perf_counter()
-            used = inner
-            if "@" in method:
-                share = float(method.split("@")[1])
-                if share < 1:
-                    used = validation_cut(inner, 1 - share, seed + 100)[0]
-            probe, threshold = run_method(rec, used, method.split("@")[0])
+            used = inner if share >= 1 else validation_cut(inner, 1 - share, seed + 100)[0]
+            probe, threshold = run_method(rec, used, method)
             pos, neg = rec.scores(probe, pos_ids), rec.scores(probe, neg_ids)
             row = {
                 "outer_seed": seed,
-                "method": method,
+                "method": label,
                 "outer_pairs": len(outer),
                 "inner_pairs": len(used),
                 "auroc": round(auroc(pos, neg), 4),
@@ -153,13 +152,13 @@ def main() -> None:
             results.append(row)
             print(json.dumps(row), flush=True)
     summary = {}
-    for method in methods:
-        rows = [r for r in results if r["method"] == method]
-        summary[method] = {
+    for label, _, _ in runs:
+        rows = [r for r in results if r["method"] == label]
+        summary[label] = {
             k: round(sum(r[k] for r in rows) / len(rows), 4)
             for k in ("auroc", "positives_flagged", "negatives_flagged")
         }
-        print(method, json.dumps(summary[method]))
+        print(label, json.dumps(summary[label]))
     name = "crossfit_" + args.detector + ("_curve" if fractions else "")
     print(f"written to {save(name, {'results': results, 'mean': summary})}")
 
