@@ -1,4 +1,5 @@
-"""record_activations: equals hidden_states[i + 1], batching and reading positions."""
+"""record_activations and record_token_matrix: equal hidden_states[i + 1], batching and
+reading positions."""
 
 from collections.abc import Callable
 
@@ -6,9 +7,10 @@ import pytest
 import torch
 
 import acteng
-from acteng.activations import ReadItem, pair_items
+from acteng.activations import ReadItem, pair_items, record_token_matrix, record_tokens
 from acteng.errors import ConfigError, InputTooLongError
 from acteng.layer_selection import parse_layers
+from acteng.methods import fit_logistic
 
 TEXTS = ["The cat sat on the mat.", "Hi", "A much longer sentence about the weather in spring."]
 
@@ -43,6 +45,35 @@ def test_batched_equals_one_by_one(tiny_llama: acteng.Model) -> None:
             torch.testing.assert_close(
                 batched.rows[layer][i], single.rows[layer][0], atol=1e-5, rtol=1e-4
             )
+
+
+def test_token_matrix_packs_every_texts_tokens(tiny_llama: acteng.Model) -> None:
+    """record_token_matrix: each text's tokens in input order, layers side by side, equal
+    to hidden_states; record_tokens is the same rows per text."""
+    layers = [2, 0]
+    tokens, offsets = record_token_matrix(tiny_llama, TEXTS, layers, batch_size=2)
+    per_text = record_tokens(tiny_llama, TEXTS, layers, batch_size=2)
+    d = tiny_llama.hidden_size
+    assert offsets[0] == 0 and offsets[-1] == len(tokens) and len(offsets) == len(TEXTS) + 1
+    assert tokens.shape == (len(tokens), len(layers) * d) and tokens.dtype == torch.float32
+    for i, text in enumerate(TEXTS):
+        rows = tokens[offsets[i] : offsets[i + 1]]
+        assert torch.equal(per_text[i].flatten(1), rows)
+        for k, layer in enumerate(layers):
+            ref = reference(tiny_llama, text, layer)
+            assert len(rows) == len(ref)
+            torch.testing.assert_close(rows[:, k * d : (k + 1) * d], ref, atol=1e-5, rtol=1e-4)
+
+
+def test_fit_logistic_overwrite_gives_the_same_probe() -> None:
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(200, 6, generator=gen) * torch.tensor([1.0, 10.0, 0.1, 1.0, 3.0, 1.0])
+    y = (x[:, 0] + 0.1 * x[:, 1] > 0).float()
+    copy = x.clone()
+    kept = fit_logistic(x, y, l2=1.0, steps=50)
+    assert torch.equal(x, copy)  # the default leaves x alone
+    overwritten = fit_logistic(copy, y, l2=1.0, steps=50, overwrite=True)
+    assert torch.equal(kept[0], overwritten[0]) and kept[1] == overwritten[1]
 
 
 def test_completion_mean_and_answer_positions(tiny_llama: acteng.Model) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 import torch
@@ -33,6 +34,7 @@ __all__ = [
     "record_activations",
     "record_batch",
     "record_pairs",
+    "record_token_matrix",
     "record_tokens",
     "right_padded",
     "token_offsets",
@@ -322,7 +324,26 @@ def record_tokens(
     completion, or all of it), unreduced: per text ``[tokens, len(layers), d_model]``
     float32, layers in the order given. For token-level detectors (`acteng.token_detector`),
     which train on single tokens and pool their scores; keep the texts few enough to fit.
+    The tensors are views of one `record_token_matrix` matrix.
     """
+    tokens, offsets = record_token_matrix(model, texts, layers, batch_size=batch_size)
+    shape = (len(layers), model.hidden_size)
+    return [tokens[start:end].view(end - start, *shape) for start, end in pairwise(offsets)]
+
+
+@torch.no_grad()
+def record_token_matrix(
+    model: Model,
+    texts: Sequence[str | ReadItem],
+    layers: Sequence[int],
+    *,
+    batch_size: int = 16,
+) -> tuple[torch.Tensor, list[int]]:
+    """`record_tokens` packed into one float32 matrix ``[all tokens, len(layers) * d_model]``
+    (each token's layers side by side, in the order given) and the offsets where each
+    text's rows start (text i is rows ``offsets[i]:offsets[i + 1]``). The matrix is
+    allocated once, before any forward pass: a probe fitted on millions of token rows
+    never holds per-text pieces and their concatenation at the same time."""
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     items = _as_items(texts)
@@ -332,8 +353,11 @@ def record_tokens(
     for i, (it, (ids, offsets)) in enumerate(zip(items, encoded, strict=True)):
         model.check_length(len(ids), f"text {i}")
         spans.append(read_span(offsets, "mean", completion_start=it.completion_start, text=it.text))
+    starts = [0]
+    for span in spans:
+        starts.append(starts[-1] + span.end - span.start)
+    tokens = torch.empty(starts[-1], len(chosen) * model.hidden_size)
     order = sorted(range(len(items)), key=lambda i: len(encoded[i][0]))  # less padding
-    out: list[torch.Tensor] = [torch.empty(0)] * len(items)
     pad = model.tokenizer.pad_token_id
     pad = pad if pad is not None else model.tokenizer.eos_token_id
     seen: dict[int, torch.Tensor] = {}
@@ -354,8 +378,9 @@ def record_tokens(
         )
         stacked = torch.stack([seen[layer] for layer in chosen], 2)  # [b, pos, L, d]
         for row, i in enumerate(batch):
-            out[i] = stacked[row, spans[i].start : spans[i].end].clone()
-    return out
+            rows = stacked[row, spans[i].start : spans[i].end]
+            tokens[starts[i] : starts[i + 1]] = rows.flatten(1)
+    return tokens, starts
 
 
 def token_offsets(model: Model, texts: Sequence[str | ReadItem]) -> list[list[tuple[int, int]]]:

@@ -79,12 +79,16 @@ def fit_logistic(
     l2: float,
     steps: int,
     positive_weight: torch.Tensor | None = None,
+    overwrite: bool = False,
 ) -> tuple[torch.Tensor, float]:
     """L2-penalised logistic regression of `y` on `x` (LBFGS); returns (w, b) on x's own
     scale, logit = x @ w + b. Features are standardised first so the penalty and LBFGS
-    behave the same at every layer's scale; `positive_weight` weighs the positive class."""
+    behave the same at every layer's scale; `positive_weight` weighs the positive class.
+    ``overwrite=True`` standardises `x` itself instead of a copy (same values): for a
+    caller whose `x` is a copy it no longer needs, as token probes fit millions of rows."""
     mu, sigma = x.mean(0), x.std(0).clamp_min(1e-6)
-    z = (x - mu).div_(sigma)  # in place: one copy of x, not two (token probes fit millions of rows)
+    z = x.sub_(mu) if overwrite else x - mu
+    z.div_(sigma)
     w = torch.zeros(x.shape[1], dtype=x.dtype, requires_grad=True)
     b = torch.zeros((), dtype=x.dtype, requires_grad=True)
     optimizer = torch.optim.LBFGS([w, b], max_iter=steps, line_search_fn="strong_wolfe")

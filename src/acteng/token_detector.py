@@ -39,7 +39,13 @@ from typing import Any
 
 import torch
 
-from acteng.activations import ReadItem, record_activations, record_tokens, token_offsets
+from acteng.activations import (
+    ReadItem,
+    record_activations,
+    record_token_matrix,
+    record_tokens,
+    token_offsets,
+)
 from acteng.detectors import SCALE_RANGE, Detector, check_target_fpr, read_items, sides
 from acteng.errors import ConfigError
 from acteng.held_out import group_folds, validation_cut
@@ -231,7 +237,12 @@ def train_token_detector(
     texts = [p.positive for p in train] + [p.negative for p in train] + extra
     items = read_items(model, texts, region)
     fitter = _Fitter(model, list(train), items, chosen, labels, l2, steps, batch_size)
-    w, b = fitter.fit(range(len(train)))
+    out_of_fold: list[float] = []
+    for k in range(FOLDS if folds else 0):  # before the final fit, which may consume the recording
+        kept = [i for i, f in enumerate(folds) if f != k]
+        left_out = [len(train) + i for i, f in enumerate(folds) if f == k]
+        out_of_fold += fitter.pooled_scores(fitter.fit(kept), left_out, pooling)
+    w, b = fitter.fit(range(len(train)), last=True)
     detector = _as_detector(w, b, chosen, model.hidden_size, region, pooling)
     vector = SteeringVector(
         dict(detector.directions.directions),
@@ -255,11 +266,6 @@ def train_token_detector(
     detector = replace(detector, directions=vector)
     if not folds:
         return detector.calibrate(model, negatives, target_fpr, source=source)
-    out_of_fold: list[float] = []
-    for k in range(FOLDS):
-        kept = [i for i, f in enumerate(folds) if f != k]
-        left_out = [len(train) + i for i, f in enumerate(folds) if f == k]
-        out_of_fold += fitter.pooled_scores(fitter.fit(kept), left_out, pooling)
     return detector.calibrated_on(out_of_fold, target_fpr, source=source)
 
 
@@ -281,9 +287,9 @@ class _Fitter:
         self.n, self.items, self.labels, self.l2, self.steps = len(pairs), items, labels, l2, steps
         self.model, self.layers, self.batch_size = model, layers, batch_size
         # every token's activations in one matrix, item i's rows from offsets[i] to
-        # offsets[i + 1]: the fit on all items then reads it without a copy (a list of
-        # per-item tensors cost a second full copy at every fit, which ran the bundled
-        # prompt_injection rebuild out of 24 GiB once its train split grew to 432 pairs)
+        # offsets[i + 1], written in place as they are recorded: the fits read it without
+        # holding per-item pieces beside it (the bundled prompt_injection rebuild, a
+        # quarter of a million tokens, once ran out of 24 GiB that way)
         self.tokens = torch.empty(0)
         self.offsets: list[int] = []
         if labels == "sequence":
@@ -292,31 +298,34 @@ class _Fitter:
             # with another thread count, which moves the fitted probe (and the bundled file)
             self.rows = torch.cat([means.rows[layer].double() for layer in layers], dim=1)
         else:
-            rows = record_tokens(model, items, layers, batch_size=batch_size)
-            self.offsets = [0]
-            for r in rows:
-                self.offsets.append(self.offsets[-1] + len(r))
-            self.tokens = torch.cat([r.flatten(1) for r in rows])  # [tokens, L * d] float32
-            del rows
+            self.tokens, self.offsets = record_token_matrix(
+                model, items, layers, batch_size=batch_size
+            )
             self.token_y = token_labels(model, pairs, items)
 
-    def fit(self, pair_ids: Sequence[int]) -> tuple[torch.Tensor, float]:
-        """The probe fitted on these pairs (both sides) and every clean text."""
+    def fit(self, pair_ids: Sequence[int], *, last: bool = False) -> tuple[torch.Tensor, float]:
+        """The probe fitted on these pairs (both sides) and every clean text. `last`: no
+        fit or score follows, so a fit on every item may standardise the recording itself
+        rather than a copy of it (a fit on a subset always works on its own copy)."""
         keep = [*pair_ids, *(self.n + i for i in pair_ids), *range(2 * self.n, len(self.items))]
         if self.labels == "sequence":
-            x = self.rows[keep]  # [kept items, L * d]
+            x = self.rows[keep]  # [kept items, L * d], a copy
             y = torch.tensor([1.0 if i < self.n else 0.0 for i in keep], dtype=torch.float64)
+            overwrite = True
         else:
-            x = (  # [tokens, L * d]
-                self.tokens
-                if keep == list(range(len(self.items)))
-                else torch.cat([self._rows(i) for i in keep])
-            )
             y = torch.cat([self.token_y[i] for i in keep])
+            if keep == list(range(len(self.items))):
+                x, overwrite = self.tokens, last  # [tokens, L * d]
+                if last:
+                    self.tokens = torch.empty(0)  # standardised below: no longer the recording
+            else:
+                x, overwrite = torch.cat([self._rows(i) for i in keep]), True
         if y.sum() == 0:
             raise ConfigError("no positive tokens: every positive equals its negative")
         weight = (len(y) - y.sum()) / y.sum()
-        return fit_logistic(x, y, l2=self.l2, steps=self.steps, positive_weight=weight)
+        return fit_logistic(
+            x, y, l2=self.l2, steps=self.steps, positive_weight=weight, overwrite=overwrite
+        )
 
     def pooled_scores(
         self, probe: tuple[torch.Tensor, float], item_ids: list[int], pooling: str
