@@ -18,7 +18,7 @@ prints the share of each set the model still complies with (greedy 32 tokens,
 bench/results/circuit_breaker_validation.jsonl.
 
     .venv/bin/python bench/circuit_breaker_validation.py NAME [--everyday] [--documents N]
-        [--train-kwargs JSON] [--adapter DIR]
+        [--train-kwargs JSON] [--adapter DIR [DIR ...]]
 
 and the tax on sets no acceptance figure uses: first-token KL to the base model on the
 everyday, look-alike and wrapped harmless sets, perplexity on 60 paragraphs of the bundled
@@ -39,8 +39,12 @@ import argparse
 import hashlib
 import json
 import random
+import shutil
 import time
 from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
 
 import acteng
 from _common import RESULTS
@@ -130,6 +134,49 @@ def earlier_base(key: str, field: str) -> dict[str, float] | None:
     return None
 
 
+def mean_adapter(folders: list[Path], out: Path) -> float:
+    """Write the mean of the adapters' edits to `out` and return the cosine between their
+    whole edits (every module's B·A side by side, in float64), mean over pairs. With rank
+    r each, the stacked factors ``[A_1; ...; A_k]`` and ``[B_1 ... B_k]`` at rank k·r and
+    the same lora_alpha give scale alpha / (k·r) times the sum: exactly the mean edit."""
+    configs = [json.loads((f / "adapter_config.json").read_text()) for f in folders]
+    if len({(c["r"], c["lora_alpha"], c.get("use_rslora", False)) for c in configs}) != 1:
+        raise SystemExit("adapters to average need the same r, lora_alpha and use_rslora")
+    if configs[0].get("use_rslora"):
+        raise SystemExit("rank-stabilised LoRA scales by 1/sqrt(r): stacking is not the mean")
+    weights = [load_file(str(f / "adapter_model.safetensors")) for f in folders]
+    stacked = {
+        key: torch.cat([w[key] for w in weights], dim=0 if ".lora_A." in key else 1)
+        for key in weights[0]
+    }
+    edits = [
+        torch.cat(
+            [
+                (w[k.replace("lora_A", "lora_B")] @ w[k]).double().flatten()
+                for k in sorted(w)
+                if ".lora_A." in k
+            ]
+        )
+        for w in weights
+    ]
+    cosines = [
+        float(torch.nn.functional.cosine_similarity(edits[i], edits[j], dim=0))
+        for i in range(len(edits))
+        for j in range(i + 1, len(edits))
+    ]
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(
+        {k: v.contiguous() for k, v in stacked.items()}, str(out / "adapter_model.safetensors")
+    )
+    config = {**configs[0], "r": configs[0]["r"] * len(folders)}
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    provenance = json.loads((folders[0] / "acteng_training.json").read_text())
+    provenance["averaged_from"] = [str(f) for f in folders]
+    (out / "acteng_training.json").write_text(json.dumps(provenance, indent=2))
+    shutil.copy(folders[0] / "README.md", out / "README.md")
+    return sum(cosines) / len(cosines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("name", help="the run's name (adapter folder and results row)")
@@ -137,7 +184,9 @@ def main() -> None:
     parser.add_argument("--documents", type=int, default=60, help="clean documents (--everyday)")
     parser.add_argument("--train-kwargs", default="{}", help="JSON of trainer arguments")
     parser.add_argument("--eval", type=int, default=40, help="requests per validation set")
-    parser.add_argument("--adapter", help="measure this adapter instead of training one")
+    parser.add_argument(
+        "--adapter", nargs="+", help="measure this adapter (several: their mean edit) instead"
+    )
     args = parser.parse_args()
     base = acteng.load_model()
     sets = validation_sets(args.eval)
@@ -147,6 +196,7 @@ def main() -> None:
     base_tax = earlier_base(sets_hash(sets), "base_tax") or validation_tax(base)
     print("base", base_rates, base_tax, flush=True)
     started = time.perf_counter()
+    averaged, cosine = args.adapter is not None and len(args.adapter) > 1, 0.0
     if args.adapter is None:
         harmful, retain = training_sets(args.everyday, args.documents)
         adapter = train_circuit_breaker(
@@ -157,8 +207,12 @@ def main() -> None:
             progress=True,
             **json.loads(args.train_kwargs),
         ).adapter
+    elif len(args.adapter) == 1:
+        adapter = Path(args.adapter[0])
     else:
-        adapter = Path(args.adapter)
+        adapter = RESULTS / "circuit_breaker_validation" / args.name
+        cosine = mean_adapter([Path(a) for a in args.adapter], adapter)
+        print(f"mean of {len(args.adapter)} edits, cosine between them {cosine:.3f}", flush=True)
     seconds = round(time.perf_counter() - started)
     adapted = acteng.load_model(adapter=adapter)
     rates = {name: complied(base, adapted, convs) for name, convs in sets.items()}
@@ -187,6 +241,7 @@ def main() -> None:
         "base_tax": base_tax,
         "tax": tax,
         "adapter": str(adapter),
+        **({"averaged": args.adapter, "edit_cosine": round(cosine, 3)} if averaged else {}),
     }
     print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
