@@ -15,6 +15,7 @@ openai = pytest.importorskip("openai")
 from starlette.testclient import TestClient  # noqa: E402
 
 import acteng  # noqa: E402
+from acteng.guard import DEFAULT_REFUSAL  # noqa: E402
 from tests.helpers import hook_count  # noqa: E402
 from tests.server.serving import PROMPT, make_app, wait_until  # noqa: E402
 
@@ -186,7 +187,7 @@ def test_guard_blocks_harmful_prompt_and_passes_benign(sdk: Any) -> None:
     verdict = blocked.model_extra["acteng"]["guard"]
     assert verdict["action"] == "block" and verdict["fired_on"] == "prompt"
     assert blocked.choices[0].finish_reason == "content_filter"
-    assert blocked.choices[0].message.content == acteng.guard.DEFAULT_REFUSAL
+    assert blocked.choices[0].message.content == DEFAULT_REFUSAL
     passed = chat(sdk, PROMPT, max_tokens=8, guard=guard)
     assert passed.model_extra["acteng"]["guard"]["action"] == "none"
     assert passed.choices[0].finish_reason == "length"
