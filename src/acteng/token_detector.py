@@ -341,6 +341,8 @@ class _Fitter:
         return [float(pooled(t.double() @ w + b, pooling)) for t in per_item]
 
     def _rows(self, item: int) -> torch.Tensor:
+        if not len(self.tokens):
+            raise RuntimeError("the recording was standardised by the last fit; fit last")
         return self.tokens[self.offsets[item] : self.offsets[item + 1]]
 
 
