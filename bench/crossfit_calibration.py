@@ -80,7 +80,10 @@ class Recorded:
             x = torch.cat([self.flat[i] for i in keep])
             y = torch.cat([self.labels[i] for i in keep])
         weight = (len(y) - y.sum()) / y.sum()
-        return fit_logistic(x, y, l2=self.recipe["l2"], steps=200, positive_weight=weight)
+        # x is a fresh copy (cat / stack), so it is standardised in place: same values
+        return fit_logistic(
+            x, y, l2=self.recipe["l2"], steps=200, positive_weight=weight, overwrite=True
+        )
 
     def scores(self, probe: tuple[torch.Tensor, float], item_ids: list[int]) -> list[float]:
         w, b = probe
