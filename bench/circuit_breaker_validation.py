@@ -42,6 +42,7 @@ import random
 import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -196,7 +197,7 @@ def main() -> None:
     base_tax = earlier_base(sets_hash(sets), "base_tax") or validation_tax(base)
     print("base", base_rates, base_tax, flush=True)
     started = time.perf_counter()
-    averaged, cosine = args.adapter is not None and len(args.adapter) > 1, 0.0
+    averaged: dict[str, Any] = {}  # the row's record of a mean of several adapters
     if args.adapter is None:
         harmful, retain = training_sets(args.everyday, args.documents)
         adapter = train_circuit_breaker(
@@ -213,6 +214,7 @@ def main() -> None:
         adapter = RESULTS / "circuit_breaker_validation" / args.name
         cosine = mean_adapter([Path(a) for a in args.adapter], adapter)
         print(f"mean of {len(args.adapter)} edits, cosine between them {cosine:.3f}", flush=True)
+        averaged = {"averaged": args.adapter, "edit_cosine": round(cosine, 3)}
     seconds = round(time.perf_counter() - started)
     adapted = acteng.load_model(adapter=adapter)
     rates = {name: complied(base, adapted, convs) for name, convs in sets.items()}
@@ -241,7 +243,7 @@ def main() -> None:
         "base_tax": base_tax,
         "tax": tax,
         "adapter": str(adapter),
-        **({"averaged": args.adapter, "edit_cosine": round(cosine, 3)} if averaged else {}),
+        **averaged,
     }
     print(json.dumps(row), flush=True)
     RESULTS.mkdir(exist_ok=True)
