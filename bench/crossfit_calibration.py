@@ -21,9 +21,21 @@ its positives and negatives flagged at the method's threshold (the floors ask >=
 of the inner pairs (whole groups), scored on the same outer cut, to see whether more
 train data of the same kind would still help.
 
+``--leave-out`` asks how the recipe carries over to a kind of input it has never seen: one
+probe per carrier (`prompt_injection`) or wrapper family (`harmful_request`'s wrapped
+pairs; its plain team pairs are always fitted), fitted on the train pairs of every other
+kind and scoring that kind's pairs. Beside it, the same number of probes on as many
+seeded folds of whole documents (`group_folds`), each fitted on as much data: the gap
+between the two is what an unseen kind costs. The held-out scores of all the probes are
+put together, and the threshold flags 5 % of those negatives (so a kind whose scores sit
+higher or lower as a whole shows up in its shares flagged). ``--l2`` / ``--pooling``
+(comma lists) compare other settings than the recipe's on the unseen kinds
+(``--documents``: on the document folds too).
+
     .venv/bin/python bench/crossfit_calibration.py [harmful_request|prompt_injection]
-        [--fractions F,F,...]
-        # ~10 min (harmful_request) / ~40 min (prompt_injection) on 2 cores
+        [--fractions F,F,... | --leave-out [--l2 L,L --pooling P,P [--documents]]]
+        # ~10 min (harmful_request) / ~40 min (prompt_injection) on 2 cores;
+        # --leave-out ~2 / ~35 min
 """
 
 from __future__ import annotations
@@ -40,7 +52,7 @@ from _common import save
 from acteng.activations import record_tokens
 from acteng.detectors import read_items
 from acteng.methods import fit_logistic
-from acteng.pairs import Pairs
+from acteng.pairs import Pairs, bundled_records
 from acteng.pooling import pooled
 from acteng.recipes import RECIPES, recipe_data
 from acteng.token_detector import group_folds, token_labels, validation_cut
@@ -49,6 +61,15 @@ from detectors import auroc
 FOLDS = 4
 OUTER_SEEDS = (0, 1, 2)
 METHODS = ("validation", "crossfit_mean", "crossfit_refit")
+
+
+def contrast_pooled(scores: torch.Tensor, pooling: str) -> torch.Tensor:
+    """`acteng.pooling.pooled`, plus a variant tried here and not shipped: ``"top<k>-mean"``
+    / ``"max-mean"``, how far the top tokens stand out from the message's mean (an unseen
+    carrier shifts a probe's token scores as a whole; the contrast would cancel that)."""
+    if pooling.endswith("-mean"):
+        return pooled(scores, pooling[: -len("-mean")]) - scores.mean()
+    return pooled(scores, pooling)
 
 
 class Recorded:
@@ -70,8 +91,9 @@ class Recorded:
         self.labels = token_labels(model, list(self.train), items)
         self.index = {id(p): i for i, p in enumerate(self.train)}
 
-    def fit(self, pair_ids: list[int]) -> tuple[torch.Tensor, float]:
-        """The recipe's probe fitted on these train pairs and every clean text."""
+    def fit(self, pair_ids: list[int], l2: float | None = None) -> tuple[torch.Tensor, float]:
+        """The recipe's probe (or one with another `l2`) fitted on these train pairs and
+        every clean text."""
         keep = pair_ids + [self.n + i for i in pair_ids] + list(range(2 * self.n, len(self.flat)))
         if self.recipe["labels"] == "sequence":
             x = torch.stack([self.flat[i].double().mean(0) for i in keep])
@@ -82,13 +104,23 @@ class Recorded:
         weight = (len(y) - y.sum()) / y.sum()
         # x is a fresh copy (cat / stack), so it is standardised in place: same values
         return fit_logistic(
-            x, y, l2=self.recipe["l2"], steps=200, positive_weight=weight, overwrite=True
+            x,
+            y,
+            l2=self.recipe["l2"] if l2 is None else l2,
+            steps=200,
+            positive_weight=weight,
+            overwrite=True,
         )
 
-    def scores(self, probe: tuple[torch.Tensor, float], item_ids: list[int]) -> list[float]:
+    def scores(
+        self, probe: tuple[torch.Tensor, float], item_ids: list[int], pooling: str | None = None
+    ) -> list[float]:
         w, b = probe
-        pooling = self.recipe["pooling"]
-        return [float(pooled(self.flat[i].double() @ w.double() + b, pooling)) for i in item_ids]
+        pooling = pooling or self.recipe["pooling"]
+        return [
+            float(contrast_pooled(self.flat[i].double() @ w.double() + b, pooling))
+            for i in item_ids
+        ]
 
     def ids(self, pairs: Pairs) -> list[int]:
         return [self.index[id(p)] for p in pairs]
@@ -119,13 +151,121 @@ def run_method(
     return rec.fit(ids), threshold
 
 
+def kinds(rec: Recorded) -> list[str | None]:
+    """Each train pair's kind: its carrier or wrapper family, None for pairs without one."""
+    out: list[str | None] = []
+    for name in rec.recipe["pairs"]:
+        rows = [r for r in bundled_records(name) if r.get("split") == "train"]
+        out += [r.get("carrier", r.get("family")) for r in rows]
+    if len(out) != rec.n:
+        raise RuntimeError(f"{len(out)} train records for {rec.n} train pairs")
+    return out
+
+
+def held_out_scores(
+    rec: Recorded,
+    groups: list[str | None],
+    l2: float | None = None,
+    poolings: list[str] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """Every pair with a group scored by the probe fitted without its group; per pooling,
+    AUROC and shares flagged at the threshold that flags 5 % of all those negatives,
+    overall and per group."""
+    poolings = poolings or [rec.recipe["pooling"]]
+    scored: dict[str, dict[str, tuple[list[float], list[float]]]] = {p: {} for p in poolings}
+    for g in sorted({g for g in groups if g is not None}):
+        start = time.perf_counter()
+        inside = [i for i in range(rec.n) if groups[i] == g]
+        probe = rec.fit([i for i in range(rec.n) if groups[i] != g], l2)
+        for p in poolings:
+            scored[p][g] = (
+                rec.scores(probe, inside, p),
+                rec.scores(probe, [rec.n + i for i in inside], p),
+            )
+        print(f"  {g}: {len(inside)} pairs, AUROC {auroc(*scored[poolings[0]][g]):.4f} "
+              f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
+    return {p: _flagged(by_group) for p, by_group in scored.items()}
+
+
+def _flagged(scored: dict[str, tuple[list[float], list[float]]]) -> dict[str, Any]:
+    pos = [s for p, _ in scored.values() for s in p]
+    neg = [s for _, n in scored.values() for s in n]
+    threshold = float(torch.quantile(torch.tensor(neg), 0.95))
+
+    def row(p: list[float], n: list[float]) -> dict[str, Any]:
+        return {
+            "pairs": len(p),
+            "auroc": round(auroc(p, n), 4),
+            "positives_flagged": round(sum(s > threshold for s in p) / len(p), 4),
+            "negatives_flagged": round(sum(s > threshold for s in n) / len(n), 4),
+        }
+
+    groups = {g: row(p, n) for g, (p, n) in scored.items()}
+    mean = round(sum(r["auroc"] for r in groups.values()) / len(groups), 4)
+    return {"all": row(pos, neg), "mean_group_auroc": mean, "groups": groups}
+
+
+def document_folds(rec: Recorded, groups: list[str | None]) -> list[str | None]:
+    """As many seeded folds of whole documents as there are kinds, over the pairs that
+    have a kind (the others are always fitted, as when leaving kinds out)."""
+    with_kind = [i for i in range(rec.n) if groups[i] is not None]
+    count = len({groups[i] for i in with_kind})
+    folds = group_folds(Pairs(tuple(rec.train[i] for i in with_kind)), count, rec.recipe["seed"])
+    by_fold: list[str | None] = [None] * rec.n
+    for i, f in zip(with_kind, folds, strict=True):
+        by_fold[i] = f"fold{f}"
+    return by_fold
+
+
+def leave_out(
+    rec: Recorded, l2s: list[float], poolings: list[str], documents: bool
+) -> dict[str, Any]:
+    """Leave-one-kind-out, and with `documents` as many folds of whole documents (see the
+    docstring), for the recipe's L2 and pooling or each of `l2s` x `poolings`."""
+    groups = kinds(rec)
+    groupings = {"unseen_kind": groups}
+    if documents:
+        groupings["document_folds"] = document_folds(rec, groups)
+    out = {}
+    for name, grouping in groupings.items():
+        for l2 in l2s or [rec.recipe["l2"]]:
+            print(f"{name}, L2 {l2:g}", flush=True)
+            for pooling, res in held_out_scores(rec, grouping, l2, poolings).items():
+                out[f"{name}:l2={l2:g},{pooling}"] = res
+                print(f"{name} L2 {l2:g} {pooling}: mean group AUROC "
+                      f"{res['mean_group_auroc']}", json.dumps(res["all"]), flush=True)  # fmt: skip
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("detector", choices=["harmful_request", "prompt_injection"])
     parser.add_argument(
         "--fractions", help="comma-separated shares of the inner pairs: a learning curve"
     )
+    parser.add_argument(
+        "--leave-out",
+        action="store_true",
+        help="leave one carrier / wrapper family out at a time, against document folds",
+    )
+    parser.add_argument("--l2", help="with --leave-out: L2 penalties to compare (comma list)")
+    parser.add_argument("--pooling", help="with --leave-out: poolings to compare (comma list)")
+    parser.add_argument(
+        "--documents",
+        action="store_true",
+        help="with --l2 / --pooling: document folds too (always run without them)",
+    )
     args = parser.parse_args()
+    if args.leave_out:
+        if args.fractions:
+            parser.error("--leave-out and --fractions are two different runs")
+        rec = Recorded(acteng.load_model(), args.detector)
+        l2s = [float(x) for x in args.l2.split(",")] if args.l2 else []
+        poolings = args.pooling.split(",") if args.pooling else []
+        out = leave_out(rec, l2s, poolings, args.documents or not (l2s or poolings))
+        name = "leave_out_" + args.detector + ("_settings" if l2s or poolings else "")
+        print(f"written to {save(name, out)}")
+        return
     fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else []
     # (row label, method, share of the inner pairs it fits on)
     runs = [(f"crossfit_refit@{f:g}", "crossfit_refit", f) for f in fractions] or [
