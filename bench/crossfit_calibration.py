@@ -53,7 +53,7 @@ from acteng.activations import record_tokens
 from acteng.detectors import read_items
 from acteng.methods import fit_logistic
 from acteng.pairs import Pairs, bundled_records
-from acteng.pooling import pooled
+from acteng.pooling import parse_pooling, pooled
 from acteng.recipes import RECIPES, recipe_data
 from acteng.token_detector import group_folds, token_labels, validation_cut
 from detectors import auroc
@@ -70,6 +70,20 @@ def contrast_pooled(scores: torch.Tensor, pooling: str) -> torch.Tensor:
     if pooling.endswith("-mean"):
         return pooled(scores, pooling[: -len("-mean")]) - scores.mean()
     return pooled(scores, pooling)
+
+
+def threshold_at_5(negatives: list[float]) -> float:
+    """The threshold that flags 5 % of these negatives' scores."""
+    return float(torch.quantile(torch.tensor(negatives), 0.95))
+
+
+def flagged(pos: list[float], neg: list[float], threshold: float) -> dict[str, float]:
+    """AUROC and the shares of positives and negatives scored above `threshold`."""
+    return {
+        "auroc": round(auroc(pos, neg), 4),
+        "positives_flagged": round(sum(s > threshold for s in pos) / len(pos), 4),
+        "negatives_flagged": round(sum(s > threshold for s in neg) / len(neg), 4),
+    }
 
 
 class Recorded:
@@ -134,7 +148,7 @@ def run_method(
         fit, cut = validation_cut(inner, 0.25, rec.recipe["seed"])
         probe = rec.fit(rec.ids(fit))
         negatives = rec.scores(probe, [rec.n + i for i in rec.ids(cut)])
-        return probe, float(torch.quantile(torch.tensor(negatives), 0.95))
+        return probe, threshold_at_5(negatives)
     ids = rec.ids(inner)
     folds = group_folds(inner, FOLDS, rec.recipe["seed"])
     probes, negatives = [], []
@@ -144,7 +158,7 @@ def run_method(
         negatives += rec.scores(
             probe, [rec.n + i for i, f in zip(ids, folds, strict=True) if f == k]
         )
-    threshold = float(torch.quantile(torch.tensor(negatives), 0.95))
+    threshold = threshold_at_5(negatives)
     if method == "crossfit_mean":
         mean = torch.stack([w for w, _ in probes]).mean(0), sum(b for _, b in probes) / FOLDS
         return mean, threshold
@@ -184,21 +198,16 @@ def held_out_scores(
             )
         print(f"  {g}: {len(inside)} pairs, AUROC {auroc(*scored[poolings[0]][g]):.4f} "
               f"({time.perf_counter() - start:.0f} s)", flush=True)  # fmt: skip
-    return {p: _flagged(by_group) for p, by_group in scored.items()}
+    return {p: _flagged_by_group(by_group) for p, by_group in scored.items()}
 
 
-def _flagged(scored: dict[str, tuple[list[float], list[float]]]) -> dict[str, Any]:
+def _flagged_by_group(scored: dict[str, tuple[list[float], list[float]]]) -> dict[str, Any]:
     pos = [s for p, _ in scored.values() for s in p]
     neg = [s for _, n in scored.values() for s in n]
-    threshold = float(torch.quantile(torch.tensor(neg), 0.95))
+    threshold = threshold_at_5(neg)
 
     def row(p: list[float], n: list[float]) -> dict[str, Any]:
-        return {
-            "pairs": len(p),
-            "auroc": round(auroc(p, n), 4),
-            "positives_flagged": round(sum(s > threshold for s in p) / len(p), 4),
-            "negatives_flagged": round(sum(s > threshold for s in n) / len(n), 4),
-        }
+        return {"pairs": len(p), **flagged(p, n, threshold)}
 
     groups = {g: row(p, n) for g, (p, n) in scored.items()}
     mean = round(sum(r["auroc"] for r in groups.values()) / len(groups), 4)
@@ -256,12 +265,19 @@ def main() -> None:
         help="with --l2 / --pooling: document folds too (always run without them)",
     )
     args = parser.parse_args()
+    if not args.leave_out and (args.l2 or args.pooling or args.documents):
+        parser.error("--l2, --pooling and --documents compare settings of --leave-out: add it")
     if args.leave_out:
         if args.fractions:
             parser.error("--leave-out and --fractions are two different runs")
-        rec = Recorded(acteng.load_model(), args.detector)
-        l2s = [float(x) for x in args.l2.split(",")] if args.l2 else []
+        try:
+            l2s = [float(x) for x in args.l2.split(",")] if args.l2 else []
+        except ValueError:
+            parser.error(f"--l2 takes numbers separated by commas (e.g. 300,1000), got {args.l2!r}")
         poolings = args.pooling.split(",") if args.pooling else []
+        for pooling in poolings:  # before minutes of recording
+            parse_pooling(pooling.removesuffix("-mean"))
+        rec = Recorded(acteng.load_model(), args.detector)
         out = leave_out(rec, l2s, poolings, args.documents or not (l2s or poolings))
         name = "leave_out_" + args.detector + ("_settings" if l2s or poolings else "")
         print(f"written to {save(name, out)}")
@@ -287,9 +303,7 @@ def main() -> None:
                 "method": label,
                 "outer_pairs": len(outer),
                 "inner_pairs": len(used),
-                "auroc": round(auroc(pos, neg), 4),
-                "positives_flagged": round(sum(s > threshold for s in pos) / len(pos), 4),
-                "negatives_flagged": round(sum(s > threshold for s in neg) / len(neg), 4),
+                **flagged(pos, neg, threshold),
                 "seconds": round(time.perf_counter() - start),
             }
             results.append(row)
