@@ -1,15 +1,11 @@
 """Calibrating a token detector by cross-fitting, compared with one validation cut.
 
-Research bench for issue 18. The bundled token detectors (`harmful_request`,
-`prompt_injection`) keep a seeded quarter of their train pairs (whole documents or
-wrappers) out of fitting and set the threshold at 5 % of that quarter's negatives: the
-probe sees 75 % of the train pairs, and the threshold rests on a quarter of the negatives
-(about 80 documents for `prompt_injection`, so 5 % is four of them). Cross-fitting uses
-all of them: four folds of whole groups (`acteng.token_detector.group_folds`), a probe
-fitted without each fold scores that fold's negatives, and the threshold is the 95th
-percentile of those out-of-fold scores. The probe shipped is then either the mean of the
-four fold probes (``crossfit_mean``) or one probe refitted on all the train pairs
-(``crossfit_refit``).
+Research bench for issue 18. A token detector's threshold can rest on one seeded
+validation cut of whole groups of its train pairs (documents, wrappers: `acteng.held_out`)
+or on cross-fitting: four folds of whole groups, each fold's negatives scored by a probe
+fitted without it, the threshold at the 95th percentile of those out-of-fold scores, and
+the probe shipped the mean of the fold probes (``crossfit_mean``) or one refitted on all
+the train pairs (``crossfit_refit``, what the bundled detectors do).
 
 Nothing here reads a test split. The comparison is nested: an outer seeded cut of whole
 groups of the *train* pairs plays the unseen data, each method runs on the rest exactly as
@@ -32,8 +28,17 @@ higher or lower as a whole shows up in its shares flagged). ``--l2`` / ``--pooli
 (comma lists) compare other settings than the recipe's on the unseen kinds
 (``--documents``: on the document folds too).
 
+``--unseen-wording`` asks what the document folds leave out: the test splits also write
+their own planted instructions (and requests), whereas train documents share them (an
+injected line recurs in up to six). Four folds of whole documents; each fold scored by a
+probe fitted on (a) every other pair, (b) only the other pairs whose differing span (the
+planted line, the request) shares no run of 5 words with a span in the fold, and (c) as
+many other pairs drawn at random, so (b) against (c) is the cost of unseen wording at the
+same amount of data. ``--l2`` / ``--pooling`` compare settings on (b).
+
     .venv/bin/python bench/crossfit_calibration.py [harmful_request|prompt_injection]
-        [--fractions F,F,... | --leave-out [--l2 L,L --pooling P,P [--documents]]]
+        [--fractions F,F,... | --leave-out [--l2 L,L --pooling P,P [--documents]]
+         | --unseen-wording [--l2 L,L --pooling P,P]]
         # ~10 min (harmful_request) / ~40 min (prompt_injection) on 2 cores;
         # --leave-out ~2 / ~35 min
 """
@@ -41,7 +46,10 @@ higher or lower as a whole shows up in its shares flagged). ``--l2`` / ``--pooli
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
+import random
+import re
 import time
 from typing import Any
 
@@ -59,6 +67,7 @@ from acteng.token_detector import group_folds, token_labels, validation_cut
 from detectors import auroc
 
 FOLDS = 4
+RUN = 5  # words: with --unseen-wording no fitted pair shares a run this long of its span
 OUTER_SEEDS = (0, 1, 2)
 METHODS = ("validation", "crossfit_mean", "crossfit_refit")
 
@@ -246,6 +255,57 @@ def leave_out(
     return out
 
 
+def differing_span(positive: str, negative: str) -> str:
+    """The positive's words from the first to the last that differ from the negative: the
+    planted line of a `prompt_injection` pair, the request of a wrapped harmful one."""
+    a, b = positive.split(), negative.split()
+    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
+    changed = [(i1, i2) for op, i1, i2, _, _ in ops if op != "equal"]
+    if not changed:
+        return ""
+    return " ".join(a[min(i for i, _ in changed) : max(i for _, i in changed)])
+
+
+def word_runs(text: str, run: int = RUN) -> set[str]:
+    words = re.findall(r"[a-z0-9']+", text.lower())
+    return {" ".join(words[j : j + run]) for j in range(len(words) - run + 1)}
+
+
+def unseen_wording(rec: Recorded, l2s: list[float], poolings: list[str]) -> dict[str, Any]:
+    """Document folds scored by probes fitted on every other pair, on the other pairs whose
+    span shares no `RUN`-word run with the fold's spans, and on as many random other pairs
+    (see the docstring); with `l2s` / `poolings`, those settings on the second only."""
+    spans = [word_runs(differing_span(p.positive, p.negative)) for p in rec.train]
+    folds = group_folds(rec.train, FOLDS, rec.recipe["seed"])
+    compare = bool(l2s or poolings)
+    l2s, poolings = l2s or [rec.recipe["l2"]], poolings or [rec.recipe["pooling"]]
+    scored: dict[str, dict[str, tuple[list[float], list[float]]]] = {}
+    for k in range(FOLDS):
+        held = [i for i in range(rec.n) if folds[i] == k]
+        held_runs = set().union(*(spans[i] for i in held))
+        rest = [i for i in range(rec.n) if folds[i] != k]
+        unseen = [i for i in rest if not spans[i] & held_runs]
+        fits = {"unseen_wording": unseen}
+        if not compare:
+            control = sorted(random.Random(rec.recipe["seed"] + k).sample(rest, len(unseen)))
+            fits = {"all_documents": rest, "same_size": control, **fits}
+        print(f"fold {k}: {len(held)} held out; fitted on {len(rest)} / {len(unseen)} "
+              "without their wording", flush=True)  # fmt: skip
+        for name, ids in fits.items():
+            for l2 in l2s:
+                probe = rec.fit(ids, l2)
+                for pooling in poolings:
+                    label = f"{name}:l2={l2:g},{pooling}"
+                    pos = rec.scores(probe, held, pooling)
+                    neg = rec.scores(probe, [rec.n + i for i in held], pooling)
+                    scored.setdefault(label, {})[f"fold{k}"] = (pos, neg)
+    out = {}
+    for label, by_fold in scored.items():
+        out[label] = _flagged_by_group(by_fold)
+        print(label, json.dumps(out[label]["all"]), flush=True)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("detector", choices=["harmful_request", "prompt_injection"])
@@ -257,19 +317,31 @@ def main() -> None:
         action="store_true",
         help="leave one carrier / wrapper family out at a time, against document folds",
     )
-    parser.add_argument("--l2", help="with --leave-out: L2 penalties to compare (comma list)")
-    parser.add_argument("--pooling", help="with --leave-out: poolings to compare (comma list)")
+    parser.add_argument(
+        "--unseen-wording",
+        action="store_true",
+        help="document folds whose planted lines / requests no fitted pair shares",
+    )
+    parser.add_argument(
+        "--l2", help="with --leave-out / --unseen-wording: L2 penalties to compare (comma list)"
+    )
+    parser.add_argument(
+        "--pooling", help="with --leave-out / --unseen-wording: poolings to compare (comma list)"
+    )
     parser.add_argument(
         "--documents",
         action="store_true",
         help="with --l2 / --pooling: document folds too (always run without them)",
     )
     args = parser.parse_args()
-    if not args.leave_out and (args.l2 or args.pooling or args.documents):
-        parser.error("--l2, --pooling and --documents compare settings of --leave-out: add it")
-    if args.leave_out:
-        if args.fractions:
-            parser.error("--leave-out and --fractions are two different runs")
+    held_out = args.leave_out or args.unseen_wording
+    if not held_out and (args.l2 or args.pooling):
+        parser.error("--l2 and --pooling compare settings of --leave-out or --unseen-wording")
+    if args.documents and not args.leave_out:
+        parser.error("--documents adds document folds to --leave-out: add it")
+    if held_out:
+        if sum(map(bool, (args.fractions, args.leave_out, args.unseen_wording))) > 1:
+            parser.error("--fractions, --leave-out and --unseen-wording are different runs")
         try:
             l2s = [float(x) for x in args.l2.split(",")] if args.l2 else []
         except ValueError:
@@ -278,8 +350,12 @@ def main() -> None:
         for pooling in poolings:  # before minutes of recording
             parse_pooling(pooling.removesuffix("-mean"))
         rec = Recorded(acteng.load_model(), args.detector)
-        out = leave_out(rec, l2s, poolings, args.documents or not (l2s or poolings))
-        name = "leave_out_" + args.detector + ("_settings" if l2s or poolings else "")
+        if args.unseen_wording:
+            out, name = unseen_wording(rec, l2s, poolings), "unseen_wording_"
+        else:
+            out = leave_out(rec, l2s, poolings, args.documents or not (l2s or poolings))
+            name = "leave_out_"
+        name += args.detector + ("_settings" if l2s or poolings else "")
         print(f"written to {save(name, out)}")
         return
     fractions = [float(f) for f in args.fractions.split(",")] if args.fractions else []
