@@ -65,6 +65,27 @@ def test_saved_edits_are_a_peft_adapter_that_reproduces_them(
     assert read_provenance(folder)["figures"] == {"forget_mc": 0.3, "retain_mc": 0.5}
 
 
+@pytest.mark.parametrize("projection", ["mlp.down_proj", "mlp.up_proj"])
+def test_saved_factors_multiply_back_to_the_edit_exactly(
+    tiny_llama: acteng.Model, tmp_path: Path, projection: str
+) -> None:
+    """Both orientations (out < in, out > in): B @ A is the edit bit for bit, with the
+    rank the smaller side, and no factorisation to wait for on a large model."""
+    from safetensors.torch import load_file
+
+    path = f"{tiny_llama.layout.blocks}.1.{projection}"
+    weight = tiny_llama.hf.get_submodule(path).weight
+    edit = 0.1 * torch.randn(weight.shape, generator=torch.Generator().manual_seed(1))
+    folder = save_weight_edits(tiny_llama, {path: edit}, tmp_path / "adapter", {"method": "t"})
+    tensors = load_file(str(folder / "adapter_model.safetensors"))
+    a = tensors[f"base_model.model.{path}.lora_A.weight"]
+    b = tensors[f"base_model.model.{path}.lora_B.weight"]
+    assert a.shape[0] == b.shape[1] == min(weight.shape)
+    assert torch.equal(b @ a, edit)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    assert config["r"] == config["lora_alpha"] == min(weight.shape)
+
+
 def test_train_rmu_writes_an_adapter_and_leaves_the_model_alone(
     tiny_llama: acteng.Model, tmp_path: Path
 ) -> None:

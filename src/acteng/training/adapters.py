@@ -51,10 +51,15 @@ def texts_hash(texts: Sequence[str]) -> str:
 
 
 def _lora_pair(delta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(A [r, in], B [out, r]) with ``B @ A == delta`` and r = min(out, in)."""
-    u, s, vh = torch.linalg.svd(delta.double(), full_matrices=False)
-    root = s.sqrt()
-    return (root[:, None] * vh).float().contiguous(), (u * root[None, :]).float().contiguous()
+    """(A [r, in], B [out, r]) with ``B @ A == delta`` exactly and r = min(out, in): the
+    edit itself on one side, an identity on the other. (An SVD gives the same shapes but
+    took minutes a checkpoint for an 8B model's MLP projections, 4096 x 14336, on CPU,
+    and is exact only to its float32 rounding.)"""
+    out_features, in_features = delta.shape
+    edit = delta.float().contiguous()
+    if out_features <= in_features:
+        return edit, torch.eye(out_features)
+    return torch.eye(in_features), edit
 
 
 def save_weight_edits(
