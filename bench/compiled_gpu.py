@@ -68,10 +68,16 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def build(shape: str, device: str, dtype: torch.dtype) -> acteng.Model:
+def build(
+    shape: str, device: str, dtype: torch.dtype, *, vocab_size: int | None = None
+) -> acteng.Model:
+    """A random-weight model of `shape` (`vocab_size` at least: a real tokenizer's ids
+    must fit the tiny shape's embedding)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    config = LlamaConfig(**SHAPES[shape], bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    sizes = dict(SHAPES[shape])
+    sizes["vocab_size"] = max(sizes["vocab_size"], vocab_size or 0)
+    config = LlamaConfig(**sizes, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:

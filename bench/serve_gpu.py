@@ -32,6 +32,7 @@ import torch
 from torch._dynamo.utils import counters
 
 import acteng
+from acteng.monitoring import Readout
 from acteng.server.engine import Engine, Event
 from acteng.server.requests import GenerationRequest, Monitored
 from acteng.steering.spec import SteeringSpec
@@ -48,23 +49,25 @@ class _Tokenizer:
         return " ".join(map(str, ids))
 
 
-def _monitor(vector: acteng.SteeringVector, key: str, device: torch.device) -> Monitored:
-    layers = tuple(vector.layers)
-    units = {x: (vector[x] / vector[x].norm()).to(device) for x in layers}
-    return Monitored(key=key, name=key, layers=layers, units=units)
+def _monitor(model: acteng.Model, vector: acteng.SteeringVector, key: str) -> Monitored:
+    """A monitor as the server resolves one: units on the model's device and dtype."""
+    readout = Readout.of(model, vector)
+    return Monitored(key=key, name=key, layers=readout.layers, units=readout.units)
 
 
 def _run_all(engine: Engine, requests: list[GenerationRequest]) -> int:
-    """Submit all, wait for all; the number of tokens generated."""
+    """Submit all, wait for all; the number of tokens generated. A request that fails
+    stops the bench (a failed request would time as a fast one)."""
     left = threading.Semaphore(0)
     tokens = [0]
+    errors: list[str] = []
 
     def sink(event: Event) -> None:
         if event.kind == "done":
             tokens[0] += int(event.summary["completion_tokens"])
         if event.kind in ("done", "error"):
             if event.kind == "error":
-                print("error:", event.text, flush=True)
+                errors.append(str(event.text))
             left.release()
 
     for request in requests:
@@ -73,6 +76,8 @@ def _run_all(engine: Engine, requests: list[GenerationRequest]) -> int:
         left.acquire()
     if engine.model.device.type == "cuda":
         torch.cuda.synchronize()
+    if errors:
+        raise RuntimeError(f"{len(errors)} of {len(requests)} requests failed: {errors[0]}")
     return tokens[0]
 
 
@@ -85,12 +90,18 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="default: bfloat16 on cuda, float32 elsewhere",
+    )
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/)")
     args = parser.parse_args()
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
     model = build(args.shape, args.device, dtype)
     model.tokenizer = _Tokenizer()  # type: ignore[assignment]
-    n, device = args.requests, model.device
+    n = args.requests
     generator = torch.Generator().manual_seed(0)
 
     def vector() -> acteng.SteeringVector:
@@ -101,7 +112,7 @@ def main() -> None:
         return acteng.SteeringVector(directions, {"model": model.identity(), "method": "random"})
 
     pools = [[vector() for _ in range(n)] for _ in range(2)]  # alternated: new values each call
-    monitors = [_monitor(vector(), f"m{i}", device) for i in range(2)]
+    monitors = [_monitor(model, vector(), f"m{i}") for i in range(2)]
     vocab = SHAPES[args.shape]["vocab_size"]
     prompts = [
         torch.randint(3, vocab, (args.prompt,), generator=generator).tolist() for _ in range(n)
@@ -167,17 +178,18 @@ def main() -> None:
         result["warmup_compile_s"] = round(time.perf_counter() - start, 1)
         before = int(counters["stats"]["unique_graphs"])
         times: dict[str, list[float]] = {k: [] for k in kinds}
+        made: dict[str, int] = {}
         for r in range(args.rounds):
             for kind in kinds[r % len(kinds) :] + kinds[: r % len(kinds)]:
                 start = time.perf_counter()
-                tokens = _run_all(engine, requests(kind))
+                made[kind] = _run_all(engine, requests(kind))
                 times[kind].append(time.perf_counter() - start)
         result["recompiles_during_timed_rounds"] = int(counters["stats"]["unique_graphs"]) - before
     finally:
         engine.stop()
     medians = {k: statistics.median(v) for k, v in times.items()}
     result["seconds"] = {k: [round(x, 4) for x in v] for k, v in times.items()}
-    result["tok_s"] = {k: round(tokens / v, 1) for k, v in medians.items()}
+    result["tok_s"] = {k: round(made[k] / v, 1) for k, v in medians.items()}
     result["ratio_vs_off"] = {k: round(v / medians["off"], 4) for k, v in medians.items()}
     result["compiled_vs_eager_off"] = round(result["tok_s"]["off"] / result["eager_off_tok_s"], 2)
     print(json.dumps(result, indent=2), flush=True)
