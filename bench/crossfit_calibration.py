@@ -46,7 +46,6 @@ same amount of data. ``--l2`` / ``--pooling`` compare settings on (b).
 from __future__ import annotations
 
 import argparse
-import difflib
 import json
 import random
 import re
@@ -63,7 +62,7 @@ from acteng.methods import fit_logistic
 from acteng.pairs import Pairs, bundled_records
 from acteng.pooling import parse_pooling, pooled
 from acteng.recipes import RECIPES, recipe_data
-from acteng.token_detector import group_folds, token_labels, validation_cut
+from acteng.token_detector import differing_span, group_folds, token_labels, validation_cut
 from detectors import auroc
 
 FOLDS = 4
@@ -255,17 +254,6 @@ def leave_out(
     return out
 
 
-def differing_span(positive: str, negative: str) -> str:
-    """The positive's words from the first to the last that differ from the negative: the
-    planted line of a `prompt_injection` pair, the request of a wrapped harmful one."""
-    a, b = positive.split(), negative.split()
-    ops = difflib.SequenceMatcher(None, a, b, autojunk=False).get_opcodes()
-    changed = [(i1, i2) for op, i1, i2, _, _ in ops if op != "equal"]
-    if not changed:
-        return ""
-    return " ".join(a[min(i for i, _ in changed) : max(i for _, i in changed)])
-
-
 def word_runs(text: str, run: int = RUN) -> set[str]:
     words = re.findall(r"[a-z0-9']+", text.lower())
     return {" ".join(words[j : j + run]) for j in range(len(words) - run + 1)}
@@ -275,7 +263,9 @@ def unseen_wording(rec: Recorded, l2s: list[float], poolings: list[str]) -> dict
     """Document folds scored by probes fitted on every other pair, on the other pairs whose
     span shares no `RUN`-word run with the fold's spans, and on as many random other pairs
     (see the docstring); with `l2s` / `poolings`, those settings on the second only."""
-    spans = [word_runs(differing_span(p.positive, p.negative)) for p in rec.train]
+    # the span the probe's positive tokens come from: the planted line, the request
+    spans = [word_runs(p.positive[slice(*differing_span(p.positive, p.negative))])
+             for p in rec.train]  # fmt: skip
     folds = group_folds(rec.train, FOLDS, rec.recipe["seed"])
     compare = bool(l2s or poolings)
     l2s, poolings = l2s or [rec.recipe["l2"]], poolings or [rec.recipe["pooling"]]
