@@ -9,9 +9,10 @@ MB), and runs acteng's own trainers with their defaults on the bundled data:
   requests (32 greedy tokens each), then 150 LoRA steps at the depth-scaled target layers,
 - `train_rmu` on the bundled cooking corpus: 200 steps on three MLP output projections.
 
-It reports each run's wall time, the time before its first step (answers, encoding, the
-frozen model's statistics), the median seconds a step (checkpoint saves fall outside the
-median), and the peak GPU memory. Random weights make the losses meaningless; the cost
+It reports each run's wall time, the time until its first step is done
+(``before_first_step_s``: answers, encoding, the frozen model's statistics, and that
+step), the median seconds a step (checkpoint saves fall outside the median), and the peak
+GPU memory. Random weights make the losses meaningless; the cost
 of a step depends only on the shapes and the token counts, which are the real ones (the
 requests are tokenised as the default model's tokenizer does, and a random model's
 answers run to the full 32 tokens, as a complying model's do).
@@ -55,7 +56,8 @@ def save_tokenizer(folder: Path) -> None:
 def timed_run(
     name: str, train: Callable[[Callable[[int, dict[str, float]], None]], Any], device: str
 ) -> dict[str, Any]:
-    """Run `train(on_step)`; the wall time, the time to the first step, seconds a step."""
+    """Run `train(on_step)`; the wall time, the time until the first step is done, the
+    seconds between steps."""
     marks: list[float] = []
     if device == "cuda":
         torch.cuda.synchronize()
