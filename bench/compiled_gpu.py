@@ -68,15 +68,28 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def build(
-    shape: str, device: str, dtype: torch.dtype, *, vocab_size: int | None = None
-) -> acteng.Model:
-    """A random-weight model of `shape` (`vocab_size` at least: a real tokenizer's ids
-    must fit the tiny shape's embedding)."""
+def add_dtype_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float32"],
+        default=None,
+        help="default: bfloat16 on cuda, float32 elsewhere",
+    )
+
+
+def chosen_dtype(args: argparse.Namespace) -> torch.dtype:
+    """`--dtype` (see `add_dtype_argument`), else bf16 on CUDA and float32 elsewhere."""
+    return getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+
+
+def build(shape: str, device: str, dtype: torch.dtype, tokenizer: Any = None) -> acteng.Model:
+    """A random-weight model of `shape`, with `tokenizer` if given (the vocabulary grows
+    to hold its ids: the tiny shape's is smaller than a real tokenizer's)."""
     from transformers import AutoModelForCausalLM, LlamaConfig
 
     sizes = dict(SHAPES[shape])
-    sizes["vocab_size"] = max(sizes["vocab_size"], vocab_size or 0)
+    if tokenizer is not None:
+        sizes["vocab_size"] = max(sizes["vocab_size"], len(tokenizer))
     config = LlamaConfig(**sizes, bos_token_id=1, eos_token_id=2, pad_token_id=0)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
@@ -86,7 +99,7 @@ def build(
             hf = AutoModelForCausalLM.from_config(config).eval()
     finally:
         torch.set_default_dtype(previous)
-    return acteng.Model(hf, None, name=f"random-{shape}")
+    return acteng.Model(hf, tokenizer, name=f"random-{shape}")
 
 
 def copy_bandwidth(device: str) -> float | None:
@@ -219,10 +232,11 @@ def main() -> None:
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--profile", action="store_true", help="print GPU kernels per condition")
+    add_dtype_argument(parser)
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/)")
     args = parser.parse_args()
     torch._dynamo.config.automatic_dynamic_shapes = False  # one static graph per batch size
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = chosen_dtype(args)
     start = time.perf_counter()
     model = build(args.shape, args.device, dtype)
     build_s = time.perf_counter() - start

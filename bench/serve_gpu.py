@@ -36,7 +36,7 @@ from acteng.monitoring import Readout
 from acteng.server.engine import Engine, Event
 from acteng.server.requests import GenerationRequest, Monitored
 from acteng.steering.spec import SteeringSpec
-from compiled_gpu import SHAPES, build
+from compiled_gpu import SHAPES, add_dtype_argument, build, chosen_dtype
 
 
 class _Tokenizer:
@@ -90,15 +90,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--prompt", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float32"],
-        default=None,
-        help="default: bfloat16 on cuda, float32 elsewhere",
-    )
+    add_dtype_argument(parser)
     parser.add_argument("--out", default=None, help="JSON file (default bench/results/)")
     args = parser.parse_args()
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = chosen_dtype(args)
     model = build(args.shape, args.device, dtype)
     model.tokenizer = _Tokenizer()  # type: ignore[assignment]
     n = args.requests

@@ -40,7 +40,7 @@ import torch
 
 import acteng
 from acteng.training import train_circuit_breaker, train_rmu
-from compiled_gpu import SHAPES, build
+from compiled_gpu import SHAPES, add_dtype_argument, build, chosen_dtype
 
 RESULTS = Path(__file__).parent / "results"
 TOKENIZER = RESULTS / "tokenizer"
@@ -92,12 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
     parser.add_argument("--device", default="cuda")
-    parser.add_argument(
-        "--dtype",
-        choices=["bfloat16", "float32"],
-        default=None,
-        help="default: bfloat16 on cuda, float32 elsewhere",
-    )
+    add_dtype_argument(parser)
     parser.add_argument("--tokenizer", default=str(TOKENIZER))
     parser.add_argument("--steps", type=int, default=None, help="default: each trainer's own")
     parser.add_argument("--only", choices=["circuit_breaker", "rmu"], default=None)
@@ -116,11 +111,10 @@ def main() -> None:
 
     # the answers' cache must not hand one random model's answers to another
     os.environ["ACTENG_CACHE"] = tempfile.mkdtemp(prefix="acteng-training-gpu-")
-    dtype = getattr(torch, args.dtype or ("bfloat16" if args.device == "cuda" else "float32"))
+    dtype = chosen_dtype(args)
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     start = time.perf_counter()
-    bare = build(args.shape, args.device, dtype, vocab_size=len(tokenizer))
-    model = acteng.Model(bare.hf, tokenizer, name=f"random-{args.shape}")
+    model = build(args.shape, args.device, dtype, tokenizer)
     build_s = time.perf_counter() - start
     steps = {} if args.steps is None else {"steps": args.steps}
     result: dict[str, Any] = {
