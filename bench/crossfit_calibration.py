@@ -50,6 +50,7 @@ import json
 import random
 import re
 import time
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -113,16 +114,20 @@ class Recorded:
         self.labels = token_labels(model, list(self.train), items)
         self.index = {id(p): i for i, p in enumerate(self.train)}
 
-    def fit(self, pair_ids: list[int], l2: float | None = None) -> tuple[torch.Tensor, float]:
-        """The recipe's probe (or one with another `l2`) fitted on these train pairs and
-        every clean text."""
+    def fit(
+        self, pair_ids: list[int], l2: float | None = None, extra: Sequence[torch.Tensor] = ()
+    ) -> tuple[torch.Tensor, float]:
+        """The recipe's probe (or one with another `l2`) fitted on these train pairs, every
+        clean text, and `extra` clean texts' recorded tokens (negatives too)."""
         keep = pair_ids + [self.n + i for i in pair_ids] + list(range(2 * self.n, len(self.flat)))
+        rows, labels = [self.flat[i] for i in keep] + list(extra), [self.labels[i] for i in keep]
+        labels += [torch.zeros(len(r)) for r in extra]
         if self.recipe["labels"] == "sequence":
-            x = torch.stack([self.flat[i].double().mean(0) for i in keep])
+            x = torch.stack([r.double().mean(0) for r in rows])
             y = torch.tensor([1.0 if i < self.n else 0.0 for i in keep], dtype=torch.float64)
+            y = torch.cat([y, torch.zeros(len(extra), dtype=torch.float64)])
         else:
-            x = torch.cat([self.flat[i] for i in keep])
-            y = torch.cat([self.labels[i] for i in keep])
+            x, y = torch.cat(rows), torch.cat(labels)
         weight = (len(y) - y.sum()) / y.sum()
         # x is a fresh copy (cat / stack), so it is standardised in place: same values
         return fit_logistic(
@@ -149,19 +154,20 @@ class Recorded:
 
 
 def run_method(
-    rec: Recorded, inner: Pairs, method: str
+    rec: Recorded, inner: Pairs, method: str, extra: Sequence[torch.Tensor] = ()
 ) -> tuple[tuple[torch.Tensor, float], float]:
-    """(probe, threshold) as `method` makes them from the `inner` pairs."""
+    """(probe, threshold) as `method` makes them from the `inner` pairs (and `extra` clean
+    texts' tokens, fitted as negatives and never calibrated on, as the trainer's `clean`)."""
     if method == "validation":
         fit, cut = validation_cut(inner, 0.25, rec.recipe["seed"])
-        probe = rec.fit(rec.ids(fit))
+        probe = rec.fit(rec.ids(fit), extra=extra)
         negatives = rec.scores(probe, [rec.n + i for i in rec.ids(cut)])
         return probe, threshold_at_5(negatives)
     ids = rec.ids(inner)
     folds = group_folds(inner, FOLDS, rec.recipe["seed"])
     probes, negatives = [], []
     for k in range(FOLDS):
-        probe = rec.fit([i for i, f in zip(ids, folds, strict=True) if f != k])
+        probe = rec.fit([i for i, f in zip(ids, folds, strict=True) if f != k], extra=extra)
         probes.append(probe)
         negatives += rec.scores(
             probe, [rec.n + i for i, f in zip(ids, folds, strict=True) if f == k]
@@ -170,7 +176,7 @@ def run_method(
     if method == "crossfit_mean":
         mean = torch.stack([w for w, _ in probes]).mean(0), sum(b for _, b in probes) / FOLDS
         return mean, threshold
-    return rec.fit(ids), threshold
+    return rec.fit(ids, extra=extra), threshold
 
 
 def kinds(rec: Recorded) -> list[str | None]:
