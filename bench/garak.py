@@ -73,6 +73,15 @@ GUARDS = {
         "--policy",
         "block",
     ],
+    # for traffic with pasted documents (docs/defences.md)
+    "harmful_request_documents+prompt_injection": [
+        "--guard",
+        "harmful_request_documents",
+        "--guard",
+        "prompt_injection",
+        "--policy",
+        "block",
+    ],
 }
 # DAN prompts run to ~1,400 tokens; promptinject asks for up to 256 new tokens itself (the
 # server refuses a request above its cap with a 400, which garak counts as no answer).

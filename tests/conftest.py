@@ -20,7 +20,7 @@ import torch
 import acteng
 from tests.helpers import FAMILY_CONFIGS, TINY, spread_weights
 
-# Rebuilding the refusal, harmful_request and prompt_injection files from their recipes
+# Rebuilding the refusal, harmful_request(_documents) and prompt_injection files from their recipes
 # takes 4-50 min each at one thread (259-787 s measured on a fast day with cross-fitted
 # thresholds; 620-1998 s on a slow one before them, which fitted once instead of five
 # times), more than CI's 90 minutes can hold beside everything else on a slow machine. CI

@@ -17,7 +17,7 @@ from tests.helpers import check_rebuild
 
 # Rebuilds longer than a few minutes run only with ACTENG_REBUILD=1 (tests/conftest.py);
 # the provenance test below checks every file's recipe and data on every run.
-LONG = {"harmful_request", "prompt_injection", "refusal"}
+LONG = {"harmful_request", "harmful_request_documents", "prompt_injection", "refusal"}
 
 
 def test_every_recipe_ships_a_file() -> None:
@@ -79,3 +79,26 @@ def test_refusal_recipe_starts_where_the_shipped_one_did(smollm2: acteng.Model) 
 def test_bundled_files_refuse_another_model(tiny_llama: acteng.Model) -> None:
     with pytest.raises(IncompatibleVectorError):
         load_vector("refusal", model=tiny_llama)
+
+
+def test_harmful_request_documents_fits_each_clean_train_document_once() -> None:
+    """Its recipe fits the prompt-injection train documents' clean sides as harmless text,
+    one per document (a document's pairs differ by one line), never an injected side or
+    a test document."""
+    from acteng.held_out import shared_text_groups
+
+    _, clean = recipe_data("harmful_request_documents")
+    train = acteng.load_pairs("prompt_injection", split="train")
+    assert set(clean) <= {p.negative for p in train}
+    assert not set(clean) & {p.positive for p in acteng.load_pairs("prompt_injection")}
+    groups = shared_text_groups([p.negative for p in train])
+    assert len(clean) == len(set(groups)) == len(set(clean))
+
+
+def test_a_clean_set_with_an_unknown_side_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    from acteng.errors import ConfigError
+
+    recipe = {**RECIPES["harmful_request"], "clean": [{"pairs": "prompt_injection", "side": "x"}]}
+    monkeypatch.setitem(RECIPES, "harmful_request_documents", recipe)
+    with pytest.raises(ConfigError, match="side must be 'positive' or 'negative'"):
+        recipe_data("harmful_request_documents")

@@ -160,6 +160,21 @@ def test_bundled_harmful_request_detector(smollm2: acteng.Model) -> None:
     assert sum(s > det.threshold for s in neg) <= 0.15 * len(neg)
 
 
+@pytest.mark.real
+def test_bundled_harmful_request_documents_spares_pasted_documents(smollm2: acteng.Model) -> None:
+    """The variant fitted with the prompt-injection train documents as harmless text flags
+    the same blatant requests and spares documents a user pastes, which the plain detector
+    flags at about its 5 % target (bench/detectors.py --detector harmful_request_documents:
+    0 of the 180 clean test documents, against 5.0 %)."""
+    det = load_detector("harmful_request_documents", model=smollm2)
+    assert det.pooling == "mean+max"
+    assert det.directions.metadata["clean_texts"]["count"] == 220
+    assert det.flag(smollm2, HARMFUL) == [True] * 4
+    assert det.flag(smollm2, HARMLESS) == [False] * 4
+    documents = acteng.load_pairs("prompt_injection", split="test")[::9]
+    assert sum(det.flag(smollm2, [p.negative for p in documents])) <= 1
+
+
 def test_response_detector_reads_answers(tiny_llama: acteng.Model, tmp_path: Path) -> None:
     from acteng.activations import record_activations
     from acteng.detectors import read_items

@@ -16,6 +16,7 @@ from typing import Any
 from acteng.detectors import Detector, train_detector
 from acteng.errors import ConfigError
 from acteng.evaluation.metrics import is_refusal
+from acteng.held_out import shared_text_groups
 from acteng.models import Model
 from acteng.optimization import optimize_vector
 from acteng.pairs import Pairs, bundled_records, load_pairs, pair_conversation
@@ -91,6 +92,20 @@ RECIPES: dict[str, dict[str, Any]] = {
         "lr": 0.5,
         "seed": 0,
     },
+}
+
+# harmful_request's recipe with one clean side of each train document of the
+# prompt-injection pairs fitted beside it as clean text (a task over a harmless
+# document is a harmless request), for traffic where users paste documents: the
+# bundled harmful_request flags 4.6 % of held-out clean train documents (about its 5 %
+# target, so a guard over it and prompt_injection adds two detectors' false positives
+# up on documents), this one 0.05 %. bench/document_negatives.py chose one side per
+# document on train data (all three near-copies cost 1.9 points of harmful requests);
+# the test splits then showed a cost the train folds did not (docs/defences.md), so it
+# ships beside harmful_request instead of replacing it.
+RECIPES["harmful_request_documents"] = {
+    **RECIPES["harmful_request"],
+    "clean": [{"pairs": "prompt_injection", "side": "negative", "one_per_document": True}],
 }
 
 
@@ -182,16 +197,27 @@ def _recipe(name: str) -> dict[str, Any]:
     return RECIPES[name]
 
 
-def _user_turns(datasets: list[str]) -> list[str]:
-    """Every user turn, earlier turns included, of both sides of the train split of the
-    bundled pair sets `datasets`."""
+def _user_turns(sets: list[str | dict[str, Any]]) -> list[str]:
+    """The clean texts a recipe names: for a bundled pair set's name, every user turn
+    (earlier turns included) of both sides of its train split; for ``{"pairs": name,
+    "side": "negative" | "positive", "one_per_document": bool}``, one side's, and with
+    ``one_per_document`` the first of each group of pairs that share a document
+    (`acteng.held_out.shared_text_groups`: a document's pairs differ by one line, so this
+    keeps every document once instead of in near-copies)."""
     turns = []
-    for dataset in datasets:
-        for row in bundled_records(dataset):
-            if row.get("split", "train") != "train":
-                continue
-            for side in ("positive", "negative"):
-                turns += [m["content"] for m in pair_conversation(row, side) if m["role"] == "user"]
+    for spec in sets:
+        spec = {"pairs": spec} if isinstance(spec, str) else spec
+        side = spec.get("side")
+        if side not in (None, "positive", "negative"):
+            raise ConfigError(f"clean set {spec}: side must be 'positive' or 'negative'")
+        rows = [r for r in bundled_records(spec["pairs"]) if r.get("split", "train") == "train"]
+        if spec.get("one_per_document"):
+            groups = shared_text_groups([r[side or "negative"] for r in rows])
+            firsts = {g: i for i, g in reversed(list(enumerate(groups)))}
+            rows = [rows[i] for i in sorted(firsts.values())]
+        for row in rows:
+            for each in (side,) if side else ("positive", "negative"):
+                turns += [m["content"] for m in pair_conversation(row, each) if m["role"] == "user"]
     return turns
 
 
