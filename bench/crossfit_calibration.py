@@ -120,34 +120,34 @@ class Recorded:
         """The recipe's probe (or one with another `l2`) fitted on these train pairs, every
         clean text, and `extra` clean texts' recorded tokens (negatives too)."""
         keep = pair_ids + [self.n + i for i in pair_ids] + list(range(2 * self.n, len(self.flat)))
-        rows, labels = [self.flat[i] for i in keep] + list(extra), [self.labels[i] for i in keep]
-        labels += [torch.zeros(len(r)) for r in extra]
+        rows = [self.flat[i] for i in keep] + list(extra)
         if self.recipe["labels"] == "sequence":
             x = torch.stack([r.double().mean(0) for r in rows])
-            y = torch.tensor([1.0 if i < self.n else 0.0 for i in keep], dtype=torch.float64)
-            y = torch.cat([y, torch.zeros(len(extra), dtype=torch.float64)])
+            sides = [1.0 if i < self.n else 0.0 for i in keep] + [0.0] * len(extra)
+            y = torch.tensor(sides, dtype=torch.float64)
         else:
-            x, y = torch.cat(rows), torch.cat(labels)
+            x = torch.cat(rows)
+            y = torch.cat([self.labels[i] for i in keep] + [torch.zeros(len(r)) for r in extra])
         weight = (len(y) - y.sum()) / y.sum()
         # x is a fresh copy (cat / stack), so it is standardised in place: same values
-        return fit_logistic(
-            x,
-            y,
-            l2=self.recipe["l2"] if l2 is None else l2,
-            steps=200,
-            positive_weight=weight,
-            overwrite=True,
-        )
+        l2 = self.recipe["l2"] if l2 is None else l2
+        return fit_logistic(x, y, l2=l2, steps=200, positive_weight=weight, overwrite=True)
 
     def scores(
         self, probe: tuple[torch.Tensor, float], item_ids: list[int], pooling: str | None = None
     ) -> list[float]:
+        return self.score_rows(probe, [self.flat[i] for i in item_ids], pooling)
+
+    def score_rows(
+        self,
+        probe: tuple[torch.Tensor, float],
+        rows: list[torch.Tensor],
+        pooling: str | None = None,
+    ) -> list[float]:
+        """Pooled probe scores of recorded token matrices (this one's or recorded apart)."""
         w, b = probe
         pooling = pooling or self.recipe["pooling"]
-        return [
-            float(contrast_pooled(self.flat[i].double() @ w.double() + b, pooling))
-            for i in item_ids
-        ]
+        return [float(contrast_pooled(r.double() @ w.double() + b, pooling)) for r in rows]
 
     def ids(self, pairs: Pairs) -> list[int]:
         return [self.index[id(p)] for p in pairs]

@@ -38,13 +38,12 @@ import acteng
 from _common import save
 from acteng.activations import record_tokens
 from acteng.detectors import read_items
-from acteng.held_out import group_folds, shared_text_groups, validation_cut
+from acteng.held_out import first_of_each_group, group_folds, validation_cut
 from acteng.pairs import load_pairs
 from crossfit_calibration import (
     FOLDS,
     OUTER_SEEDS,
     Recorded,
-    contrast_pooled,
     flagged,
     run_method,
 )
@@ -65,9 +64,8 @@ def recorded_documents(model: acteng.Model, layers: list[int]) -> dict[str, Any]
         sides[side] = [t.flatten(1) for t in tokens]
     print(f"{len(pairs)} train documents' pairs recorded in "
           f"{time.perf_counter() - start:.0f} s", flush=True)  # fmt: skip
-    groups = shared_text_groups([p.negative for p in pairs])
-    first = {g: i for i, g in reversed(list(enumerate(groups)))}
-    return {**sides, "folds": group_folds(pairs, FOLDS, 0), "first": set(first.values())}
+    first = set(first_of_each_group([p.negative for p in pairs]))
+    return {**sides, "folds": group_folds(pairs, FOLDS, 0), "first": first}
 
 
 def fitted_documents(docs: dict[str, Any], variant: str, fold: int) -> list[torch.Tensor]:
@@ -79,16 +77,6 @@ def fitted_documents(docs: dict[str, Any], variant: str, fold: int) -> list[torc
         keep = [i for i in keep if i in docs["first"]]
     rows = [docs["clean"][i] for i in keep]
     return rows + ([docs["injected"][i] for i in keep] if variant == "all documents" else [])
-
-
-def score_rows(
-    rec: Recorded, probe: tuple[torch.Tensor, float], rows: list[torch.Tensor]
-) -> list[float]:
-    """`Recorded.scores` for token matrices recorded outside it."""
-    w, b = probe
-    return [
-        float(contrast_pooled(r.double() @ w.double() + b, rec.recipe["pooling"])) for r in rows
-    ]
 
 
 def main() -> None:
@@ -120,7 +108,7 @@ def main() -> None:
                 for side, scored in doc_scores.items():
                     scored += [
                         float(s > threshold)
-                        for s in score_rows(rec, probe, [docs[side][i] for i in held])
+                        for s in rec.score_rows(probe, [docs[side][i] for i in held])
                     ]
             means = {k: sum(r[k] for r in outer_rows) / len(outer_rows) for k in outer_rows[0]}
             means |= {

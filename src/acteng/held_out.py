@@ -16,7 +16,7 @@ from collections.abc import Sequence
 from acteng.errors import ConfigError
 from acteng.pairs import Pairs
 
-__all__ = ["group_folds", "shared_text_groups", "validation_cut"]
+__all__ = ["first_of_each_group", "group_folds", "shared_text_groups", "validation_cut"]
 
 SHARED_RUN = 12  # words: pairs whose negatives share a run this long share a source
 
@@ -42,6 +42,18 @@ def shared_text_groups(texts: Sequence[str], run: int = SHARED_RUN) -> list[int]
             if k != i:
                 parent[root(i)] = root(k)
     return [root(i) for i in range(len(texts))]
+
+
+def first_of_each_group(texts: Sequence[str]) -> list[int]:
+    """The index of the first text of each of their `shared_text_groups`, in order: every
+    document once, where a set holds near-copies of it (pairs that differ by one line)."""
+    seen: set[int] = set()
+    firsts = []
+    for i, g in enumerate(shared_text_groups(texts)):
+        if g not in seen:
+            seen.add(g)
+            firsts.append(i)
+    return firsts
 
 
 def _seeded_groups(train: Pairs, seed: int) -> tuple[list[int], Counter[int], list[int]]:

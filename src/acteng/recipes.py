@@ -16,7 +16,7 @@ from typing import Any
 from acteng.detectors import Detector, train_detector
 from acteng.errors import ConfigError
 from acteng.evaluation.metrics import is_refusal
-from acteng.held_out import shared_text_groups
+from acteng.held_out import first_of_each_group
 from acteng.models import Model
 from acteng.optimization import optimize_vector
 from acteng.pairs import Pairs, bundled_records, load_pairs, pair_conversation
@@ -202,7 +202,7 @@ def _user_turns(sets: list[str | dict[str, Any]]) -> list[str]:
     (earlier turns included) of both sides of its train split; for ``{"pairs": name,
     "side": "negative" | "positive", "one_per_document": bool}``, one side's, and with
     ``one_per_document`` the first of each group of pairs that share a document
-    (`acteng.held_out.shared_text_groups`: a document's pairs differ by one line, so this
+    (`acteng.held_out.first_of_each_group`: a document's pairs differ by one line, so this
     keeps every document once instead of in near-copies)."""
     turns = []
     for spec in sets:
@@ -212,9 +212,7 @@ def _user_turns(sets: list[str | dict[str, Any]]) -> list[str]:
             raise ConfigError(f"clean set {spec}: side must be 'positive' or 'negative'")
         rows = [r for r in bundled_records(spec["pairs"]) if r.get("split", "train") == "train"]
         if spec.get("one_per_document"):
-            groups = shared_text_groups([r[side or "negative"] for r in rows])
-            firsts = {g: i for i, g in reversed(list(enumerate(groups)))}
-            rows = [rows[i] for i in sorted(firsts.values())]
+            rows = [rows[i] for i in first_of_each_group([r[side or "negative"] for r in rows])]
         for row in rows:
             for each in (side,) if side else ("positive", "negative"):
                 turns += [m["content"] for m in pair_conversation(row, each) if m["role"] == "user"]
