@@ -46,6 +46,7 @@ def test_all_is_pinned() -> None:
         "__version__",
         "apply_steering",
         "bake",
+        "calibrate_jointly",
         "diff_vector",
         "evaluate",
         "export_gguf",

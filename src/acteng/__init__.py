@@ -63,6 +63,7 @@ _EXPORTS = {
     "extract": "acteng.extraction",
     "generate": "acteng.generation",
     "guarded_generate": "acteng.guard",
+    "calibrate_jointly": "acteng.joint_calibration",
     "list_datasets": "acteng.pairs",
     "load_detector": "acteng.detectors",
     "load_model": "acteng.models",
@@ -120,6 +121,7 @@ if TYPE_CHECKING:
     from acteng.guard import Guard as Guard
     from acteng.guard import GuardResult as GuardResult
     from acteng.guard import guarded_generate as guarded_generate
+    from acteng.joint_calibration import calibrate_jointly as calibrate_jointly
     from acteng.layouts import Layout as Layout
     from acteng.library import VectorLibrary as VectorLibrary
     from acteng.library import load_vector as load_vector

@@ -52,6 +52,7 @@ from acteng.guard_policy import (
     Verdict,
 )
 from acteng.hooks import ForwardContext, hooked
+from acteng.joint_calibration import calibrate_jointly
 from acteng.models import Model
 from acteng.monitoring import LayerMeans, Readout
 from acteng.steering.apply import steer
@@ -67,6 +68,7 @@ __all__ = [
     "GuardState",
     "Verdict",
     "calibrate_generation",
+    "calibrate_prompt",
     "guarded_generate",
 ]
 
@@ -184,6 +186,29 @@ def _stopping(watcher: _Watch) -> Any:
             return watcher(input_ids, scores, **kw)
 
     return StoppingCriteriaList([WatchCriterion()])
+
+
+def calibrate_prompt(
+    model: Model,
+    guard: Guard,
+    benign_prompts: Sequence[str],
+    *,
+    target_fpr: float = 0.05,
+    groups: Sequence[str] | None = None,
+) -> Guard:
+    """The guard with prompt thresholds at which it fires on `target_fpr` of benign prompts.
+
+    With several detectors, their thresholds are set together so that *any of them*
+    firing happens on `target_fpr` of the prompts (`acteng.joint_calibration`), not each
+    on its own share, which adds up. Use prompts like the deployment's traffic, held out
+    from what the detectors were trained on; with `groups` (a kind per prompt, e.g.
+    "chat" / "documents"), it fires on at most `target_fpr` of every kind. A `threshold`
+    override is dropped.
+    """
+    detectors = calibrate_jointly(
+        model, guard.detectors, benign_prompts, target_fpr, source="calibrate_prompt", groups=groups
+    )
+    return replace(guard, detector=detectors, threshold=None)
 
 
 def calibrate_generation(

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from acteng import __version__
 from acteng.cli import (
     analyze_cmd,
+    calibrate_cmd,
     demo_cmd,
     detect_cmd,
     eval_cmd,
@@ -45,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     monitor_cmd.register(sub)
     detect_cmd.register(sub)
     train_detector_cmd.register(sub)
+    calibrate_cmd.register(sub)
     train_cmd.register(sub)
     eval_cmd.register(sub)
     analyze_cmd.register(sub)

@@ -1,0 +1,156 @@
+"""``acteng calibrate``: new thresholds for detectors from a sample of benign traffic.
+
+One detector: its threshold flags `--target-fpr` of the prompts. Several (a guard that
+watches them together): their thresholds are set jointly so that *any of them* flags
+`--target-fpr` (`acteng.joint_calibration`). Each recalibrated detector is written to
+``--out-dir/<name>.safetensors``; the originals are never changed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from acteng.cli.common import add_model_args, print_json
+from acteng.errors import ConfigError
+
+
+def register(sub: Any) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="recalibrate detectors on benign prompts (jointly, for a guard over several)",
+        description="Score a JSONL file of benign prompts (field 'prompt'; also 'response' "
+        "for detectors that read answers), like the traffic the guard will see and held out "
+        "from the detectors' training, and set each detector's threshold so the prompts are "
+        "flagged at --target-fpr. With several --detector, the thresholds are set together "
+        "so that any of them firing stays at --target-fpr (a guard fires when any does). "
+        "Lines with a 'group' field (e.g. chat, documents) keep every group within "
+        "--target-fpr, not only the whole file.",
+    )
+    p.add_argument(
+        "--detector",
+        action="append",
+        required=True,
+        help="detector file or library name; repeat for a guard over several",
+    )
+    p.add_argument("--negatives", required=True, help="JSONL file of benign prompts")
+    p.add_argument("--target-fpr", type=float, default=0.05, help="share of them to flag")
+    p.add_argument("--out-dir", required=True, help="folder for the recalibrated detectors")
+    p.add_argument("--force", action="store_true", help="replace existing files in --out-dir")
+    p.add_argument("--json", action="store_true")
+    add_model_args(p)
+    p.set_defaults(run=run_calibrate)
+
+
+def _out_name(source: str) -> str:
+    path = Path(source)
+    return path.stem if path.suffix == ".safetensors" else path.name
+
+
+def read_groups(path: str) -> list[str] | None:
+    """Each line's "group" label, if the file gives any (then every line needs one)."""
+    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
+               if line.strip()]  # fmt: skip
+    labels = [r.get("group") for r in records]
+    if all(label is None for label in labels):
+        return None
+    missing = [i + 1 for i, label in enumerate(labels) if not isinstance(label, str) or not label]
+    if missing:
+        raise ConfigError(
+            f"{path}: prompt(s) {missing[:5]} have no 'group' label while others do; give "
+            "every line one (or none)"
+        )
+    return [str(label) for label in labels]
+
+
+def run_calibrate(args: argparse.Namespace) -> int:
+    from acteng.cli.common import load_model_from_args
+    from acteng.cli.detect_cmd import read_prompts
+    from acteng.detectors import check_target_fpr, load_detector
+    from acteng.joint_calibration import MIN_NEGATIVES, calibrate_jointly
+
+    check_target_fpr(args.target_fpr)
+    out_dir = Path(args.out_dir)
+    if not out_dir.is_dir():
+        raise ConfigError(f"--out-dir {out_dir} is not a folder; create it first")
+    names = [_out_name(source) for source in args.detector]
+    if len(set(names)) != len(names):
+        raise ConfigError(f"--detector names repeat ({', '.join(names)}); give each once")
+    outs = [out_dir / f"{name}.safetensors" for name in names]
+    taken = [str(out) for out in outs if out.exists()]
+    if taken and not args.force:
+        raise ConfigError(f"{', '.join(taken)} exist; choose another --out-dir or add --force")
+    # every input check before the model loads (the detectors' regions need the files)
+    detectors = [load_detector(source) for source in args.detector]
+    answers = {det.region == "response" for det in detectors}
+    if len(answers) > 1:
+        raise ConfigError(
+            "some detectors read answers (region 'response') and some read prompts; "
+            "calibrate them separately"
+        )
+    negatives = read_prompts(args.negatives, with_responses=answers == {True})
+    groups = read_groups(args.negatives)
+    if len(negatives) < MIN_NEGATIVES:
+        raise ConfigError(
+            f"{args.negatives}: calibration needs at least {MIN_NEGATIVES} prompts, got "
+            f"{len(negatives)}"
+        )
+    model = load_model_from_args(args)
+    for det in detectors:
+        det.directions.check_compatible(model)
+    calibrated = calibrate_jointly(
+        model,
+        detectors,
+        negatives,
+        args.target_fpr,
+        source=f"acteng calibrate --negatives {args.negatives}",
+        names=names,
+        groups=groups,
+    )
+    for det, out in zip(calibrated, outs, strict=True):  # written once all have worked
+        det.save(out)
+    rows = [
+        {
+            "detector": source,
+            "out": str(out),
+            "threshold": det.threshold,
+            "previous_threshold": old.threshold,
+            "flagged": det.calibration["flagged_share"],
+        }
+        for source, out, det, old in zip(args.detector, outs, calibrated, detectors, strict=True)
+    ]
+    joint = calibrated[0].calibration["joint"]
+    union, by_group = joint["union_flagged_share"], joint.get("group_flagged_share")
+    above = int(len(negatives) * args.target_fpr)
+    note = (
+        f"{len(negatives)} prompts at --target-fpr {args.target_fpr:g} leave {above} of them "
+        "above the thresholds; a few hundred prompts give steadier ones"
+        if above < 5
+        else None
+    )
+    if args.json:
+        print_json(
+            {
+                "detectors": rows,
+                "negatives": len(negatives),
+                "union_flagged": union,
+                "group_flagged": by_group,
+                "note": note,
+            }
+        )
+        return 0
+    for row in rows:
+        print(
+            f"{row['detector']}: threshold {row['previous_threshold']:+.3f} -> "
+            f"{row['threshold']:+.3f}, flags {row['flagged']:.1%} of {len(negatives)} prompts "
+            f"alone; written to {row['out']}"
+        )
+    if len(rows) > 1:
+        print(f"any of them flags {union:.1%} of the {len(negatives)} prompts")
+    for group, share in (by_group or {}).items():
+        print(f"  group {group}: {share:.1%} flagged")
+    if note:
+        print(f"note: {note}")
+    return 0
