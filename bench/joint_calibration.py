@@ -18,8 +18,8 @@ test requests) and injected test documents are never used to calibrate, only to 
 what each guard still catches. Guards compared, each a union of two detectors:
 
 - shipped: each detector at its bundled threshold;
-- apart: each recalibrated alone on the sample at the target (what the docs said to
-  avoid: the shares add up);
+- apart: each recalibrated alone on the sample at the target (`joint_cut` of one
+  detector: `Detector.calibrated_on`'s flags); the shares add up;
 - joint: `calibrate_jointly` on the sample at the target;
 - by source: the same with the sample's sources as `groups`, so the union stays within
   the target on each kind of traffic, not only on the pooled sample.

@@ -52,14 +52,16 @@ def test_groups_keep_every_kind_of_traffic_within_the_target() -> None:
     flagged = (table > torch.tensor(pooled.thresholds, dtype=torch.float64)[:, None]).any(dim=0)
     assert pooled.union_flagged <= 0.05 and float(flagged[900:].double().mean()) > 0.2
     grouped = joint_cut(table.tolist(), 0.05, kinds)
-    assert set(grouped.group_flagged) == {"chat", "documents"}
-    assert max(grouped.group_flagged.values()) <= 0.05
-    assert grouped.group_flagged["documents"] >= 0.04  # the hard group sets the thresholds
+    by_group = dict(grouped.group_flagged)
+    assert set(by_group) == {"chat", "documents"} and max(by_group.values()) <= 0.05
+    assert by_group["documents"] >= 0.04  # the hard group sets the thresholds
     assert all(g > p for g, p in zip(grouped.thresholds, pooled.thresholds, strict=True))
     with pytest.raises(ConfigError, match="fewer than 10 negatives"):
         joint_cut(table.tolist(), 0.05, ["chat"] * 995 + ["documents"] * 5)
-    with pytest.raises(ConfigError, match="a non-empty label per negative"):
+    with pytest.raises(ConfigError, match="999 labels for 1000 negatives"):
         joint_cut(table.tolist(), 0.05, ["chat"] * 999)
+    with pytest.raises(ConfigError, match=r"negative\(s\) \[0\] have \[''\]"):
+        joint_cut(table.tolist(), 0.05, ["", *kinds[1:]])
 
 
 def test_one_detector_is_its_own_calibration(harm: Detector) -> None:
@@ -74,13 +76,21 @@ def test_one_detector_is_its_own_calibration(harm: Detector) -> None:
     assert joint_cut([small], 0.1).union_flagged <= 0.1
 
 
+def test_ties_constant_scores_and_a_zero_target() -> None:
+    constant = [[1.0] * 30, [float(i % 3) for i in range(30)]]  # ties everywhere
+    cut = joint_cut(constant, 0.05)
+    assert cut.union_flagged <= 0.05 and _union(torch.tensor(constant), cut.thresholds) <= 0.05
+    nothing = joint_cut([list(range(20))], 0.0)
+    assert nothing.union_flagged == 0.0 and nothing.thresholds[0] >= 19
+
+
 def test_bad_score_tables() -> None:
-    with pytest.raises(ConfigError, match="same negatives"):
+    with pytest.raises(ConfigError, match=r"different numbers of negatives \(\[19, 20\]\)"):
         joint_cut([[0.0] * 20, [0.0] * 19], 0.05)
     with pytest.raises(ConfigError, match="at least 10 negatives"):
         joint_cut([[0.0] * 9], 0.05)
-    with pytest.raises(ConfigError, match="non-finite"):
-        joint_cut([[float("nan")] * 20], 0.05)
+    with pytest.raises(ConfigError, match=r"detector\(s\) \[1\] gave non-finite"):
+        joint_cut([[0.0] * 20, [float("nan")] * 20], 0.05)
     with pytest.raises(ConfigError, match="target_fpr"):
         joint_cut([[0.0] * 20], 1.0)
     with pytest.raises(ConfigError, match="at least one detector"):
@@ -117,7 +127,8 @@ def test_calibrate_a_guard_over_two_bundled_detectors(
     assert union <= 0.1
     for det, own in zip(calibrated.detectors, flags, strict=True):
         joint = det.calibration["joint"]
-        assert joint["target_fpr"] == 0.1 and joint["union_flagged_share"] == pytest.approx(union)
+        assert det.calibration["target_fpr"] == 0.1 >= det.calibration["quantile_share"]
+        assert joint["union_flagged_share"] == pytest.approx(union)
         assert det.calibration["flagged_share"] == pytest.approx(sum(own) / len(prompts))
         assert det.calibration["negatives"] == len(prompts)
     assert calibrated.detectors[0].calibration["joint"]["with"] == ["prompt_injection"]
@@ -130,6 +141,14 @@ def test_calibrate_a_guard_over_two_bundled_detectors(
     back = load_detector(tmp_path / "pi.safetensors")
     assert back.calibration == calibrated.detectors[1].calibration
     assert back.threshold == calibrated.detectors[1].threshold
+    # one detector, per kind of traffic: the guard stays a one-detector guard
+    kinds = ["chat"] * 20 + ["documents"] * 20
+    alone = calibrate_prompt(smollm2, Guard(harm), prompts, target_fpr=0.1, groups=kinds)
+    assert isinstance(alone.detector, Detector)
+    shares = alone.detector.calibration["joint"]["group_flagged_share"]
+    assert set(shares) == {"chat", "documents"} and max(shares.values()) <= 0.1
+    for kind, rows in (("chat", scores[0][:20]), ("documents", scores[0][20:])):
+        assert sum(x > alone.detector.threshold for x in rows) / 20 == shares[kind]
 
 
 @pytest.mark.real
@@ -165,6 +184,23 @@ def test_calibrate_cli(
     assert main(args) == 2
     assert "add --force" in capsys.readouterr().err
     assert (out / "harmful_request.safetensors").read_bytes() == before
+    # one detector, replaced with --force: all the budget is its own; read as a user would
+    one = ["calibrate", "--detector", "harmful_request", "--negatives", str(negatives)]
+    assert main([*one, "--target-fpr", "0.1", "--out-dir", str(out), "--force"]) == 0
+    text = capsys.readouterr().out.splitlines()
+    assert (
+        text[0].startswith("harmful_request: threshold +") and "of 40 prompts; written" in text[0]
+    )
+    assert text[1].startswith("flagged per group: chat ") and ", documents " in text[1]
+    assert text[2] == (
+        "note: group 'chat' has 20 prompts: at --target-fpr 0.1 the thresholds rest on its 2 "
+        "highest scores; a few hundred prompts give steadier ones"
+    )
+    assert (out / "harmful_request.safetensors").read_bytes() != before
+    # the originals are never replaced, --force or not
+    source = ["calibrate", "--detector", str(out / "harmful_request.safetensors")]
+    assert main([*source, "--negatives", str(negatives), "--out-dir", str(out), "--force"]) == 2
+    assert "holds the detector files being calibrated" in capsys.readouterr().err
 
 
 def test_calibrate_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -173,7 +209,8 @@ def test_calibrate_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
     base = ["calibrate", "--negatives", str(few), "--out-dir", str(tmp_path)]
     cases = [
         (["--detector", "harmful_request"], "at least 10 prompts"),
-        (["--detector", "harmful_request", "--detector", "harmful_request"], "names repeat"),
+        (["--detector", "harmful_request", "--detector", "harmful_request"], "same file name"),
+        (["--detector", "harmful_request", "--detector", "honesty"], "some detectors read answers"),
         (["--detector", "harmful_request", "--target-fpr", "1.5"], "target_fpr"),
         (["--detector", "nonesuch"], "no detector named 'nonesuch'"),
     ]
@@ -181,13 +218,16 @@ def test_calibrate_cli_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[s
         assert main([*base, *extra]) == 2
         assert message in capsys.readouterr().err
     mixed = tmp_path / "mixed.jsonl"
-    labels = [{"group": "chat"} if i else {} for i in range(12)]  # the first has none
-    mixed.write_text(
-        "".join(json.dumps({"prompt": f"hi {i}", **g}) + "\n" for i, g in enumerate(labels))
-    )
-    assert main(["calibrate", "--detector", "harmful_request", "--negatives", str(mixed),
-                 "--out-dir", str(tmp_path)]) == 2  # fmt: skip
-    assert "no 'group' label while others do" in capsys.readouterr().err
+    grouped = ["calibrate", "--detector", "harmful_request", "--negatives", str(mixed)]
+    for labels, message in [
+        ([{"group": "chat"} if i else {} for i in range(12)], "prompt(s) [1] have group [None]"),
+        ([{"group": 3 if i == 2 else "chat"} for i in range(12)], "prompt(s) [3] have group [3]"),
+        ([{"group": "chat" if i < 6 else "docs"} for i in range(12)], "fewer than 10 negatives"),
+    ]:
+        lines = [json.dumps({"prompt": f"hi {i}", **g}) + "\n" for i, g in enumerate(labels)]
+        mixed.write_text("".join(lines))
+        assert main([*grouped, "--out-dir", str(tmp_path)]) == 2
+        assert message in capsys.readouterr().err
     mixed.unlink()
     missing = ["calibrate", "--detector", "harmful_request", "--negatives", str(few)]
     assert main([*missing, "--out-dir", str(tmp_path / "absent")]) == 2
@@ -201,3 +241,7 @@ def test_mixed_regions_are_refused(harm: Detector) -> None:
         calibrate_jointly(None, (harm, reader), ["x"] * 20)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="one or more Detectors"):
         calibrate_jointly(None, (), ["x"] * 20)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="1 names for 2 detectors"):  # before any scoring
+        calibrate_jointly(None, (harm, harm), ["x"] * 20, names=["a"])  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="groups gives 3 labels for 20"):
+        calibrate_jointly(None, harm, ["x"] * 20, groups=["a"] * 3)  # type: ignore[arg-type]

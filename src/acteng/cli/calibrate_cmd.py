@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,12 @@ def register(sub: Any) -> None:
         help="detector file or library name; repeat for a guard over several",
     )
     p.add_argument("--negatives", required=True, help="JSONL file of benign prompts")
-    p.add_argument("--target-fpr", type=float, default=0.05, help="share of them to flag")
+    p.add_argument(
+        "--target-fpr",
+        type=float,
+        default=0.05,
+        help="the most of the prompts (of each group) that any detector may flag (default 0.05)",
+    )
     p.add_argument("--out-dir", required=True, help="folder for the recalibrated detectors")
     p.add_argument("--force", action="store_true", help="replace existing files in --out-dir")
     p.add_argument("--json", action="store_true")
@@ -50,26 +56,45 @@ def _out_name(source: str) -> str:
 
 
 def read_groups(path: str) -> list[str] | None:
-    """Each line's "group" label, if the file gives any (then every line needs one)."""
-    records = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()
-               if line.strip()]  # fmt: skip
-    labels = [r.get("group") for r in records]
+    """Each prompt's "group" label, if the file gives any (then every prompt needs one)."""
+    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    labels = [json.loads(line).get("group") for line in lines if line.strip()]
     if all(label is None for label in labels):
         return None
-    missing = [i + 1 for i, label in enumerate(labels) if not isinstance(label, str) or not label]
-    if missing:
+    odd = [i + 1 for i, label in enumerate(labels) if not isinstance(label, str) or not label]
+    if odd:
         raise ConfigError(
-            f"{path}: prompt(s) {missing[:5]} have no 'group' label while others do; give "
-            "every line one (or none)"
+            f"{path}: prompt(s) {odd[:5]} have group {[labels[i - 1] for i in odd[:5]]!r}; "
+            "give every prompt a non-empty text label (or none of them)"
         )
     return [str(label) for label in labels]
+
+
+def few_prompts_note(sizes: dict[str, int], target_fpr: float) -> str | None:
+    """A warning where a (group of) prompts is too small for a steady threshold."""
+    group, size = min(sizes.items(), key=lambda item: item[1])
+    above = int(size * target_fpr)
+    if above >= 5:
+        return None
+    which = f"group {group!r} has {size} prompts" if len(sizes) > 1 else f"{size} prompts"
+    if above == 0:
+        return (
+            f"{which}: at --target-fpr {target_fpr:g} none of them may be flagged, so the "
+            f"thresholds sit above all of their scores; give it at least "
+            f"{math.ceil(1 / target_fpr) if target_fpr else 'a few hundred'} prompts"
+        )
+    return (
+        f"{which}: at --target-fpr {target_fpr:g} the thresholds rest on its {above} highest "
+        "scores; a few hundred prompts give steadier ones"
+    )
 
 
 def run_calibrate(args: argparse.Namespace) -> int:
     from acteng.cli.common import load_model_from_args
     from acteng.cli.detect_cmd import read_prompts
     from acteng.detectors import check_target_fpr, load_detector
-    from acteng.joint_calibration import MIN_NEGATIVES, calibrate_jointly
+    from acteng.joint_calibration import MIN_NEGATIVES, calibrate_jointly, check_groups
+    from acteng.vectors import atomic_write_bytes
 
     check_target_fpr(args.target_fpr)
     out_dir = Path(args.out_dir)
@@ -77,8 +102,17 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out-dir {out_dir} is not a folder; create it first")
     names = [_out_name(source) for source in args.detector]
     if len(set(names)) != len(names):
-        raise ConfigError(f"--detector names repeat ({', '.join(names)}); give each once")
+        raise ConfigError(
+            f"--detector {', '.join(args.detector)} would write the same file name twice in "
+            "--out-dir; give each detector once, or copy one under another name"
+        )
     outs = [out_dir / f"{name}.safetensors" for name in names]
+    sources = {Path(source).resolve() for source in args.detector if Path(source).is_file()}
+    if any(out.resolve() in sources for out in outs):
+        raise ConfigError(
+            f"--out-dir {out_dir} holds the detector files being calibrated; write the "
+            "recalibrated ones to another folder (the originals are never replaced)"
+        )
     taken = [str(out) for out in outs if out.exists()]
     if taken and not args.force:
         raise ConfigError(f"{', '.join(taken)} exist; choose another --out-dir or add --force")
@@ -91,12 +125,13 @@ def run_calibrate(args: argparse.Namespace) -> int:
             "calibrate them separately"
         )
     negatives = read_prompts(args.negatives, with_responses=answers == {True})
-    groups = read_groups(args.negatives)
     if len(negatives) < MIN_NEGATIVES:
         raise ConfigError(
             f"{args.negatives}: calibration needs at least {MIN_NEGATIVES} prompts, got "
             f"{len(negatives)}"
         )
+    groups = read_groups(args.negatives)
+    members = check_groups(groups, len(negatives))
     model = load_model_from_args(args)
     for det in detectors:
         det.directions.check_compatible(model)
@@ -109,8 +144,9 @@ def run_calibrate(args: argparse.Namespace) -> int:
         names=names,
         groups=groups,
     )
-    for det, out in zip(calibrated, outs, strict=True):  # written once all have worked
-        det.save(out)
+    files = [det.to_vector().to_bytes() for det in calibrated]  # all built, then written
+    for data, out in zip(files, outs, strict=True):
+        atomic_write_bytes(out, data)
     rows = [
         {
             "detector": source,
@@ -123,17 +159,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     ]
     joint = calibrated[0].calibration["joint"]
     union, by_group = joint["union_flagged_share"], joint.get("group_flagged_share")
-    above = int(len(negatives) * args.target_fpr)
-    note = (
-        f"{len(negatives)} prompts at --target-fpr {args.target_fpr:g} leave {above} of them "
-        "above the thresholds; a few hundred prompts give steadier ones"
-        if above < 5
-        else None
-    )
+    note = few_prompts_note({g: len(index) for g, index in members.items()}, args.target_fpr)
     if args.json:
         print_json(
             {
                 "detectors": rows,
+                "target_fpr": args.target_fpr,
                 "negatives": len(negatives),
                 "union_flagged": union,
                 "group_flagged": by_group,
@@ -141,16 +172,20 @@ def run_calibrate(args: argparse.Namespace) -> int:
             }
         )
         return 0
+    alone = " alone" if len(rows) > 1 else ""
     for row in rows:
         print(
             f"{row['detector']}: threshold {row['previous_threshold']:+.3f} -> "
-            f"{row['threshold']:+.3f}, flags {row['flagged']:.1%} of {len(negatives)} prompts "
-            f"alone; written to {row['out']}"
+            f"{row['threshold']:+.3f}, flags {row['flagged']:.1%} of {len(negatives)} prompts"
+            f"{alone}; written to {row['out']}"
         )
     if len(rows) > 1:
-        print(f"any of them flags {union:.1%} of the {len(negatives)} prompts")
-    for group, share in (by_group or {}).items():
-        print(f"  group {group}: {share:.1%} flagged")
+        print(
+            f"any of them flags {union:.1%} of the {len(negatives)} prompts (target "
+            f"{args.target_fpr:.1%})"
+        )
+    if by_group:
+        print("flagged per group: " + ", ".join(f"{g} {x:.1%}" for g, x in by_group.items()))
     if note:
         print(f"note: {note}")
     return 0
