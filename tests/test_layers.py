@@ -24,7 +24,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("acteng.backends", "acteng.activations", "acteng.steering", "acteng.library",
      "acteng.gguf_vectors", "acteng.pooling"),
     ("acteng.extraction", "acteng.optimization", "acteng.baking", "acteng.generation",
-     "acteng.detectors", "acteng.token_detector"),
+     "acteng.detectors", "acteng.token_detector", "acteng.joint_calibration"),
     ("acteng.monitoring", "acteng.guard_policy", "acteng.guard", "acteng.adversarial",
      "acteng.evaluation",
      "acteng.detector_training", "acteng.training"),
