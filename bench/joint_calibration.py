@@ -106,15 +106,17 @@ def one_seed(scores: list[dict[str, list[float]]], seed: int, target: float) -> 
     out: dict[str, Any] = {}
     for name, thresholds in guards.items():
         row = {s: flagged_share(scores, thresholds, s, split[s][1]) for s in BENIGN}
-        held = [i for s in BENIGN for i in split[s][1]]
-        pooled = [any(d[s][i] > t for d, t in zip(scores, thresholds, strict=True))
-                  for s in BENIGN for i in split[s][1]]  # fmt: skip
-        row["all_benign"] = sum(pooled) / len(held)
+        row["all_benign"] = all_benign(row, {s: len(split[s][1]) for s in BENIGN})
         for source in POSITIVE:
             row[source] = flagged_share(scores, thresholds, source, range_of(scores, source))
         row["thresholds"] = list(thresholds)
         out[name] = row
     return out
+
+
+def all_benign(row: dict[str, Any], sizes: dict[str, int]) -> float:
+    """The share of every benign item flagged, from each source's share and size."""
+    return sum(row[s] * sizes[s] for s in BENIGN) / sum(sizes.values())
 
 
 def range_of(scores: list[dict[str, list[float]]], source: str) -> list[int]:
@@ -126,8 +128,7 @@ def shipped(scores: list[dict[str, list[float]]], dets: list[Detector]) -> dict[
     row = {
         s: flagged_share(scores, thresholds, s, range_of(scores, s)) for s in (*BENIGN, *POSITIVE)
     }
-    sizes = [len(scores[0][s]) for s in BENIGN]
-    row["all_benign"] = sum(row[s] * n for s, n in zip(BENIGN, sizes, strict=True)) / sum(sizes)
+    row["all_benign"] = all_benign(row, {s: len(scores[0][s]) for s in BENIGN})
     row["thresholds"] = list(thresholds)
     return row
 

@@ -44,7 +44,14 @@ from acteng.detectors import Detector, Scored, check_target_fpr
 from acteng.errors import ConfigError
 from acteng.models import Model
 
-__all__ = ["MIN_NEGATIVES", "JointCut", "calibrate_jointly", "check_groups", "joint_cut"]
+__all__ = [
+    "MIN_NEGATIVES",
+    "JointCut",
+    "calibrate_jointly",
+    "check_groups",
+    "joint_cut",
+    "reads_answers",
+]
 
 MIN_NEGATIVES = 10
 _BISECTIONS = 60  # halves [0, target_fpr] down to float precision
@@ -118,8 +125,6 @@ def _table(scores: Sequence[Sequence[float]]) -> torch.Tensor:
             f"the detectors scored different numbers of negatives ({sizes}); score the same "
             "negatives with every detector"
         )
-    if sizes[0] < MIN_NEGATIVES:
-        raise ConfigError(f"calibration needs at least {MIN_NEGATIVES} negatives, got {sizes[0]}")
     table = torch.tensor(rows, dtype=torch.float64)
     bad = [i for i, row in enumerate(table) if not torch.isfinite(row).all()]
     if bad:
@@ -129,7 +134,10 @@ def _table(scores: Sequence[Sequence[float]]) -> torch.Tensor:
 
 def check_groups(groups: Sequence[str] | None, n: int) -> dict[str, torch.Tensor]:
     """The negatives' indices per group (one group "all" without `groups`); a ConfigError
-    for labels that are missing, not strings, or groups under `MIN_NEGATIVES`."""
+    for fewer than `MIN_NEGATIVES` negatives, labels that are missing or not strings, or
+    groups under `MIN_NEGATIVES`."""
+    if n < MIN_NEGATIVES:
+        raise ConfigError(f"calibration needs at least {MIN_NEGATIVES} negatives, got {n}")
     if groups is None:
         return {"all": torch.arange(n)}
     labels = list(groups)
@@ -149,6 +157,20 @@ def check_groups(groups: Sequence[str] | None, n: int) -> dict[str, torch.Tensor
             "that kind or merge the group into another"
         )
     return dict(sorted(members.items()))
+
+
+def reads_answers(detectors: Sequence[Detector]) -> bool:
+    """Whether these detectors score (prompt, response) pairs (region ``response``) rather
+    than prompts; a ConfigError for no detectors, a non-detector, or a mix of the two."""
+    if not detectors or any(not isinstance(d, Detector) for d in detectors):
+        raise ConfigError("calibrate_jointly needs one or more Detectors (acteng.load_detector)")
+    kinds = {d.region == "response" for d in detectors}
+    if len(kinds) > 1:
+        raise ConfigError(
+            "some detectors read answers (region 'response') and some read prompts; "
+            "calibrate the two kinds separately"
+        )
+    return kinds == {True}
 
 
 def calibrate_jointly(
@@ -174,26 +196,16 @@ def calibrate_jointly(
     >>> harm, injection = calibrate_jointly(model, (harm, injection), benign_prompts, 0.05)
     """
     found = (detectors,) if isinstance(detectors, Detector) else tuple(detectors)
-    if not found or any(not isinstance(d, Detector) for d in found):
-        raise ConfigError("calibrate_jointly needs one or more Detectors (acteng.load_detector)")
-    if len({d.region == "response" for d in found}) > 1:
-        raise ConfigError(
-            "these detectors score different things (some read answers, region 'response', "
-            "some read prompts); calibrate the two kinds separately"
-        )
     # every input check before any scoring
+    reads_answers(found)
     check_target_fpr(target_fpr)
-    if len(negatives) < MIN_NEGATIVES:
-        raise ConfigError(
-            f"calibration needs at least {MIN_NEGATIVES} negatives, got {len(negatives)}"
-        )
+    check_groups(groups, len(negatives))
     if names is None:
         names = [
             str(d.directions.metadata.get("name") or f"detector{i}") for i, d in enumerate(found)
         ]
     elif len(names) != len(found):
         raise ConfigError(f"{len(names)} names for {len(found)} detectors; give one each")
-    check_groups(groups, len(negatives))
     cut = joint_cut([d.score(model, negatives) for d in found], target_fpr, groups)
     joint = {
         "union_flagged_share": cut.union_flagged,

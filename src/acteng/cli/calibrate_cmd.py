@@ -93,7 +93,12 @@ def run_calibrate(args: argparse.Namespace) -> int:
     from acteng.cli.common import load_model_from_args
     from acteng.cli.detect_cmd import read_prompts
     from acteng.detectors import check_target_fpr, load_detector
-    from acteng.joint_calibration import MIN_NEGATIVES, calibrate_jointly, check_groups
+    from acteng.joint_calibration import (
+        MIN_NEGATIVES,
+        calibrate_jointly,
+        check_groups,
+        reads_answers,
+    )
     from acteng.vectors import atomic_write_bytes
 
     check_target_fpr(args.target_fpr)
@@ -118,13 +123,7 @@ def run_calibrate(args: argparse.Namespace) -> int:
         raise ConfigError(f"{', '.join(taken)} exist; choose another --out-dir or add --force")
     # every input check before the model loads (the detectors' regions need the files)
     detectors = [load_detector(source) for source in args.detector]
-    answers = {det.region == "response" for det in detectors}
-    if len(answers) > 1:
-        raise ConfigError(
-            "some detectors read answers (region 'response') and some read prompts; "
-            "calibrate them separately"
-        )
-    negatives = read_prompts(args.negatives, with_responses=answers == {True})
+    negatives = read_prompts(args.negatives, with_responses=reads_answers(detectors))
     if len(negatives) < MIN_NEGATIVES:
         raise ConfigError(
             f"{args.negatives}: calibration needs at least {MIN_NEGATIVES} prompts, got "
