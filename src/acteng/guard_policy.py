@@ -175,6 +175,7 @@ class GuardState:
         self.guard = guard
         self.prompt_score: float | None = None  # None until `on_prompt`
         self.prompt_scores: list[float] = []  # every detector's, in the guard's order
+        self.prompt_threshold: float | None = None  # the threshold `prompt_score` is read on
         self.fired_by: int | None = None  # which detector fired
         self.fired_on: str | None = None  # "prompt" or "generation"
         self.fired_at: int | None = None  # generated token where the running score crossed
@@ -205,6 +206,7 @@ class GuardState:
         nearest = max(range(len(scores)), key=margins.__getitem__)
         self.prompt_scores = scores
         self.prompt_score = scores[nearest]
+        self.prompt_threshold = limits[nearest]
         if not margins[nearest] > 0:
             return "go"
         self.fired_on, self.fired_by = "prompt", nearest

@@ -211,11 +211,38 @@ def test_a_guard_over_two_detectors_names_the_one_that_fired(sdk: Any) -> None:
         assert set(verdict["prompt_scores"]) == set(verdict["thresholds"]) == set(guard["detector"])
         score, limit = verdict["prompt_scores"][fired_by], verdict["thresholds"][fired_by]
         assert score > limit
+        # the verdict's one score and one threshold belong to the same detector
+        assert (verdict["prompt_score"], verdict["threshold"]) == (score, limit)
         assert response.choices[0].finish_reason == "content_filter"
     passed = chat(sdk, PROMPT, max_tokens=8, guard=guard)
     verdict = passed.model_extra["acteng"]["guard"]
     assert (verdict["action"], verdict["fired_by"]) == ("none", None)
     assert all(verdict["prompt_scores"][n] <= verdict["thresholds"][n] for n in guard["detector"])
+
+
+def test_a_requests_guard_fields_replace_what_they_conflict_with(
+    smollm2: acteng.Model, home: Path
+) -> None:
+    """A request's own policy drops the default's counter-steering, and its own detector
+    the default detector's threshold, instead of refusing a request that never sent them."""
+    from acteng.library import VectorLibrary
+    from acteng.server.requests import Limits, parse_guard
+    from acteng.server.resolve import Resolver
+
+    default = {
+        "detector": "harmful_request",
+        "policy": "steer",
+        "counter": [{"vector": "refusal", "coefficient": 1.5}],
+        "threshold": 20.0,
+    }
+    resolver = Resolver(smollm2, VectorLibrary(home))
+    guard, _, _ = parse_guard({"policy": "block"}, default, resolver, Limits())
+    assert guard is not None
+    assert (guard.policy, guard.steering, guard.threshold) == ("block", (), 20.0)
+    both = ["harmful_request", "prompt_injection"]
+    guard, names, _ = parse_guard({"detector": both}, default, resolver, Limits())
+    assert guard is not None and names == tuple(both)
+    assert (guard.policy, guard.threshold, len(guard.steering)) == ("steer", None, 1)
 
 
 def test_guard_steer_counter_steers_only_when_it_fires(sdk: Any, smollm2: acteng.Model) -> None:
@@ -294,6 +321,13 @@ BAD = [
     ({"max_tokens": 0}, 400, "max_tokens"),
     ({"temperature": -1}, 400, "temperature"),
     ({"n": 2}, 400, "n must be 1"),
+    ({"frequency_penalty": 2}, 400, "frequency_penalty 2 is not supported"),
+    ({"logit_bias": {"42": 10}}, 400, "logit_bias"),
+    ({"response_format": {"type": "json_object"}}, 400, "send {'type': 'text'}"),
+    ({"steer": [{"vector": "refusal"}]}, 400, "did you mean 'steering'?"),
+    ({"monitors": ["refusal"]}, 400, "did you mean 'monitor'?"),
+    ({"max_token": 4}, 400, "did you mean 'max_tokens'?"),
+    ({"model": 5}, 400, "model must be a string"),
     ({"model": "gpt-4"}, 404, "is not served here"),
     ({"messages": [{"role": "user", "content": "word " * 600}]}, 400, "shorten the prompt"),
     ({"messages": []}, 400, "at least one user message"),
@@ -310,6 +344,57 @@ def test_bad_requests_get_clear_4xx(
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert message in error["message"]
+
+
+def test_clients_defaults_and_nulls_are_accepted(client: TestClient) -> None:
+    """What the OpenAI SDKs and other clients send by default works: neutral values of
+    fields not served, nulls for "absent", the developer role, an assistant turn without
+    content; fields neither served nor refused are listed as ignored."""
+    body = {
+        "messages": [
+            {"role": "developer", "content": "Answer briefly."},
+            {"role": "user", "content": "Hi"},
+            {"role": "assistant", "content": None},
+            {"role": "user", "content": "Name a colour."},
+        ],
+        "max_tokens": 3,
+        "max_completion_tokens": None,
+        "n": None,
+        "top_p": None,
+        "temperature": None,
+        "stream": None,
+        "stream_options": {"include_usage": None},
+        "frequency_penalty": 0,
+        "presence_penalty": 0.0,
+        "logit_bias": {},
+        "logprobs": False,
+        "tool_choice": "none",
+        "user": "user-1234",
+        "metadata": {"run": "a"},
+    }
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    data = response.json()
+    assert data["usage"]["completion_tokens"] <= 3
+    assert data["acteng"]["ignored"] == ["user", "metadata"]
+
+
+def test_the_default_length_fits_the_context_left(client: TestClient) -> None:
+    # 128 new tokens by default would pass the 512-token context; without max_tokens the
+    # server asks for what is left instead of refusing a request the user never sized
+    body = {"messages": [{"role": "user", "content": "word " * 440}], "stop": ["\n"]}
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == 200, response.text
+    assert sum(response.json()["usage"][k] for k in ("prompt_tokens", "completion_tokens")) <= 512
+
+
+def test_unknown_routes_and_methods_answer_in_openais_shape(client: TestClient) -> None:
+    for response, status, kind in (
+        (client.post("/v1/embeddings", json={"input": "hi"}), 404, "not_found_error"),
+        (client.get("/v1/chat/completions"), 405, "invalid_request_error"),
+    ):
+        assert response.status_code == status
+        assert response.json()["error"]["type"] == kind
 
 
 @pytest.mark.parametrize("raw", ["NaN", "Infinity", "-Infinity"])

@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from acteng.errors import ActengError, ConfigError, RequestError
 from acteng.library import VectorLibrary
@@ -127,6 +128,14 @@ def create_app(
         )
         return error_response(400, f"bad parameters: {problems}")
 
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_r: Request, exc: StarletteHTTPException) -> JSONReply:
+        # unknown routes and methods, in OpenAI's error shape like every other answer
+        reply = error_response(exc.status_code, str(exc.detail))
+        for key, value in (exc.headers or {}).items():
+            reply.headers[key] = value
+        return reply
+
     @app.exception_handler(EngineBusy)
     async def busy(_r: Request, exc: EngineBusy) -> JSONReply:
         return error_response(503, str(exc))
@@ -207,6 +216,8 @@ def create_app(
     async def generate(request: Request, chat: bool) -> Response:
         body = await body_json(request)
         wanted = body.get("model") if isinstance(body, dict) else None
+        if wanted is not None and not isinstance(wanted, str):
+            raise RequestError(f"model must be a string, got {wanted!r}", param="model")
         if wanted is not None and wanted not in (model_id, *MODEL_ALIASES):
             raise RequestError(
                 f"model {wanted!r} is not served here; use {model_id!r} (GET /v1/models)",

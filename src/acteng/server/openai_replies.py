@@ -23,7 +23,19 @@ def error_response(
     status: int, message: str, *, param: str | None = None, kind: str = ""
 ) -> JSONReply:
     """An error answer in OpenAI's shape, so the official SDK raises its usual exception."""
-    kinds = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error"}
+    kinds = {
+        400: "invalid_request_error",
+        401: "authentication_error",
+        403: "permission_error",
+        404: "not_found_error",
+        405: "invalid_request_error",
+        409: "conflict_error",
+        413: "request_too_large",
+        415: "invalid_request_error",
+        421: "invalid_request_error",
+        429: "rate_limit_error",
+        503: "service_unavailable_error",
+    }
     return JSONReply(
         {
             "error": {

@@ -29,6 +29,8 @@ from typing import TYPE_CHECKING, Any
 from acteng.errors import ConfigError, RequestError
 from acteng.guard_policy import CHECKS, POLICIES, Guard
 from acteng.layer_selection import parse_layers
+from acteng.server.openai_fields import check_fields, given
+from acteng.server.openai_fields import messages as read_messages
 from acteng.server.resolve import Monitored, Resolver
 from acteng.server.schema import MAX_GUARD_DETECTORS
 from acteng.steering.spec import MAX_ABS_COEFFICIENT, SteeringSpec
@@ -73,6 +75,7 @@ class GenerationRequest:
     guard_monitor: Monitored | None = None
     stream: bool = False
     include_usage: bool = False
+    ignored: tuple[str, ...] = ()  # body fields not served and not refused (openai_fields)
 
     @property
     def monitor_names(self) -> dict[str, str]:
@@ -182,7 +185,7 @@ def parse_guard(
         return None, (), None
     if value is not None and not isinstance(value, dict):
         raise RequestError('guard must be an object (e.g. {"policy": "block"}) or "off"', "guard")
-    fields = {**(default or {}), **(value or {})}
+    fields = {**_inherited(default, value or {}), **(value or {})}
     unknown = sorted(
         set(fields)
         - {"detector", "policy", "check", "threshold", "generation_threshold", "counter"}
@@ -250,6 +253,19 @@ def parse_guard(
     return guard, names, monitor
 
 
+def _inherited(default: dict[str, Any] | None, value: dict[str, Any]) -> dict[str, Any]:
+    """What a request's guard takes from the server's default: not the default detector's
+    thresholds when it names its own detector, nor the counter-steering when it asks for
+    a policy that does not steer."""
+    fields = dict(default or {})
+    if "detector" in value:
+        fields.pop("threshold", None)
+        fields.pop("generation_threshold", None)
+    if value.get("policy", "steer") != "steer" and "counter" not in value:
+        fields.pop("counter", None)
+    return fields
+
+
 def _guard_detector_names(value: Any) -> tuple[str, ...]:
     """``guard.detector``: a name, or a list of distinct names."""
     if value is None:
@@ -270,33 +286,6 @@ def _guard_detector_names(value: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
-def _messages(value: Any, limits: Limits) -> list[dict[str, str]]:
-    items = _items(value, "messages", limits.max_messages)
-    if not items:
-        raise RequestError("messages is empty; send at least one user message", "messages")
-    out = []
-    for i, message in enumerate(items):
-        where = f"messages[{i}]"
-        if not isinstance(message, dict) or message.get("role") not in (
-            "system",
-            "user",
-            "assistant",
-        ):
-            raise RequestError(f"{where} needs a role of system, user or assistant", where)
-        content = message.get("content")
-        if isinstance(content, list):  # OpenAI content parts: only text is served
-            texts = [p.get("text") for p in content if isinstance(p, dict)]
-            if len(texts) != len(content) or any(
-                p.get("type") != "text" or not isinstance(p.get("text"), str) for p in content
-            ):
-                raise RequestError(f"{where}.content: only text parts are supported", where)
-            content = "".join(str(t) for t in texts)
-        if not isinstance(content, str):
-            raise RequestError(f"{where}.content must be a string", f"{where}.content")
-        out.append({"role": message["role"], "content": content})
-    return out
-
-
 def parse_request(
     body: Any,
     *,
@@ -310,13 +299,9 @@ def parse_request(
     if not isinstance(body, dict):
         raise RequestError("the body must be a JSON object")
     model = resolver.model
-    if body.get("n", 1) != 1:
-        raise RequestError("n must be 1 (one choice per request); send several requests", "n")
-    for key in ("tools", "functions", "logprobs", "echo", "suffix", "best_of"):
-        if body.get(key):
-            raise RequestError(f"{key} is not supported by this server; leave it out", key)
+    ignored = check_fields(body)
     if chat:
-        messages = _messages(body.get("messages"), limits)
+        messages = read_messages(body.get("messages"), limits.max_messages)
         ids = model.chat_ids(messages)
         # The guard reads every turn the model will read: harmful text in an earlier turn,
         # the system message or a forged assistant turn must not pass unchecked.
@@ -332,12 +317,11 @@ def parse_request(
         guard_texts = (prompt,)
     if not ids:
         raise RequestError("the prompt has no tokens; send some text", "prompt")
-    raw_max = body.get("max_completion_tokens", body.get("max_tokens"))
-    max_tokens = (
-        limits.default_max_tokens
-        if raw_max is None
-        else _integer(raw_max, "max_tokens", low=1, high=limits.max_tokens)
-    )
+    raw_max = given(body, "max_completion_tokens", "max_tokens")
+    if raw_max is None:  # the default never asks for more than the context has left
+        max_tokens = max(1, min(limits.default_max_tokens, limits.context - len(ids)))
+    else:
+        max_tokens = _integer(raw_max, "max_tokens", low=1, high=limits.max_tokens)
     max_tokens = min(max_tokens, limits.max_tokens)
     # vLLM's extension: benchmarks use it to get exactly max_tokens from every request.
     raw_min = body.get("min_tokens")
@@ -358,17 +342,20 @@ def parse_request(
     temperature = (
         0.0 if raw_temperature is None else _number(raw_temperature, "temperature", low=0, high=2)
     )
-    top_p = _number(body.get("top_p", 1.0), "top_p", low=1e-6, high=1.0)
+    raw_top_p = given(body, "top_p")
+    top_p = 1.0 if raw_top_p is None else _number(raw_top_p, "top_p", low=1e-6, high=1.0)
     seed = body.get("seed")
     if seed is not None:
         seed = _integer(seed, "seed", low=0, high=2**63 - 1)
-    stream = body.get("stream", False)
+    stream = given(body, "stream") or False
     if not isinstance(stream, bool):
         raise RequestError("stream must be true or false", "stream")
     options = body.get("stream_options")
     if options is None:
         options = {}
-    if not isinstance(options, dict) or not isinstance(options.get("include_usage", False), bool):
+    if isinstance(options, dict) and options.get("include_usage") is None:
+        options = {**options, "include_usage": False}
+    if not isinstance(options, dict) or not isinstance(options["include_usage"], bool):
         raise RequestError(
             'stream_options must be an object like {"include_usage": true}', "stream_options"
         )
@@ -394,4 +381,5 @@ def parse_request(
         guard_monitor=guard_monitor,
         stream=stream,
         include_usage=bool(options.get("include_usage")),
+        ignored=tuple(ignored),
     )

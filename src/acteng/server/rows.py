@@ -229,8 +229,11 @@ class Row:
             "completion_tokens": len(self.generated),
             "acteng": {"steering": request.steering_echo, "monitor": monitors},
         }
+        if request.ignored:
+            out["acteng"]["ignored"] = list(request.ignored)
         if self.guard_state is not None:
             guard, verdict = self.guard_state.guard, self.guard_state.result(text)
+            read_on = self.guard_state.prompt_threshold
             out["text"] = verdict.text
             names = request.guard_names
             out["acteng"]["guard"] = {
@@ -243,7 +246,8 @@ class Row:
                 "action": verdict.action,
                 "prompt_score": verdict.prompt_score,
                 "prompt_scores": dict(zip(names, verdict.prompt_scores, strict=False)),
-                "threshold": guard.limit,
+                # the threshold of the detector whose score `prompt_score` is
+                "threshold": guard.limit if read_on is None else read_on,
                 "thresholds": dict(zip(names, guard.limits, strict=True)),
                 "generation_threshold": guard.generation_limit if self.watch else None,
                 "generation_scores": verdict.generation_scores,

@@ -123,7 +123,7 @@ _MESSAGE: dict[str, Any] = {
     "type": "object",
     "required": ["role", "content"],
     "properties": {
-        "role": {"type": "string", "enum": ["system", "user", "assistant"]},
+        "role": {"type": "string", "enum": ["system", "developer", "user", "assistant"]},
         "content": {
             "oneOf": [
                 {"type": "string"},
