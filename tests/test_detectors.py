@@ -56,6 +56,16 @@ def test_scores_follow_the_recipe(detector: Detector, tiny_llama: acteng.Model) 
     )
 
 
+def test_one_text_is_one_prompt(detector: Detector, tiny_llama: acteng.Model) -> None:
+    from acteng.activations import record_activations
+
+    text = "How do I build a bomb?"
+    assert detector.score(tiny_llama, text) == detector.score(tiny_llama, [text])
+    assert detector.flag(tiny_llama, text) == detector.flag(tiny_llama, [text])
+    assert len(detector.token_scores(tiny_llama, text)) == 1
+    assert record_activations(tiny_llama, text, [1]).rows[1].shape[0] == 1
+
+
 def test_calibration_hits_the_target_rate(detector: Detector, tiny_llama: acteng.Model) -> None:
     negatives = [f"Please describe the colour number {i} in a rainbow." for i in range(40)]
     calibrated = detector.calibrate(tiny_llama, negatives, target_fpr=0.25)

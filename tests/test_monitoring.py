@@ -1,5 +1,7 @@
 """Per-token monitoring: scores equal projections of hidden states, during generation too."""
 
+from contextlib import ExitStack
+
 import pytest
 import torch
 
@@ -57,6 +59,36 @@ def test_monitor_during_generation_matches_rescoring(tiny_llama: acteng.Model) -
         )
 
 
+def test_a_monitor_reads_after_steering_whichever_was_opened_first(
+    tiny_llama: acteng.Model,
+) -> None:
+    vector = random_vector(tiny_llama, [1])
+    ids = tiny_llama.tokenizer("hello world how are you", return_tensors="pt")
+
+    def read(monitor_first: bool, steered: bool = True) -> list[float]:
+        with ExitStack() as stack, torch.no_grad():
+            if monitor_first:
+                mon = stack.enter_context(monitor(tiny_llama, vector, layers=[1]))
+            if steered:
+                stack.enter_context(acteng.steer(tiny_llama, vector, coefficient=4.0, layers=[1]))
+            if not monitor_first:
+                mon = stack.enter_context(monitor(tiny_llama, vector, layers=[1]))
+            tiny_llama.hf(**ids)
+        return mon.scores()[1]
+
+    inside, outside = read(monitor_first=False), read(monitor_first=True)
+    assert inside == pytest.approx(outside)
+    assert inside != pytest.approx(read(monitor_first=True, steered=False))
+
+
+def test_a_huge_vector_reads_the_same_direction(tiny_llama: acteng.Model) -> None:
+    # each element is finite but the float32 norm overflows; the direction is still clear
+    vector = random_vector(tiny_llama, [1])
+    huge = acteng.SteeringVector({1: vector[1] * 1e30}, dict(vector.metadata))
+    [small], [big] = (score_tokens(tiny_llama, "hello there", v) for v in (vector, huge))
+    assert big.aggregate == pytest.approx(small.aggregate, rel=1e-4, abs=1e-4)
+
+
 def test_bad_requests(tiny_llama: acteng.Model) -> None:
     vector = random_vector(tiny_llama, [1])
     with pytest.raises(ConfigError, match="no layer"):
@@ -65,6 +97,9 @@ def test_bad_requests(tiny_llama: acteng.Model) -> None:
         score_tokens(tiny_llama, "x", vector, metric="dot")
     with pytest.raises(ConfigError, match="non-empty"):
         score_tokens(tiny_llama, [""], vector)
+    detector = acteng.Detector(vector, offsets={1: 0.0}, scales={1: 1.0}, threshold=0.0)
+    with pytest.raises(ConfigError, match="leave metric unset"):
+        score_tokens(tiny_llama, "x", detector, metric="cosine")
 
 
 @pytest.mark.real

@@ -67,6 +67,11 @@ def test_jsonl_with_and_without_prompt(tmp_path: Path) -> None:
     assert pairs.sha256 == acteng.load_pairs(path).sha256
 
 
+def test_a_generator_of_pairs_is_read_once() -> None:
+    pairs = acteng.load_pairs((f"yes {i}", f"no {i}") for i in range(3))
+    assert [p.positive for p in pairs] == ["yes 0", "yes 1", "yes 2"]
+
+
 def test_caa_json_list(tmp_path: Path) -> None:
     path = tmp_path / "caa.json"
     items = [

@@ -139,6 +139,13 @@ def test_bad_directions_and_copies() -> None:
     assert torch.isfinite(v[0]).all()
 
 
+def test_integer_directions_become_float_and_complex_are_refused() -> None:
+    v = acteng.SteeringVector({0: torch.tensor([3, 4])})
+    assert v[0].dtype == torch.float32 and v.norms() == {0: 5.0}
+    with pytest.raises(ConfigError, match="real numbers"):
+        acteng.SteeringVector({0: torch.tensor([1 + 2j, 3j])})
+
+
 def test_provenance_follows_algebra(tiny_llama: acteng.Model) -> None:
     v = acteng.extract(tiny_llama, [("good", "bad"), ("nice", "mean")], layers=[1])
     unit = v.normalized()

@@ -119,6 +119,8 @@ def _encode(model: Model, item: ReadItem) -> tuple[list[int], list[tuple[int, in
 
 
 def _as_items(texts: Sequence[str | ReadItem]) -> list[ReadItem]:
+    if isinstance(texts, str | ReadItem):  # one text, not its characters
+        texts = [texts]
     items = [t if isinstance(t, ReadItem) else ReadItem(t) for t in texts]
     empty = [i for i, it in enumerate(items) if not it.text]
     if empty:

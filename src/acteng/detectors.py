@@ -123,8 +123,10 @@ class Detector:
         """One score per prompt (higher = more of the concept).
 
         A ``response`` detector takes (prompt, response) pairs and reads the response.
+        One text alone counts as one prompt.
         """
         self.directions.check_compatible(model)
+        prompts = [prompts] if isinstance(prompts, str) else prompts
         if not prompts:
             raise ConfigError("no prompts to score; give at least one")
         top = parse_pooling(self.pooling)
@@ -149,7 +151,7 @@ class Detector:
     ) -> list[torch.Tensor]:
         """Per prompt, every token's score over the detector's region (float64)."""
         self.directions.check_compatible(model)
-        items = read_items(model, prompts, self.region)
+        items = read_items(model, [prompts] if isinstance(prompts, str) else prompts, self.region)
         layers = list(self.layers)
         affine = [(self.directions[x], self.offsets[x], self.scales[x]) for x in layers]
         return token_scores(model, items, layers, affine, batch_size=batch_size)

@@ -101,11 +101,11 @@ def generate_ids(
     `contexts` are entered around the decoding call, after steering (extra hooks such as
     a guard's); `stopping_criteria` is passed to ``model.hf.generate``.
     """
-    texts: list[Prompt] = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not texts:
-        raise ConfigError("no prompts given; pass at least one prompt")
+    texts = _prompt_list(prompts)
     if not chat and not all(isinstance(t, str) for t in texts):
         raise ConfigError("chat=False takes plain string prompts, not message lists")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        raise ConfigError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -194,6 +194,41 @@ def _generate_compiled(
             output = path.generate_ids(chunk, [specs] * int(chunk["input_ids"].shape[0]), **options)
         rows.extend(row.tolist() for row in output[:, chunk["input_ids"].shape[1] :])
     return rows
+
+
+def _prompt_list(prompts: Any) -> list[Prompt]:
+    """`prompts` as a list of prompts: one text, one conversation (a list of messages),
+    or a list of texts and conversations; anything else is a clear error."""
+    if isinstance(prompts, str):
+        return [prompts]
+    if isinstance(prompts, Sequence) and prompts and all(isinstance(m, dict) for m in prompts):
+        prompts = [prompts]  # one conversation
+    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
+        raise ConfigError(
+            f"prompts must be a text, a list of texts or a list of message lists, got "
+            f"{type(prompts).__name__}"
+        )
+    texts = list(prompts)
+    if not texts:
+        raise ConfigError("no prompts given; pass at least one prompt")
+    for i, prompt in enumerate(texts):
+        if isinstance(prompt, str):
+            continue
+        if (
+            not isinstance(prompt, Sequence)
+            or not prompt
+            or not all(
+                isinstance(m, dict)
+                and isinstance(m.get("role"), str)
+                and isinstance(m.get("content"), str)
+                for m in prompt
+            )
+        ):
+            raise ConfigError(
+                f"prompt {i} must be a text or a list of messages like "
+                f'{{"role": "user", "content": "..."}}, got {str(prompt)[:80]!r}'
+            )
+    return texts
 
 
 def _render(model: Model, prompt: Prompt, system: str | None) -> str:

@@ -26,6 +26,7 @@ them, so steering them changes no output.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -207,6 +208,7 @@ def attach(
     module_fns: Sequence[tuple[nn.Module, ModuleFn]] = (),
     track_positions: bool = False,
     graph_safe: bool = False,
+    steering: bool = False,
 ) -> HookHandle:
     """Register hooks and return their handle; on any failure nothing stays registered.
 
@@ -214,6 +216,10 @@ def attach(
     a pre-hook on `model` keeps the handle's `ForwardContext` current for every call.
     With `graph_safe`, block functions get a context built from the block's own
     ``position_ids`` (token index only, no prompt length) and no pre-hook is registered.
+    With `steering`, the block hooks run before every hook on the block that does not
+    steer, whenever either was attached (steering hooks keep their own order), so a
+    reader always sees the block's output after steering: a monitor opened before a
+    ``steer`` reads the same as one opened inside it.
     """
     if graph_safe and track_positions:
         raise ValueError("graph_safe hooks build their own context; drop track_positions")
@@ -234,9 +240,26 @@ def attach(
             else:
                 hook = _make_block_hook(layer, list(fns), handle.context)
                 handle.handles.append(blocks[layer].register_forward_hook(hook))
+            if steering:
+                _steering_first(blocks[layer], handle.handles[-1].id)
         for module, fn in module_fns:
             handle.handles.append(module.register_forward_hook(_make_module_hook(fn)))
     return handle
+
+
+# per block, the ids of its steering hooks (stale ids of removed hooks are harmless)
+_STEERING_HOOKS: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
+
+
+def _steering_first(block: nn.Module, hook_id: int) -> None:
+    """Mark `hook_id` as steering and reorder `block`'s forward hooks: steering first,
+    each group in the order it was registered (torch runs them in dict order)."""
+    ids = _STEERING_HOOKS.setdefault(block, set())
+    ids.add(hook_id)
+    hooks = block._forward_hooks
+    ordered = sorted(hooks.items(), key=lambda item: item[0] not in ids)  # stable
+    hooks.clear()
+    hooks.update(ordered)
 
 
 def _make_pair_hook(layer: int, fn: PairFn) -> Callable[..., Any]:
@@ -276,10 +299,16 @@ def hooked(
     *,
     module_fns: Sequence[tuple[nn.Module, ModuleFn]] = (),
     track_positions: bool = False,
+    steering: bool = False,
 ) -> Iterator[HookHandle]:
     """`attach` as a context manager: every hook is removed on exit, error or not."""
     handle = attach(
-        model, blocks, block_fns, module_fns=module_fns, track_positions=track_positions
+        model,
+        blocks,
+        block_fns,
+        module_fns=module_fns,
+        track_positions=track_positions,
+        steering=steering,
     )
     try:
         yield handle

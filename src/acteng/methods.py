@@ -51,8 +51,8 @@ def _scaled_to_mean_diff(unit: torch.Tensor, pos: torch.Tensor, neg: torch.Tenso
 def actadd(pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
     if pos.shape[0] != 1:
         raise ConfigError(
-            f"actadd takes exactly one pair (a prompt pair like 'Love' / 'Hate'), got "
-            f"{pos.shape[0]}; use method 'mean_diff' for several pairs"
+            "actadd takes exactly one pair (a prompt pair like 'I love this' / 'I hate "
+            f"this'), got {pos.shape[0]}; use method 'mean_diff' for several pairs"
         )
     return pos[0] - neg[0]
 

@@ -92,10 +92,12 @@ class Readout:
                 f"the vector has no layer(s) {missing} (it has {list(vector.layers)}); monitor "
                 "layers the vector was made for"
             )
-        zero = [x for x in chosen if float(vector[x].norm()) == 0.0]
+        # in float64: a float32 norm overflows to inf for huge vectors, making units zero
+        norms = {x: vector[x].double().norm() for x in chosen}
+        zero = [x for x in chosen if float(norms[x]) == 0.0]
         if zero:
             raise ConfigError(f"cannot score along a zero direction at layer(s) {zero}")
-        units = {x: (vector[x] / vector[x].norm()).to(model.device, model.dtype) for x in chosen}
+        units = {x: (vector[x].double() / norms[x]).to(model.device, model.dtype) for x in chosen}
         return cls(units, detector)
 
     @property
@@ -161,9 +163,11 @@ class LayerMeans:
         return {k: v / len(self.readouts[k].units) for k, v in sums.items()}
 
 
-def _check_metric(metric: str) -> None:
+def _check_metric(metric: str, source: SteeringVector | Detector) -> None:
     if metric not in METRICS:
         raise ConfigError(f"unknown metric {metric!r}; use 'projection' or 'cosine'")
+    if isinstance(source, Detector) and metric != "projection":
+        raise ConfigError("a detector's scores are projections; leave metric unset")
 
 
 @torch.no_grad()
@@ -183,7 +187,7 @@ def score_tokens(
     >>> [scores] = acteng.score_tokens(model, "I am so happy today", vector, layers=[8])
     >>> list(zip(scores.tokens, scores.aggregate))
     """
-    _check_metric(metric)
+    _check_metric(metric, vector)
     items = [texts] if isinstance(texts, str) else list(texts)
     if not items or any(not t for t in items):
         raise ConfigError("score_tokens needs non-empty texts")
@@ -264,11 +268,11 @@ def monitor(
     >>> with acteng.monitor(model, honesty, layers=[12]) as mon:
     ...     model.hf.generate(**inputs, max_new_tokens=32)
     >>> mon.aggregate(0)   # one score per prompt and generated token of row 0
+
+    The last generated token has no score: ``generate`` never feeds it back to the model.
     """
-    _check_metric(metric)
+    _check_metric(metric, vector)
     detector = vector if isinstance(vector, Detector) else None
-    if detector is not None and metric != "projection":
-        raise ConfigError("a detector's scores are projections; leave metric unset")
     chosen = parse_layers(model, layers if layers is not None else list(vector.layers))
     readout = Readout.of(model, vector, chosen)
     record = Monitor(layers=chosen, metric="detector" if detector is not None else metric)

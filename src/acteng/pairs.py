@@ -240,6 +240,7 @@ def load_pairs(source: str | Path | Sequence[Any], *, split: Split = "all") -> P
         records = read_records(path)
     else:
         name = "custom"
+        source = list(source)  # a generator is read once
         short = [i for i, r in enumerate(source, 1) if isinstance(r, (tuple, list)) and len(r) != 2]
         if short:
             raise DataError(f"item(s) {short} are not (positive, negative) pairs")

@@ -139,10 +139,12 @@ class SteeringVector:
             or k < 0
             or not isinstance(v, torch.Tensor)
             or v.dim() != 1
+            or v.is_complex()
         ]
         if bad:
             raise ConfigError(
-                "a steering vector maps layer numbers (>= 0) to 1-D tensors; got " + ", ".join(bad)
+                "a steering vector maps layer numbers (>= 0) to 1-D tensors of real numbers; got "
+                + ", ".join(bad)
             )
         widths = {int(t.shape[-1]) for t in self.directions.values()}
         shapes_ok = all(t.dim() == 1 for t in self.directions.values())
@@ -153,7 +155,11 @@ class SteeringVector:
             )
         _check_finite(self.directions)
         # Copies, so changing the caller's tensors later cannot change a frozen vector.
-        frozen = {int(k): v.detach().clone() for k, v in sorted(self.directions.items())}
+        # Integer or bool tensors become float32: norms and steering need floating point.
+        frozen = {
+            int(k): v.detach().clone() if v.is_floating_point() else v.detach().to(torch.float32)
+            for k, v in sorted(self.directions.items())
+        }
         object.__setattr__(self, "directions", MappingProxyType(frozen))
         object.__setattr__(self, "metadata", MappingProxyType(dict(self.metadata)))
 
@@ -184,7 +190,11 @@ class SteeringVector:
     def content_hash(self) -> str:
         """SHA-256 of the directions (float32) and the metadata (sorted JSON).
 
-        Stable across saves, unlike the file bytes (safetensors does not order metadata).
+        Stable across saves, unlike the file bytes (safetensors does not order metadata), once
+        the vector has been through a file: the first `to_bytes` fills in the default
+        metadata (``created``, ``layers``, ``acteng.version``, ...), so a vector built in
+        memory hashes differently from the same vector loaded back. The library hashes
+        what it will load (`VectorLibrary.add`).
         """
         digest = hashlib.sha256()
         for layer, tensor in self.directions.items():

@@ -72,6 +72,27 @@ def test_several_vectors_at_once(tiny_llama: acteng.Model) -> None:
     torch.testing.assert_close(got, expected, atol=1e-4, rtol=0)
 
 
+def test_bad_steering_and_prompts_are_clear_errors(tiny_llama: acteng.Model) -> None:
+    vector = random_vector(tiny_llama, [1])
+    huge = acteng.SteeringVector({1: vector[1] * 1e30}, dict(vector.metadata))
+    with pytest.raises(ConfigError, match="norms out of range"):
+        acteng.generate(tiny_llama, "Hi", huge, coefficient=1.0, max_new_tokens=2)
+    with pytest.raises(ConfigError, match="got Tensor; wrap a raw direction"):
+        acteng.generate(tiny_llama, "Hi", vector[1], max_new_tokens=2)  # type: ignore[arg-type]
+    for prompts, message in (
+        (None, "got NoneType"),
+        ([1, 2], "prompt 0 must be a text or a list of messages"),
+        ([[{"content": "hi"}]], "prompt 0 must be a text or a list of messages"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            acteng.generate(tiny_llama, prompts, max_new_tokens=2)  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="whole number"):
+        acteng.generate(tiny_llama, "Hi", max_new_tokens=2.5)  # type: ignore[arg-type]
+    # one conversation is one prompt
+    conversation = [{"role": "user", "content": "Hi"}]
+    assert len(acteng.generate(tiny_llama, conversation, max_new_tokens=2)) == 1
+
+
 def test_no_hook_left_after_exit_or_error(tiny_llama: acteng.Model) -> None:
     vector = random_vector(tiny_llama, [0, 1, 2, 3])
     baseline = hook_count(tiny_llama)

@@ -101,7 +101,7 @@ def apply_steering(
             direction = spec.vector[layer].to(device=device, dtype=model.dtype)
             fns.setdefault(layer, []).append(_block_fn(spec, direction, rows))
     track = any(parse_positions(s.positions).kind != "all" for s in specs)
-    return attach(model.hf, blocks, fns, track_positions=track)
+    return attach(model.hf, blocks, fns, track_positions=track, steering=True)
 
 
 @contextmanager

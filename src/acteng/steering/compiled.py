@@ -120,7 +120,9 @@ class CompiledSteering:
             for buffer in self.table.buffers():
                 torch._dynamo.mark_static_address(buffer)
         fns = self.table.fixed_block_fns(self.shape)
-        self.handle: HookHandle = attach(model.hf, model.blocks, fns, graph_safe=True)
+        self.handle: HookHandle = attach(
+            model.hf, model.blocks, fns, graph_safe=True, steering=True
+        )
 
     def close(self) -> None:
         """Remove the hooks (the next compiled call retraces the plain model)."""

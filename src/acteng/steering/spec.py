@@ -23,7 +23,7 @@ from acteng.errors import ConfigError, RequestError
 from acteng.layer_selection import HasLayers, layer_numbers, parse_layers
 from acteng.positions import Positions, parse_positions
 from acteng.steering.modes import MODES
-from acteng.vectors import SteeringVector
+from acteng.vectors import SteeringVector, check_magnitude
 
 __all__ = ["JSON_FIELDS", "MAX_ABS_COEFFICIENT", "SteeringSpec", "as_specs", "check_coefficient"]
 
@@ -85,6 +85,8 @@ class SteeringSpec:
                 "load one with acteng.SteeringVector.load(path)"
             )
         object.__setattr__(self, "coefficient", check_coefficient(self.coefficient))
+        # norms that overflow float32 would turn steering into NaN or silent zeros
+        check_magnitude(self.vector, source="the steering vector")
         if self.mode not in MODES:
             raise ConfigError(f"unknown mode {self.mode!r}; use one of {', '.join(MODES)}")
         object.__setattr__(self, "positions", parse_positions(self.positions))
@@ -228,6 +230,11 @@ def as_specs(
         overrides["layers"] = (layers,) if isinstance(layers, int) else tuple(layers)
     if isinstance(steering, SteeringVector):
         return [SteeringSpec(steering, **overrides)]
+    if not isinstance(steering, SteeringSpec | list | tuple):
+        raise ConfigError(
+            f"steer takes a SteeringVector or SteeringSpecs, got {type(steering).__name__}; "
+            "wrap a raw direction as acteng.SteeringVector({layer: tensor}, {})"
+        )
     specs = [steering] if isinstance(steering, SteeringSpec) else list(steering)
     bad = [type(s).__name__ for s in specs if not isinstance(s, SteeringSpec)]
     if bad:

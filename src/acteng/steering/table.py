@@ -327,7 +327,7 @@ class SteeringTable:
         if not fns:
             yield
             return
-        with hooked(model.hf, model.blocks, fns, track_positions=True):
+        with hooked(model.hf, model.blocks, fns, track_positions=True, steering=True):
             yield
 
 
