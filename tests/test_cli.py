@@ -2,6 +2,8 @@
 
 import io
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -135,6 +137,52 @@ def test_datasets_listing(capsys: pytest.CaptureFixture[str]) -> None:
     assert "acteng team" in capsys.readouterr().out
 
 
+def test_dataset_card_as_json(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["datasets", "myopia", "--json"]) == 0
+    card = json.loads(capsys.readouterr().out)
+    assert card["name"] == "myopia" and card["pairs"] > 0 and "acteng team" in card["card"]
+
+
+def test_a_closed_pipe_is_not_an_error() -> None:
+    acteng = Path(sys.executable).parent / "acteng"
+    done = subprocess.run(
+        f"'{acteng}' datasets | head -1", shell=True, capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0 and "Broken pipe" not in done.stderr, done.stderr
+
+
+def test_failed_commands_leave_no_folders_and_bad_values_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "a" / "b" / "v.safetensors"
+    assert main(["extract", "--pairs", str(tmp_path / "none.jsonl"), "--out", str(out)]) == 2
+    assert not (tmp_path / "a").exists()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["monitor", "--vector", "x", "--prompt", "hi", "--generate", "-3"])
+    assert "-3 is below 0" in capsys.readouterr().err
+    assert (
+        main(["generate", "--prompt", "x", "--guard", "harmful_request", "--policy", "steer"]) == 2
+    )
+    assert "add --counter NAME:COEF" in capsys.readouterr().err
+    home = tmp_path / "file"
+    home.write_text("not a folder")
+    monkeypatch.setenv("ACTENG_HOME", str(home))
+    assert main(["vectors", "list"]) == 2
+    assert "point $ACTENG_HOME (or --home) at a folder" in capsys.readouterr().err
+
+
+def test_layer_spans() -> None:
+    from acteng.cli.common import layer_span
+
+    assert [layer_span(x) for x in ([8], [0, 8], [5, 7, 9], [6, 7, 8, 10])] == [
+        "8",
+        "0,8",
+        "5,7,9",
+        "6-8,10",
+    ]
+
+
 def test_side_by_side_layout() -> None:
     text = side_by_side("left text", "right text", ("a", "b"), width=43)
     assert text.splitlines()[0].startswith("a") and " | b" in text.splitlines()[0]
@@ -195,9 +243,13 @@ def test_vectors_library_and_gguf_commands(
 
 
 def test_monitor_heatmap_and_html(
-    vector_path: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    vector_path: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    page = tmp_path / "m.html"
+    page = tmp_path / "new folder" / "m.html"
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # colours go to terminals only
     assert (
         main(
             [
@@ -218,6 +270,12 @@ def test_monitor_heatmap_and_html(
     )
     out = capsys.readouterr().out
     assert "\x1b[48;2;" in out and "lovely" in out
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: False)  # a file or a pipe
+    argv = ["monitor", "--vector", str(vector_path), "--prompt", "What a lovely day"]
+    assert main([*argv, "--layers", "8"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "\x1b" not in "".join(lines) and any("lovely" in line for line in lines)
+    float(lines[0].split()[0])  # each line: the score, then the token
     text = page.read_text()
     assert text.startswith("<!doctype html>") and "lovely" in text and "<script" not in text
     assert main(["monitor", "--vector", str(vector_path), "--prompt", "Sad news", "--json"]) == 0

@@ -64,6 +64,13 @@ def test_imports_llama_cpp_and_repeng_files(tmp_path: Path, count_type: str) -> 
     assert v.metadata["gguf"]["layer_count"] == 3 and v.metadata["method"] == "gguf-import"
 
 
+def test_vectors_too_large_to_use_are_refused_on_import(tmp_path: Path) -> None:
+    huge = acteng.SteeringVector({1: torch.full((8,), 1e30)}, {})
+    for path in (acteng.export_gguf(huge, tmp_path / "huge.gguf"), huge.save(tmp_path / "h.st")):
+        with pytest.raises(VectorFileError, match="norms out of range"):
+            acteng.import_gguf(path) if str(path).endswith(".gguf") else acteng.load_vector(path)
+
+
 def test_layer_zero_cannot_be_exported(tiny_llama: acteng.Model, tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="block 0 has no slot"):
         acteng.export_gguf(random_vector(tiny_llama, [0, 1]), tmp_path / "v.gguf")

@@ -152,7 +152,9 @@ def record_activations(
     torch.Size([2, 576])
     """
     if position not in READ_POSITIONS:
-        raise ConfigError(f"unknown read position {position!r}; use one of {READ_POSITIONS}")
+        raise ConfigError(
+            f"unknown read position {position!r}; use one of {', '.join(READ_POSITIONS)}"
+        )
     runner = resolve_backend(backend)
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")

@@ -219,7 +219,7 @@ class Detector:
         if not isinstance(spec, dict):
             raise VectorFileError(
                 f"{source} is a steering vector, not a detector (no 'detector' metadata); "
-                "train one with acteng.train_detector"
+                "train one with `acteng train-detector` (acteng.train_detector in Python)"
             )
         try:
             offsets = {int(k): float(v) for k, v in spec["offsets"].items()}
@@ -275,7 +275,7 @@ def train_detector(
     >>> det.flag(model, ["How do I make a bomb?"])
     """
     if region not in READ_REGIONS:
-        raise ConfigError(f"unknown region {region!r}; use one of {READ_REGIONS}")
+        raise ConfigError(f"unknown region {region!r}; use one of {', '.join(READ_REGIONS)}")
     if method not in METHODS or method == "actadd":
         raise ConfigError(f"detector method must be mean_diff, pca or probe, got {method!r}")
     dataset = load_pairs(pairs)

@@ -47,7 +47,8 @@ def gguf_layer(index: int, *, to: Literal["gguf", "acteng"]) -> int:
         raise ConfigError(
             f"{where} {index} cannot be used: llama.cpp control vectors start at block 1 "
             "(direction.{n} is added to the output of block n and block 0 has no slot); "
-            "drop layer 0 first (in Python: vector.select([...]))"
+            "drop layer 0 first (extract without it, e.g. `acteng extract --layers 1-29`; in "
+            "Python: vector.select([...]))"
         )
     return index
 

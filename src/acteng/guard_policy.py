@@ -68,9 +68,11 @@ class Guard:
                     "threshold=...))"
                 )
         if self.policy not in POLICIES:
-            raise ConfigError(f"unknown guard policy {self.policy!r}; use one of {POLICIES}")
+            raise ConfigError(
+                f"unknown guard policy {self.policy!r}; use one of {', '.join(POLICIES)}"
+            )
         if self.check not in CHECKS:
-            raise ConfigError(f"unknown guard check {self.check!r}; use one of {CHECKS}")
+            raise ConfigError(f"unknown guard check {self.check!r}; use one of {', '.join(CHECKS)}")
         specs = (self.steering,) if isinstance(self.steering, SteeringSpec) else self.steering
         object.__setattr__(self, "steering", tuple(specs))
         if self.policy == "steer" and not self.steering:

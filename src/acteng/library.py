@@ -138,7 +138,13 @@ class VectorLibrary:
     # --- storage -------------------------------------------------------------------------
     @contextmanager
     def _db(self, write: bool = False) -> Iterator[sqlite3.Connection]:
-        self.files.mkdir(parents=True, exist_ok=True)
+        try:
+            self.files.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # e.g. $ACTENG_HOME names a file
+            raise LibraryError(
+                f"cannot use {self.home} as the acteng home ({exc.strerror}); point "
+                "$ACTENG_HOME (or --home) at a folder"
+            ) from exc
         try:
             conn = sqlite3.connect(self.index, timeout=self.timeout, isolation_level=None)
         except sqlite3.Error as exc:

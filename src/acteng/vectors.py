@@ -385,6 +385,7 @@ def vector_from_file(
     """Build a vector read from `source`; invalid content is a VectorFileError naming it."""
     try:
         vector = SteeringVector(directions, metadata)
+        check_magnitude(vector)  # a file is never trusted to be usable
     except ConfigError as exc:
         raise VectorFileError(f"{source}: {exc}") from exc
     if model is not None:

@@ -77,6 +77,8 @@ def test_tune_beats_its_grid_within_budget_and_the_vector_reproduces_the_effect(
     assert result.grid_best is not None
     assert result.effect >= result.grid_best.effect > 0
     assert result.tax <= 0.2 and result.vector.layers == result.layers
+    # the refinement's bands of three stay within the layers asked for
+    assert all(set(c.layers) <= {8, 10} for c in result.candidates)
     # adding coefficient * vector at its layers gives back the reported effect
     test = data.split("test")
     spec = acteng.SteeringSpec(result.vector, result.coefficient)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 
@@ -71,6 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise
         print(f"acteng {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `acteng ... | head`: the reader has what it wanted
+        # Point stdout at devnull so the interpreter's final flush does not fail again.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except OSError as exc:  # a path the user gave cannot be read or written
         if args.debug:
             raise

@@ -120,7 +120,10 @@ def run_calibrate(args: argparse.Namespace) -> int:
         )
     taken = [str(out) for out in outs if out.exists()]
     if taken and not args.force:
-        raise ConfigError(f"{', '.join(taken)} exist; choose another --out-dir or add --force")
+        raise ConfigError(
+            f"{', '.join(taken)} already exist{'s' if len(taken) == 1 else ''}; choose another "
+            "--out-dir or add --force"
+        )
     # every input check before the model loads (the detectors' regions need the files)
     detectors = [load_detector(source) for source in args.detector]
     negatives = read_prompts(args.negatives, with_responses=reads_answers(detectors))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from typing import TYPE_CHECKING, Any
@@ -114,16 +115,50 @@ def check_writable(path: str) -> None:
     from pathlib import Path
 
     folder = Path(path).expanduser().resolve().parent
+    # Missing folders are made to prove they can be, then removed again: a command that
+    # fails on its input later must leave nothing behind (the writers make them for real).
+    missing = [p for p in (folder, *folder.parents) if not p.exists()]  # deepest first
     try:
         folder.mkdir(parents=True, exist_ok=True)
+        writable = os.access(folder, os.W_OK)
     except OSError as exc:
         raise ConfigError(
             f"cannot create the folder for {path!r} ({exc}); choose another path"
         ) from exc
-    if not os.access(folder, os.W_OK) or Path(path).is_dir():
+    finally:
+        for made in missing:
+            with contextlib.suppress(OSError):
+                made.rmdir()
+    if not writable or Path(path).is_dir():
         raise ConfigError(
             f"cannot write {path!r} (folder not writable or path is a folder); choose another path"
         )
+
+
+def whole_number(minimum: int) -> Any:
+    """An argparse type: a whole number of at least `minimum`."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value} is below {minimum}")
+        return value
+
+    return parse
+
+
+def layer_span(layers: Any) -> str:
+    """Layers written short: runs of consecutive ones as ``a-b`` ("6-22", "0,8", "5,7,9")."""
+    runs: list[list[int]] = []
+    for layer in sorted(int(x) for x in layers):
+        if runs and layer == runs[-1][-1] + 1:
+            runs[-1].append(layer)
+        else:
+            runs.append([layer])
+    return ",".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def print_json(payload: Any) -> None:

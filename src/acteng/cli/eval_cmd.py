@@ -11,6 +11,7 @@ from acteng.cli.common import (
     backend_from_args,
     load_model_from_args,
     print_json,
+    whole_number,
 )
 
 
@@ -27,7 +28,9 @@ def register(sub: Any) -> None:
     p.add_argument("--data", required=True, help="pairs file or bundled dataset name")
     p.add_argument("--layers", default=None, help="steer only these layers")
     p.add_argument("--instruction", default=None, help="system instruction for the baseline")
-    p.add_argument("--generations", type=int, default=8, help="answers generated for fluency")
+    p.add_argument(
+        "--generations", type=whole_number(1), default=8, help="answers generated for fluency"
+    )
     p.add_argument("--json", action="store_true")
     add_model_args(p)
     add_backend_args(p)

@@ -11,6 +11,7 @@ from acteng.cli.common import (
     add_model_args,
     backend_from_args,
     check_writable,
+    layer_span,
     load_model_from_args,
     print_json,
 )
@@ -49,7 +50,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--layers", default="all", help="'all' (default), '12', '11-13', '5,7,9'")
     p.add_argument(
-        "--position", default=None, help="last (default; mean with --diff-adapter) or answer"
+        "--position", default=None, help="last (default; mean with --diff-adapter), mean or answer"
     )
     p.add_argument("--normalize", default=None, choices=["unit"], help="scale each layer to 1")
     p.add_argument("--batch-size", type=int, default=32)
@@ -59,7 +60,12 @@ def register(sub: Any) -> None:
     add_backend_args(p)
     p.set_defaults(run=run_extract)
 
-    d = sub.add_parser("datasets", help="list the bundled contrastive datasets")
+    d = sub.add_parser(
+        "datasets",
+        help="list the bundled contrastive datasets",
+        description="List the bundled contrastive datasets (pairs, kind, train split), or "
+        "show one dataset's card: what it measures, its format, split and provenance.",
+    )
     d.add_argument("name", nargs="?", help="show this dataset's card")
     d.add_argument("--json", action="store_true")
     d.set_defaults(run=run_datasets)
@@ -110,7 +116,7 @@ def run_extract(args: argparse.Namespace) -> int:
     else:
         print(
             f"wrote {path}: {args.method} over {len(pairs)} pairs of {pairs.name!r}, "
-            f"layers {vector.layers[0]}-{vector.layers[-1]} ({len(vector.layers)}), "
+            f"layers {layer_span(vector.layers)} ({len(vector.layers)}), "
             f"{seconds:.1f} s"
         )
     return 0
@@ -168,7 +174,12 @@ def run_datasets(args: argparse.Namespace) -> int:
     from acteng.pairs import dataset_card, list_datasets, load_pairs
 
     if args.name:
-        print(dataset_card(args.name))
+        card = dataset_card(args.name)
+        if args.json:
+            pairs = load_pairs(args.name)
+            print_json({"name": args.name, "pairs": len(pairs), "card": card})
+        else:
+            print(card)
         return 0
     rows = []
     for name in list_datasets():

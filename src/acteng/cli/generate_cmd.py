@@ -89,7 +89,12 @@ def register(sub: Any) -> None:
     add_model_args(p)
     p.set_defaults(run=run_generate)
 
-    c = sub.add_parser("chat", help="interactive steered chat (type /help inside)")
+    c = sub.add_parser(
+        "chat",
+        help="interactive steered chat (type /help inside)",
+        description="Chat with the model in the terminal, steered by --vector NAME:COEF; "
+        "/coef, /vector, /clear, /off, /on and /reset change it as you go (/help lists them).",
+    )
     _add_steering_args(c)
     add_model_args(c)
     c.set_defaults(run=run_chat)
@@ -157,6 +162,16 @@ def _run_guarded(args: argparse.Namespace, model: Any, specs: list[Any]) -> int:
 
     if args.no_chat:
         raise ConfigError("the guard reads chat prompts; drop --no-chat")
+    if args.compare:
+        raise ConfigError(
+            "--compare is not offered with --guard (the verdict is per prompt); run once "
+            "without --guard for the unguarded answer"
+        )
+    if args.policy == "steer" and not args.counter:
+        raise ConfigError("--policy steer needs counter-steering: add --counter NAME:COEF "
+                          "(e.g. --counter refusal:1)")  # fmt: skip
+    if args.policy != "steer" and args.counter:
+        raise ConfigError("--counter is only used by --policy steer")
     counter = build_specs(model, args.counter, layers=None, positions="all", mode="add")
     guard = Guard(
         tuple(load_detector(name, model=model) for name in args.guard),
@@ -254,7 +269,12 @@ def run_chat(args: argparse.Namespace, stdin: TextIO | None = None) -> int:
                 if command == "/help":
                     print(CHAT_HELP)
                 elif command == "/coef":
-                    _, coefficient = parse_vector_arg(f"x:{rest.strip()}")
+                    try:
+                        _, coefficient = parse_vector_arg(f"x:{rest.strip()}")
+                    except ConfigError:
+                        raise ConfigError(
+                            f"/coef {rest.strip()!r}: give a number, e.g. /coef 4"
+                        ) from None
                     specs = [replace(s, coefficient=coefficient) for s in specs]
                     print(f"coefficient set to {coefficient:g} on {len(specs)} vector(s)")
                 elif command == "/vector":

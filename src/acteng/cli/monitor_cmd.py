@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 import html
+import os
+import sys
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
-from acteng.cli.common import add_model_args, check_writable, print_json
+from acteng.cli.common import add_model_args, check_writable, print_json, whole_number
 
 if TYPE_CHECKING:
     from transformers import GenerationMixin
@@ -26,7 +29,7 @@ def register(sub: Any) -> None:
     p.add_argument("--metric", default="projection", choices=["projection", "cosine"])
     p.add_argument(
         "--generate",
-        type=int,
+        type=whole_number(0),
         default=0,
         metavar="N",
         help="also generate N tokens (greedy) and score them",
@@ -127,10 +130,16 @@ def run_monitor(args: argparse.Namespace) -> int:
                 "per_layer": {str(k): v for k, v in per_layer.items()},
             }
         )
-    else:
+    elif sys.stdout.isatty() and not os.environ.get("NO_COLOR"):
+        centre, _ = colour_scale(scores)
         print(ansi_heatmap(tokens, scores))
+        print(f"(red above {centre:+.3f}, blue below; --json for the numbers)")
+    else:  # a file or a pipe: no colour codes, one token and its score a line
+        for token, score in zip(tokens, scores, strict=True):
+            print(f"{score:+10.4f}  {token!r}")
     if args.html:
         title = f"{args.metric} on {args.vector} (layers {', '.join(map(str, per_layer))})"
+        Path(args.html).parent.mkdir(parents=True, exist_ok=True)
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(html_heatmap(tokens, scores, title))
     return 0

@@ -48,7 +48,9 @@ def _grid_args(p: argparse.ArgumentParser, methods: str, layers: str) -> None:
     p.add_argument(
         "--coefficients", default="1,2,4,8", help="coefficients to try (default: 1,2,4,8)"
     )
-    p.add_argument("--position", default="last", help="read position: last (default), mean")
+    p.add_argument(
+        "--position", default="last", help="read position: last (default), mean or answer"
+    )
     add_model_args(p)
     add_backend_args(p)
 
@@ -163,8 +165,11 @@ def run_sweep(args: argparse.Namespace) -> int:
             test=test,
         )
     except KeyboardInterrupt:
-        if result.cells:
-            _save_plots(result, out, args.max_tax)
+        if not result.cells:
+            print("acteng sweep: interrupted before any cell was scored; nothing written",
+                  file=sys.stderr)  # fmt: skip
+            return 130
+        _save_plots(result, out, args.max_tax)
         print(
             f"acteng sweep: interrupted; {len(result.cells)} scored cells kept in "
             f"{out / 'sweep.json'} (complete: false)",

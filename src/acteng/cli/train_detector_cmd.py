@@ -15,7 +15,7 @@ def register(sub: Any) -> None:
         "train-detector",
         help="train and calibrate a detector from contrastive pairs",
         description="Fit a detector on the pairs' train split, calibrate its threshold on "
-        "the held-out split (the pairs marked 'split': 'test', else a seeded 30 %%) at the "
+        "the held-out split (the pairs marked 'split': 'test', else a seeded 30 %) at the "
         "target false-positive rate, and print the held-out AUROC. Layers 'auto' are chosen "
         "on a validation cut of the train split, never on held-out pairs.",
     )

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from acteng.cli.common import add_model_args, check_writable, print_json
+from acteng.cli.common import add_model_args, check_writable, layer_span, print_json
 
 
 def register(sub: Any) -> None:
@@ -62,8 +62,7 @@ def register(sub: Any) -> None:
 
 
 def _entry_line(entry: Any) -> str:
-    layers = entry.layers
-    span = f"{layers[0]}-{layers[-1]}" if len(layers) > 1 else str(layers[0])
+    span = layer_span(entry.layers)
     status = f"  BROKEN: {entry.problem}" if entry.problem else ""
     tags = f" [{', '.join(entry.tags)}]" if entry.tags else ""
     return (
@@ -84,7 +83,8 @@ def run_vectors(args: argparse.Namespace) -> int:
         if args.json:
             print_json([e.to_json() for e in entries])
         else:
-            print("\n".join(_entry_line(e) for e in entries) or f"no vectors in {lib.home}")
+            none = f"no vectors tagged {args.tag!r}" if args.tag else "no vectors"
+            print("\n".join(_entry_line(e) for e in entries) or f"{none} in {lib.home}")
     elif args.action == "show":
         entry = lib.get(args.name)
         payload = entry.to_json()

@@ -209,9 +209,8 @@ def _tune(
         over = [c.coefficient for c in grid if c.layers == (layer,) and not c.tax <= budget]
         high = min(over) if over else 2 * coefs[-1]
         bands: list[tuple[int, ...]] = [(layer,)]
-        band = tuple(
-            x for x in (layer - 1, layer, layer + 1) if x in vectors["mean_diff"].directions
-        )
+        # only layers the caller allowed (the vectors hold every recorded layer)
+        band = tuple(x for x in (layer - 1, layer, layer + 1) if x in chosen)
         if len(band) > 1:
             bands.append(band)
         for method in wanted:

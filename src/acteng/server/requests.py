@@ -203,9 +203,11 @@ def parse_guard(
     )
     policy, check = fields.get("policy", "flag"), fields.get("check", "prompt")
     if policy not in POLICIES:
-        raise RequestError(f"guard.policy {policy!r}: use one of {POLICIES}", "guard.policy")
+        raise RequestError(
+            f"guard.policy {policy!r}: use one of {', '.join(POLICIES)}", "guard.policy"
+        )
     if check not in CHECKS:
-        raise RequestError(f"guard.check {check!r}: use one of {CHECKS}", "guard.check")
+        raise RequestError(f"guard.check {check!r}: use one of {', '.join(CHECKS)}", "guard.check")
     if len(names) > 1 and check != "prompt":
         raise RequestError(
             f"a guard over {len(names)} detectors checks the prompt only: use check "
