@@ -110,3 +110,13 @@ def test_the_output_file_is_checked_first(
     assert "--force" in capsys.readouterr().err
     assert existing.read_bytes() == b"keep me"
     assert main(["train-detector", "--pairs", "harmful_requests", "--out", "x.pt"]) == 2
+
+
+def test_labels_without_a_token_pooling_are_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "det.safetensors"
+    argv = ["train-detector", "--pairs", "harmful_requests", "--out", str(out)]
+    assert main([*argv, "--labels", "sequence"]) == 2
+    assert "--labels applies to a token pooling" in capsys.readouterr().err
+    assert not out.exists()

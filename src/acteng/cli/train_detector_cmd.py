@@ -40,7 +40,7 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--labels",
-        default="tokens",
+        default=None,
         choices=("tokens", "sequence"),
         help="with a token pooling, what the probe is fitted on: the tokens where each "
         "positive differs from its negative (default), or each prompt's mean activation "
@@ -64,6 +64,11 @@ def run_train_detector(args: argparse.Namespace) -> int:
         raise ConfigError(f"--out {out} exists; choose another file or add --force")
     if not out.parent.is_dir():
         raise ConfigError(f"--out {out}: the folder {out.parent} does not exist")
+    if args.labels is not None and args.pooling == "mean":
+        raise ConfigError(
+            "--labels applies to a token pooling (--pooling max, top<k>, mean+max, ...); "
+            "with --pooling mean the probe always fits each prompt's mean activation"
+        )
     # every input check before the model loads
     check_detector_pairs(args.pairs, args.region, pooling=args.pooling, method=args.method)
     model = load_model_from_args(args)
@@ -75,7 +80,7 @@ def run_train_detector(args: argparse.Namespace) -> int:
         region=args.region,
         target_fpr=args.target_fpr,
         pooling=args.pooling,
-        labels=args.labels,
+        labels=args.labels or "tokens",
     )
     fit.detector.save(out)  # written only once everything has worked
     summary = {"out": str(out), **fit.summary()}
