@@ -11,7 +11,8 @@ Extra hook contexts (a guard's) need the eager path.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import numbers
+from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, ExitStack
 from typing import TYPE_CHECKING, Any, cast
 
@@ -104,8 +105,9 @@ def generate_ids(
     texts = _prompt_list(prompts)
     if not chat and not all(isinstance(t, str) for t in texts):
         raise ConfigError("chat=False takes plain string prompts, not message lists")
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, numbers.Integral):
         raise ConfigError(f"max_new_tokens must be a whole number, got {max_new_tokens!r}")
+    max_new_tokens = int(max_new_tokens)  # numpy integers too
     if max_new_tokens < 1:
         raise ConfigError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     if not temperature >= 0:
@@ -201,14 +203,14 @@ def _prompt_list(prompts: Any) -> list[Prompt]:
     or a list of texts and conversations; anything else is a clear error."""
     if isinstance(prompts, str):
         return [prompts]
-    if isinstance(prompts, Sequence) and prompts and all(isinstance(m, dict) for m in prompts):
-        prompts = [prompts]  # one conversation
-    if not isinstance(prompts, Sequence) or isinstance(prompts, bytes):
+    if not isinstance(prompts, Iterable) or isinstance(prompts, bytes | dict):
         raise ConfigError(
             f"prompts must be a text, a list of texts or a list of message lists, got "
             f"{type(prompts).__name__}"
         )
-    texts = list(prompts)
+    texts = list(prompts)  # any iterable: a generator, a pandas Series, ...
+    if texts and all(isinstance(m, dict) for m in texts):
+        texts = [texts]  # one conversation
     if not texts:
         raise ConfigError("no prompts given; pass at least one prompt")
     for i, prompt in enumerate(texts):

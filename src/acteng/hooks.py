@@ -247,16 +247,17 @@ def attach(
     return handle
 
 
-# per block, the ids of its steering hooks (stale ids of removed hooks are harmless)
+# per block, the ids of its steering hooks (those of removed hooks are dropped as it goes)
 _STEERING_HOOKS: weakref.WeakKeyDictionary[nn.Module, set[int]] = weakref.WeakKeyDictionary()
 
 
 def _steering_first(block: nn.Module, hook_id: int) -> None:
     """Mark `hook_id` as steering and reorder `block`'s forward hooks: steering first,
     each group in the order it was registered (torch runs them in dict order)."""
-    ids = _STEERING_HOOKS.setdefault(block, set())
-    ids.add(hook_id)
     hooks = block._forward_hooks
+    ids = _STEERING_HOOKS.setdefault(block, set())
+    ids.intersection_update(hooks)  # forget removed hooks (the server steers every step)
+    ids.add(hook_id)
     ordered = sorted(hooks.items(), key=lambda item: item[0] not in ids)  # stable
     hooks.clear()
     hooks.update(ordered)

@@ -97,7 +97,12 @@ MAX_VECTOR_NORM = 1e12
 MIN_NONZERO_NORM = 1e-12
 
 
-def check_magnitude(vector: SteeringVector, *, source: str = "the vector") -> None:
+def check_magnitude(
+    vector: SteeringVector,
+    *,
+    source: str = "the vector",
+    fix: str = "rescale it (e.g. vector.normalized())",
+) -> None:
     """Refuse a vector whose norms would overflow the model's activations when used, or
     so small that a unit direction cannot be computed from it (zero layers are allowed)."""
     problems = []
@@ -109,7 +114,7 @@ def check_magnitude(vector: SteeringVector, *, source: str = "the vector") -> No
         raise ConfigError(
             f"{source} has layer norms out of range ({', '.join(problems[:5])}); norms must be "
             f"0 or between {MIN_NONZERO_NORM:g} and {MAX_VECTOR_NORM:g}, or steering and "
-            "scores overflow: rescale it (e.g. vector.normalized())"
+            f"scores overflow: {fix}"
         )
 
 
@@ -385,7 +390,8 @@ def vector_from_file(
     """Build a vector read from `source`; invalid content is a VectorFileError naming it."""
     try:
         vector = SteeringVector(directions, metadata)
-        check_magnitude(vector)  # a file is never trusted to be usable
+        # a file is never trusted to be usable
+        check_magnitude(vector, fix="rebuild the file from a rescaled vector")
     except ConfigError as exc:
         raise VectorFileError(f"{source}: {exc}") from exc
     if model is not None:

@@ -239,6 +239,10 @@ def test_a_requests_guard_fields_replace_what_they_conflict_with(
     guard, _, _ = parse_guard({"policy": "block"}, default, resolver, Limits())
     assert guard is not None
     assert (guard.policy, guard.steering, guard.threshold) == ("block", (), 20.0)
+    # naming the default's own detector keeps its threshold; null fields mean "not given"
+    same = {"detector": "harmful_request", "policy": None, "counter": None}
+    guard, _, _ = parse_guard(same, default, resolver, Limits())
+    assert guard is not None and (guard.policy, guard.threshold) == ("steer", 20.0)
     both = ["harmful_request", "prompt_injection"]
     guard, names, _ = parse_guard({"detector": both}, default, resolver, Limits())
     assert guard is not None and names == tuple(both)
@@ -371,12 +375,15 @@ def test_clients_defaults_and_nulls_are_accepted(client: TestClient) -> None:
         "tool_choice": "none",
         "user": "user-1234",
         "metadata": {"run": "a"},
+        "prompt_cache_key": "k",  # starts like a served field ("prompt") but is OpenAI's
+        "stop_token_ids": [],  # vLLM's, neutral
+        "ignore_eos": 0,
     }
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == 200, response.text
     data = response.json()
     assert data["usage"]["completion_tokens"] <= 3
-    assert data["acteng"]["ignored"] == ["user", "metadata"]
+    assert data["acteng"]["ignored"] == ["user", "metadata", "prompt_cache_key"]
 
 
 def test_the_default_length_fits_the_context_left(client: TestClient) -> None:

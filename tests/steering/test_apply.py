@@ -2,6 +2,7 @@
 
 from collections.abc import Callable
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,9 +89,22 @@ def test_bad_steering_and_prompts_are_clear_errors(tiny_llama: acteng.Model) -> 
             acteng.generate(tiny_llama, prompts, max_new_tokens=2)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="whole number"):
         acteng.generate(tiny_llama, "Hi", max_new_tokens=2.5)  # type: ignore[arg-type]
-    # one conversation is one prompt
+    # one conversation is one prompt; any iterable of prompts and numpy integers work
     conversation = [{"role": "user", "content": "Hi"}]
     assert len(acteng.generate(tiny_llama, conversation, max_new_tokens=2)) == 1
+    prompts = (p for p in ("Hi", "Hello"))
+    assert len(acteng.generate(tiny_llama, prompts, max_new_tokens=np.int64(2))) == 2
+
+
+def test_steering_marks_do_not_pile_up(tiny_llama: acteng.Model) -> None:
+    from acteng.hooks import _STEERING_HOOKS
+
+    vector = random_vector(tiny_llama, [1])
+    for _ in range(5):  # the server's eager path steers every decoding step
+        with acteng.steer(tiny_llama, vector, coefficient=1.0, layers=[1]):
+            pass
+    with acteng.steer(tiny_llama, vector, coefficient=1.0, layers=[1]):
+        assert len(_STEERING_HOOKS[tiny_llama.blocks[1]]) == 1
 
 
 def test_no_hook_left_after_exit_or_error(tiny_llama: acteng.Model) -> None:

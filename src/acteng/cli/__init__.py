@@ -66,6 +66,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     try:
         status: int = args.run(args)
+        sys.stdout.flush()  # here, so a closed pipe is caught below rather than at exit
         return status
     except ActengError as exc:
         if args.debug:

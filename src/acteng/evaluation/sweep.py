@@ -116,7 +116,7 @@ def prepare_grid(
 ) -> tuple[Pairs, Pairs, list[int], dict[str, SteeringVector]]:
     """The dataset, the pairs to measure on (its held-out part, or `test`: see
     `fit_and_test`), the layers asked for, and a vector per method fit at every layer (one
-    recording pass; neighbours of the chosen layers are there for bands)."""
+    recording pass reads them all; only the layers asked for are scored, bands included)."""
     dataset = load_pairs(pairs)
     fit, test = fit_and_test(dataset, test)
     chosen = parse_layers(model, layers)

@@ -2,7 +2,8 @@
 
 Settings are scored as in a sweep (`acteng.evaluation.scoring`). `tune` scores the
 single-layer `mean_diff` grid first (the simple baseline it must match), then, around the
-best layers, every method on one layer and on a band of three, each at the largest
+best layers, every method on one layer and on a band of three (its neighbours among the
+layers asked for, so none with non-adjacent layers), each at the largest
 coefficient the tax budget allows (down by quarters until one fits, then bisection:
 `bisect_budget`), and keeps the setting with the largest effect within the budget. The
 grid points are candidates too, so the tuned setting is never worse than the best grid

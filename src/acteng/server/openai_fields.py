@@ -54,8 +54,19 @@ NEUTRAL: dict[str, tuple[Any, ...]] = {
     "top_k": (-1, 0),  # vLLM's extension (-1: off)
     "min_p": (0,),  # vLLM's extension
     "ignore_eos": (False,),  # vLLM's extension
+    "stop_token_ids": ([],),  # vLLM's extension
+    "bad_words": ([],),  # vLLM's extension
+    "allowed_token_ids": (),  # vLLM's extension
+    "guided_json": (),  # vLLM's structured output, old and new names
+    "guided_regex": (),
+    "guided_choice": (),
+    "guided_grammar": (),
+    "structured_outputs": (),
+    "add_generation_prompt": (True,),  # vLLM's chat-template switches
+    "continue_final_message": (False,),
+    "skip_special_tokens": (True,),
     "logit_bias": ({},),
-    "logprobs": (False, 0),
+    "logprobs": (False,),
     "top_logprobs": (0,),
     "echo": (False,),
     "suffix": ("",),
@@ -151,20 +162,20 @@ def messages(value: Any, limit: int) -> list[dict[str, str]]:
 
 
 def _same(value: Any, neutral: Any) -> bool:
-    if isinstance(neutral, bool) or isinstance(value, bool):
-        return value is neutral or (neutral == 0 and value is False)
-    if isinstance(neutral, int | float):
-        return isinstance(value, int | float) and value == neutral
+    if isinstance(neutral, bool | int | float):  # false and 0 are the same "off"
+        return isinstance(value, bool | int | float) and value == neutral
     return bool(value == neutral)
 
 
 def _near_miss(key: str) -> str | None:
-    """The served field `key` is probably a typo of (a close spelling or a prefix)."""
-    names = sorted(SERVED | set(NEUTRAL))
-    for name in names:
-        if min(len(key), len(name)) >= 4 and (name.startswith(key) or key.startswith(name)):
+    """The served field `key` is probably a typo of: a shortened or plural form of one, or
+    a close spelling. Other APIs' fields that merely start with a served name
+    (``prompt_cache_key``, ``stop_sequences``) are not typos, so they are left alone."""
+    for name in sorted(SERVED):
+        plural = name in ("steering", "monitor", "guard") and key == name + "s"
+        if plural or (len(key) >= 4 and name.startswith(key)):
             return name
-    close = difflib.get_close_matches(key, names, n=1, cutoff=0.8)
+    close = difflib.get_close_matches(key, sorted(SERVED), n=1, cutoff=0.85)
     return close[0] if close else None
 
 

@@ -185,7 +185,8 @@ def parse_guard(
         return None, (), None
     if value is not None and not isinstance(value, dict):
         raise RequestError('guard must be an object (e.g. {"policy": "block"}) or "off"', "guard")
-    fields = {**_inherited(default, value or {}), **(value or {})}
+    given_fields = {k: v for k, v in (value or {}).items() if v is not None}  # null: absent
+    fields = {**_inherited(default, given_fields), **given_fields}
     unknown = sorted(
         set(fields)
         - {"detector", "policy", "check", "threshold", "generation_threshold", "counter"}
@@ -260,10 +261,10 @@ def _inherited(default: dict[str, Any] | None, value: dict[str, Any]) -> dict[st
     thresholds when it names its own detector, nor the counter-steering when it asks for
     a policy that does not steer."""
     fields = dict(default or {})
-    if "detector" in value:
+    if value.get("detector") not in (None, fields.get("detector")):
         fields.pop("threshold", None)
         fields.pop("generation_threshold", None)
-    if value.get("policy", "steer") != "steer" and "counter" not in value:
+    if value.get("policy") not in (None, "steer") and value.get("counter") is None:
         fields.pop("counter", None)
     return fields
 
@@ -319,11 +320,23 @@ def parse_request(
         guard_texts = (prompt,)
     if not ids:
         raise RequestError("the prompt has no tokens; send some text", "prompt")
-    raw_max = given(body, "max_completion_tokens", "max_tokens")
+    which = (
+        "max_completion_tokens"
+        if given(body, "max_completion_tokens") is not None
+        else ("max_tokens")
+    )
+    raw_max = given(body, which)
     if raw_max is None:  # the default never asks for more than the context has left
-        max_tokens = max(1, min(limits.default_max_tokens, limits.context - len(ids)))
+        left = limits.context - len(ids)
+        if left < 1:
+            raise RequestError(
+                f"the prompt has {len(ids)} tokens and fills the server's {limits.context} "
+                "tokens per request: shorten the prompt",
+                param="messages" if chat else "prompt",
+            )
+        max_tokens = min(limits.default_max_tokens, left)
     else:
-        max_tokens = _integer(raw_max, "max_tokens", low=1, high=limits.max_tokens)
+        max_tokens = _integer(raw_max, which, low=1, high=limits.max_tokens)
     max_tokens = min(max_tokens, limits.max_tokens)
     # vLLM's extension: benchmarks use it to get exactly max_tokens from every request.
     raw_min = body.get("min_tokens")
