@@ -16,6 +16,7 @@ pytest.importorskip("fastapi")
 sync_api = pytest.importorskip("playwright.sync_api")
 
 import acteng  # noqa: E402
+from acteng.guard import DEFAULT_REFUSAL  # noqa: E402
 from tests.server.serving import make_app, serve_on_loopback  # noqa: E402
 
 pytestmark = [pytest.mark.real, pytest.mark.browser, pytest.mark.slow]
@@ -79,5 +80,37 @@ def test_playground_streams_unsteered_and_steered_side_by_side(
             shot = page.screenshot(path=str(ARTIFACTS / "playground.png"), full_page=True)
             (tmp_path / "playground.png").write_bytes(shot)
             assert not errors, errors
+        finally:
+            browser.close()
+
+
+def test_a_block_during_generation_shows_the_refusal_not_the_streamed_text(
+    smollm2: acteng.Model, tmp_path: Path
+) -> None:
+    browser_path = _chromium()
+    if browser_path is None:
+        pytest.skip("no Chromium found (scripts/setup installs Debian's chromium as root)")
+    app, _engine = make_app(smollm2, tmp_path / "library")
+    with serve_on_loopback(app) as url, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=browser_path, headless=True)
+        try:
+            page = browser.new_page()
+            page.goto(url + "/")
+            page.locator("#coef-refusal").wait_for()
+            page.fill("#prompt", "Tell me about your weekend.")
+            page.fill("#maxtokens", "12")
+            page.eval_on_selector(
+                "#coef-refusal", "e => {e.value = '1'; e.dispatchEvent(new Event('input'))}"
+            )
+            page.select_option("#monitor", "honesty")
+            # honesty reads answers: under refusal steering it fires part-way through one
+            page.select_option("#guard", ["honesty"])
+            page.select_option("#policy", "block")
+            page.select_option("#check", "generation")
+            page.click("#run")
+            page.wait_for_selector("body[data-done='1']", timeout=120_000)
+            verdict = page.locator("#verdict-steered").inner_text()
+            assert "block by honesty (fired on generation)" in verdict, verdict
+            assert page.locator("#out-steered").inner_text() == DEFAULT_REFUSAL
         finally:
             browser.close()
