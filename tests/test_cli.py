@@ -117,7 +117,7 @@ def test_chat_live_coefficients(vector_path: Path, capsys: pytest.CaptureFixture
     out = capsys.readouterr().out
     assert out.count("model> ") == 1
     assert "coefficient set to 8" in out and "add 8 @ L7-9" in out
-    assert "unknown command /bogus" in out and "error: cannot read coefficient" in out
+    assert "unknown command /bogus" in out and "error: /coef 'x': give a number" in out
 
 
 def test_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -41,15 +41,8 @@ __all__ = [
 
 _TENSOR_NAME = re.compile(r"layers\.(\d+)")
 # The SPEC's metadata contract: every saved vector carries these keys.
-METADATA_KEYS = (
-    "acteng.version",
-    "model",
-    "method",
-    "read_position",
-    "layers",
-    "normalize",
-    "dataset",
-    "created",
+METADATA_KEYS = tuple(
+    "acteng.version model method read_position layers normalize dataset created".split()
 )
 
 
@@ -159,10 +152,8 @@ class SteeringVector:
                 + ", ".join(f"{k}: {tuple(v.shape)}" for k, v in sorted(self.directions.items()))
             )
         _check_finite(self.directions)
-        # Copies, so changing the caller's tensors later cannot change a frozen vector.
-        # Integer or bool tensors become float32: norms and steering need floating point.
-        frozen = {
-            int(k): v.detach().clone() if v.is_floating_point() else v.detach().to(torch.float32)
+        frozen = {  # copies (integer ones as float32): the caller's tensors cannot change it
+            int(k): (v if v.is_floating_point() else v.float()).detach().clone()
             for k, v in sorted(self.directions.items())
         }
         object.__setattr__(self, "directions", MappingProxyType(frozen))
@@ -193,14 +184,9 @@ class SteeringVector:
         )
 
     def content_hash(self) -> str:
-        """SHA-256 of the directions (float32) and the metadata (sorted JSON).
-
-        Stable across saves, unlike the file bytes (safetensors does not order metadata), once
-        the vector has been through a file: the first `to_bytes` fills in the default
-        metadata (``created``, ``layers``, ``acteng.version``, ...), so a vector built in
-        memory hashes differently from the same vector loaded back. The library hashes
-        what it will load (`VectorLibrary.add`).
-        """
+        """SHA-256 of the directions (float32) and the metadata (sorted JSON): stable across
+        saves (unlike the file bytes) once the vector has been through a file, since the
+        first save fills in default metadata."""
         digest = hashlib.sha256()
         for layer, tensor in self.directions.items():
             digest.update(f"layers.{layer}:".encode())

@@ -138,7 +138,9 @@ def test_scorer_reports_p_match_for_ab_items(smollm2: acteng.Model) -> None:
 
 
 @pytest.mark.real
-def test_settings_that_break_the_model_are_recorded_not_chosen(smollm2: acteng.Model) -> None:
+def test_settings_that_break_the_model_are_recorded_not_chosen(
+    smollm2: acteng.Model, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from acteng.evaluation import sweep
 
     data = small_pairs(test=2)
@@ -146,6 +148,11 @@ def test_settings_that_break_the_model_are_recorded_not_chosen(smollm2: acteng.M
         sweep(smollm2, data, layers=[8], coefficients=(1e30,), neutral=NEUTRAL)
     scorer = Scorer(smollm2, data.split("test"), NEUTRAL)
     vector = acteng.extract(smollm2, data.split("train"), layers=[8]) * 1e35
+    with pytest.raises(ConfigError, match="norms out of range"):  # refused for steering
+        acteng.SteeringSpec(vector, 1.0)
+    # Outputs can still overflow (half precision, odd models): let this one through to see
+    # that the scorer records such a setting instead of failing or choosing it.
+    monkeypatch.setattr("acteng.steering.spec.check_magnitude", lambda *a, **k: None)
     cell = scorer.score("mean_diff", vector, [8], 1e4)  # overflows float32: NaN outputs
     assert not math.isfinite(cell.tax) and not math.isfinite(cell.effect)
     assert not cell.within(1.0) and cell.to_json()["tax"] is None  # JSON null, not NaN
