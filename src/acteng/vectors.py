@@ -41,8 +41,15 @@ __all__ = [
 
 _TENSOR_NAME = re.compile(r"layers\.(\d+)")
 # The SPEC's metadata contract: every saved vector carries these keys.
-METADATA_KEYS = tuple(
-    "acteng.version model method read_position layers normalize dataset created".split()
+METADATA_KEYS = (
+    "acteng.version",
+    "model",
+    "method",
+    "read_position",
+    "layers",
+    "normalize",
+    "dataset",
+    "created",
 )
 
 
@@ -90,12 +97,7 @@ MAX_VECTOR_NORM = 1e12
 MIN_NONZERO_NORM = 1e-12
 
 
-def check_magnitude(
-    vector: SteeringVector,
-    *,
-    source: str = "the vector",
-    fix: str = "rescale it (e.g. vector.normalized())",
-) -> None:
+def check_magnitude(vector: SteeringVector, *, source: str = "the vector") -> None:
     """Refuse a vector whose norms would overflow the model's activations when used, or
     so small that a unit direction cannot be computed from it (zero layers are allowed)."""
     problems = []
@@ -107,7 +109,7 @@ def check_magnitude(
         raise ConfigError(
             f"{source} has layer norms out of range ({', '.join(problems[:5])}); norms must be "
             f"0 or between {MIN_NONZERO_NORM:g} and {MAX_VECTOR_NORM:g}, or steering and "
-            f"scores overflow: {fix}"
+            "scores overflow: rescale it (vector.normalized()), or rebuild its file"
         )
 
 
@@ -376,8 +378,7 @@ def vector_from_file(
     """Build a vector read from `source`; invalid content is a VectorFileError naming it."""
     try:
         vector = SteeringVector(directions, metadata)
-        # a file is never trusted to be usable
-        check_magnitude(vector, fix="rebuild the file from a rescaled vector")
+        check_magnitude(vector)  # a file is never trusted to be usable
     except ConfigError as exc:
         raise VectorFileError(f"{source}: {exc}") from exc
     if model is not None:
