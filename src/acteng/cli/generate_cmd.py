@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any, TextIO
 from acteng.cli.common import (
     add_model_args,
     build_specs,
+    layer_span,
     load_model_from_args,
     parse_vector_arg,
     print_json,
@@ -226,9 +227,7 @@ def _describe(spec: SteeringSpec) -> dict[str, Any]:
 
 
 def _describe_short(spec: Any) -> str:
-    layers = spec.active_layers
-    where = f"L{layers[0]}" if len(layers) == 1 else f"L{layers[0]}-{layers[-1]}"
-    return f"{spec.mode} {spec.coefficient:g} @ {where}"
+    return f"{spec.mode} {spec.coefficient:g} @ L{layer_span(spec.active_layers)}"
 
 
 CHAT_HELP = """commands:

@@ -23,7 +23,7 @@ from typing import Any
 
 from acteng.errors import RequestError
 
-__all__ = ["ROLES", "SERVED", "check_fields", "given", "messages"]
+__all__ = ["ROLES", "SERVED", "check_fields", "messages"]
 
 # what parse_request reads
 SERVED = frozenset(
@@ -89,14 +89,6 @@ WHY = {
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def given(body: dict[str, Any], *keys: str) -> Any:
-    """The first of `keys` the body gives a non-null value for (None: none does)."""
-    for key in keys:
-        if body.get(key) is not None:
-            return body[key]
-    return None
-
-
 def check_fields(body: dict[str, Any]) -> list[str]:
     """Refuse what would be served wrongly (see the module's docstring); the names of the
     fields ignored, in the body's order."""
@@ -124,17 +116,9 @@ def check_fields(body: dict[str, Any]) -> list[str]:
     return ignored
 
 
-def messages(value: Any, limit: int) -> list[dict[str, str]]:
-    """A chat's messages as role and text; "developer" is read as "system", and content
-    parts only as text."""
-    if value is None:
-        value = []
-    if not isinstance(value, list):
-        raise RequestError(f"messages must be a list, got {type(value).__name__}", "messages")
-    if len(value) > limit:
-        raise RequestError(
-            f"messages has {len(value)} items; the server allows at most {limit}", "messages"
-        )
+def messages(value: list[Any]) -> list[dict[str, str]]:
+    """A chat's messages (a list already checked for length) as role and text; "developer"
+    is read as "system", and content parts only as text."""
     if not value:
         raise RequestError("messages is empty; send at least one user message", "messages")
     out = []

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any
 from acteng.errors import ConfigError, RequestError
 from acteng.guard_policy import CHECKS, POLICIES, Guard
 from acteng.layer_selection import parse_layers
-from acteng.server.openai_fields import check_fields, given
+from acteng.server.openai_fields import check_fields
 from acteng.server.openai_fields import messages as read_messages
 from acteng.server.resolve import Monitored, Resolver
 from acteng.server.schema import MAX_GUARD_DETECTORS
@@ -304,7 +304,7 @@ def parse_request(
     model = resolver.model
     ignored = check_fields(body)
     if chat:
-        messages = read_messages(body.get("messages"), limits.max_messages)
+        messages = read_messages(_items(body.get("messages"), "messages", limits.max_messages))
         ids = model.chat_ids(messages)
         # The guard reads every turn the model will read: harmful text in an earlier turn,
         # the system message or a forged assistant turn must not pass unchecked.
@@ -320,12 +320,10 @@ def parse_request(
         guard_texts = (prompt,)
     if not ids:
         raise RequestError("the prompt has no tokens; send some text", "prompt")
-    which = (
-        "max_completion_tokens"
-        if given(body, "max_completion_tokens") is not None
-        else ("max_tokens")
-    )
-    raw_max = given(body, which)
+    # body.get: a null field reads as an absent one
+    newer = body.get("max_completion_tokens") is not None
+    which = "max_completion_tokens" if newer else "max_tokens"
+    raw_max = body.get(which)
     if raw_max is None:  # the default never asks for more than the context has left
         left = limits.context - len(ids)
         if left < 1:
@@ -357,20 +355,20 @@ def parse_request(
     temperature = (
         0.0 if raw_temperature is None else _number(raw_temperature, "temperature", low=0, high=2)
     )
-    raw_top_p = given(body, "top_p")
+    raw_top_p = body.get("top_p")
     top_p = 1.0 if raw_top_p is None else _number(raw_top_p, "top_p", low=1e-6, high=1.0)
     seed = body.get("seed")
     if seed is not None:
         seed = _integer(seed, "seed", low=0, high=2**63 - 1)
-    stream = given(body, "stream") or False
+    stream = body.get("stream")
+    stream = False if stream is None else stream
     if not isinstance(stream, bool):
         raise RequestError("stream must be true or false", "stream")
     options = body.get("stream_options")
-    if options is None:
-        options = {}
-    if isinstance(options, dict) and options.get("include_usage") is None:
-        options = {**options, "include_usage": False}
-    if not isinstance(options, dict) or not isinstance(options["include_usage"], bool):
+    options = {} if options is None else options
+    include_usage = options.get("include_usage") if isinstance(options, dict) else "not an object"
+    include_usage = False if include_usage is None else include_usage
+    if not isinstance(include_usage, bool):
         raise RequestError(
             'stream_options must be an object like {"include_usage": true}', "stream_options"
         )
@@ -395,6 +393,6 @@ def parse_request(
         guard_texts=guard_texts,
         guard_monitor=guard_monitor,
         stream=stream,
-        include_usage=bool(options.get("include_usage")),
+        include_usage=include_usage,
         ignored=tuple(ignored),
     )

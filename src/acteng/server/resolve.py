@@ -26,7 +26,7 @@ from acteng.errors import ActengError, ConfigError, LibraryError, RequestError
 from acteng.library import VectorLibrary, refuse_bundled_name, validate_name
 from acteng.models import Model
 from acteng.monitoring import Readout
-from acteng.vectors import SteeringVector, check_magnitude
+from acteng.vectors import SteeringVector
 
 __all__ = ["Monitored", "Resolver"]
 
@@ -209,9 +209,9 @@ class Resolver:
                 status=413,
             )
         try:
+            # from_bytes also refuses norms out of range (vectors.vector_from_file)
             vector = SteeringVector.from_bytes(data, source="the uploaded file")
             vector.check_compatible(self.model)
-            check_magnitude(vector, source="the uploaded file")
             if isinstance(vector.metadata.get("detector"), dict):
                 Detector.from_vector(vector, source="the uploaded detector")
         except ActengError as exc:
