@@ -145,7 +145,7 @@ def test_bundled_harmful_request_detector(smollm2: acteng.Model) -> None:
     pairs_won = sum(a > b for a, b in zip(pos, neg, strict=True)) / len(test)
     assert pairs_won >= 0.9, pairs_won
     # Its threshold is set by harmless *wrapped* prompts, which score higher than plain
-    # ones: on this plain split (harmless sides edgy on purpose) it flags 80 % of harmful
+    # ones: on this plain split (harmless sides edgy on purpose) it flags 83 % of harmful
     # and 1 % of harmless requests (docs/defences.md, "What it costs").
     assert sum(s > det.threshold for s in pos) >= 0.75 * len(test)
     assert sum(s > det.threshold for s in neg) <= 0.03 * len(test)
@@ -162,7 +162,7 @@ def test_bundled_harmful_request_detector(smollm2: acteng.Model) -> None:
     # It reads the request inside a jailbreak wrapper, not the wrapper: on a sample of the
     # team's held-out wrapped pairs (wrappers and requests unseen in training) it ranks
     # harmful over harmless and spares most harmless look-alikes (bench/detectors.py
-    # measures the whole split: AUROC 0.98, 3.1 % of harmless flagged).
+    # measures the whole split: AUROC 0.98, 1.0 % of harmless flagged).
     wrapped = acteng.load_pairs("wrapped_requests", split="test")[::4]
     pos = det.score(smollm2, [p.positive for p in wrapped])
     neg = det.score(smollm2, [p.negative for p in wrapped])
