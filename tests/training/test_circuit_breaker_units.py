@@ -48,6 +48,22 @@ def test_shared_prefix_andreroute_starts() -> None:
     assert reroute_starts([[1, 2, 3]], [[1, 2, 3, 4]], prefix=2) == [2]
 
 
+def test_retain_loss_holds_the_tokens_before_the_start() -> None:
+    """The sink and the template prefix (before each row's start) are held relative to
+    their own norm, however large it is; the other tokens relative to the layer's spread."""
+    frozen = {0: torch.tensor([[[1000.0, 0.0], [1.0, 1.0], [2.0, 0.0]]])}
+    used = torch.tensor([[False, True, True]])
+    held = torch.tensor([[True, False, False]])
+    same = {0: frozen[0].clone()}
+    assert float(losses_module.retain_loss(same, frozen, used, {0: 1.0}, held)) == 0.0
+    moved = {0: frozen[0].clone()}
+    moved[0][0, 0, 1] = 100.0  # the sink moves by a tenth of its norm
+    loss = losses_module.retain_loss(moved, frozen, used, {0: 1.0}, held)
+    assert float(loss) == pytest.approx(0.1)
+    # without `held` the sink is free, as before
+    assert float(losses_module.retain_loss(moved, frozen, used, {0: 1.0})) == 0.0
+
+
 def test_default_layers_scale_with_depth(tiny_llama: acteng.Model) -> None:
     low, high = default_circuit_breaker_layers(tiny_llama)
     assert 0 < low < high < tiny_llama.num_layers

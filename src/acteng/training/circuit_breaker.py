@@ -30,10 +30,12 @@ SmolLM2-135M, ../shared/design/representation-training.md):
   Even from a small start, lr 1e-3 left the loss at 1.0 for 48 steps: the default is 3e-3;
 - **the retain distance is relative**: divided by each layer's median centred norm, so
   one alpha serves layers whose norms differ 5-fold and models of any width;
-- **the shared template prefix is left out** of both losses (the chat template and
-  default system prompt open every conversation identically, so harmful and harmless
-  requests would pull the same tokens both ways), and so is every token a harmful
-  conversation shares with a retained one (`conversations.reroute_starts`);
+- **the shared template prefix is not rerouted** (the chat template and default system
+  prompt open every conversation identically, so harmful and harmless requests would
+  pull the same tokens both ways), nor is any token a harmful conversation shares with a
+  retained one (`conversations.reroute_starts`); the prefix and a plain text's first
+  token (the attention sinks) are *held* by the retain loss instead, relative to their
+  own norm: left free, they were rerouting's cheapest lever and drifted by ~99 %;
 - **plain text is retained too** (neutral paragraphs, general-knowledge answers): with
   chat requests alone, neutral-text perplexity rose ~30 %; with them, ~3 %.
 
@@ -235,7 +237,7 @@ def train_circuit_breaker(
     for i in bare:  # an answer alone is rerouted from its first token
         reroute_from[i] = min(max(reroute_from[i], answer_start), len(harmful_ids[i]) - 1)
     retain_ids = chat_ids + text_ids
-    # a plain text's loss skips only its first token (the attention sink)
+    # a plain text's first token (the attention sink) is held relative to its own norm
     retain_from = [prefix] * len(chat_ids) + [1] * (len(retain_ids) - len(chat_ids))
     top = targets[-1]
     retain_layers = list(range(top + 1))
@@ -300,7 +302,7 @@ def train_circuit_breaker(
         "method": "circuit_breaker",
         "reference": (
             "Zou et al. 2024, Improving Alignment and Robustness with Circuit Breakers "
-            "(arXiv 2406.04313); centred cosine, non-zero LoRA-B start"
+            "(arXiv 2406.04313); centred cosine, non-zero LoRA-B start, sinks held"
         ),
         "data": {
             name: {"conversations": len(msgs), "hash": texts_hash([json.dumps(m) for m in msgs])}
@@ -350,7 +352,8 @@ def train_circuit_breaker(
         h_now, _ = reader(h_batch, h_starts)
         r_now, _ = reader(r_batch, r_starts)
         reroute = losses_on.reroute_loss(h_now, h_frozen, h_used, mu, targets)
-        retain = losses_on.retain_loss(r_now, r_frozen, r_used, scale)
+        held = reader.before_start(r_batch, r_starts)
+        retain = losses_on.retain_loss(r_now, r_frozen, r_used, scale, held)
         return c_reroute * reroute + c_retain * retain, {"reroute": reroute, "retain": retain}
 
     try:

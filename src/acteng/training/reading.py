@@ -46,3 +46,12 @@ class BlockReader:
         for row, start in enumerate(starts):
             used[row, :start] = False
         return {k: v.float() for k, v in seen.items()}, used
+
+    def before_start(self, batch: list[list[int]], starts: Sequence[int]) -> torch.Tensor:
+        """Mask of each row's tokens before its start (padding excluded), in the layout
+        `__call__` returns."""
+        width = max(len(row) for row in batch)
+        held = torch.zeros(len(batch), width, dtype=torch.bool, device=self.model.device)
+        for row, (ids, start) in enumerate(zip(batch, starts, strict=True)):
+            held[row, : min(start, len(ids))] = True
+        return held
