@@ -13,9 +13,9 @@ import torch
 
 import acteng
 from acteng.cli import main
-from acteng.pairs import bundled_records, pair_conversation
+from acteng.pairs import bundled_records
 from acteng.training.circuit_breaker import CircuitBreakerResult, train_circuit_breaker
-from acteng.training.data import circuit_breaker_sets
+from acteng.training.data import circuit_breaker_roles, circuit_breaker_sets
 
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
@@ -49,19 +49,10 @@ def first_batch_pool() -> dict[str, list[list[dict[str, str]]]]:
         if r.get("split", "train") == "train" and r.get("batch", 1) == 1
     ]
     refusal = [r for r in bundled_records("refusal") if r.get("split", "train") == "train"]
-    rows = hr + wrapped
-    return {
-        "harmful": [pair_conversation(r, "positive") for r in rows]
-        + [[{"role": "user", "content": str(r["prompt"])}] for r in refusal],
-        "retain": [pair_conversation(r, "negative") for r in rows],
-        "refusals": [
-            [
-                {"role": "user", "content": str(r["prompt"])},
-                {"role": "assistant", "content": str(r["positive"])},
-            ]
-            for r in refusal
-        ],
-    }
+    roles = circuit_breaker_roles(
+        {"harmful_requests": hr, "wrapped_requests": wrapped, "refusal": refusal}
+    )
+    return {"harmful": roles["harmful"], "retain": roles["harmless"], "refusals": roles["refusal"]}
 
 
 @pytest.fixture(scope="module")

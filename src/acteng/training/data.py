@@ -19,6 +19,7 @@ from acteng.pairs import bundled_records, pair_conversation, read_records
 
 __all__ = [
     "TextSource",
+    "circuit_breaker_roles",
     "default_retain_texts",
     "load_mc",
     "load_texts",
@@ -162,6 +163,12 @@ def _circuit_breaker_rows(split: Split) -> dict[str, list[Messages]]:
         name: [r for r in found if split == "all" or r.get("split", "train") == split]
         for name, found in rows.items()
     }
+    return circuit_breaker_roles(chosen)
+
+
+def circuit_breaker_roles(chosen: dict[str, list[dict[str, Any]]]) -> dict[str, list[Messages]]:
+    """The roles of `circuit_breaker_sets` from records of ``harmful_requests``,
+    ``wrapped_requests`` and ``refusal`` (keyed by those names), in that order."""
     return {
         "harmful": [
             pair_conversation(r, "positive")
