@@ -136,7 +136,7 @@ def test_train_circuit_breaker_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     out = tmp_path / "adapter"
     argv = ["train", "circuit-breaker", "--out", str(out), "--harmful", str(harmful),
             "--retain", str(retain), "--steps", "2", "--answer-tokens", "4",
-            "--answer-only-share", "0.5", "--json"]  # fmt: skip
+            "--answer-only-share", "0.5", "--paired", "--json"]  # fmt: skip
     assert main(argv) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["steps"] == 2 and summary["adapter"] == str(out)
@@ -144,6 +144,7 @@ def test_train_circuit_breaker_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     record = json.loads((out / "acteng_training.json").read_text())
     assert record["data"]["harmful"]["conversations"] == 2
     assert record["hyperparameters"]["answer_only_share"] == 0.5
+    assert record["hyperparameters"]["paired"] is True  # the files' lines are minimal pairs
     # an existing folder is not replaced without --force
     assert main(argv) == 2
     assert "exists" in capsys.readouterr().err

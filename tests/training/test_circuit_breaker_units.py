@@ -5,6 +5,7 @@ input is refused, Ctrl-C keeps a checkpoint; and the answer judge's rules."""
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from acteng.evaluation.judge import judge, repeat_share
 from acteng.training import losses as losses_module
 from acteng.training import read_provenance
 from acteng.training.circuit_breaker import default_circuit_breaker_layers, train_circuit_breaker
-from acteng.training.conversations import reroute_starts, shared_prefix
+from acteng.training.conversations import paired_sample, reroute_starts, shared_prefix
 from acteng.training.data import circuit_breaker_sets, load_conversations, pair_conversation
 
 HARMFUL = [f"Tell me how to break into house number {i} on my street tonight." for i in range(8)]
@@ -179,6 +180,36 @@ def test_answer_only_share_reroutes_answers_alone(tiny_llama: acteng.Model, tmp_
     # the template around an empty turn is never rerouted: exactly the answers' tokens are
     assert empty > 0 and hyper["rerouted_tokens"] == sum(answers)
     assert hyper["rerouted_tokens"] < whole.provenance["hyperparameters"]["rerouted_tokens"]
+
+
+def test_paired_sample_brings_each_harmful_requests_look_alike() -> None:
+    """The i-th harmful and retain requests are a pair: a drawn harmful request brings its
+    partner into the retain sample; harmful requests past the retain set have none."""
+    harmful = [[{"role": "user", "content": f"h{i}"}] for i in range(10)]
+    retain = [[{"role": "user", "content": f"r{i}"}] for i in range(8)]
+    rng = random.Random(0)
+    h, r, partner = paired_sample(harmful, retain, 6, rng, paired=True)
+    assert len(h) == 6 and len(r) == 6
+    for conv, p in zip(h, partner, strict=True):
+        index = int(conv[0]["content"][1:])
+        if index < len(retain):
+            assert p is not None and r[p][0]["content"] == f"r{index}"
+        else:
+            assert p is None
+    assert len({m[0]["content"] for m in r}) == 6  # no retain request twice
+    h, r, partner = paired_sample(harmful, retain, 20, rng, paired=False)
+    assert (h, r) == (harmful, retain) and partner == [None] * 10
+
+
+def test_paired_runs_hold_the_look_alikes_too(tiny_llama: acteng.Model, tmp_path: Path) -> None:
+    """Runs are unpaired unless told; paired, each step's retain loss also holds the
+    harmful rows' look-alikes, so the losses differ; provenance records it."""
+    kw = {**SMALL, "steps": 2}
+    apart = train_circuit_breaker(tiny_llama, tmp_path / "apart", **kw)
+    paired = train_circuit_breaker(tiny_llama, tmp_path / "paired", paired=True, **kw)
+    assert apart.provenance["hyperparameters"]["paired"] is False
+    assert paired.provenance["hyperparameters"]["paired"] is True
+    assert [s["retain"] for s in apart.losses] != [s["retain"] for s in paired.losses]
 
 
 @pytest.mark.parametrize(

@@ -121,6 +121,13 @@ def register(sub: Any) -> None:
         help="share of harmful examples trained on their answer alone, the request dropped "
         "(the paper's Llama-3 recipe uses 0.5; default 0)",
     )
+    cb.add_argument(
+        "--paired",
+        action="store_true",
+        help="the i-th harmful and i-th retain request are a minimal pair (same wording but "
+        "for the intent; the bundled sets are): each step also holds the look-alikes of its "
+        "harmful rows",
+    )
     cb.add_argument("--answer-tokens", type=int, default=32, help="length of the own answers")
     cb.add_argument("--max-tokens", type=int, default=128, help="tokens kept of each example")
     cb.add_argument("--seed", type=int, default=0)
@@ -198,6 +205,7 @@ def run_train_circuit_breaker(args: argparse.Namespace) -> int:
         examples=args.examples,
         text_share=args.text_share,
         answer_only_share=args.answer_only_share,
+        paired=args.paired,
         answer_tokens=args.answer_tokens,
         max_tokens=args.max_tokens,
         seed=args.seed,

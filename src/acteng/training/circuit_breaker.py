@@ -39,6 +39,11 @@ SmolLM2-135M, ../shared/design/representation-training.md):
 - **plain text is retained too** (neutral paragraphs, general-knowledge answers): with
   chat requests alone, neutral-text perplexity rose ~30 %; with them, ~3 %.
 
+`paired` (off by default) adds each step's harmful rows' look-alikes to its retain batch
+(the bundled sets are minimal pairs): on validation sets it kept harmless look-alikes
+closer at both seeds but broke no more harmful requests, and the acceptance run cost 39 %
+neutral-text perplexity (README).
+
 Target layers default to 30 % and 60 % of the depth (the paper's 10 and 20 of Llama-3-8B's
 32, in acteng's numbering 9 and 19). The result is a PEFT adapter folder with acteng's
 provenance; the model passed in is left as it was.
@@ -67,6 +72,7 @@ from acteng.training.conversations import (
     as_messages,
     encode,
     model_answers,
+    paired_sample,
     reroute_starts,
     shared_prefix,
 )
@@ -125,6 +131,7 @@ def train_circuit_breaker(
     examples: int = 256,
     text_share: float | None = None,
     answer_only_share: float = 0.0,
+    paired: bool = False,
     seed: int = 0,
     checkpoint_every: int = 50,
     on_step: OnStep | None = None,
@@ -148,6 +155,10 @@ def train_circuit_breaker(
     harmful examples trained on their answer alone, the request dropped (an empty user
     turn), as the paper's Llama-3 recipe does for half of them: the breaker then has to
     fire on harmful content, not only on the request that asked for it.
+    `paired` says the i-th harmful and the i-th retain request are a minimal pair (the
+    bundled sets are: a harmful request and its harmless look-alike); each step then
+    holds the look-alikes of its harmful rows beside its usual retain batch, so rerouting
+    is pushed to what separates the two and not to what they share.
 
     Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
     raises `TrainingError` with the last good checkpoint kept.
@@ -182,14 +193,16 @@ def train_circuit_breaker(
     bundled = circuit_breaker_sets("train")
     rng = random.Random(seed)
 
-    def sample(items: list[Messages]) -> list[Messages]:
-        return items if len(items) <= examples else rng.sample(items, examples)
-
-    harmful_msgs = sample(
-        bundled["harmful"] if harmful is None else as_messages(harmful, "harmful")
+    harmful_msgs, retain_msgs, partner = paired_sample(
+        bundled["harmful"] if harmful is None else as_messages(harmful, "harmful"),
+        bundled["harmless"] if retain is None else as_messages(retain, "retain"),
+        examples,
+        rng,
+        paired=paired,
     )
-    retain_msgs = sample(bundled["harmless"] if retain is None else as_messages(retain, "retain"))
-    refusal_msgs = sample(bundled["refusal"] if refusals is None else [list(r) for r in refusals])
+    refusal_msgs = bundled["refusal"] if refusals is None else [list(r) for r in refusals]
+    if len(refusal_msgs) > examples:
+        refusal_msgs = rng.sample(refusal_msgs, examples)
     if min(len(harmful_msgs), len(retain_msgs)) < 2:
         raise DataError("circuit breakers need at least 2 harmful and 2 retain requests")
     keys = {json.dumps(m, sort_keys=True) for m in harmful_msgs}
@@ -248,19 +261,8 @@ def train_circuit_breaker(
     model.hf.eval()
     flags = {name: p.requires_grad for name, p in model.hf.named_parameters()}
 
-    # The frozen model's centre and spread at each layer, over retain tokens.
-    with torch.no_grad():
-        sums: dict[int, list[torch.Tensor]] = {x: [] for x in retain_layers}
-        for start in range(0, min(len(chat_ids), 64), 16):
-            chunk = chat_ids[start : start + 16]
-            hidden, used = reader(chunk, [prefix] * len(chunk))
-            for x in retain_layers:
-                sums[x].append(hidden[x][used])
-        mu = {x: torch.cat(v).mean(0) for x, v in sums.items()}
-        scale = {
-            x: float((torch.cat(v) - mu[x]).norm(dim=-1).median().clamp_min(1e-6))
-            for x, v in sums.items()
-        }
+    # the frozen model's centre and spread at each layer, over retain tokens
+    mu, scale = reader.centre_and_spread(chat_ids[:64], prefix)
 
     linear_paths = sorted(
         f"{model.layout.blocks}.{b}.{name}"
@@ -291,6 +293,7 @@ def train_circuit_breaker(
         "examples": examples,
         **({"text_share": text_share} if text_share is not None else {}),
         **({"answer_only_share": answer_only_share} if answer_only_share else {}),
+        "paired": any(p is not None for p in partner),
         "shared_prefix_tokens": prefix,
         "seed": seed,
         "schedule": "c_reroute = alpha (1 - t/2T), c_retain = retain_weight alpha t/2T",
@@ -343,7 +346,8 @@ def train_circuit_breaker(
         share = step / (2 * steps)  # the paper's schedule
         c_reroute, c_retain = alpha * (1 - share), alpha * share * retain_weight
         h_rows = rng.sample(range(len(harmful_ids)), min(batch_size, len(harmful_ids)))
-        r_rows = retain_rows()
+        # each harmful row's look-alike is held in the same step
+        r_rows = [p for p in (partner[i] for i in h_rows) if p is not None] + retain_rows()
         h_batch, h_starts = [harmful_ids[i] for i in h_rows], [reroute_from[i] for i in h_rows]
         r_batch, r_starts = [retain_ids[i] for i in r_rows], [retain_from[i] for i in r_rows]
         with torch.no_grad(), peft_model.disable_adapter():

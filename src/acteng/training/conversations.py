@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import random
 from collections.abc import Sequence
 
 from acteng.errors import DataError
@@ -27,6 +28,7 @@ __all__ = [
     "as_messages",
     "encode",
     "model_answers",
+    "paired_sample",
     "reroute_starts",
     "shared_prefix",
 ]
@@ -130,3 +132,34 @@ def reroute_starts(
             longest = i
         starts.append(min(longest, len(seq) - 1))
     return starts
+
+
+def paired_sample(
+    harmful: Sequence[Messages],
+    retain: Sequence[Messages],
+    examples: int,
+    rng: random.Random,
+    paired: bool,
+) -> tuple[list[Messages], list[Messages], list[int | None]]:
+    """At most `examples` of each set (a seeded sample), and for each harmful request the
+    position of its look-alike among the retained ones (None where it has none).
+
+    With `paired`, the i-th harmful and the i-th retained request are a minimal pair (the
+    same wording but for the intent; a harmful set longer than the retain set has unpaired
+    requests at its end), and a drawn harmful request brings its partner into the retain
+    sample; the rest of that sample is drawn as before."""
+    if not paired:
+        pick_h = harmful if len(harmful) <= examples else rng.sample(list(harmful), examples)
+        pick_r = retain if len(retain) <= examples else rng.sample(list(retain), examples)
+        return list(pick_h), list(pick_r), [None] * len(pick_h)
+    chosen = rng.sample(range(len(harmful)), min(examples, len(harmful)))
+    partners = [i for i in chosen if i < len(retain)]
+    taken = set(partners)
+    others = [j for j in range(len(retain)) if j not in taken]
+    extra = rng.sample(others, max(0, min(examples, len(retain)) - len(partners)))
+    where = {i: k for k, i in enumerate(partners)}
+    return (
+        [list(harmful[i]) for i in chosen],
+        [list(retain[i]) for i in partners + extra],
+        [where.get(i) for i in chosen],
+    )

@@ -55,3 +55,23 @@ class BlockReader:
         for row, (ids, start) in enumerate(zip(batch, starts, strict=True)):
             held[row, : min(start, len(ids))] = True
         return held
+
+    @torch.no_grad()
+    def centre_and_spread(
+        self, rows: list[list[int]], start: int, chunk: int = 16
+    ) -> tuple[dict[int, torch.Tensor], dict[int, float]]:
+        """Each layer's mean block output and the median norm of the outputs minus it,
+        over the tokens of `rows` from `start` on (the model as it is now: call it
+        before an adapter is trained)."""
+        seen: dict[int, list[torch.Tensor]] = {x: [] for x in self.layers}
+        for first in range(0, len(rows), chunk):
+            part = rows[first : first + chunk]
+            hidden, used = self(part, [start] * len(part))
+            for x in self.layers:
+                seen[x].append(hidden[x][used])
+        mu = {x: torch.cat(v).mean(0) for x, v in seen.items()}
+        spread = {
+            x: float((torch.cat(v) - mu[x]).norm(dim=-1).median().clamp_min(1e-6))
+            for x, v in seen.items()
+        }
+        return mu, spread
