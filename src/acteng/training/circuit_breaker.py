@@ -70,6 +70,7 @@ from acteng.training.adapters import PROVENANCE_FILE, staged_folder, texts_hash
 from acteng.training.conversations import (
     Conversations,
     as_messages,
+    at_most,
     encode,
     model_answers,
     paired_sample,
@@ -200,9 +201,9 @@ def train_circuit_breaker(
         rng,
         paired=paired,
     )
-    refusal_msgs = bundled["refusal"] if refusals is None else [list(r) for r in refusals]
-    if len(refusal_msgs) > examples:
-        refusal_msgs = rng.sample(refusal_msgs, examples)
+    refusal_msgs = at_most(
+        bundled["refusal"] if refusals is None else [list(r) for r in refusals], examples, rng
+    )
     if min(len(harmful_msgs), len(retain_msgs)) < 2:
         raise DataError("circuit breakers need at least 2 harmful and 2 retain requests")
     keys = {json.dumps(m, sort_keys=True) for m in harmful_msgs}

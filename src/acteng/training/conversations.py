@@ -26,6 +26,7 @@ from acteng.training.data import Messages
 __all__ = [
     "Conversations",
     "as_messages",
+    "at_most",
     "encode",
     "model_answers",
     "paired_sample",
@@ -134,6 +135,12 @@ def reroute_starts(
     return starts
 
 
+def at_most(items: Sequence[Messages], n: int, rng: random.Random) -> list[Messages]:
+    """All of `items` when there are at most `n` (in order, the seeded `rng` untouched),
+    otherwise a seeded sample of `n`."""
+    return list(items) if len(items) <= n else rng.sample(list(items), n)
+
+
 def paired_sample(
     harmful: Sequence[Messages],
     retain: Sequence[Messages],
@@ -149,9 +156,8 @@ def paired_sample(
     requests at its end), and a drawn harmful request brings its partner into the retain
     sample; the rest of that sample is drawn as before."""
     if not paired:
-        pick_h = harmful if len(harmful) <= examples else rng.sample(list(harmful), examples)
-        pick_r = retain if len(retain) <= examples else rng.sample(list(retain), examples)
-        return list(pick_h), list(pick_r), [None] * len(pick_h)
+        pick_h = at_most(harmful, examples, rng)
+        return pick_h, at_most(retain, examples, rng), [None] * len(pick_h)
     chosen = rng.sample(range(len(harmful)), min(examples, len(harmful)))
     partners = [i for i in chosen if i < len(retain)]
     taken = set(partners)
