@@ -294,7 +294,7 @@ def train_circuit_breaker(
         "examples": examples,
         **({"text_share": text_share} if text_share is not None else {}),
         **({"answer_only_share": answer_only_share} if answer_only_share else {}),
-        "paired": any(p is not None for p in partner),
+        "paired": paired,
         "shared_prefix_tokens": prefix,
         "seed": seed,
         "schedule": "c_reroute = alpha (1 - t/2T), c_retain = retain_weight alpha t/2T",
