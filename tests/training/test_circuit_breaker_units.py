@@ -65,6 +65,29 @@ def test_retain_loss_holds_the_tokens_before_the_start() -> None:
     assert float(losses_module.retain_loss(moved, frozen, used, {0: 1.0})) == 0.0
 
 
+def test_look_alikes_are_a_retain_term_of_their_own() -> None:
+    """The first `apart` rows' mean distance is added to the other rows', so however many
+    look-alikes a step holds, the usual retain batch keeps its whole weight; the tokens
+    before each row's start are held once, over every row."""
+    torch.manual_seed(0)
+    frozen = {0: torch.randn(5, 3, 4)}
+    now = {0: frozen[0] + torch.randn(5, 3, 4)}
+    used = torch.ones(5, 3, dtype=torch.bool)
+    used[:, 0] = False
+    held = ~used
+
+    def loss(rows: slice, with_held: bool = False, apart: int = 0) -> float:
+        part = {0: now[0][rows]}, {0: frozen[0][rows]}, used[rows]
+        keep = held[rows] if with_held else None
+        return float(losses_module.retain_loss(*part, {0: 1.0}, keep, apart=apart))
+
+    every = slice(0, 5)
+    assert loss(every, apart=2) == pytest.approx(loss(slice(0, 2)) + loss(slice(2, 5)))
+    assert loss(every, apart=2) != pytest.approx(loss(every))  # not one mean over all rows
+    held_part = loss(every, with_held=True) - loss(every)
+    assert loss(every, True, 2) == pytest.approx(loss(every, apart=2) + held_part)
+
+
 def test_default_layers_scale_with_depth(tiny_llama: acteng.Model) -> None:
     low, high = default_circuit_breaker_layers(tiny_llama)
     assert 0 < low < high < tiny_llama.num_layers
@@ -202,14 +225,21 @@ def test_paired_sample_brings_each_harmful_requests_look_alike() -> None:
 
 
 def test_paired_runs_hold_the_look_alikes_too(tiny_llama: acteng.Model, tmp_path: Path) -> None:
-    """Runs are unpaired unless told; paired, each step's retain loss also holds the
-    harmful rows' look-alikes, so the losses differ; provenance records it."""
+    """Runs on sets the user gives are unpaired unless told; paired, each step's retain
+    loss also holds the harmful rows' look-alikes, so the losses differ; on the bundled
+    sets (minimal pairs) runs are paired unless told; provenance records it."""
     kw = {**SMALL, "steps": 2}
     apart = train_circuit_breaker(tiny_llama, tmp_path / "apart", **kw)
     paired = train_circuit_breaker(tiny_llama, tmp_path / "paired", paired=True, **kw)
     assert apart.provenance["hyperparameters"]["paired"] is False
     assert paired.provenance["hyperparameters"]["paired"] is True
     assert [s["retain"] for s in apart.losses] != [s["retain"] for s in paired.losses]
+    few = {"steps": 1, "examples": 2, "refusals": [], "target_layers": [1], "answer_tokens": 1}
+    for given, expected in ((None, True), (False, False)):
+        run = train_circuit_breaker(tiny_llama, tmp_path / f"b{given}", paired=given, **few)
+        hyper = run.provenance["hyperparameters"]
+        assert hyper["paired"] is expected
+        assert hyper.get("text_share") == (0.5 if expected else None)  # half, when paired
 
 
 @pytest.mark.parametrize(

@@ -111,8 +111,8 @@ def register(sub: Any) -> None:
         "--text-share",
         type=float,
         default=None,
-        help="share of each retain batch taken from plain retain texts (default: in "
-        "proportion to their number)",
+        help="share of each retain batch taken from plain retain texts (default: 0.5 when "
+        "paired, else in proportion to their number)",
     )
     cb.add_argument(
         "--answer-only-share",
@@ -123,10 +123,12 @@ def register(sub: Any) -> None:
     )
     cb.add_argument(
         "--paired",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="the i-th harmful and i-th retain request are a minimal pair (same wording but "
-        "for the intent; the bundled sets are): each step also holds the look-alikes of its "
-        "harmful rows",
+        "for the intent): each step holds the look-alikes of its harmful rows in a retain "
+        "term of their own (default: paired on the bundled sets, which are; unpaired when "
+        "you give --harmful or --retain)",
     )
     cb.add_argument("--answer-tokens", type=int, default=32, help="length of the own answers")
     cb.add_argument("--max-tokens", type=int, default=128, help="tokens kept of each example")

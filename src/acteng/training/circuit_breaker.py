@@ -39,10 +39,10 @@ SmolLM2-135M, ../shared/design/representation-training.md):
 - **plain text is retained too** (neutral paragraphs, general-knowledge answers): with
   chat requests alone, neutral-text perplexity rose ~30 %; with them, ~3 %.
 
-`paired` (off by default) adds each step's harmful rows' look-alikes to its retain batch
-(the bundled sets are minimal pairs): on validation sets it kept harmless look-alikes
-closer at both seeds but broke no more harmful requests, and the acceptance run cost 39 %
-neutral-text perplexity (README).
+**Paired batches**: the bundled harmful and harmless sets are minimal pairs, so each step
+holds its harmful rows' look-alikes in a retain term of their own: rerouting is pushed to
+what separates the two, and the rest of the retain loss keeps its weight; half of that
+rest is plain text (`text_share` 0.5). Both are the defaults on the bundled sets (README).
 
 Target layers default to 30 % and 60 % of the depth (the paper's 10 and 20 of Llama-3-8B's
 32, in acteng's numbering 9 and 19). The result is a PEFT adapter folder with acteng's
@@ -132,7 +132,7 @@ def train_circuit_breaker(
     examples: int = 256,
     text_share: float | None = None,
     answer_only_share: float = 0.0,
-    paired: bool = False,
+    paired: bool | None = None,
     seed: int = 0,
     checkpoint_every: int = 50,
     on_step: OnStep | None = None,
@@ -151,15 +151,15 @@ def train_circuit_breaker(
     neutral paragraphs and general-knowledge answers, `default_retain_texts`; ``[]`` for
     none): without it the chat-only retain set let neutral-text perplexity rise ~30 %.
     `text_share` is the share of each retain batch drawn from those texts (default
-    ``None``: drawn with the conversations, in proportion to their numbers, so more
-    `examples` means less plain text per step). `answer_only_share` is the share of
+    ``None``: half when paired, else drawn with the conversations, in proportion to their
+    numbers, so more `examples` means less plain text per step). `answer_only_share` is the share of
     harmful examples trained on their answer alone, the request dropped (an empty user
     turn), as the paper's Llama-3 recipe does for half of them: the breaker then has to
     fire on harmful content, not only on the request that asked for it.
-    `paired` says the i-th harmful and the i-th retain request are a minimal pair (the
-    bundled sets are: a harmful request and its harmless look-alike); each step then
-    holds the look-alikes of its harmful rows beside its usual retain batch, so rerouting
-    is pushed to what separates the two and not to what they share.
+    `paired` says the i-th harmful and the i-th retain request are a minimal pair; each
+    step then holds its harmful rows' look-alikes in a retain term of their own. Default
+    ``None``: paired when both sets are the bundled ones (minimal pairs by construction),
+    unpaired when you give either.
 
     Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
     raises `TrainingError` with the last good checkpoint kept.
@@ -171,12 +171,9 @@ def train_circuit_breaker(
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise missing_extra("peft", "peft", purpose="training a circuit breaker") from None
-    # any selection `parse_layers` reads: [9, 18], "9,18", "8-10", -1
-    targets = (
-        default_circuit_breaker_layers(model)
-        if target_layers is None
-        else tuple(parse_layers(model, target_layers))
-    )
+    targets: tuple[int, ...] = default_circuit_breaker_layers(model)
+    if target_layers is not None:  # any selection `parse_layers` reads: [9, 18], "8-10", -1
+        targets = tuple(parse_layers(model, target_layers))
     check_positive(lr=lr, alpha=alpha, retain_weight=retain_weight, init_scale=init_scale)
     if not 0.0 <= answer_only_share <= 1.0:
         raise ConfigError(f"answer_only_share must be in [0, 1], got {answer_only_share}")
@@ -193,6 +190,7 @@ def train_circuit_breaker(
         )
     bundled = circuit_breaker_sets("train")
     rng = random.Random(seed)
+    paired = (harmful is None and retain is None) if paired is None else paired
 
     harmful_msgs, retain_msgs, partner = paired_sample(
         bundled["harmful"] if harmful is None else as_messages(harmful, "harmful"),
@@ -226,7 +224,8 @@ def train_circuit_breaker(
             f"text_share {text_share} asks for plain retain texts; give retain_texts of more "
             "than one token"
         )
-
+    if text_share is None and paired and text_ids and batch_size > 1:
+        text_share = 0.5  # measured with pairs: fewer harmless breaks, less perplexity
     harmful_answers = model_answers(model, harmful_msgs, max_new_tokens=answer_tokens)
     retain_answers = model_answers(model, retain_msgs, max_new_tokens=answer_tokens)
     # its own generator, so that a share of 0 leaves every other draw as it was
@@ -347,8 +346,9 @@ def train_circuit_breaker(
         share = step / (2 * steps)  # the paper's schedule
         c_reroute, c_retain = alpha * (1 - share), alpha * share * retain_weight
         h_rows = rng.sample(range(len(harmful_ids)), min(batch_size, len(harmful_ids)))
-        # each harmful row's look-alike is held in the same step
-        r_rows = [p for p in (partner[i] for i in h_rows) if p is not None] + retain_rows()
+        # each harmful row's look-alike is held in the same step, in a term of its own
+        alike = [p for p in (partner[i] for i in h_rows) if p is not None]
+        r_rows = alike + retain_rows()
         h_batch, h_starts = [harmful_ids[i] for i in h_rows], [reroute_from[i] for i in h_rows]
         r_batch, r_starts = [retain_ids[i] for i in r_rows], [retain_from[i] for i in r_rows]
         with torch.no_grad(), peft_model.disable_adapter():
@@ -358,7 +358,7 @@ def train_circuit_breaker(
         r_now, _ = reader(r_batch, r_starts)
         reroute = losses_on.reroute_loss(h_now, h_frozen, h_used, mu, targets)
         held = reader.before_start(r_batch, r_starts)
-        retain = losses_on.retain_loss(r_now, r_frozen, r_used, scale, held)
+        retain = losses_on.retain_loss(r_now, r_frozen, r_used, scale, held, len(alike))
         return c_reroute * reroute + c_retain * retain, {"reroute": reroute, "retain": retain}
 
     try:

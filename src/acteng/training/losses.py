@@ -37,16 +37,25 @@ def retain_loss(
     used: torch.Tensor,
     scale: dict[int, float],
     held: torch.Tensor | None = None,
+    apart: int = 0,
 ) -> torch.Tensor:
     """Mean over layers of the L2 distance between the adapted and frozen representations
     over the used tokens, each layer's divided by its median centred norm; plus, over the
     `held` tokens (those before each row's start: the shared template prefix, a plain
     text's first token), the same distance relative to each token's own frozen norm.
 
+    The first `apart` rows (a step's harmful look-alikes) are a term of their own, added
+    to the other rows': in one mean they halved the weight of the usual retain batch,
+    plain text with it, and neutral-text perplexity rose (39 % against 4 %, README).
+
     The held tokens are the attention sink and what every conversation shares, so no loss
     may use them as a lever; left out of the retain loss, they drifted by ~99 % (relative)
     and every later token with them (neutral-text perplexity x26). Their own norm is the
     scale because the sink's is ~100 times the layer's median."""
+    if apart:
+        first = torch.arange(used.shape[0], device=used.device)[:, None] < apart
+        alike = retain_loss(now, frozen, used & first, scale)
+        return alike + retain_loss(now, frozen, used & ~first, scale, held)
     per_layer = [((now[x] - frozen[x]).norm(dim=-1)[used] / scale[x]).mean() for x in scale]
     loss = torch.stack(per_layer).mean()
     if held is not None and bool(held.any()):
