@@ -20,11 +20,13 @@ from acteng.training.data import circuit_breaker_roles, circuit_breaker_sets
 pytestmark = [pytest.mark.real, pytest.mark.slow]
 
 SHORT: dict[str, Any] = {
-    "steps": 40,
+    "steps": 80,
     "examples": 48,
     "lr": 3e-3,
     "answer_tokens": 16,
     "max_tokens": 96,
+    "paired": True,  # what the bundled sets get by default (with half plain text)
+    "seed": 1,
 }
 
 
@@ -39,7 +41,13 @@ def first_batch_pool() -> dict[str, list[list[dict[str, str]]]]:
     the figures). The test checks that the trainer still does what it did, so its input
     must not move whenever data are added: it trains on this fixed pool, with the
     trainer's own seeded draw. The variance is the trainer's and is documented; this
-    test does not hide it."""
+    test does not hide it.
+
+    The run is the bundled default (paired batches, half plain text; the pool's sets are
+    the bundled minimal pairs). At 40 steps it rerouted nothing with seeds 0 and 1
+    (cosines 1.000 / 1.000: the retain term pins the adapter before rerouting starts);
+    at 80 steps seed 0 gave 0.810 / 0.996 and seed 1 0.645 / 0.994 (2026-12-07), so
+    the test trains 80 steps with seed 1, the wider margin over the 0.15 gap."""
     hr = [
         r for r in bundled_records("harmful_requests")[:500] if r.get("split", "train") == "train"
     ]
@@ -97,6 +105,7 @@ def test_harmful_requests_are_rerouted_and_harmless_ones_kept(
     assert harmless > 0.8, harmless
     assert harmful < harmless - 0.15, (harmful, harmless)
     assert cb.losses[-1]["reroute"] < cb.losses[0]["reroute"]
+    assert cb.rerouted
 
 
 def test_the_adapter_serves_through_the_cli(
@@ -138,8 +147,11 @@ def test_train_circuit_breaker_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPat
             "--retain", str(retain), "--steps", "2", "--answer-tokens", "4",
             "--answer-only-share", "0.5", "--paired", "--json"]  # fmt: skip
     assert main(argv) == 0
-    summary = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    summary = json.loads(captured.out)
     assert summary["steps"] == 2 and summary["adapter"] == str(out)
+    # two steps cannot reroute anything, and the user is told so rather than left to trust it
+    assert summary["rerouted"] is False and "rerouting never took hold" in captured.err
     assert (out / "adapter_config.json").is_file()
     record = json.loads((out / "acteng_training.json").read_text())
     assert record["data"]["harmful"]["conversations"] == 2

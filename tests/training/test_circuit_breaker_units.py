@@ -17,7 +17,11 @@ from acteng.errors import ConfigError, DataError, TrainingError
 from acteng.evaluation.judge import judge, repeat_share
 from acteng.training import losses as losses_module
 from acteng.training import read_provenance
-from acteng.training.circuit_breaker import default_circuit_breaker_layers, train_circuit_breaker
+from acteng.training.circuit_breaker import (
+    CircuitBreakerResult,
+    default_circuit_breaker_layers,
+    train_circuit_breaker,
+)
 from acteng.training.conversations import paired_sample, reroute_starts, shared_prefix
 from acteng.training.data import circuit_breaker_sets, load_conversations, pair_conversation
 
@@ -86,6 +90,20 @@ def test_look_alikes_are_a_retain_term_of_their_own() -> None:
     assert loss(every, apart=2) != pytest.approx(loss(every))  # not one mean over all rows
     held_part = loss(every, with_held=True) - loss(every)
     assert loss(every, True, 2) == pytest.approx(loss(every, apart=2) + held_part)
+
+
+def test_rerouted_reads_the_last_tenth_of_the_steps() -> None:
+    """A run whose rerouting loss stayed near 1 (harmful representations untouched) is not
+    called rerouted, however it dipped early; one that ended well below is."""
+
+    def result(reroutes: list[float]) -> CircuitBreakerResult:
+        rows = [{"reroute": r, "retain": 0.1} for r in reroutes]
+        return CircuitBreakerResult(Path("cb"), (1, 2), len(rows), rows, {})
+
+    assert result([1.0] * 5 + [0.6] * 45).rerouted
+    assert not result([1.0] * 40).rerouted
+    assert not result([0.5] * 45 + [0.999] * 5).rerouted  # only the end counts
+    assert result([0.7]).rerouted and not result([0.95]).rerouted
 
 
 def test_default_layers_scale_with_depth(tiny_llama: acteng.Model) -> None:

@@ -5,6 +5,7 @@ model folder."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -221,8 +222,18 @@ def run_train_circuit_breaker(args: argparse.Namespace) -> int:
         "steps": result.steps,
         "reroute_loss": last["reroute"],
         "retain_loss": last["retain"],
+        "rerouted": result.rerouted,
         "seconds": round(last["seconds"], 1),
     }
+    if not result.rerouted:  # an adapter that changes nothing must not pass for a defence
+        print(
+            f"warning: rerouting never took hold (rerouting loss {last['reroute']:.4f} at the "
+            "end; 1 = harmful representations untouched), so this adapter barely changes the "
+            f"model. The usual cause is too few steps ({result.steps}) for the schedule, "
+            "which holds the retain set harder at every step: train for more --steps "
+            "(default 150) or with a higher --lr",
+            file=sys.stderr,
+        )
     return _finish(args, summary, f"target layers {list(result.target_layers)}")
 
 

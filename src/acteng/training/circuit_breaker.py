@@ -12,8 +12,7 @@ target layer is trained with two losses on the residual stream:
   highest target;
 - the published schedule: ``c_reroute = alpha·(1 − t/2T)``, ``c_retain = alpha·t/2T``
   (times ``retain_weight``, which balances the relative distance below against the
-  cosine: 10 broke most harmful requests and kept most harmless ones, 30 broke almost
-  none, bench/circuit_breaker.py and the README have the figures).
+  cosine: 10 broke most harmful requests, 30 almost none; the README has the figures).
 
 The frozen representations come from the same model with the adapter disabled, so there
 is no second copy of the weights. The forward stops after the highest target block.
@@ -39,10 +38,9 @@ SmolLM2-135M, ../shared/design/representation-training.md):
 - **plain text is retained too** (neutral paragraphs, general-knowledge answers): with
   chat requests alone, neutral-text perplexity rose ~30 %; with them, ~3 %.
 
-**Paired batches**: the bundled harmful and harmless sets are minimal pairs, so each step
-holds its harmful rows' look-alikes in a retain term of their own: rerouting is pushed to
-what separates the two, and the rest of the retain loss keeps its weight; half of that
-rest is plain text (`text_share` 0.5). Both are the defaults on the bundled sets (README).
+**Paired batches** (the default on the bundled sets, which are minimal pairs): each step
+holds its harmful rows' look-alikes in a retain term of their own, so rerouting is pushed
+to what separates the two; half of the rest of the retain batch is plain text.
 
 Target layers default to 30 % and 60 % of the depth (the paper's 10 and 20 of Llama-3-8B's
 32, in acteng's numbering 9 and 19). The result is a PEFT adapter folder with acteng's
@@ -109,6 +107,15 @@ class CircuitBreakerResult:
     steps: int
     losses: list[dict[str, float]] = field(repr=False)
     provenance: dict[str, Any] = field(repr=False)
+
+    @property
+    def rerouted(self) -> bool:
+        """Whether rerouting took hold: the rerouting loss (1 = harmful representations
+        untouched) averaged over the last tenth of the steps is below 0.9 (about 0.57 in
+        full runs on the default model). A run too short for the schedule can end at 1.0,
+        an adapter that changes nothing (40 steps on the bundled sets did): train longer."""
+        tail = self.losses[-max(1, len(self.losses) // 10) :]
+        return sum(row["reroute"] for row in tail) / len(tail) < 0.9
 
 
 def train_circuit_breaker(
@@ -229,18 +236,11 @@ def train_circuit_breaker(
     harmful_answers = model_answers(model, harmful_msgs, max_new_tokens=answer_tokens)
     retain_answers = model_answers(model, retain_msgs, max_new_tokens=answer_tokens)
     # its own generator, so that a share of 0 leaves every other draw as it was
-    bare = set(
-        random.Random(seed + 1).sample(
-            range(len(harmful_msgs)), round(answer_only_share * len(harmful_msgs))
-        )
-    )
+    n_bare = round(answer_only_share * len(harmful_msgs))
+    bare = set(random.Random(seed + 1).sample(range(len(harmful_msgs)), n_bare))
     no_request: Messages = [{"role": "user", "content": ""}]
-    harmful_ids = encode(
-        model,
-        [no_request if i in bare else m for i, m in enumerate(harmful_msgs)],
-        harmful_answers,
-        max_tokens,
-    )
+    asked = [no_request if i in bare else m for i, m in enumerate(harmful_msgs)]
+    harmful_ids = encode(model, asked, harmful_answers, max_tokens)
     chat_ids = encode(model, retain_msgs, retain_answers, max_tokens) + encode(
         model, refusal_msgs, [None] * len(refusal_msgs), max_tokens
     )
