@@ -172,6 +172,7 @@ def train_circuit_breaker(
     raises `TrainingError` with the last good checkpoint kept.
 
     >>> result = acteng.training.train_circuit_breaker(model, "cb")
+    >>> assert result.rerouted  # False: too few steps, the adapter changes nothing
     >>> guarded = acteng.load_model(adapter=result.adapter)
     """
     try:
@@ -253,8 +254,7 @@ def train_circuit_breaker(
     # a plain text's first token (the attention sink) is held relative to its own norm
     retain_from = [prefix] * len(chat_ids) + [1] * (len(retain_ids) - len(chat_ids))
     top = targets[-1]
-    retain_layers = list(range(top + 1))
-    reader = BlockReader(model, retain_layers)
+    reader = BlockReader(model, list(range(top + 1)))  # every layer up to the top is held
 
     torch.manual_seed(seed)
     was_training = model.hf.training
