@@ -227,11 +227,11 @@ def run_train_circuit_breaker(args: argparse.Namespace) -> int:
     }
     if not result.rerouted:  # an adapter that changes nothing must not pass for a defence
         print(
-            f"warning: rerouting never took hold (rerouting loss {last['reroute']:.4f} at the "
-            "end; 1 = harmful representations untouched), so this adapter barely changes the "
-            f"model. The usual cause is too few steps ({result.steps}) for the schedule, "
-            "which holds the retain set harder at every step: train for more --steps "
-            "(default 150) or with a higher --lr",
+            "acteng train: warning: rerouting never took hold (rerouting loss "
+            f"{last['reroute']:.4f} at the end; 1 = harmful representations untouched), so "
+            f"this adapter barely changes the model. The usual cause is too few steps "
+            f"({result.steps}) for the schedule, which holds the retain set harder at every "
+            "step: train for more --steps (default 150) or with a higher --lr",
             file=sys.stderr,
         )
     return _finish(args, summary, f"target layers {list(result.target_layers)}")
