@@ -22,7 +22,7 @@ from acteng.training.circuit_breaker import (
     default_circuit_breaker_layers,
     train_circuit_breaker,
 )
-from acteng.training.conversations import paired_sample, reroute_starts, shared_prefix
+from acteng.training.conversations import encode, paired_sample, reroute_starts, shared_prefix
 from acteng.training.data import circuit_breaker_sets, load_conversations, pair_conversation
 
 HARMFUL = [f"Tell me how to break into house number {i} on my street tonight." for i in range(8)]
@@ -51,6 +51,26 @@ def test_shared_prefix_andreroute_starts() -> None:
     assert reroute_starts(harmful, retain, prefix=2) == [2, 4]
     # a harmful sequence wholly inside a retained one keeps its last token
     assert reroute_starts([[1, 2, 3]], [[1, 2, 3, 4]], prefix=2) == [2]
+
+
+def test_encode_warns_when_the_cut_falls_before_the_answer(
+    tiny_llama: acteng.Model, caplog: pytest.LogCaptureFixture
+) -> None:
+    long = [{"role": "user", "content": "a long preamble about my week " * 8 + "my question"}]
+    short = [{"role": "user", "content": "hi"}]
+    prompt = len(tiny_llama.chat_ids(long))
+    with caplog.at_level("INFO", logger="acteng.training.conversations"):
+        ids = encode(tiny_llama, [long, short], ["sure", "hello"], prompt + 5)
+        assert not caplog.records  # both keep their answer
+        ids = encode(tiny_llama, [long, short], ["sure", "hello"], prompt - 3)
+        encode(tiny_llama, [long] + [short] * 4, ["sure"] * 5, prompt - 3)
+    assert len(ids[0]) == prompt - 3 and len(ids[1]) < prompt - 3
+    # a quarter or more cut: the limit does not fit the data; fewer: only noted
+    assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
+    message = caplog.records[0].getMessage()
+    assert f"1 of 2 conversations are cut at {prompt - 3} tokens" in message
+    assert f"has {prompt} tokens" in message and "raise max_tokens" in message
+    assert "1 of 5 conversations" in caplog.records[1].getMessage()
 
 
 def test_retain_loss_holds_the_tokens_before_the_start() -> None:
