@@ -116,7 +116,7 @@ def encode(
             logging.WARNING if cut >= len(out) / 4 else logging.INFO,
             "%d of %d conversations are cut at %d tokens before their answer (the longest "
             "prompt has %d tokens): they train on their opening alone; raise max_tokens "
-            "above that to keep them whole",
+            "(--max-tokens) above that to keep them whole",
             cut,
             len(out),
             limit,
