@@ -1,6 +1,7 @@
 """load_model: the embedded default, the cache, sources, adapters and errors."""
 
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,7 +9,7 @@ import torch
 
 import acteng
 from acteng.errors import ConfigError, ModelLoadError
-from acteng.models import cache_dir
+from acteng.models import cache_dir, quiet_peft
 from tests.helpers import random_vector
 
 
@@ -99,3 +100,16 @@ def test_bad_folders_are_load_errors(tmp_path: Path) -> None:
     (odd / "config.json").write_text('{"model_type": "nonexistent_arch"}')
     with pytest.raises(ModelLoadError, match="could not load model 'odd'"):
         acteng.load_model(odd)
+
+
+def test_quiet_peft_hides_only_the_deprecation_peft_triggers(tiny_llama: acteng.Model) -> None:
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        with quiet_peft():
+            wrapped = get_peft_model(tiny_llama.hf, LoraConfig(r=2, target_modules=["q_proj"]))
+            warnings.warn("another deprecation", FutureWarning, stacklevel=1)
+        wrapped.unload()
+    assert [str(w.message) for w in seen] == ["another deprecation"]

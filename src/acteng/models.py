@@ -18,7 +18,9 @@ import json
 import logging
 import os
 import re
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,7 +38,15 @@ from acteng.model_files import (
     resolve_source,
 )
 
-__all__ = ["BUNDLED_MODELS", "DEFAULT_MODEL", "Model", "ModelRecipe", "cache_dir", "load_model"]
+__all__ = [
+    "BUNDLED_MODELS",
+    "DEFAULT_MODEL",
+    "Model",
+    "ModelRecipe",
+    "cache_dir",
+    "load_model",
+    "quiet_peft",
+]
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +340,8 @@ def _apply_adapter(hf: nn.Module, adapter: Path) -> nn.Module:
     from peft import PeftModel
 
     try:
-        peft_model = PeftModel.from_pretrained(hf, str(adapter))
+        with quiet_peft():
+            peft_model = PeftModel.from_pretrained(hf, str(adapter))
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(
             f"could not apply the adapter {adapter}: {exc}; check that it was trained for "
@@ -338,3 +349,15 @@ def _apply_adapter(hf: nn.Module, adapter: Path) -> nn.Module:
         ) from exc
     base: nn.Module = peft_model.get_base_model()
     return base
+
+
+@contextmanager
+def quiet_peft() -> Iterator[None]:
+    """Hide the one warning PEFT makes transformers 5 print whenever it wraps a model (it
+    reads the deprecated ``is_gradient_checkpointing``): users can do nothing about it.
+    Every other warning passes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings(
+            "ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning
+        )
+        yield

@@ -63,14 +63,14 @@ def test_encode_warns_when_the_cut_falls_before_the_answer(
         ids = encode(tiny_llama, [long, short], ["sure", "hello"], prompt + 5)
         assert not caplog.records  # both keep their answer
         ids = encode(tiny_llama, [long, short], ["sure", "hello"], prompt - 3)
-        encode(tiny_llama, [long] + [short] * 4, ["sure"] * 5, prompt - 3)
+        encode(tiny_llama, [long] + [short] * 4, ["sure"] * 5, prompt - 3, "retain")
     assert len(ids[0]) == prompt - 3 and len(ids[1]) < prompt - 3
     # a quarter or more cut: the limit does not fit the data; fewer: only noted
     assert [r.levelname for r in caplog.records] == ["WARNING", "INFO"]
     message = caplog.records[0].getMessage()
     assert f"1 of 2 conversations are cut at {prompt - 3} tokens" in message
     assert f"has {prompt} tokens" in message and "raise max_tokens" in message
-    assert "1 of 5 conversations" in caplog.records[1].getMessage()
+    assert "1 of 5 retain conversations" in caplog.records[1].getMessage()  # names the set
 
 
 def test_retain_loss_holds_the_tokens_before_the_start() -> None:

@@ -61,9 +61,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``acteng`` script; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.debug else logging.WARNING, format="acteng: %(message)s"
-    )
+    # acteng's own warnings (a cut that drops answers, a run that never rerouted) reach
+    # stderr through a handler of the package's own, so they show even where the root
+    # logger is configured already (an application calling `main`, pytest)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("acteng: %(message)s"))
+    package = logging.getLogger("acteng")
+    package.addHandler(handler)
+    package.setLevel(logging.DEBUG if args.debug else logging.WARNING)
+    try:
+        return _run(args)
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(logging.NOTSET)
+
+
+def _run(args: argparse.Namespace) -> int:
+    """Run the parsed subcommand, turning expected failures into one-line errors."""
     try:
         status: int = args.run(args)
         sys.stdout.flush()  # here, so a closed pipe is caught below rather than at exit

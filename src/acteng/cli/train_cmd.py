@@ -5,7 +5,6 @@ model folder."""
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -225,15 +224,7 @@ def run_train_circuit_breaker(args: argparse.Namespace) -> int:
         "rerouted": result.rerouted,
         "seconds": round(last["seconds"], 1),
     }
-    if not result.rerouted:  # an adapter that changes nothing must not pass for a defence
-        print(
-            "acteng train: warning: rerouting never took hold (rerouting loss "
-            f"{last['reroute']:.4f} at the end; 1 = harmful representations untouched), so "
-            f"this adapter barely changes the model. The usual cause is too few steps "
-            f"({result.steps}) for the schedule, which holds the retain set harder at every "
-            "step: train for more --steps (default 150) or with a higher --lr",
-            file=sys.stderr,
-        )
+    # an adapter that never rerouted is warned about by the trainer (logged)
     return _finish(args, summary, f"target layers {list(result.target_layers)}")
 
 

@@ -8,8 +8,7 @@ target layer is trained with two losses on the residual stream:
   tokens: the adapted model's representation of harmful content is turned away from what
   its later blocks know how to use, so generation breaks down instead of complying;
 - **retain**, on harmless look-alikes with their own answers and on refusals: the L2
-  distance between the adapted and frozen representations at every layer up to the
-  highest target;
+  distance of adapted from frozen representations at every layer up to the highest target;
 - the published schedule: ``c_reroute = alpha·(1 − t/2T)``, ``c_retain = alpha·t/2T``
   (times ``retain_weight``, which balances the relative distance below against the
   cosine: 10 broke most harmful requests, 30 almost none; the README has the figures).
@@ -50,6 +49,7 @@ provenance; the model passed in is left as it was.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import random
 from collections.abc import Callable, Sequence
@@ -62,7 +62,7 @@ from torch import nn
 
 from acteng.errors import ConfigError, DataError, missing_extra
 from acteng.layer_selection import parse_layers
-from acteng.models import Model
+from acteng.models import Model, quiet_peft
 from acteng.training import losses as losses_on
 from acteng.training.adapters import PROVENANCE_FILE, staged_folder, texts_hash
 from acteng.training.conversations import (
@@ -87,6 +87,7 @@ __all__ = [
 ]
 
 OnStep = Callable[[int, dict[str, float]], None]
+logger = logging.getLogger(__name__)
 
 
 def default_circuit_breaker_layers(model: Model) -> tuple[int, int]:
@@ -111,9 +112,8 @@ class CircuitBreakerResult:
     @property
     def rerouted(self) -> bool:
         """Whether rerouting took hold: the rerouting loss (1 = harmful representations
-        untouched) averaged over the last tenth of the steps is below 0.9 (about 0.57 in
-        full runs on the default model). A run too short for the schedule can end at 1.0,
-        an adapter that changes nothing (40 steps on the bundled sets did): train longer."""
+        untouched) averaged over the last tenth of the steps is below 0.9 (about 0.57 in full
+        runs on the default model; a run too short for the schedule ends at 1.0)."""
         tail = self.losses[-max(1, len(self.losses) // 10) :]
         return sum(row["reroute"] for row in tail) / len(tail) < 0.9
 
@@ -154,9 +154,7 @@ def train_circuit_breaker(
     an assistant refusal, kept as they are. By default all three come from the team's
     train splits (`acteng.training.data.circuit_breaker_sets`); at most `examples` of
     each set are used (seeded sample), which bounds the answer generation.
-    `retain_texts` is plain text held too, outside any chat (default: the bundled
-    neutral paragraphs and general-knowledge answers, `default_retain_texts`; ``[]`` for
-    none): without it the chat-only retain set let neutral-text perplexity rise ~30 %.
+    `retain_texts`: plain text held too (default: `default_retain_texts`; ``[]``: none).
     `text_share` is the share of each retain batch drawn from those texts (default
     ``None``: half when paired, else drawn with the conversations, in proportion to their
     numbers, so more `examples` means less plain text per step). `answer_only_share` is the share of
@@ -169,10 +167,10 @@ def train_circuit_breaker(
     unpaired when you give either.
 
     Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
-    raises `TrainingError` with the last good checkpoint kept.
+    raises `TrainingError` with the last good checkpoint kept. A run whose rerouting never
+    took hold (`CircuitBreakerResult.rerouted` false) logs a warning.
 
     >>> result = acteng.training.train_circuit_breaker(model, "cb")
-    >>> assert result.rerouted  # False: too few steps, the adapter changes nothing
     >>> guarded = acteng.load_model(adapter=result.adapter)
     """
     try:
@@ -241,8 +239,8 @@ def train_circuit_breaker(
     bare = set(random.Random(seed + 1).sample(range(len(harmful_msgs)), n_bare))
     no_request: Messages = [{"role": "user", "content": ""}]
     asked = [no_request if i in bare else m for i, m in enumerate(harmful_msgs)]
-    harmful_ids = encode(model, asked, harmful_answers, max_tokens)
-    chat_ids = encode(model, retain_msgs, retain_answers, max_tokens) + encode(
+    harmful_ids = encode(model, asked, harmful_answers, max_tokens, "harmful")
+    chat_ids = encode(model, retain_msgs, retain_answers, max_tokens, "retain") + encode(
         model, refusal_msgs, [None] * len(refusal_msgs), max_tokens
     )
     prefix = shared_prefix(harmful_ids + chat_ids)
@@ -320,7 +318,8 @@ def train_circuit_breaker(
         "hyperparameters": hyper,
     }
     log = TrainLog()
-    peft_model = get_peft_model(model.hf, config)  # injects LoRA layers into model.hf
+    with quiet_peft():
+        peft_model = get_peft_model(model.hf, config)  # injects LoRA layers into model.hf
 
     def save(done: int, interrupted: bool = False) -> Path:
         record = {
@@ -391,10 +390,11 @@ def train_circuit_breaker(
             p.grad = None
         model.hf.train(was_training)
     assert log.last_good is not None
-    return CircuitBreakerResult(
-        adapter=log.last_good,
-        target_layers=targets,
-        steps=log.done,
-        losses=log.losses,
-        provenance=provenance,
-    )
+    result = CircuitBreakerResult(log.last_good, targets, log.done, log.losses, provenance)
+    if not result.rerouted:  # an adapter that changes nothing must not pass for a defence
+        logger.warning(
+            f"rerouting never took hold (loss {log.losses[-1]['reroute']:.4f} at the end, 1 = "
+            f"untouched): this adapter barely changes the model; train for more steps (--steps;"
+            f" {log.done} are too few for the schedule) or with a higher lr (--lr, {lr:g})"
+        )
+    return result

@@ -88,15 +88,20 @@ def model_answers(
 
 
 def encode(
-    model: Model, conversations: Sequence[Messages], answers: Sequence[str | None], limit: int
+    model: Model,
+    conversations: Sequence[Messages],
+    answers: Sequence[str | None],
+    limit: int,
+    what: str = "",
 ) -> list[list[int]]:
     """Token ids of each conversation with its answer as the assistant's turn (None: the
     conversation already ends with the answer), cut to `limit` tokens.
 
     A conversation whose prompt alone reaches `limit` keeps none of its answer, and a long
     wrapper can push the request itself past the cut: such rows train on their opening
-    alone. Their number is logged with the limit that would keep them whole, as a warning
-    when they are a quarter or more (the limit does not fit the data). The bundled sets
+    alone. Their number is logged (`what` names the set) with the limit that would keep
+    them whole, as a warning when they are a quarter or more (the limit does not fit the
+    data). The bundled sets
     lose about 5 % of their harmful rows at the circuit breaker's default of 128 (the long
     preambles, run to ~250 tokens, and some multi-turn chats), knowingly: keeping them
     whole (320) broke more harmful requests but kept fewer harmless ones (README)."""
@@ -114,11 +119,12 @@ def encode(
     if cut:
         log.log(
             logging.WARNING if cut >= len(out) / 4 else logging.INFO,
-            "%d of %d conversations are cut at %d tokens before their answer (the longest "
+            "%d of %d %sconversations are cut at %d tokens before their answer (the longest "
             "prompt has %d tokens): they train on their opening alone; raise max_tokens "
             "(--max-tokens) above that to keep them whole",
             cut,
             len(out),
+            f"{what} " if what else "",
             limit,
             longest,
         )
