@@ -110,6 +110,16 @@ def test_detect_cli(
     assert len(results) == 8
     assert [r["score"] for r in results] == pytest.approx(real.score(smollm2, HARMFUL + HARMLESS))
     assert all(r["flagged"] == (r["score"] > real.threshold) for r in results)
+    # prompts on the command line score as they do from a file
+    one_off = ["detect", "--detector", str(path), "--prompt", HARMFUL[0], "--prompt", HARMLESS[0]]
+    assert main([*one_off, "--json"]) == 0
+    scores = [r["score"] for r in json.loads(capsys.readouterr().out)["results"]]
+    expected = [results[0]["score"], results[len(HARMFUL)]["score"]]
+    assert scores == pytest.approx(expected, abs=1e-3)  # other batch, other padding
+    assert main([*one_off, "--response", "Sure."]) == 2
+    assert "reads prompts" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # a file or prompts, not both
+        main([*one_off, "--prompts", str(prompts)])
     tiny_path = detector.save(tmp_path / "tiny.safetensors")
     assert main(["detect", "--detector", str(tiny_path), "--prompts", str(prompts)]) == 2
     assert "width 64 != model width 576" in capsys.readouterr().err

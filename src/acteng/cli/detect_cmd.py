@@ -19,12 +19,19 @@ def register(sub: Any) -> None:
     p = sub.add_parser(
         "detect",
         help="score prompts with a detector",
-        description="Score each prompt of a JSONL file (field 'prompt'; also 'response' "
-        "for a detector that reads answers) with a detector and flag those above its "
-        "calibrated threshold.",
+        description="Score prompts (a JSONL file with a 'prompt' field per line, also "
+        "'response' for a detector that reads answers; or --prompt on the command line) with "
+        "a detector and flag those above its calibrated threshold.",
     )
     p.add_argument("--detector", required=True, help="detector file or library name")
-    p.add_argument("--prompts", required=True, help="JSONL file with a 'prompt' field per line")
+    given = p.add_mutually_exclusive_group(required=True)
+    given.add_argument("--prompts", help="JSONL file with a 'prompt' field per line")
+    given.add_argument("--prompt", action="append", help="a prompt to score (repeatable)")
+    p.add_argument(
+        "--response",
+        action="append",
+        help="the answer to each --prompt, in order, for a detector that reads answers",
+    )
     p.add_argument("--json", action="store_true")
     add_model_args(p)
     p.set_defaults(run=run_detect)
@@ -36,7 +43,13 @@ def run_detect(args: argparse.Namespace) -> int:
 
     model = load_model_from_args(args)
     detector = load_detector(args.detector, model=model)
-    prompts = read_prompts(args.prompts, with_responses=detector.region == "response")
+    with_responses = detector.region == "response"
+    if args.prompts is not None:
+        if args.response:
+            raise ConfigError("--response goes with --prompt; a --prompts file has its own")
+        prompts = read_prompts(args.prompts, with_responses=with_responses)
+    else:
+        prompts = given_prompts(args.prompt, args.response, with_responses)
     scores = detector.score(model, prompts)
     results = [{"score": s, "flagged": s > detector.threshold} for s in scores]
     if args.json:
@@ -51,6 +64,25 @@ def run_detect(args: argparse.Namespace) -> int:
             f"(threshold {detector.threshold:.3f})"
         )
     return 0
+
+
+def given_prompts(
+    prompts: list[str], responses: list[str] | None, with_responses: bool
+) -> list[Scored]:
+    """The --prompt values (with their --response, in order, for a detector that reads
+    answers)."""
+    if not with_responses:
+        if responses:
+            raise ConfigError(
+                "--response is for a detector that reads answers; this one reads prompts"
+            )
+        return list(prompts)
+    if not responses or len(responses) != len(prompts):
+        raise ConfigError(
+            f"this detector reads answers: give one --response per --prompt ({len(prompts)} "
+            f"prompts, {len(responses or [])} responses)"
+        )
+    return list(zip(prompts, responses, strict=True))
 
 
 def read_prompts(path: str | os.PathLike[str], *, with_responses: bool = False) -> list[Scored]:
