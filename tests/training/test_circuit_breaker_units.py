@@ -433,3 +433,16 @@ def test_target_layers_read_as_every_layer_selection(
     assert got.target_layers == (1, 2)
     got = train_circuit_breaker(tiny_llama, tmp_path / "b", target_layers=[1, -1], **kw)
     assert got.target_layers == (1, last)
+
+
+def test_model_answers_show_progress_while_generated(
+    tiny_llama: acteng.Model, capsys: pytest.CaptureFixture[str]
+) -> None:
+    asked = [[{"role": "user", "content": h}] for h in HARMFUL]
+    kw: dict[str, Any] = {"max_new_tokens": 2, "batch_size": 2, "cache": False}
+    quiet = acteng.training.model_answers(tiny_llama, asked, **kw)
+    assert capsys.readouterr().err == ""
+    shown = acteng.training.model_answers(tiny_llama, asked, **kw, progress=True)
+    err = capsys.readouterr().err
+    assert shown == quiet and f"the model's answers {len(asked)}/{len(asked)}  ETA 0 s\n" in err
+    assert "the model's answers 2/" in err  # one line a batch, each with an ETA

@@ -7,8 +7,8 @@ target layer is trained with two losses on the residual stream:
   ``ReLU(cos(h_adapted, h_frozen))`` at the target layers, over request and answer
   tokens: the adapted model's representation of harmful content is turned away from what
   its later blocks know how to use, so generation breaks down instead of complying;
-- **retain**, on harmless look-alikes with their own answers and on refusals: the L2
-  distance of adapted from frozen representations at every layer up to the highest target;
+- **retain**, on harmless look-alikes with their own answers and on refusals: L2 distance
+  of adapted from frozen representations at every layer up to the highest target;
 - the published schedule: ``c_reroute = alpha·(1 − t/2T)``, ``c_retain = alpha·t/2T``
   (times ``retain_weight``, which balances the relative distance below against the
   cosine: 10 broke most harmful requests, 30 almost none; the README has the figures).
@@ -232,8 +232,10 @@ def train_circuit_breaker(
         )
     if text_share is None and paired and text_ids and batch_size > 1:
         text_share = 0.5  # measured with pairs: fewer harmless breaks, less perplexity
-    harmful_answers = model_answers(model, harmful_msgs, max_new_tokens=answer_tokens)
-    retain_answers = model_answers(model, retain_msgs, max_new_tokens=answer_tokens)
+    harmful_answers, retain_answers = [
+        model_answers(model, msgs, max_new_tokens=answer_tokens, progress=progress)
+        for msgs in (harmful_msgs, retain_msgs)
+    ]
     # its own generator, so that a share of 0 leaves every other draw as it was
     n_bare = round(answer_only_share * len(harmful_msgs))
     bare = set(random.Random(seed + 1).sample(range(len(harmful_msgs)), n_bare))
@@ -295,9 +297,7 @@ def train_circuit_breaker(
         "shared_prefix_tokens": prefix,
         "seed": seed,
         "schedule": "c_reroute = alpha (1 - t/2T), c_retain = retain_weight alpha t/2T",
-        "rerouted_tokens": sum(
-            len(ids) - start for ids, start in zip(harmful_ids, reroute_from, strict=True)
-        ),
+        "rerouted_tokens": sum(len(ids) for ids in harmful_ids) - sum(reroute_from),
     }
     provenance: dict[str, Any] = {
         "method": "circuit_breaker",

@@ -16,6 +16,8 @@ import json
 import logging
 import os
 import random
+import sys
+import time
 from collections.abc import Sequence
 
 from acteng.errors import DataError
@@ -59,10 +61,13 @@ def model_answers(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     cache: bool = True,
+    progress: bool = False,
 ) -> list[str]:
     """The model's own greedy answers to `conversations` (what circuit breakers reroute:
     the default model complies with most harmful requests, so no harmful text is
-    written by anyone). Cached under `acteng.home.cache_dir` by model and inputs."""
+    written by anyone). Cached under `acteng.home.cache_dir` by model and inputs;
+    `progress` prints a line with an ETA on stderr while they are generated (a first run
+    on the bundled sets takes minutes on a CPU)."""
     key = hashlib.sha256(
         json.dumps([model.identity(), max_new_tokens, list(conversations)], sort_keys=True).encode()
     ).hexdigest()[:24]
@@ -74,10 +79,20 @@ def model_answers(
     # similar lengths batch together: less padding to decode through
     order = sorted(range(len(conversations)), key=lambda i: len(str(conversations[i])))
     found: dict[int, str] = {}
+    started = time.perf_counter()
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         texts = generate(model, [conversations[i] for i in chunk], max_new_tokens=max_new_tokens)
         found.update(zip(chunk, texts, strict=True))
+        if progress:
+            done, took = len(found), time.perf_counter() - started
+            eta = took / done * (len(order) - done)
+            print(
+                f"the model's answers {done}/{len(order)}  ETA {eta:.0f} s",
+                end="\n" if done == len(order) else "\r",
+                file=sys.stderr,
+                flush=True,
+            )
     answers = [found[i] for i in range(len(conversations))]
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
