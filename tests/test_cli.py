@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from acteng.cli import main
+from acteng.errors import ActengError
 from acteng.cli.generate_cmd import run_chat, side_by_side
 
 pytestmark = pytest.mark.real
@@ -295,3 +296,16 @@ def test_monitor_heatmap_and_html(
         "8",
         "9",
     }
+
+
+def test_debug_counts_after_the_command_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["extract", "--pairs", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "v")]
+    assert main(argv) == 2  # one line, no traceback
+    assert "acteng extract: error:" in capsys.readouterr().err
+    for debug in (["--debug", *argv], [*argv, "--debug"]):  # the traceback, either way
+        with pytest.raises(ActengError):
+            main(debug)
+    # after `--` it is a value like any other, not the option
+    assert main(["datasets", "--", "--debug"]) == 2

@@ -39,7 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Activation engineering: make, apply and measure steering vectors.",
     )
     parser.add_argument("--version", action="version", version=f"acteng {__version__}")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
+    parser.add_argument(
+        "--debug", action="store_true", help="show tracebacks on errors (also after the command)"
+    )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     extract_cmd.register(sub)
     generate_cmd.register(sub)
@@ -60,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``acteng`` script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_debug_first(sys.argv[1:] if argv is None else list(argv)))
     # acteng's own warnings (a cut that drops answers, a run that never rerouted) reach
     # stderr through a handler of the package's own, so they show even where the root
     # logger is configured already (an application calling `main`, pytest)
@@ -74,6 +76,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         package.removeHandler(handler)
         package.setLevel(logging.NOTSET)
+
+
+def _debug_first(argv: list[str]) -> list[str]:
+    """`--debug` is an option of ``acteng`` itself, but it is natural to add it at the end
+    of a command that failed: wherever it stands before a ``--``, it counts."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    if "--debug" not in argv[:end]:
+        return argv
+    return ["--debug"] + [a for a in argv[:end] if a != "--debug"] + argv[end:]
 
 
 def _run(args: argparse.Namespace) -> int:
