@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from acteng.cli import main
-from acteng.errors import ActengError
 from acteng.cli.generate_cmd import run_chat, side_by_side
+from acteng.errors import ActengError
 
 pytestmark = pytest.mark.real
 
