@@ -16,7 +16,6 @@ import json
 import logging
 import os
 import random
-import sys
 import time
 from collections.abc import Sequence
 
@@ -25,6 +24,7 @@ from acteng.generation import generate
 from acteng.home import cache_dir
 from acteng.models import Model
 from acteng.training.data import Messages
+from acteng.training.loop import show_progress
 
 log = logging.getLogger(__name__)
 
@@ -86,13 +86,7 @@ def model_answers(
         found.update(zip(chunk, texts, strict=True))
         if progress:
             done, took = len(found), time.perf_counter() - started
-            eta = took / done * (len(order) - done)
-            print(
-                f"the model's answers {done}/{len(order)}  ETA {eta:.0f} s",
-                end="\n" if done == len(order) else "\r",
-                file=sys.stderr,
-                flush=True,
-            )
+            show_progress(f"the model's answers {done}/{len(order)}", done, len(order), took)
     answers = [found[i] for i in range(len(conversations))]
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,10 +110,10 @@ def encode(
     wrapper can push the request itself past the cut: such rows train on their opening
     alone. Their number is logged (`what` names the set) with the limit that would keep
     them whole, as a warning when they are a quarter or more (the limit does not fit the
-    data). The bundled sets
-    lose about 5 % of their harmful rows at the circuit breaker's default of 128 (the long
-    preambles, run to ~250 tokens, and some multi-turn chats), knowingly: keeping them
-    whole (320) broke more harmful requests but kept fewer harmless ones (README)."""
+    data). The bundled sets lose about 5 % of their harmful rows at the circuit breaker's
+    default of 128 (the long preambles, run to ~250 tokens, and some multi-turn chats),
+    knowingly: keeping them whole (320) broke more harmful requests but kept fewer
+    harmless ones (README)."""
     out = []
     cut, longest = 0, 0
     for messages, answer in zip(conversations, answers, strict=True):

@@ -23,7 +23,7 @@ import torch
 
 from acteng.errors import ConfigError, TrainingError
 
-__all__ = ["Save", "StepLosses", "TrainLog", "check_positive", "run_steps"]
+__all__ = ["Save", "StepLosses", "TrainLog", "check_positive", "run_steps", "show_progress"]
 
 # step -> (total loss to minimise, named parts to log)
 StepLosses = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
@@ -107,11 +107,19 @@ def run_steps(
 
 def _print_progress(method: str, step: int, steps: int, record: dict[str, float]) -> None:
     rate = record["seconds"] / step
-    eta = rate * (steps - step)
     parts = "  ".join(f"{k} {v:.4g}" for k, v in record.items() if k not in ("step", "seconds"))
+    show_progress(
+        f"{method} step {step}/{steps}  {parts}  {rate:.2f} s/step", step, steps, record["seconds"]
+    )
+
+
+def show_progress(text: str, done: int, total: int, seconds: float) -> None:
+    """`text` and the ETA from `seconds` spent on `done` of `total` units, on one stderr
+    line that the next call overwrites (a new line after the last)."""
+    eta = seconds / done * (total - done)
     print(
-        f"{method} step {step}/{steps}  {parts}  {rate:.2f} s/step  ETA {eta:.0f} s",
-        end="\n" if step == steps else "\r",
+        f"{text}  ETA {eta:.0f} s",
+        end="\n" if done == total else "\r",
         file=sys.stderr,
         flush=True,
     )
