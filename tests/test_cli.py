@@ -309,3 +309,22 @@ def test_debug_counts_after_the_command_too(
             main(debug)
     # after `--` it is a value like any other, not the option
     assert main(["datasets", "--", "--debug"]) == 2
+
+
+def test_options_are_taken_only_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse's default read `export --model` as `--model-hint` and `--mode` as
+    # `--model`: a mistyped option silently meant another one
+    for argv in (
+        ["export", "v", "v.gguf", "--model", "x"],
+        ["monitor", "--vector", "v", "--prompt", "p", "--mode", "ablate"],
+        ["train", "rmu", "--forget", "f.txt", "--out", "o", "--ste", "3"],
+    ):
+        with pytest.raises(SystemExit) as stop:
+            main(argv)
+        assert stop.value.code == 2
+        err = capsys.readouterr().err
+        assert "unrecognized arguments" in err and argv[-2] in err
+    # the exact names still work, in nested commands too
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "rmu", "--help"])
+    assert stop.value.code == 0 and "--steps" in capsys.readouterr().out

@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import Any
 
 from acteng import __version__
 from acteng.cli import (
@@ -33,8 +34,20 @@ from acteng.errors import ActengError
 __all__ = ["build_parser", "main"]
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser that takes option names only as written: argparse's default
+    reads a prefix as the option it starts (`export --model` as `--model-hint`, `--mode`
+    as `--model` where a command has no `--mode`), which silently misreads a mistyped or
+    misplaced option. Subcommand parsers are of the same class, so the rule holds in every
+    command."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="acteng",
         description="Activation engineering: make, apply and measure steering vectors.",
     )
