@@ -197,7 +197,7 @@ def test_a_nan_loss_stops_with_the_last_good_checkpoint(
         train_rmu(tiny_llama, FORGET, tmp_path / "rmu", retain=RETAIN, layer=2, steps=20)
     assert caught.value.checkpoint == str(tmp_path / "rmu")
     record = read_provenance(tmp_path / "rmu")
-    assert record["training"]["steps_done"] == 4
+    assert record["training"]["steps_done"] == 3  # step 4's weights gave the NaN
 
 
 def test_an_adapter_trained_for_another_model_is_refused(

@@ -156,19 +156,19 @@ def train_circuit_breaker(
     each set are used (seeded sample), which bounds the answer generation.
     `retain_texts`: plain text held too (default: `default_retain_texts`; ``[]``: none).
     `text_share` is the share of each retain batch drawn from those texts (default
-    ``None``: half when paired, else drawn with the conversations, in proportion to their
-    numbers, so more `examples` means less plain text per step). `answer_only_share` is the share of
-    harmful examples trained on their answer alone, the request dropped (an empty user
-    turn), as the paper's Llama-3 recipe does for half of them: the breaker then has to
-    fire on harmful content, not only on the request that asked for it.
+    ``None``: half when paired, else in proportion to the sets' sizes, so more `examples`
+    means less plain text per step). `answer_only_share` is the share of harmful examples
+    trained on their answer alone, the request dropped (an empty user turn), as the paper's
+    Llama-3 recipe does for half: the breaker must fire on harmful content, not the request.
     `paired` says the i-th harmful and the i-th retain request are a minimal pair; each
     step then holds its harmful rows' look-alikes in a retain term of their own. Default
     ``None``: paired when both sets are the bundled ones (minimal pairs by construction),
     unpaired when you give either.
 
-    Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
-    raises `TrainingError` with the last good checkpoint kept. A run whose rerouting never
-    took hold (`CircuitBreakerResult.rerouted` false) logs a warning.
+    Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite or
+    diverging loss raises `TrainingError` with the last good adapter kept (`run_steps`).
+    A run whose rerouting never took hold (`CircuitBreakerResult.rerouted` false) logs a
+    warning.
 
     >>> result = acteng.training.train_circuit_breaker(model, "cb")
     >>> guarded = acteng.load_model(adapter=result.adapter)

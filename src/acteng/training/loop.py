@@ -1,16 +1,20 @@
 """The step loop both trainers share: optimise, log, show progress, checkpoint.
 
 Each step's losses come from the trainer (`StepLosses`); the loop checks the total is
-finite (else the last finished step's adapter is kept and `TrainingError` names it),
-steps the optimiser, records the parts and the elapsed time, prints a progress line with
-an ETA, and saves every `checkpoint_every` steps and at the end. Ctrl-C saves the last
-finished step and re-raises. Restoring the caller's model is the trainer's job (its
+sane (finite, and under `DIVERGED` times the first step's), steps the optimiser, records
+the parts and the elapsed time, prints a progress line with an ETA, and saves every
+`checkpoint_every` steps and at the end. A loss that is not sane was computed with the
+weights of the last step, so those are the bad ones: the loop puts back the weights
+before that step (the last that gave a sane loss), keeps them and raises
+`TrainingError` naming them. Ctrl-C saves the last finished step, says where, and
+re-raises. Restoring the caller's model is the trainer's job (its
 ``finally``), because only it knows what it changed. `check_positive` is the check both
 trainers make of their rates and weights before anything runs.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import sys
 import time
@@ -23,12 +27,28 @@ import torch
 
 from acteng.errors import ConfigError, TrainingError
 
-__all__ = ["Save", "StepLosses", "TrainLog", "check_positive", "run_steps", "show_progress"]
+log_ = logging.getLogger(__name__)
+
+__all__ = [
+    "DIVERGED",
+    "Save",
+    "StepLosses",
+    "TrainLog",
+    "check_positive",
+    "run_steps",
+    "show_progress",
+]
 
 # step -> (total loss to minimise, named parts to log)
 StepLosses = Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 Save = Callable[[int, bool], Path]  # (steps done, interrupted) -> the folder written
 OnStep = Callable[[int, dict[str, float]], None]
+
+# A total loss this many times the first step's (or than 1, if that was smaller) has
+# diverged (a learning rate far too high: RMU's retain loss went from ~0.01 to 1e18 at
+# lr 1e6 while staying finite); no sane run of either trainer comes near it, as both
+# losses start at or near their top.
+DIVERGED = 1e3
 
 
 @dataclass
@@ -73,18 +93,20 @@ def run_steps(
     into `log` (which `save` may read); `advice` ends the error for a non-finite loss
     ("lower lr (0.001)")."""
     started = time.perf_counter()
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    before: list[torch.Tensor] = []  # the weights before the last step: the last known good
+    first = math.nan
     try:
         for step in range(1, steps + 1):
             loss, parts = step_losses(step)
-            if not torch.isfinite(loss):
-                # the weights are still those of the last finished step: keep them
-                kept = save(log.done, True) if log.done else None
-                shown = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
-                raise TrainingError(
-                    f"the {method} loss became non-finite at step {step} ({shown}); {advice}"
-                    + (f"; the adapter of step {log.done} is kept at {kept}" if kept else ""),
-                    checkpoint=None if kept is None else str(kept),
-                )
+            value = loss.item()
+            first = value if step == 1 else first
+            if not math.isfinite(value) or (
+                step > 1 and abs(value) > DIVERGED * max(abs(first), 1)
+            ):
+                _end_line(progress and log.done > 0)
+                raise _stopped(method, step, value, first, parts, advice, params, before, save, log)
+            before = [p.detach().clone() for p in params]
             optimizer.zero_grad()
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
@@ -99,10 +121,63 @@ def run_steps(
             if step % checkpoint_every == 0 or step == steps:
                 log.last_good = save(step, False)
     except KeyboardInterrupt:
+        _end_line(progress and 0 < log.done < steps)
         if log.done:
-            save(log.done, True)
+            kept = save(log.done, True)
+            log_.warning(
+                "interrupted after step %d of %d: the adapter of step %d is kept at %s",
+                log.done, steps, log.done, kept,
+            )  # fmt: skip
+        else:
+            log_.warning("interrupted before the first step finished: nothing was written")
         raise
     return log
+
+
+def _stopped(
+    method: str,
+    step: int,
+    value: float,
+    first: float,
+    parts: dict[str, torch.Tensor],
+    advice: str,
+    params: list[torch.Tensor],
+    before: list[torch.Tensor],
+    save: Save,
+    log: TrainLog,
+) -> TrainingError:
+    """The error for a loss that is not sane at `step`, after putting back and keeping the
+    weights from before the last step (those of step - 2, the last that gave a sane loss;
+    none when that is the start, unless a checkpoint of the bad weights is on disk)."""
+    good = max(step - 2, 0)
+    with torch.no_grad():
+        for p, b in zip(params, before, strict=True):
+            p.copy_(b)
+    log.done, log.losses = good, log.losses[:good]
+    kept = save(good, True) if good or log.last_good else None
+    shown = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
+    what = (
+        "became non-finite"
+        if not math.isfinite(value)
+        else f"diverged ({value:.4g}, over {DIVERGED:g} times its first value {first:.4g})"
+    )
+    where = (
+        f"; the adapter of step {good}, the last with a sane loss, is kept at {kept}"
+        if kept and good
+        else "; no step gave a usable adapter"
+        + (f" (the one at {kept} is the untouched start)" if kept else ", nothing is kept")
+    )
+    return TrainingError(
+        f"the {method} loss {what} at step {step} ({shown}); {advice}{where}",
+        checkpoint=None if kept is None else str(kept),
+    )
+
+
+def _end_line(pending: bool) -> None:
+    """End a progress line left open (it ends with a carriage return until the last step),
+    so that what follows starts on a line of its own."""
+    if pending:
+        print(file=sys.stderr, flush=True)
 
 
 def _print_progress(method: str, step: int, steps: int, record: dict[str, float]) -> None:

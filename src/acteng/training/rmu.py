@@ -127,8 +127,8 @@ def train_rmu(
     forget domain's own paragraphs); writes a PEFT adapter folder at `out` every
     `checkpoint_every` steps and at the end.
 
-    Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite loss
-    raises `TrainingError` with the last good checkpoint kept.
+    Ctrl-C saves the adapter of the last finished step and re-raises; a non-finite
+    or diverging loss raises `TrainingError` with the last good adapter kept (`run_steps`).
 
     >>> result = acteng.training.train_rmu(model, "cooking", "rmu-cooking")
     >>> unlearned = acteng.load_model(adapter=result.adapter)
