@@ -79,6 +79,32 @@ def test_serve_refuses_short_keys_and_a_required_guard_without_one(
     assert "at least 16" in capsys.readouterr().err
     assert main(["serve", "--guard-required"]) == 2
     assert "--guard NAME" in capsys.readouterr().err
+    # a policy alone guarded nothing, silently
+    assert main(["serve", "--policy", "block", "--check", "both"]) == 2
+    err = capsys.readouterr().err
+    assert "--policy and --check set how a guard acts, but no guard is on" in err
+
+
+def test_serve_guard_thresholds_and_the_generation_check_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    from acteng.cli.common import settle_guard_options
+    from acteng.cli.serve_cmd import serve_settings
+
+    args = _serve_args("--guard", "harmful_request", "--check", "both", "--threshold", "0")
+    settle_guard_options(args)
+    assert "--check both without --generation-threshold" in caplog.text
+    caplog.clear()
+    guard = serve_settings(args, None, None).app_options()["default_guard"]
+    assert (guard["policy"], guard["check"], guard["threshold"]) == ("flag", "both", 0.0)
+    args = _serve_args("--guard", "harmful_request", "--check", "generation")
+    args.generation_threshold = 2.5
+    settle_guard_options(args)
+    assert caplog.text == ""
+    assert (
+        serve_settings(args, None, None).app_options()["default_guard"]["generation_threshold"]
+        == 2.5
+    )
 
 
 def test_serve_settings_carry_the_new_options() -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import sys
 from typing import TYPE_CHECKING, Any
 
 from acteng.errors import ConfigError
+
+log = logging.getLogger("acteng.cli")
 
 if TYPE_CHECKING:
     from acteng.backends import BackendChoice
@@ -164,3 +167,34 @@ def layer_span(layers: Any) -> str:
 def print_json(payload: Any) -> None:
     json.dump(payload, sys.stdout, indent=2)
     sys.stdout.write("\n")
+
+
+# the options that tell a guard how to act, by their argparse names
+GUARD_OPTIONS = {
+    "policy": "--policy",
+    "check": "--check",
+    "counter": "--counter",
+    "threshold": "--threshold",
+    "generation_threshold": "--generation-threshold",
+}
+
+
+def settle_guard_options(args: argparse.Namespace) -> None:
+    """Refuse guard options given without ``--guard`` (they were ignored: a server started
+    with ``--policy block`` alone guarded nothing and said so nowhere), fill in the
+    defaults (policy flag, check prompt), and warn where the answer is checked at the
+    prompt's threshold, which its running score, on another scale, rarely reaches."""
+    given = [f for name, f in GUARD_OPTIONS.items() if getattr(args, name, None) not in (None, [])]
+    if given and not args.guard:
+        raise ConfigError(
+            f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} how a guard acts, but "
+            "no guard is on: add --guard DETECTOR (e.g. --guard harmful_request)"
+        )
+    args.policy, args.check = args.policy or "flag", args.check or "prompt"
+    if args.guard and args.check != "prompt" and args.generation_threshold is None:
+        log.warning(
+            "--check %s without --generation-threshold checks the answer's running score "
+            "at the prompt threshold, which answers rarely reach (another scale): set one "
+            "that flags few benign answers (acteng.guard.calibrate_generation finds it)",
+            args.check,
+        )

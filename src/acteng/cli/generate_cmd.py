@@ -16,6 +16,7 @@ from acteng.cli.common import (
     load_model_from_args,
     parse_vector_arg,
     print_json,
+    settle_guard_options,
 )
 from acteng.errors import ActengError, ConfigError
 
@@ -69,9 +70,9 @@ def register(sub: Any) -> None:
         help="detector file or name (e.g. harmful_request); repeat to watch several "
         "(the prompt fires when any does)",
     )
-    g.add_argument("--policy", default="flag", help="flag (default), block, steer or stop")
+    g.add_argument("--policy", default=None, help="flag (default), block, steer or stop")
     g.add_argument(
-        "--check", default="prompt", help="where to check: prompt (default), generation, both"
+        "--check", default=None, help="where to check: prompt (default), generation, both"
     )
     g.add_argument(
         "--counter",
@@ -126,14 +127,13 @@ def side_by_side(left: str, right: str, titles: tuple[str, str], width: int | No
 def run_generate(args: argparse.Namespace) -> int:
     from acteng.generation import generate
 
+    settle_guard_options(args)
     model = load_model_from_args(args)
     specs = build_specs(
         model, args.vector, layers=args.layers, positions=args.positions, mode=args.mode
     )
     if args.guard:
         return _run_guarded(args, model, specs)
-    if args.counter:
-        raise ConfigError("--counter is counter-steering for a guard; add --guard DETECTOR")
     options = _options(args)
     steered = generate(model, args.prompt, specs or None, **options)
     plain = generate(model, args.prompt, **options) if args.compare and specs else None

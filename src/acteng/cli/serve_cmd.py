@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from acteng.cli.common import add_model_args, parse_vector_arg
+from acteng.cli.common import add_model_args, parse_vector_arg, settle_guard_options
 from acteng.errors import ConfigError, missing_extra
 
 if TYPE_CHECKING:
@@ -83,9 +83,16 @@ def register(sub: Any) -> None:
         help="detector name for every request; repeat to watch several (e.g. --guard "
         "harmful_request --guard prompt_injection: the prompt fires when any does)",
     )
-    g.add_argument("--policy", default="flag", help="flag | block | steer | stop")
-    g.add_argument("--check", default="prompt", help="prompt | generation | both")
+    g.add_argument("--policy", default=None, help="flag (default) | block | steer | stop")
+    g.add_argument("--check", default=None, help="prompt (default) | generation | both")
     g.add_argument("--counter", action="append", default=[], help="NAME:C counter-steering")
+    g.add_argument("--threshold", type=float, help="override the detector's threshold")
+    g.add_argument(
+        "--generation-threshold",
+        type=float,
+        help="threshold of the answer's running score for --check generation/both "
+        "(default: the prompt's; calibrate it with acteng.guard.calibrate_generation)",
+    )
     g.add_argument(
         "--guard-required",
         action="store_true",
@@ -136,9 +143,16 @@ def default_guard(args: argparse.Namespace) -> dict[str, Any] | None:
         counter.append({"vector": name, "coefficient": coefficient})
     names = [args.guard] if isinstance(args.guard, str) else list(args.guard)
     detector: str | list[str] = names[0] if len(names) == 1 else names
-    guard: dict[str, Any] = {"detector": detector, "policy": args.policy, "check": args.check}
+    guard: dict[str, Any] = {
+        "detector": detector,
+        "policy": args.policy or "flag",
+        "check": args.check or "prompt",
+    }
     if counter:
         guard["counter"] = counter
+    for key in ("threshold", "generation_threshold"):
+        if getattr(args, key, None) is not None:
+            guard[key] = getattr(args, key)
     return guard
 
 
@@ -170,6 +184,7 @@ def run_serve(args: argparse.Namespace) -> int:
     check_binding(args.host, api_key)
     if args.guard_required and args.guard is None:
         raise ConfigError("--guard-required needs --guard NAME: the detector to enforce")
+    settle_guard_options(args)
     try:
         import uvicorn
 
