@@ -8,6 +8,7 @@ import pytest
 import acteng
 from acteng.errors import DataError
 from acteng.pairs import bundled_records, dataset_card, list_datasets, pair_form
+from acteng.training.data import load_texts
 
 BUNDLED = {
     "sentiment",
@@ -117,6 +118,16 @@ def test_missing_file_and_non_utf8(tmp_path: Path) -> None:
     path.write_bytes('{"positive": "caf\xe9", "negative": "b"}'.encode("latin-1"))
     with pytest.raises(DataError, match="not UTF-8"):
         acteng.load_pairs(path)
+    # a byte-order mark (Excel, Notepad) is not part of the first record
+    marked = tmp_path / "bom.jsonl"
+    marked.write_bytes(b"\xef\xbb\xbf" + b'{"positive": "a", "negative": "b"}\n' * 2)
+    assert [p.positive for p in acteng.load_pairs(marked)] == ["a", "a"]
+    texts = tmp_path / "texts.txt"
+    texts.write_bytes(b"\xef\xbb\xbfTo make soup\nTo bake\n")
+    assert load_texts(texts) == ["To make soup", "To bake"]
+    texts.write_bytes("To make soup\n".encode("utf-16"))
+    with pytest.raises(DataError, match=r"not UTF-8.*iconv"):
+        load_texts(texts)
 
 
 def test_pair_form_names_the_odd_items() -> None:

@@ -303,6 +303,7 @@ def load_model(
 
 
 ADAPTER_PROVENANCE = "acteng_training.json"  # written beside an adapter acteng trained
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # what PEFT saves
 
 
 def _check_trained_for(adapter: Path, content_hash: str, name: str) -> None:
@@ -337,11 +338,18 @@ def _apply_adapter(hf: nn.Module, adapter: Path) -> nn.Module:
         raise ModelLoadError(
             f"{adapter} has no adapter_config.json; pass a folder saved by PEFT's save_pretrained"
         )
+    _check_adapter_files(adapter)
     from peft import PeftModel
+    from safetensors import SafetensorError
 
     try:
         with quiet_peft():
             peft_model = PeftModel.from_pretrained(hf, str(adapter))
+    except SafetensorError as exc:
+        raise ModelLoadError(
+            f"the adapter's weights in {adapter} cannot be read ({exc}): the file is damaged "
+            "or cut short; copy the folder again or retrain"
+        ) from exc
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(
             f"could not apply the adapter {adapter}: {exc}; check that it was trained for "
@@ -349,6 +357,24 @@ def _apply_adapter(hf: nn.Module, adapter: Path) -> nn.Module:
         ) from exc
     base: nn.Module = peft_model.get_base_model()
     return base
+
+
+def _check_adapter_files(adapter: Path) -> None:
+    """Refuse an adapter folder whose config is not JSON or whose weights are missing,
+    before PEFT runs: for a missing weights file it would look for one on the hub, which
+    fails offline with a network error that names neither the folder nor the file."""
+    try:
+        json.loads((adapter / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"{adapter / 'adapter_config.json'} is not valid JSON ({exc}): the folder is "
+            "damaged; copy it again or retrain"
+        ) from exc
+    if not any((adapter / name).is_file() for name in ADAPTER_WEIGHTS):
+        raise ModelLoadError(
+            f"{adapter} has an adapter_config.json but no weights ({' or '.join(ADAPTER_WEIGHTS)})"
+            ": copy the whole folder PEFT saved"
+        )
 
 
 @contextmanager

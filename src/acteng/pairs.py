@@ -32,6 +32,7 @@ __all__ = [
     "pair_conversation",
     "pair_form",
     "read_records",
+    "read_text_file",
 ]
 
 Split = Literal["train", "test", "all"]
@@ -189,13 +190,23 @@ def _pair_from_record(record: Any, where: str) -> ContrastivePair:
     return ContrastivePair(positive=pos, negative=neg, prompt=prompt, split=split)
 
 
+def read_text_file(path: Path) -> str:
+    """A user's text file, read as UTF-8 with a leading byte-order mark dropped (Excel and
+    Notepad write one; kept, it broke the first JSON line or joined the first text);
+    `DataError` naming the fix for any other encoding."""
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(
+            f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8 "
+            f"(e.g. iconv -f UTF-16 -t UTF-8 {path.name} > {path.stem}-utf8{path.suffix})"
+        ) from exc
+
+
 def read_records(path: Path) -> list[tuple[Any, str]]:
     """The JSON records of a JSONL file (or of one JSON list), each with where it is
     (``"FILE line N"``) for error messages; `DataError` names a bad line."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise DataError(f"{path}: not UTF-8 text ({exc}); save the file as UTF-8") from exc
+    text = read_text_file(path)
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:

@@ -93,3 +93,25 @@ def test_merging_into_the_default_gguf_model(smollm2: acteng.Model, tmp_path: Pa
     out = merge_adapter(adapter, tmp_path / "merged")
     adapted = _logits(acteng.load_model(adapter=adapter))
     torch.testing.assert_close(_logits(acteng.load_model(out)), adapted, atol=1e-3, rtol=1e-3)
+
+
+def test_a_damaged_adapter_folder_is_named_not_a_traceback(
+    base_and_adapter: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """A missing weights file sent PEFT to the hub (a network error offline), a cut one
+    raised safetensors' own error; both are now ModelLoadError naming the folder."""
+    import shutil
+
+    from acteng.errors import ModelLoadError
+
+    base, adapter = base_and_adapter
+    weights = adapter / "adapter_model.safetensors"
+    for name, damage, match in (
+        ("cut", lambda d: (d / weights.name).write_bytes(weights.read_bytes()[:50]), "damaged"),
+        ("gone", lambda d: (d / weights.name).unlink(), "no weights"),
+        ("config", lambda d: (d / "adapter_config.json").write_text("{bad"), "not valid JSON"),
+    ):
+        broken = shutil.copytree(adapter, tmp_path / name)
+        damage(broken)
+        with pytest.raises(ModelLoadError, match=match):
+            acteng.load_model(base, adapter=broken)

@@ -57,7 +57,9 @@ def _out_name(source: str) -> str:
 
 def read_groups(path: str) -> list[str] | None:
     """Each prompt's "group" label, if the file gives any (then every prompt needs one)."""
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    from acteng.pairs import read_text_file
+
+    lines = read_text_file(Path(path)).splitlines()
     labels = [json.loads(line).get("group") for line in lines if line.strip()]
     if all(label is None for label in labels):
         return None

@@ -94,10 +94,13 @@ def read_prompts(path: str | os.PathLike[str], *, with_responses: bool = False) 
     source = Path(path)
     if not source.is_file():
         raise ConfigError(f"no prompts file at {source}")
+    from acteng.errors import DataError
+    from acteng.pairs import read_text_file
+
     try:
-        lines = source.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as exc:
-        raise ConfigError(f"{source}: not UTF-8 text ({exc}); save it as UTF-8") from exc
+        lines = read_text_file(source).splitlines()
+    except DataError as exc:  # a bad file of prompts is a bad argument here
+        raise ConfigError(str(exc)) from exc
     fields = ("prompt", "response") if with_responses else ("prompt",)
     items: list[Scored] = []
     for lineno, line in enumerate(lines, start=1):

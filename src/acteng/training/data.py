@@ -15,7 +15,7 @@ from typing import Any
 
 from acteng.errors import ConfigError, DataError
 from acteng.evaluation.tax import MCItem, Split, eval_rows, load_eval
-from acteng.pairs import bundled_records, pair_conversation, read_records
+from acteng.pairs import bundled_records, pair_conversation, read_records, read_text_file
 
 __all__ = [
     "TextSource",
@@ -69,7 +69,7 @@ def load_texts(source: TextSource, *, split: Split = "all", what: str = "texts")
                 'give a .jsonl file of {"text": ...} rows or a .txt file, one text a line'
             )
         if path.suffix == ".txt":
-            texts = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+            texts = [line for line in read_text_file(path).splitlines() if line.strip()]
         else:
             rows = _rows(path)
             missing = [i for i, r in enumerate(rows, 1) if not isinstance(r.get("text"), str)]
