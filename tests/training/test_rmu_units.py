@@ -154,6 +154,7 @@ def test_same_seed_same_adapter(tiny_llama: acteng.Model, tmp_path: Path) -> Non
         ({"steps": 0}, ConfigError, "steps"),
         ({"retain": []}, DataError, "no texts"),
         ({"retain": [FORGET[0], *RETAIN]}, DataError, "both the forget and the retain"),
+        ({"retain": [f" {FORGET[0]}  ", *RETAIN]}, DataError, "both the forget"),  # spacing
         ({"retain": "no-such-file.jsonl"}, ConfigError, "neither a file"),
     ],
 )
@@ -210,3 +211,15 @@ def test_an_adapter_trained_for_another_model_is_refused(
     result = train_rmu(tiny_llama, FORGET, tmp_path / "rmu", retain=RETAIN, layer=2, steps=1)
     with pytest.raises(IncompatibleVectorError, match="trained on"):
         acteng.load_model(adapter=result.adapter)
+
+
+def test_a_model_with_an_adapter_is_refused(tiny_llama: acteng.Model, tmp_path: Path) -> None:
+    """An adapter trained over another would never load (load_model applies one)."""
+    from acteng.training import train_circuit_breaker
+
+    tiny_llama.content_hash += "+adapter:rmu-cooking"
+    with pytest.raises(ConfigError, match="carries 'rmu-cooking'; merge that adapter"):
+        train_rmu(tiny_llama, FORGET, tmp_path / "x", retain=RETAIN, layer=2)
+    with pytest.raises(ConfigError, match="carries 'rmu-cooking'; merge that adapter"):
+        train_circuit_breaker(tiny_llama, tmp_path / "x", harmful=["a"], retain=["b"])
+    assert not (tmp_path / "x").exists()

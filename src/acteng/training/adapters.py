@@ -32,6 +32,7 @@ from acteng.models import ADAPTER_PROVENANCE, Model
 
 __all__ = [
     "PROVENANCE_FILE",
+    "check_base_model",
     "read_provenance",
     "record_figures",
     "save_weight_edits",
@@ -39,6 +40,19 @@ __all__ = [
 ]
 
 PROVENANCE_FILE = ADAPTER_PROVENANCE
+
+
+def check_base_model(model: Model, method: str) -> None:
+    """Refuse to train on a model that carries an adapter: the new adapter would be trained
+    for the base plus that adapter, a model `load_model` cannot rebuild (it applies one),
+    so it would train for minutes and then never load."""
+    _, sep, adapter = model.content_hash.partition("+adapter:")
+    if sep:
+        raise ConfigError(
+            f"{method} needs a model without an adapter, and this one carries {adapter!r}; "
+            "merge that adapter into a model folder first (acteng train merge --adapter "
+            "DIR --out MERGED) and train on it (--model MERGED)"
+        )
 
 
 def texts_hash(texts: Sequence[str]) -> str:

@@ -52,7 +52,7 @@ import json
 import logging
 import os
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,7 @@ from acteng.errors import ConfigError, DataError, missing_extra
 from acteng.layer_selection import parse_layers
 from acteng.models import Model, quiet_peft
 from acteng.training import losses as losses_on
-from acteng.training.adapters import PROVENANCE_FILE, staged_folder, texts_hash
+from acteng.training.adapters import PROVENANCE_FILE, check_base_model, staged_folder, texts_hash
 from acteng.training.conversations import (
     Conversations,
     as_messages,
@@ -76,7 +76,7 @@ from acteng.training.conversations import (
     shared_prefix,
 )
 from acteng.training.data import Messages, circuit_breaker_sets, default_retain_texts
-from acteng.training.loop import TrainLog, check_positive, run_steps
+from acteng.training.loop import OnStep, TrainLog, check_positive, run_steps
 from acteng.training.reading import BlockReader
 
 __all__ = [
@@ -86,7 +86,6 @@ __all__ = [
     "train_circuit_breaker",
 ]
 
-OnStep = Callable[[int, dict[str, float]], None]
 logger = logging.getLogger(__name__)
 
 
@@ -177,6 +176,7 @@ def train_circuit_breaker(
         from peft import LoraConfig, get_peft_model
     except ImportError:
         raise missing_extra("peft", "peft", purpose="training a circuit breaker") from None
+    check_base_model(model, "a circuit breaker")
     targets: tuple[int, ...] = default_circuit_breaker_layers(model)
     if target_layers is not None:  # any selection `parse_layers` reads: [9, 18], "8-10", -1
         targets = tuple(parse_layers(model, target_layers))

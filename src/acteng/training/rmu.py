@@ -36,7 +36,7 @@ from torch import nn
 
 from acteng.errors import ConfigError, DataError, UnsupportedError
 from acteng.models import Model
-from acteng.training.adapters import save_weight_edits, texts_hash
+from acteng.training.adapters import check_base_model, save_weight_edits, texts_hash
 from acteng.training.data import TextSource, bundled_domain, default_retain_texts, load_texts
 from acteng.training.loop import TrainLog, check_positive, run_steps
 from acteng.training.reading import BlockReader
@@ -88,6 +88,7 @@ def _masked_mse(hidden: torch.Tensor, target: torch.Tensor, used: torch.Tensor) 
 
 
 def _check(model: Model, layer: int, update_layers: Sequence[int], **values: float) -> None:
+    check_base_model(model, "RMU")
     if not 0 <= layer < model.num_layers:
         raise ConfigError(f"layer {layer} out of range: {model.name} has 0-{model.num_layers - 1}")
     bad = [x for x in update_layers if not 0 <= x <= layer]
@@ -148,7 +149,10 @@ def train_rmu(
         if retain is None
         else load_texts(retain, split="train", what="retain set")
     )
-    overlap = set(forget_texts) & set(retain_texts)
+    # the same text but for spacing (a trailing blank, a doubled space) is the same text
+    overlap = {" ".join(t.split()) for t in forget_texts} & {
+        " ".join(t.split()) for t in retain_texts
+    }
     if overlap:
         raise DataError(
             f"{len(overlap)} texts are in both the forget and the retain set (e.g. "
@@ -168,9 +172,9 @@ def train_rmu(
         projection = model.blocks[x].get_submodule(mlp_out)
         if not isinstance(projection, nn.Linear):
             raise UnsupportedError(
-                f"block {x}'s MLP output projection is a {type(projection).__name__}, not a "
-                "Linear layer; RMU edits Linear weights (a model with an adapter applied "
-                "cannot be trained again: merge it first)"
+                f"block {x}'s MLP output projection is a {type(projection).__module__}."
+                f"{type(projection).__qualname__}, not a torch.nn.Linear; RMU edits the "
+                "weights of plain Linear layers"
             )
         weights[x] = projection.weight
     original = {x: w.detach().clone() for x, w in weights.items()}
