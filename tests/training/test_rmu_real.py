@@ -114,10 +114,16 @@ def test_cli_trains_rmu_and_extracts_its_diff_vector(
     vector = tmp_path / "diff.safetensors"
     assert main(["extract", "--diff-adapter", str(out), "--prompts", str(prompts), "--layers",
                  "5-9", "--out", str(vector), "--json"]) == 0  # fmt: skip
+    assert json.loads(capsys.readouterr().out)["layers"] == [7, 8, 9]
     diff = acteng.SteeringVector.load(vector, model=smollm2)
-    assert list(diff.layers) == [5, 6, 7, 8, 9]
+    # RMU edits blocks 7-9: layers 5 and 6 come out the same in both models and are left
+    # out (a zero direction could not be monitored, projected or normalised)
+    assert list(diff.layers) == [7, 8, 9]
+    assert diff.metadata["diff"]["unchanged_layers"] == [5, 6]
     assert diff.metadata["method"] == "diff_adapter"
     assert float(diff[7].norm()) > 0
+    assert main(["analyze", str(vector), "--json"]) == 0  # what it suppresses, every layer
+    assert json.loads(capsys.readouterr().out)
 
 
 def test_default_retain_texts_hold_no_test_items() -> None:

@@ -63,6 +63,16 @@ def diff_vector(
     base = record_activations(model, texts, layers, position, batch_size=batch_size)
     edited = record_activations(adapted, texts, layers, position, batch_size=batch_size)
     directions = {layer: (edited.rows[layer] - base.rows[layer]).mean(0) for layer in base.rows}
+    # Below the first block an edit touches, the two models compute the same activations:
+    # those layers are left out, since a zero direction cannot be scored, projected or
+    # normalised (RMU edits three blocks, so most of its layers would be zero).
+    unchanged = [layer for layer, d in directions.items() if not bool(d.any())]
+    if len(unchanged) == len(directions):
+        raise ConfigError(
+            f"the adapted model computes the same activations as {model.name} on these prompts "
+            f"at every layer read ({len(unchanged)}): there is no difference to make a vector of"
+        )
+    directions = {layer: d for layer, d in directions.items() if layer not in unchanged}
     metadata = {
         "model": model.identity(),
         "method": "diff_adapter",
@@ -72,6 +82,7 @@ def diff_vector(
             "adapted": adapter_name or adapted.name,
             "adapter_method": provenance.get("method"),
             "prompts": len(texts),
+            "unchanged_layers": unchanged,
         },
     }
     return SteeringVector(directions, metadata)
