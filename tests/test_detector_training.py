@@ -120,3 +120,13 @@ def test_labels_without_a_token_pooling_are_refused(
     assert main([*argv, "--labels", "sequence"]) == 2
     assert "--labels applies to a token pooling" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_auto_layers_break_ties_toward_the_middle() -> None:
+    from acteng.detector_training import best_window
+
+    assert best_window(dict.fromkeys(range(30), 1.0), 3) == (13, 14, 15)
+    assert best_window(dict.fromkeys(range(4), 1.0), 3) in ((0, 1, 2), (1, 2, 3))
+    scores = {x: 0.9 for x in range(30)} | {2: 1.0, 3: 1.0, 4: 1.0}
+    assert best_window(scores, 3) == (2, 3, 4)  # a better window wins wherever it is
+    assert best_window({0: 0.7, 1: 0.9}, 3) == (0, 1)

@@ -5,7 +5,7 @@ splits, a seeded 30 % of the pairs) is held out: it calibrates the threshold and
 reported AUROC, and nothing else sees it. With ``layers="auto"`` the train split is cut
 again (seeded, 25 % for validation): every layer's direction is fitted on the rest and
 scored on the validation pairs in one recording pass, and the three consecutive layers with
-the best mean validation AUROC are kept. The detector is then fitted on the whole train
+the best mean validation AUROC are kept (ties to the window nearest mid-depth). The detector is then fitted on the whole train
 split and its choice, validation scores and held-out figures travel in its metadata.
 
 Every check on the input runs before the model does any work.
@@ -39,7 +39,7 @@ from acteng.pooling import parse_pooling
 from acteng.token_detector import TOKEN_REGIONS, check_labels, train_token_detector
 from acteng.vectors import SteeringVector
 
-__all__ = ["DetectorFit", "check_detector_pairs", "fit_detector"]
+__all__ = ["DetectorFit", "best_window", "check_detector_pairs", "fit_detector"]
 
 MIN_HELD_OUT = 10  # negatives needed to calibrate a threshold (Detector.calibrate)
 MIN_TRAIN = 8  # train pairs needed to fit and, for "auto", to validate layers
@@ -153,10 +153,23 @@ def _choose_layers(
         direction = METHODS[method](pos[fit_idx], neg[fit_idx])
         unit = direction / direction.norm().clamp_min(1e-12)
         scores[layer] = round(auroc(pos[val_idx] @ unit, neg[val_idx] @ unit), 4)
-    width = min(WINDOW, len(candidates))
-    starts = range(len(candidates) - width + 1)
-    best = max(starts, key=lambda s: (sum(scores[x] for x in candidates[s : s + width]), -s))
-    return tuple(candidates[best : best + width]), scores
+    return best_window(scores, WINDOW), scores
+
+
+def best_window(scores: dict[int, float], width: int) -> tuple[int, ...]:
+    """The `width` consecutive layers of `scores` with the best summed score. Ties (easy
+    pairs read perfectly almost everywhere) go to the window nearest the middle of the
+    model: the first layers read the words themselves, so a detector there misses the
+    concept in other wording (it chose 0-2 on pairs scored 1.0 at every layer, and missed
+    a rephrased request that 12-14 caught)."""
+    layers = sorted(scores)
+    width = min(width, len(layers))
+    middle = (len(layers) - width) / 2
+    best = max(
+        range(len(layers) - width + 1),
+        key=lambda s: (sum(scores[x] for x in layers[s : s + width]), -abs(s - middle)),
+    )
+    return tuple(layers[best : best + width])
 
 
 def fit_detector(
