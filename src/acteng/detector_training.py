@@ -5,8 +5,9 @@ splits, a seeded 30 % of the pairs) is held out: it calibrates the threshold and
 reported AUROC, and nothing else sees it. With ``layers="auto"`` the train split is cut
 again (seeded, 25 % for validation): every layer's direction is fitted on the rest and
 scored on the validation pairs in one recording pass, and the three consecutive layers with
-the best mean validation AUROC are kept (ties to the window nearest mid-depth). The detector is then fitted on the whole train
-split and its choice, validation scores and held-out figures travel in its metadata.
+the best mean validation AUROC are kept (ties to the window nearest mid-depth). The
+detector is then fitted on the whole train split and its choice, validation scores and
+held-out figures travel in its metadata.
 
 Every check on the input runs before the model does any work.
 """
