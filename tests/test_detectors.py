@@ -123,6 +123,14 @@ def test_detect_cli(
     tiny_path = detector.save(tmp_path / "tiny.safetensors")
     assert main(["detect", "--detector", str(tiny_path), "--prompts", str(prompts)]) == 2
     assert "width 64 != model width 576" in capsys.readouterr().err
+    assert "was made on" not in capsys.readouterr().err  # its own model: no warning
+    # made on another model of the same shape (base vs instruct): scored, with a warning
+    mine = real.to_vector()
+    made_for = {**mine.metadata["model"], "name": "other", "hash": "sha256:0"}
+    other = acteng.SteeringVector(dict(mine.directions), {**mine.metadata, "model": made_for})
+    other_path = other.save(tmp_path / "other.safetensors")
+    assert main(["detect", "--detector", str(other_path), "--prompt", HARMFUL[0]]) == 0
+    assert "was made on 'other', not on" in capsys.readouterr().err
 
 
 def test_bad_prompt_files(tmp_path: Path) -> None:

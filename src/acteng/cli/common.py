@@ -198,3 +198,21 @@ def settle_guard_options(args: argparse.Namespace) -> None:
             "that flags few benign answers (acteng.guard.calibrate_generation finds it)",
             args.check,
         )
+
+
+def warn_other_model(name: str, detector: Any, model: Model) -> None:
+    """Warn when detector `name` was made on another model of the same shape: the width and
+    depth checks pass (SmolLM2-135M base and instruct share both), but its scores and
+    threshold were set on that model's activations. An adapter on either side is ignored
+    (a guard on a circuit-broken model uses the base model's detector by design)."""
+    made_for = detector.directions.metadata.get("model")
+    if not isinstance(made_for, dict):
+        return
+    theirs = str(made_for.get("hash") or "").partition("+adapter:")[0]
+    if theirs and theirs != model.content_hash.partition("+adapter:")[0]:
+        log.warning(
+            "the detector %s was made on %r, not on %r (the same shape, other weights): its "
+            "scores and threshold may not hold here; recalibrate it on this model's benign "
+            "traffic (acteng calibrate --detector %s --model ...)",
+            name, made_for.get("name"), model.name, name,
+        )  # fmt: skip

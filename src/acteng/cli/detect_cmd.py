@@ -38,11 +38,12 @@ def register(sub: Any) -> None:
 
 
 def run_detect(args: argparse.Namespace) -> int:
-    from acteng.cli.common import load_model_from_args
+    from acteng.cli.common import load_model_from_args, warn_other_model
     from acteng.detectors import load_detector
 
     model = load_model_from_args(args)
     detector = load_detector(args.detector, model=model)
+    warn_other_model(args.detector, detector, model)
     with_responses = detector.region == "response"
     if args.prompts is not None:
         if args.response:

@@ -17,6 +17,7 @@ from acteng.cli.common import (
     parse_vector_arg,
     print_json,
     settle_guard_options,
+    warn_other_model,
 )
 from acteng.errors import ActengError, ConfigError
 
@@ -174,8 +175,11 @@ def _run_guarded(args: argparse.Namespace, model: Any, specs: list[Any]) -> int:
     if args.policy != "steer" and args.counter:
         raise ConfigError("--counter is only used by --policy steer")
     counter = build_specs(model, args.counter, layers=None, positions="all", mode="add")
+    detectors = tuple(load_detector(name, model=model) for name in args.guard)
+    for name, detector in zip(args.guard, detectors, strict=True):
+        warn_other_model(name, detector, model)
     guard = Guard(
-        tuple(load_detector(name, model=model) for name in args.guard),
+        detectors,
         policy=args.policy,
         check=args.check,
         steering=tuple(counter),

@@ -8,7 +8,12 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from acteng.cli.common import add_model_args, parse_vector_arg, settle_guard_options
+from acteng.cli.common import (
+    add_model_args,
+    parse_vector_arg,
+    settle_guard_options,
+    warn_other_model,
+)
 from acteng.errors import ConfigError, missing_extra
 
 if TYPE_CHECKING:
@@ -211,6 +216,8 @@ def run_serve(args: argparse.Namespace) -> int:
 
     model = load_model_from_args(args)
     library = VectorLibrary(settings.home)
+    for name in args.guard or []:
+        warn_other_model(name, Resolver(model, library).detector(name, "--guard"), model)
     if args.replicas is not None:
         from acteng.server.replicas import run_replicas
 
