@@ -157,6 +157,14 @@ def _assert_clear_4xx(response: httpx.Response, words: str) -> None:
     assert 400 <= response.status_code < 500, response.text
     error = response.json()["error"]
     assert words in error["message"], error["message"]
+    assert len(error["message"]) <= 2000  # never the whole hostile value quoted back
+
+
+def test_an_error_quoting_a_huge_value_is_cut(http: httpx.Client) -> None:
+    body = chat(monitor=[{"vector": "refusal", "layers": [10] * 50000}])
+    response = _post(http, CHAT, body)
+    assert response.status_code == 400 and len(response.content) < 3000
+    assert "characters, cut)" in response.json()["error"]["message"]
 
 
 @pytest.mark.parametrize(("case", "body", "words"), HOSTILE, ids=[c[0] for c in HOSTILE])

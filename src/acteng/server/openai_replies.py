@@ -19,6 +19,9 @@ from acteng.server.engine import Event, Job
 __all__ = ["Reply", "error_response", "final_acteng", "stream", "usage"]
 
 
+MAX_MESSAGE = 2000  # characters of an error message; the rest is cut
+
+
 def error_response(
     status: int, message: str, *, param: str | None = None, kind: str = ""
 ) -> JSONReply:
@@ -36,6 +39,8 @@ def error_response(
         429: "rate_limit_error",
         503: "service_unavailable_error",
     }
+    if len(message) > MAX_MESSAGE:  # a message that quotes a huge bad value back
+        message = message[: MAX_MESSAGE - 30] + f" ... ({len(message)} characters, cut)"
     return JSONReply(
         {
             "error": {
