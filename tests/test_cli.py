@@ -328,3 +328,18 @@ def test_options_are_taken_only_as_written(capsys: pytest.CaptureFixture[str]) -
     with pytest.raises(SystemExit) as stop:
         main(["train", "rmu", "--help"])
     assert stop.value.code == 0 and "--steps" in capsys.readouterr().out
+
+
+def test_an_output_replaces_only_a_file_of_its_kind(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    notes = tmp_path / "notes.md"
+    notes.write_text("mine")
+    for argv in (
+        ["extract", "--pairs", "sentiment", "--out", str(notes)],
+        ["export", "refusal", str(notes)],
+        ["import", str(notes), str(notes)],
+    ):
+        assert main(argv) == 2
+        assert "exists and is not a" in capsys.readouterr().err
+        assert notes.read_text() == "mine"

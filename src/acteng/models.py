@@ -313,11 +313,16 @@ def _check_trained_for(adapter: Path, content_hash: str, name: str) -> None:
     if not path.is_file():
         return
     try:
-        made_for = json.loads(path.read_text(encoding="utf-8")).get("model") or {}
+        record = json.loads(path.read_text(encoding="utf-8"))
+        made_for, training = record.get("model") or {}, record.get("training") or {}
     except (json.JSONDecodeError, AttributeError):
         raise ModelLoadError(
             f"{path} is not a JSON object: the adapter folder is damaged"
         ) from None
+    if training.get("interrupted"):  # Ctrl-C, or a loss that went wrong
+        steps = (record.get("hyperparameters") or {}).get("steps", "?")
+        log.warning("the adapter %s stopped early, after %s of %s steps: it may do less than "
+                    "a finished run", adapter, training.get("steps_done"), steps)  # fmt: skip
     if made_for.get("hash") not in (None, content_hash):
         raise IncompatibleVectorError(
             f"the adapter {adapter} was trained on {made_for.get('name')!r} "

@@ -12,7 +12,7 @@ import torch
 import acteng
 from acteng.cli import main
 from acteng.errors import ConfigError
-from acteng.training import merge_adapter, save_weight_edits
+from acteng.training import merge_adapter, read_provenance, save_weight_edits
 
 
 @pytest.fixture()
@@ -115,3 +115,15 @@ def test_a_damaged_adapter_folder_is_named_not_a_traceback(
         damage(broken)
         with pytest.raises(ModelLoadError, match=match):
             acteng.load_model(base, adapter=broken)
+
+
+def test_an_adapter_that_stopped_early_loads_with_a_warning(
+    base_and_adapter: tuple[Path, Path], caplog: pytest.LogCaptureFixture
+) -> None:
+    base, adapter = base_and_adapter
+    record = read_provenance(adapter)
+    record["training"] = {"steps_done": 19, "interrupted": True}
+    record["hyperparameters"] = {"steps": 100}
+    (adapter / "acteng_training.json").write_text(json.dumps(record))
+    acteng.load_model(base, adapter=adapter)
+    assert "stopped early, after 19 of 100 steps" in caplog.text

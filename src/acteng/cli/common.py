@@ -112,10 +112,28 @@ def build_specs(
     return specs
 
 
-def check_writable(path: str) -> None:
-    """Fail before any long work when an output file cannot be written."""
+# how each kind of file acteng writes begins: a safetensors header length, then its JSON
+_FILE_STARTS = {
+    "safetensors": lambda head: head[8:9] == b"{",
+    "gguf": lambda head: head[:4] == b"GGUF",
+}
+
+
+def check_writable(path: str, kind: str | None = None) -> None:
+    """Fail before any long work when an output file cannot be written, or when it exists
+    and is not a `kind` file (``"safetensors"``, ``"gguf"``): a vector may replace an older
+    vector, never a file of another kind (a mistyped --out once overwrote a notes file)."""
     import os
     from pathlib import Path
+
+    if kind is not None and Path(path).is_file():
+        with open(path, "rb") as existing:
+            head = existing.read(16)
+            if head and not _FILE_STARTS[kind](head):  # empty (mktemp) is free to use
+                raise ConfigError(
+                    f"{path} exists and is not a {kind} file; acteng replaces only a file "
+                    "of the kind it writes: choose another path, or move that file first"
+                )
 
     folder = Path(path).expanduser().resolve().parent
     # Missing folders are made to prove they can be, then removed again: a command that

@@ -75,7 +75,7 @@ def run_extract(args: argparse.Namespace) -> int:
     from acteng.extraction import extract
     from acteng.pairs import load_pairs
 
-    check_writable(args.out)
+    check_writable(args.out, "safetensors")
     if args.diff_adapter is not None:
         return _run_diff(args)
     if args.pairs is None:

@@ -202,7 +202,7 @@ def run_tune(args: argparse.Namespace) -> int:
     methods = [m for m in args.methods.split(",") if m]
     coefficients = _floats(args.coefficients, "--coefficients")
     pairs, test = _data(args)
-    check_writable(args.out)
+    check_writable(args.out, "safetensors")
     backend = backend_from_args(args)
     model = load_model_from_args(args)
     result = tune(

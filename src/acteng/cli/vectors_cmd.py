@@ -108,7 +108,7 @@ def run_export(args: argparse.Namespace) -> int:
     from acteng.gguf_vectors import export_gguf
     from acteng.library import load_vector
 
-    check_writable(args.out)
+    check_writable(args.out, "gguf")
     vector = load_vector(args.vector)
     path = export_gguf(vector, args.out, model_hint=args.model_hint)
     print(f"wrote {path}: layers {list(vector.layers)} as direction.{{n}} (llama.cpp block n)")
@@ -119,7 +119,7 @@ def run_import(args: argparse.Namespace) -> int:
     from acteng.cli.common import load_model_from_args
     from acteng.gguf_vectors import import_gguf
 
-    check_writable(args.out)
+    check_writable(args.out, "safetensors")
     model = load_model_from_args(args) if args.check_model else None
     vector = import_gguf(args.gguf, model=model)
     path = vector.save(args.out)
