@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -124,3 +125,16 @@ def test_serve_guard_repeats_for_several_detectors() -> None:
     args = _serve_args("--guard", "harmful_request", "--guard", "prompt_injection")
     guard = serve_settings(args, None, None).app_options()["default_guard"]
     assert guard["detector"] == ["harmful_request", "prompt_injection"]
+
+
+@pytest.mark.real
+def test_serve_guard_names_are_checked_in_command_line_terms(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    home = ["--home", str(tmp_path)]
+    assert main(["serve", *home, "--guard", "nope"]) == 2
+    err = capsys.readouterr().err
+    assert "no detector named 'nope'" in err and "acteng vectors add NAME FILE" in err
+    assert "GET /v1/vectors" not in err
+    assert main(["serve", *home, "--guard", "./d.safetensors"]) == 2
+    assert "the server takes names, not paths" in capsys.readouterr().err

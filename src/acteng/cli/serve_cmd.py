@@ -217,7 +217,7 @@ def run_serve(args: argparse.Namespace) -> int:
     model = load_model_from_args(args)
     library = VectorLibrary(settings.home)
     for name in args.guard or []:
-        warn_other_model(name, Resolver(model, library).detector(name, "--guard"), model)
+        warn_other_model(name, _guard_detector(Resolver(model, library), name), model)
     if args.replicas is not None:
         from acteng.server.replicas import run_replicas
 
@@ -237,3 +237,24 @@ def run_serve(args: argparse.Namespace) -> int:
     print(f"acteng: serving {model.name} on http://{args.host}:{args.port} (playground at /)")
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
+
+
+def _guard_detector(resolver: Any, name: str) -> Any:
+    """The detector `--guard NAME` names, with an error in command-line terms: the server
+    resolves names as a request does, and its own message points at the HTTP routes."""
+    from acteng.bundled import bundled_files
+    from acteng.errors import RequestError
+
+    try:
+        return resolver.detector(name, "--guard")
+    except RequestError as exc:
+        path = bool(Path(name).suffix) or "/" in name
+        if exc.status != 404 and not path:
+            raise
+        problem = "the server takes names, not paths" if path else f"no detector named {name!r}"
+        bundled = ", ".join(sorted(bundled_files()))
+        raise ConfigError(
+            f"--guard {name}: {problem} (bundled: {bundled}; the library at "
+            f"{resolver.library.home} holds the rest); add a detector file to the library with "
+            "`acteng vectors add NAME FILE` (--home for another library) and pass --guard NAME"
+        ) from exc
