@@ -5,6 +5,7 @@ model folder."""
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -212,7 +213,7 @@ def run_train_circuit_breaker(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
-        progress=not args.json,
+        progress=_show_progress(args),
     )
     last = result.losses[-1]
     summary = {
@@ -254,7 +255,7 @@ def run_train_rmu(args: argparse.Namespace) -> int:
         max_tokens=args.max_tokens,
         seed=args.seed,
         checkpoint_every=args.checkpoint_every,
-        progress=not args.json,
+        progress=_show_progress(args),
     )
     last = result.losses[-1]
     summary = {
@@ -281,3 +282,10 @@ def _finish(args: argparse.Namespace, summary: dict[str, Any], what: str) -> int
             f"{summary['seconds']:.0f} s); use it with --adapter {summary['adapter']}"
         )
     return 0
+
+
+def _show_progress(args: argparse.Namespace) -> bool:
+    """Progress lines go to stderr, so they never mix with --json on stdout: shown on a
+    terminal whatever the format (a run of minutes must not look hung), and in a log
+    only without --json."""
+    return sys.stderr.isatty() or not args.json

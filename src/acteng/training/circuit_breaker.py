@@ -233,8 +233,8 @@ def train_circuit_breaker(
     if text_share is None and paired and text_ids and batch_size > 1:
         text_share = 0.5  # measured with pairs: fewer harmless breaks, less perplexity
     harmful_answers, retain_answers = [
-        model_answers(model, msgs, max_new_tokens=answer_tokens, progress=progress)
-        for msgs in (harmful_msgs, retain_msgs)
+        model_answers(model, msgs, max_new_tokens=answer_tokens, progress=progress and label)
+        for msgs, label in ((harmful_msgs, "harmful answers"), (retain_msgs, "retain answers"))
     ]
     # its own generator, so that a share of 0 leaves every other draw as it was
     n_bare = round(answer_only_share * len(harmful_msgs))

@@ -61,13 +61,13 @@ def model_answers(
     max_new_tokens: int = 48,
     batch_size: int = 16,
     cache: bool = True,
-    progress: bool = False,
+    progress: bool | str = False,
 ) -> list[str]:
     """The model's own greedy answers to `conversations` (what circuit breakers reroute:
     the default model complies with most harmful requests, so no harmful text is
     written by anyone). Cached under `acteng.home.cache_dir` by model and inputs;
-    `progress` prints a line with an ETA on stderr while they are generated (a first run
-    on the bundled sets takes minutes on a CPU)."""
+    `progress` (True, or a label for the line) prints a line with an ETA on stderr while
+    they are generated (a first run on the bundled sets takes minutes on a CPU)."""
     key = hashlib.sha256(
         json.dumps([model.identity(), max_new_tokens, list(conversations)], sort_keys=True).encode()
     ).hexdigest()[:24]
@@ -86,7 +86,8 @@ def model_answers(
         found.update(zip(chunk, texts, strict=True))
         if progress:
             done, took = len(found), time.perf_counter() - started
-            show_progress(f"the model's answers {done}/{len(order)}", done, len(order), took)
+            label = progress if isinstance(progress, str) else "the model's answers"
+            show_progress(f"{label} {done}/{len(order)}", done, len(order), took)
     answers = [found[i] for i in range(len(conversations))]
     if cache:
         path.parent.mkdir(parents=True, exist_ok=True)
