@@ -343,3 +343,12 @@ def test_an_output_replaces_only_a_file_of_its_kind(
         assert main(argv) == 2
         assert "exists and is not a" in capsys.readouterr().err
         assert notes.read_text() == "mine"
+
+
+def test_a_second_adapter_or_model_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    # argparse kept the last: `--adapter A --adapter B` loaded B alone, silently
+    for flag in ("--adapter", "--model"):
+        with pytest.raises(SystemExit) as stop:
+            main(["generate", "--prompt", "hi", flag, "a", flag, "b"])
+        assert stop.value.code == 2
+        assert f"{flag} is given twice; give it once" in capsys.readouterr().err

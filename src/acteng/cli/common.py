@@ -20,15 +20,38 @@ if TYPE_CHECKING:
     from acteng.vectors import SteeringVector
 
 
+ONCE_HINTS = {
+    "adapter": " (to stack two adapters, merge the first into a model folder with `acteng "
+    "train merge` and pass that as --model)"
+}
+
+
+class Once(argparse.Action):
+    """An option that may be given once: argparse keeps the last of repeated values, so
+    `--adapter A --adapter B` silently loaded B alone."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        if getattr(namespace, self.dest, None) is not None:
+            hint = ONCE_HINTS.get(self.dest, "")
+            parser.error(f"{option} is given twice; give it once{hint}")
+        setattr(namespace, self.dest, values)
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
+        action=Once,
         default=None,
         help="bundled name, .gguf file, transformers folder or hub id "
         "(default: the embedded SmolLM2-135M-Instruct)",
     )
-    group.add_argument("--adapter", default=None, help="PEFT/LoRA adapter folder to apply")
+    group.add_argument(
+        "--adapter",
+        action=Once,
+        default=None,
+        help="PEFT/LoRA adapter folder to apply (one)",
+    )
     group.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16")
     group.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:1, ...")
 
