@@ -62,7 +62,7 @@ def chat(sdk: Any, prompt: str = PROMPT, max_tokens: int = 24, **extra: Any) -> 
 def test_models_lists_the_served_model(client: TestClient, smollm2: acteng.Model) -> None:
     data = client.get("/v1/models").json()["data"]
     assert [m["id"] for m in data] == [smollm2.name]
-    assert data[0]["acteng"] == {"layers": 30, "hidden_size": 576}
+    assert data[0]["acteng"] == {"layers": 30, "hidden_size": 576, "adapter": None}
 
 
 def test_unsteered_chat_equals_generate(sdk: Any, smollm2: acteng.Model) -> None:

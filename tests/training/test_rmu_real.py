@@ -93,9 +93,11 @@ def test_the_adapter_round_trips_through_peft_and_the_server(
             json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 16,
                   "temperature": 0},
         )  # fmt: skip
+        listed = client.get("/v1/models").json()["data"][0]["acteng"]
     assert reply.status_code == 200, reply.text
     answer = reply.json()["choices"][0]["message"]["content"]
     assert [answer] == acteng.generate(unlearned, prompt, max_new_tokens=16)
+    assert listed["adapter"] == rmu.adapter.name  # a client can tell the model is adapted
 
 
 def test_cli_trains_rmu_and_extracts_its_diff_vector(

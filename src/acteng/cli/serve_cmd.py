@@ -234,7 +234,10 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     # create_app checks and pins the default guard before serving
     app = create_app(engine, library=library, **settings.app_options())
-    print(f"acteng: serving {model.name} on http://{args.host}:{args.port} (playground at /)")
+    adapted = f" with the adapter {args.adapter}" if args.adapter else ""
+    print(
+        f"acteng: serving {model.name}{adapted} on http://{args.host}:{args.port} (playground at /)"
+    )
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

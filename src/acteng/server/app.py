@@ -14,6 +14,7 @@ import asyncio
 from collections.abc import AsyncIterator, Collection
 from contextlib import asynccontextmanager, suppress
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -24,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from acteng.errors import ActengError, ConfigError, RequestError
 from acteng.library import VectorLibrary
+from acteng.models import Model
 from acteng.server.body import JSONReply, decode_body
 from acteng.server.engine import Engine, EngineBusy, Event, Job
 from acteng.server.gate import RequestGate, check_key
@@ -180,7 +182,12 @@ def create_app(
                     "object": "model",
                     "created": 0,
                     "owned_by": "acteng",
-                    "acteng": {"layers": m.num_layers, "hidden_size": m.hidden_size},
+                    "acteng": {
+                        "layers": m.num_layers,
+                        "hidden_size": m.hidden_size,
+                        # the folder's name only: its path is the server's business
+                        "adapter": adapter_name(m),
+                    },
                 }
             ],
         }
@@ -298,3 +305,9 @@ async def _collect(
                 return error_response(event.status, event.text)
     finally:
         job.cancel()
+
+
+def adapter_name(model: Model) -> str | None:
+    """The name of the adapter folder `model` was loaded with, if any."""
+    adapter = None if model.recipe is None else model.recipe.adapter
+    return None if adapter is None else Path(adapter).name
