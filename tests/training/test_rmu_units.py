@@ -213,11 +213,16 @@ def test_an_adapter_trained_for_another_model_is_refused(
         acteng.load_model(adapter=result.adapter)
 
 
-def test_a_model_with_an_adapter_is_refused(tiny_llama: acteng.Model, tmp_path: Path) -> None:
+def test_a_model_with_an_adapter_is_refused(
+    tiny_llama: acteng.Model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An adapter trained over another would never load (load_model applies one)."""
     from acteng.training import train_circuit_breaker
 
-    tiny_llama.content_hash += "+adapter:rmu-cooking"
+    # the tiny model is shared by the session's tests: patched, so that it is put back
+    monkeypatch.setattr(
+        tiny_llama, "content_hash", tiny_llama.content_hash + "+adapter:rmu-cooking"
+    )
     with pytest.raises(ConfigError, match="carries 'rmu-cooking'; merge that adapter"):
         train_rmu(tiny_llama, FORGET, tmp_path / "x", retain=RETAIN, layer=2)
     with pytest.raises(ConfigError, match="carries 'rmu-cooking'; merge that adapter"):

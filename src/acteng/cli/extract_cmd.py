@@ -45,9 +45,7 @@ def register(sub: Any) -> None:
         choices=["train", "test", "all"],
         help="which fixed split to use (default: train)",
     )
-    p.add_argument(
-        "--method", default="mean_diff", help="actadd, mean_diff (default), pca or probe"
-    )
+    p.add_argument("--method", default=None, help="actadd, mean_diff (default), pca or probe")
     p.add_argument("--layers", default="all", help="'all' (default), '12', '11-13', '5,7,9'")
     p.add_argument(
         "--position", default=None, help="last (default; mean with --diff-adapter), mean or answer"
@@ -84,6 +82,7 @@ def run_extract(args: argparse.Namespace) -> int:
         raise ConfigError(
             "--prompts goes with --diff-adapter; contrastive extraction reads --pairs"
         )
+    args.method = args.method or "mean_diff"
     backend = backend_from_args(args)
     pairs = load_pairs(args.pairs, split=args.split)
     model = load_model_from_args(args)
@@ -130,6 +129,11 @@ def _run_diff(args: argparse.Namespace) -> int:
 
     if args.adapter is not None:
         raise ConfigError("--diff-adapter compares against the base model; drop --adapter")
+    if args.method is not None:
+        raise ConfigError(
+            "--diff-adapter makes one kind of vector, the mean activation difference between "
+            "the adapted and the base model; drop --method"
+        )
     if args.prompts is not None:
         texts = load_texts(args.prompts, what="--prompts")
     elif args.pairs is not None:

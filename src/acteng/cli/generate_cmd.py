@@ -129,6 +129,11 @@ def run_generate(args: argparse.Namespace) -> int:
     from acteng.generation import generate
 
     settle_guard_options(args)
+    if args.compare and not args.vector and not args.guard:
+        raise ConfigError(
+            "--compare sets answers with and without steering, and no --vector is given; to "
+            "compare an adapter, run once with and once without --adapter"
+        )
     model = load_model_from_args(args)
     specs = build_specs(
         model, args.vector, layers=args.layers, positions=args.positions, mode=args.mode

@@ -176,10 +176,13 @@ def run_train_merge(args: argparse.Namespace) -> int:
 
 
 def _check_out(out: Path, force: bool) -> None:
+    if out.exists() and not (out / "adapter_config.json").is_file():
+        raise ConfigError(
+            f"--out {out} exists and is not an adapter folder; choose another path (--force "
+            "replaces only an adapter folder)"
+        )
     if out.exists() and not force:
         raise ConfigError(f"--out {out} exists; choose another folder or add --force")
-    if out.exists() and not (out / "adapter_config.json").is_file():
-        raise ConfigError(f"--out {out} is not an adapter folder; refusing to replace it")
 
 
 def run_train_circuit_breaker(args: argparse.Namespace) -> int:

@@ -82,7 +82,10 @@ def load_texts(source: TextSource, *, split: Split = "all", what: str = "texts")
         texts = [str(t) for t in source]
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise DataError(f"{what}: no texts (after choosing split {split!r}); give at least one")
+        where = (
+            f" in split {split!r}" if split != "all" and not str(source).endswith(".txt") else ""
+        )
+        raise DataError(f"{what}: no texts{where}; give at least one (non-blank) text")
     return texts
 
 

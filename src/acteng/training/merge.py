@@ -43,7 +43,7 @@ def merge_adapter(
     target = Path(out)
     if target.exists():
         if not force:
-            raise ConfigError(f"{target} exists; pass force=True (--force) to replace it")
+            raise ConfigError(f"{target} exists; replace it with force=True (--force in the CLI)")
         if not (target / "config.json").is_file():
             raise ConfigError(f"{target} is not a model folder; refusing to replace it")
     try:

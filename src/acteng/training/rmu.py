@@ -135,14 +135,19 @@ def train_rmu(
     >>> unlearned = acteng.load_model(adapter=result.adapter)
     """
     layer = default_rmu_layer(model) if layer is None else int(layer)
+    layer = layer + model.num_layers if -model.num_layers <= layer < 0 else layer  # -1: last
     chosen = (
         tuple(range(max(0, layer - 2), layer + 1))
         if update_layers is None
         else tuple(int(x) for x in update_layers)
     )
     _check(model, layer, chosen, lr=lr, alpha=alpha, beta=beta)
-    if steps < 1 or batch_size < 1 or max_tokens < 2 or checkpoint_every < 1:
-        raise ConfigError("steps, batch_size, checkpoint_every must be >= 1 and max_tokens >= 2")
+    small = {"steps": steps, "batch_size": batch_size, "checkpoint_every": checkpoint_every}
+    bad = [f"{k} {v}" for k, v in small.items() if v < 1] + [f"max_tokens {max_tokens}"] * (
+        max_tokens < 2
+    )
+    if bad:
+        raise ConfigError(f"{', '.join(bad)}: each must be >= 1 (max_tokens >= 2)")
     forget_texts = load_texts(forget, split="train", what="forget set")
     retain_texts = (
         default_retain_texts(bundled_domain(forget))
