@@ -324,6 +324,7 @@ def test_options_are_taken_only_as_written(capsys: pytest.CaptureFixture[str]) -
         assert stop.value.code == 2
         err = capsys.readouterr().err
         assert "unrecognized arguments" in err and argv[-2] in err
+    assert "--ste: did you mean --steps?" in err  # the command's own option is suggested
     # the exact names still work, in nested commands too
     with pytest.raises(SystemExit) as stop:
         main(["train", "rmu", "--help"])

@@ -7,11 +7,12 @@ traceback. Heavy imports happen inside the subcommands so ``acteng --help`` is i
 from __future__ import annotations
 
 import argparse
+import difflib
 import logging
 import os
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from acteng import __version__
 from acteng.cli import (
@@ -45,6 +46,42 @@ class _Parser(argparse.ArgumentParser):
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
+    def error(self, message: str) -> NoReturn:
+        """argparse's error, with the option meant where an unknown one is near one of the
+        command's own (`--layer` for `--layers`, once taken as an abbreviation)."""
+        if message.startswith("unrecognized arguments:"):
+            known = sorted(_options(_command_parser(self, getattr(self, "argv", []))))
+            hints = []
+            for token in message.split(":", 1)[1].split():
+                name = token.split("=")[0]
+                if not name.startswith("--"):
+                    continue
+                close = [o for o in known if o.startswith(name)] or difflib.get_close_matches(
+                    name, known, n=1, cutoff=0.8
+                )
+                if close:
+                    hints.append(f"{name}: did you mean {close[0]}?")
+            if hints:
+                message += " (" + "; ".join(hints) + ")"
+        super().error(message)
+
+
+def _command_parser(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that `argv` names, e.g. ``train rmu``."""
+    for word in argv:
+        subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+        if word.startswith("-") or not subs:
+            continue
+        if word not in subs[0].choices:
+            break
+        parser = subs[0].choices[word]
+    return parser
+
+
+def _options(parser: argparse.ArgumentParser) -> set[str]:
+    """The long options of `parser` itself."""
+    return {o for action in parser._actions for o in action.option_strings if o.startswith("--")}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
@@ -75,7 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``acteng`` script; returns the exit status."""
     parser = build_parser()
-    args = parser.parse_args(_debug_first(sys.argv[1:] if argv is None else list(argv)))
+    words = _debug_first(sys.argv[1:] if argv is None else list(argv))
+    parser.argv = words  # type: ignore[attr-defined]  # for the hints in _Parser.error
+    args = parser.parse_args(words)
     # acteng's own warnings (a cut that drops answers, a run that never rerouted) reach
     # stderr through a handler of the package's own, so they show even where the root
     # logger is configured already (an application calling `main`, pytest)
