@@ -123,6 +123,7 @@ def test_detect_cli(
     tiny_path = detector.save(tmp_path / "tiny.safetensors")
     assert main(["detect", "--detector", str(tiny_path), "--prompts", str(prompts)]) == 2
     assert "width 64 != model width 576" in capsys.readouterr().err
+    assert main(["detect", "--detector", str(path), "--prompt", HARMFUL[0]]) == 0
     assert "was made on" not in capsys.readouterr().err  # its own model: no warning
     # made on another model of the same shape (base vs instruct): scored, with a warning
     mine = real.to_vector()

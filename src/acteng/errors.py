@@ -101,8 +101,8 @@ class EngineBusy(ActengError, RuntimeError):
 
 
 class TrainingError(ActengError, RuntimeError):
-    """Training stopped because a loss became non-finite; `checkpoint` is the last good
-    adapter folder (None when no step had finished)."""
+    """Training stopped because a loss became non-finite or diverged; `checkpoint` is the
+    adapter folder of the last step with a sane loss (None when no step gave one)."""
 
     def __init__(self, message: str, checkpoint: str | None = None) -> None:
         super().__init__(message)

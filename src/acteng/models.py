@@ -315,12 +315,14 @@ def _check_trained_for(adapter: Path, content_hash: str, name: str) -> None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
         made_for, training = record.get("model") or {}, record.get("training") or {}
+        steps = (record.get("hyperparameters") or {}).get("steps", "?")
+        if not isinstance(made_for, dict) or not isinstance(training, dict):
+            raise AttributeError  # the same damage as a record that is not an object
     except (json.JSONDecodeError, AttributeError):
         raise ModelLoadError(
             f"{path} is not a JSON object: the adapter folder is damaged"
         ) from None
     if training.get("interrupted"):  # Ctrl-C, or a loss that went wrong
-        steps = (record.get("hyperparameters") or {}).get("steps", "?")
         log.warning("the adapter %s stopped early, after %s of %s steps: it may do less than "
                     "a finished run", adapter, training.get("steps_done"), steps)  # fmt: skip
     if made_for.get("hash") not in (None, content_hash):

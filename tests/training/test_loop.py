@@ -53,6 +53,11 @@ def test_a_loss_wrong_from_the_second_step_keeps_nothing(tmp_path: Path) -> None
     w, saves, error = _run([1.0, float("nan")], tmp_path)
     assert error is not None and "no step gave a usable adapter" in str(error)
     assert error.checkpoint is None and saves == [] and w == 0.0
+    w, saves, error = _run([float("nan")], tmp_path)  # at the first step: nothing to restore
+    assert error is not None and "at step 1" in str(error) and error.checkpoint is None
+    assert saves == [] and w == 0.0
+    w, saves, error = _run([1.0, float("nan")], tmp_path, checkpoint_every=1)
+    assert error is not None and error.checkpoint is None and "delete it" in str(error)
 
 
 def test_ordinary_ups_and_downs_are_not_divergence(tmp_path: Path) -> None:

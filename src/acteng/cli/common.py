@@ -228,7 +228,8 @@ def settle_guard_options(args: argparse.Namespace) -> None:
     given = [f for name, f in GUARD_OPTIONS.items() if getattr(args, name, None) not in (None, [])]
     if given and not args.guard:
         raise ConfigError(
-            f"{' and '.join(given)} set{'s' if len(given) == 1 else ''} how a guard acts, but "
+            f"{', '.join(given[:-1]) + ' and ' if len(given) > 1 else ''}{given[-1]} "
+            f"set{'s' if len(given) == 1 else ''} how a guard acts, but "
             "no guard is on: add --guard DETECTOR (e.g. --guard harmful_request)"
         )
     args.policy, args.check = args.policy or "flag", args.check or "prompt"
@@ -250,7 +251,12 @@ def warn_other_model(name: str, detector: Any, model: Model) -> None:
     if not isinstance(made_for, dict):
         return
     theirs = str(made_for.get("hash") or "").partition("+adapter:")[0]
-    if theirs and theirs != model.content_hash.partition("+adapter:")[0]:
+    ours = model.content_hash.partition("+adapter:")[0]
+    # a config hash moves with the load path, dtype and library version: only hashes of
+    # the weights themselves (GGUF files) tell two models apart
+    if theirs.startswith("config-") or ours.startswith("config-"):
+        return
+    if theirs and theirs != ours:
         log.warning(
             "the detector %s was made on %r, not on %r (the same shape, other weights): its "
             "scores and threshold may not hold here; recalibrate it on this model's benign "

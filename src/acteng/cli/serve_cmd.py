@@ -251,7 +251,7 @@ def _guard_detector(resolver: Any, name: str) -> Any:
     try:
         return resolver.detector(name, "--guard")
     except RequestError as exc:
-        path = bool(Path(name).suffix) or "/" in name
+        path = "/" in name or os.sep in name or name.endswith((".safetensors", ".gguf"))
         if exc.status != 404 and not path:
             raise
         problem = "the server takes names, not paths" if path else f"no detector named {name!r}"

@@ -148,13 +148,13 @@ def _stopped(
 ) -> TrainingError:
     """The error for a loss that is not sane at `step`, after putting back and keeping the
     weights from before the last step (those of step - 2, the last that gave a sane loss;
-    none when that is the start, unless a checkpoint of the bad weights is on disk)."""
+    none is kept when that is the start)."""
     good = max(step - 2, 0)
     with torch.no_grad():
-        for p, b in zip(params, before, strict=True):
+        for p, b in zip(params, before, strict=False):  # none before step 1's loss
             p.copy_(b)
     log.done, log.losses = good, log.losses[:good]
-    kept = save(good, True) if good or log.last_good else None
+    kept = save(good, True) if good else None
     shown = ", ".join(f"{k} {v.item():.4g}" for k, v in parts.items())
     what = (
         "became non-finite"
@@ -163,9 +163,9 @@ def _stopped(
     )
     where = (
         f"; the adapter of step {good}, the last with a sane loss, is kept at {kept}"
-        if kept and good
-        else "; no step gave a usable adapter"
-        + (f" (the one at {kept} is the untouched start)" if kept else ", nothing is kept")
+        if kept
+        else "; no step gave a usable adapter, nothing is kept"
+        + (f" ({log.last_good} holds the weights that failed: delete it)" if log.last_good else "")
     )
     return TrainingError(
         f"the {method} loss {what} at step {step} ({shown}); {advice}{where}",
